@@ -1,0 +1,7 @@
+//! # hypha-actors
+//!
+//! The actix actors that drive `hypha-core`: on the client side the connection, the
+//! session registry, the codec and one actor per service, `_rintf` interface and
+//! generator; on the server side one actor per websocket, the router and the workspace
+//! manager. The actors own the IO and the clock; all protocol decisions live in
+//! `hypha-core`. (The actors arrive with the server and client issues.)

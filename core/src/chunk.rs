@@ -1,0 +1,1 @@
+//! SCAFFOLD: module chunk (being written).

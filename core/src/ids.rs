@@ -1,0 +1,1 @@
+//! SCAFFOLD: module ids (being written).

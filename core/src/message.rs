@@ -1,0 +1,1 @@
+//! SCAFFOLD: module message (being written).

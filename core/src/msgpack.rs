@@ -1,0 +1,1 @@
+//! SCAFFOLD: module msgpack (being written).

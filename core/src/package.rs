@@ -1,0 +1,1 @@
+//! SCAFFOLD: module package (being written).

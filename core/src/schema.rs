@@ -1,0 +1,1 @@
+//! SCAFFOLD: module schema (being written).

@@ -1,0 +1,1 @@
+//! SCAFFOLD: module serde_value (being written).

@@ -1,0 +1,1 @@
+//! SCAFFOLD: module session (being written).
