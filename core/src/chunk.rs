@@ -99,8 +99,9 @@ pub enum ChunkError {
     #[error("Message with the same key ({0}) already exists")]
     AlreadyExists(String),
     /// `set`/`append`/`process`/`remove` for a key that was never created, was already
-    /// processed or removed, or was evicted as idle.
-    #[error("Message with key ({0}) does not exist in the message cache")]
+    /// processed or removed, or was evicted as idle. The text is upstream's, typo
+    /// included (`KeyError` in hypha-rpc 0.21.47's message cache).
+    #[error("Message with key {0} does not exists.")]
     UnknownKey(String),
     /// A `set` for an index that already holds a chunk. Upstream silently overwrites; we
     /// refuse, because a conforming sender sends each index exactly once, and a replaced
