@@ -775,7 +775,7 @@ mod conversion_tests {
     /// A random shape (up to 4 axes of up to 4) with matching random elements.
     fn shaped_f64() -> impl Strategy<Value = (Vec<usize>, Vec<f64>)> {
         proptest::collection::vec(0usize..5, 0..5).prop_flat_map(|shape| {
-            let n = shape.iter().product();
+            let n: usize = shape.iter().product();
             (Just(shape), proptest::collection::vec(any::<f64>(), n))
         })
     }
