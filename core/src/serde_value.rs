@@ -806,7 +806,10 @@ struct SeqOwned(std::vec::IntoIter<Value>);
 impl<'de> de::SeqAccess<'de> for SeqOwned {
     type Error = SerdeError;
 
-    fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, SerdeError> {
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, SerdeError> {
         self.0.next().map(|v| seed.deserialize(v)).transpose()
     }
 
@@ -1024,7 +1027,10 @@ struct SeqRef<'de>(std::slice::Iter<'de, Value>);
 impl<'de> de::SeqAccess<'de> for SeqRef<'de> {
     type Error = SerdeError;
 
-    fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, SerdeError> {
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, SerdeError> {
         self.0.next().map(|v| seed.deserialize(v)).transpose()
     }
 
@@ -1075,7 +1081,10 @@ impl<'de> de::EnumAccess<'de> for EnumRef<'de> {
     type Error = SerdeError;
     type Variant = VariantRef<'de>;
 
-    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, VariantRef<'de>), SerdeError> {
+    fn variant_seed<V: DeserializeSeed<'de>>(
+        self,
+        seed: V,
+    ) -> Result<(V::Value, VariantRef<'de>), SerdeError> {
         let v = seed.deserialize(BorrowedStrDeserializer::new(self.variant))?;
         Ok((v, VariantRef(self.value)))
     }
@@ -1117,5 +1126,381 @@ impl<'de> de::VariantAccess<'de> for VariantRef<'de> {
             Some(v) => v.deserialize_any(visitor),
             None => Err(variant_mismatch(None, "a struct variant")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+    use crate::map;
+    use crate::value::{DType, ErrorValue, Function, LocalFunction, NdArray, TypedArray};
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    struct Unit;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    struct Meters(f64);
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    enum Shape {
+        Empty,
+        Circle(f64),
+        Rect(u32, u32),
+        Poly { points: Vec<(i32, i32)>, closed: bool },
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    struct Inner {
+        label: String,
+        shape: Shape,
+        children: Vec<Inner>,
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+    struct Rich {
+        name: String,
+        min: i64,
+        max: u64,
+        small: i8,
+        single: f32,
+        double: f64,
+        letter: char,
+        #[serde(with = "serde_bytes")]
+        blob: Vec<u8>,
+        plain_vec: Vec<u8>,
+        some: Option<u32>,
+        none: Option<String>,
+        tuple: (u8, String, bool),
+        unit: (),
+        unit_struct: Unit,
+        newtype: Meters,
+        shapes: Vec<Shape>,
+        inner: Inner,
+        table: HashMap<String, Vec<i32>>,
+        free: Value,
+    }
+
+    fn rich() -> Rich {
+        Rich {
+            name: "ünïcode ✓".into(),
+            min: i64::MIN,
+            max: u64::MAX,
+            small: -5,
+            single: 1.5,
+            double: -0.1,
+            letter: 'λ',
+            blob: vec![0, 1, 255],
+            plain_vec: vec![7, 8],
+            some: Some(42),
+            none: None,
+            tuple: (9, "t".into(), true),
+            unit: (),
+            unit_struct: Unit,
+            newtype: Meters(3.25),
+            shapes: vec![
+                Shape::Empty,
+                Shape::Circle(2.0),
+                Shape::Rect(3, 4),
+                Shape::Poly { points: vec![(0, 0), (1, -1)], closed: true },
+            ],
+            inner: Inner {
+                label: "root".into(),
+                shape: Shape::Empty,
+                children: vec![Inner { label: "leaf".into(), shape: Shape::Circle(1.0), children: vec![] }],
+            },
+            table: HashMap::from([("a".into(), vec![1, 2]), ("b".into(), vec![])]),
+            free: Value::Map(map! { "k" => 1, "l" => Value::List(vec![Value::Nil, "x".into()]) }),
+        }
+    }
+
+    #[test]
+    fn rich_struct_round_trips() {
+        let r = rich();
+        let v = to_value(&r).unwrap();
+        assert_eq!(from_value::<Rich>(v.clone()).unwrap(), r);
+        assert_eq!(from_value_ref::<Rich>(&v).unwrap(), r);
+        // And through JSON, which exercises `impl Serialize/Deserialize for Value` (bytes
+        // become a list of numbers in JSON, which the byte-buf visitor accepts).
+        let json = serde_json::to_string(&v).unwrap();
+        let back: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(from_value::<Rich>(back).unwrap(), r);
+    }
+
+    #[test]
+    fn rich_struct_has_the_documented_shape() {
+        let v = to_value(&rich()).unwrap();
+        let m = v.as_map().unwrap();
+        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+        assert_eq!(&keys[..4], &["name", "min", "max", "small"], "struct fields keep their order");
+        assert_eq!(m["min"], Value::Int(i64::MIN));
+        assert_eq!(m["max"], Value::UInt(u64::MAX));
+        assert_eq!(m["small"], Value::Int(-5));
+        assert_eq!(m["single"], Value::F32(1.5));
+        assert_eq!(m["double"], Value::F64(-0.1));
+        assert_eq!(m["letter"], Value::Str("λ".into()));
+        assert_eq!(m["blob"], Value::Bytes(Bytes::from_static(&[0, 1, 255])));
+        assert_eq!(m["plain_vec"], Value::List(vec![Value::Int(7), Value::Int(8)]));
+        assert_eq!(m["some"], Value::Int(42));
+        assert_eq!(m["none"], Value::Nil);
+        assert_eq!(m["tuple"], Value::List(vec![9.into(), "t".into(), true.into()]));
+        assert_eq!(m["unit"], Value::Nil);
+        assert_eq!(m["unit_struct"], Value::Nil);
+        assert_eq!(m["newtype"], Value::F64(3.25));
+        let shapes = m["shapes"].as_list().unwrap();
+        assert_eq!(shapes[0], Value::Str("Empty".into()));
+        assert_eq!(shapes[1], Value::Map(map! { "Circle" => 2.0 }));
+        assert_eq!(shapes[2], Value::Map(map! { "Rect" => Value::List(vec![3.into(), 4.into()]) }));
+        let poly = shapes[3].as_map().unwrap()["Poly"].as_map().unwrap();
+        assert_eq!(poly["closed"], Value::Bool(true));
+        assert_eq!(m["table"].as_map().unwrap()["a"], Value::List(vec![1.into(), 2.into()]));
+    }
+
+    #[test]
+    fn enums_match_serde_json() {
+        for s in [
+            Shape::Empty,
+            Shape::Circle(0.5),
+            Shape::Rect(1, 2),
+            Shape::Poly { points: vec![], closed: false },
+        ] {
+            let ours = serde_json::to_value(to_value(&s).unwrap()).unwrap();
+            assert_eq!(ours, serde_json::to_value(&s).unwrap());
+        }
+    }
+
+    #[test]
+    fn borrowed_fields_point_into_the_value() {
+        #[derive(Deserialize)]
+        struct View<'a> {
+            #[serde(borrow)]
+            s: &'a str,
+            #[serde(borrow)]
+            b: &'a [u8],
+        }
+        let v = Value::Map(map! { "s" => "hello", "b" => Bytes::from_static(b"raw") });
+        let view: View<'_> = from_value_ref(&v).unwrap();
+        let m = v.as_map().unwrap();
+        assert_eq!(view.s.as_ptr(), m["s"].as_str().unwrap().as_ptr());
+        assert_eq!(view.b.as_ptr(), m["b"].as_bytes().unwrap().as_ptr());
+    }
+
+    #[test]
+    fn numbers_convert_with_range_checks() {
+        assert_eq!(from_value::<u8>(Value::Int(255)).unwrap(), 255);
+        assert_eq!(from_value::<i16>(Value::Int(-300)).unwrap(), -300);
+        assert_eq!(from_value::<u64>(Value::UInt(u64::MAX)).unwrap(), u64::MAX);
+        assert_eq!(from_value::<i128>(Value::UInt(u64::MAX)).unwrap(), i128::from(u64::MAX));
+        assert_eq!(from_value::<f64>(Value::Int(3)).unwrap(), 3.0);
+        assert_eq!(from_value::<f64>(Value::F32(0.5)).unwrap(), 0.5);
+        assert_eq!(from_value::<f32>(Value::F64(0.25)).unwrap(), 0.25);
+        assert_eq!(from_value::<f32>(Value::UInt(u64::MAX)).unwrap(), u64::MAX as f32);
+
+        let e = from_value::<i8>(Value::Int(300)).unwrap_err();
+        assert!(e.to_string().contains("300"), "{e}");
+        assert!(from_value::<i8>(Value::UInt(u64::MAX)).is_err());
+        assert!(from_value::<i64>(Value::UInt(u64::MAX)).is_err());
+        assert!(from_value::<u32>(Value::Int(-1)).is_err());
+        assert!(from_value::<i32>(Value::F64(1.0)).is_err());
+        assert!(from_value::<i32>(Value::Str("1".into())).is_err());
+
+        assert_eq!(to_value(&(i64::MAX as i128 + 1)).unwrap(), Value::UInt(1 << 63));
+        assert_eq!(to_value(&-1i128).unwrap(), Value::Int(-1));
+        assert_eq!(to_value(&5u128).unwrap(), Value::Int(5));
+        assert_eq!(
+            to_value(&(u64::MAX as i128 + 1)).unwrap_err(),
+            SerdeError::IntegerOutOfRange("18446744073709551616".into())
+        );
+        assert!(matches!(to_value(&i128::MIN), Err(SerdeError::IntegerOutOfRange(_))));
+        assert!(matches!(to_value(&u128::MAX), Err(SerdeError::IntegerOutOfRange(_))));
+    }
+
+    #[test]
+    fn bytes_into_byte_containers() {
+        let v = Value::Bytes(Bytes::from_static(&[1, 2, 3]));
+        assert_eq!(from_value::<Vec<u8>>(v.clone()).unwrap(), vec![1, 2, 3]);
+        assert_eq!(from_value_ref::<Vec<u8>>(&v).unwrap(), vec![1, 2, 3]);
+        assert_eq!(from_value::<[u8; 3]>(v.clone()).unwrap(), [1, 2, 3]);
+        assert!(from_value::<[u8; 2]>(v.clone()).is_err(), "length is checked");
+        assert_eq!(from_value::<serde_bytes::ByteBuf>(v.clone()).unwrap().into_vec(), vec![1, 2, 3]);
+        let mv = Value::MemoryView(Bytes::from_static(b"mv"));
+        assert_eq!(from_value::<serde_bytes::ByteBuf>(mv.clone()).unwrap().into_vec(), b"mv");
+        assert_eq!(from_value_ref::<&serde_bytes::Bytes>(&mv).unwrap().as_ref(), b"mv");
+        // serde's `String` accepts UTF-8 bytes (Python peers sometimes send str as bytes),
+        // but not invalid ones.
+        assert_eq!(from_value::<String>(Value::Bytes(Bytes::from_static(b"ok"))).unwrap(), "ok");
+        assert!(from_value::<String>(Value::Bytes(Bytes::from_static(&[0xff]))).is_err());
+        assert!(from_value::<u8>(v).is_err());
+    }
+
+    #[test]
+    fn options_and_units() {
+        assert_eq!(from_value::<Option<i32>>(Value::Nil).unwrap(), None);
+        assert_eq!(from_value::<Option<i32>>(Value::Int(1)).unwrap(), Some(1));
+        assert_eq!(from_value::<Option<Option<i32>>>(Value::Int(1)).unwrap(), Some(Some(1)));
+        from_value::<()>(Value::Nil).unwrap();
+        assert!(from_value::<()>(Value::Int(0)).is_err());
+        assert_eq!(from_value::<Unit>(Value::Nil).unwrap(), Unit);
+        assert_eq!(to_value(&Some(Some(3u8))).unwrap(), Value::Int(3));
+    }
+
+    #[test]
+    fn map_keys_must_be_strings() {
+        let e = to_value(&HashMap::from([(1u32, "one")])).unwrap_err();
+        assert_eq!(e, SerdeError::NonStringKey("int"));
+        assert!(e.to_string().contains("map keys must be strings"), "{e}");
+        assert_eq!(to_value(&BTreeMap::from([(true, 1)])).unwrap_err(), SerdeError::NonStringKey("bool"));
+        // Strings, chars and unit variants are string keys.
+        #[derive(Serialize, Deserialize, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+        enum Key {
+            Alpha,
+        }
+        let v = to_value(&BTreeMap::from([(Key::Alpha, 1)])).unwrap();
+        assert_eq!(v, Value::Map(map! { "Alpha" => 1 }));
+        assert_eq!(from_value::<BTreeMap<Key, i32>>(v).unwrap(), BTreeMap::from([(Key::Alpha, 1)]));
+        assert_eq!(to_value(&BTreeMap::from([('c', 1)])).unwrap(), Value::Map(map! { "c" => 1 }));
+        // A string key does not silently turn into an integer either.
+        assert!(from_value::<HashMap<u32, i32>>(Value::Map(map! { "1" => 1 })).is_err());
+        // Nor does a format with integer keys produce a `Value::Map`.
+        let e =
+            Value::deserialize(de::value::MapDeserializer::<_, SerdeError>::new([(1u8, 2u8)].into_iter()))
+                .unwrap_err();
+        assert_eq!(e, SerdeError::Message(SerdeError::NonStringKey("int").to_string()));
+    }
+
+    #[test]
+    fn wrong_shapes_are_errors() {
+        #[derive(Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Pair {
+            a: i32,
+            b: i32,
+        }
+        let e = from_value::<Pair>(Value::Map(map! { "a" => 1 })).unwrap_err();
+        assert!(e.to_string().contains("missing field `b`"), "{e}");
+        assert!(from_value::<Pair>(Value::List(vec![])).is_err());
+        assert!(from_value::<Pair>(Value::Int(1)).is_err());
+        let e = from_value::<(i32, i32)>(Value::List(vec![1.into(), 2.into(), 3.into()])).unwrap_err();
+        assert!(e.to_string().contains("invalid length 3"), "{e}");
+        assert!(from_value_ref::<(i32, i32)>(&Value::List(vec![1.into()])).is_err());
+        assert!(from_value::<Vec<i32>>(Value::Map(Map::new())).is_err());
+        // Enums
+        let two = Value::Map(map! { "Circle" => 1.0, "Empty" => Value::Nil });
+        assert!(from_value::<Shape>(two).unwrap_err().to_string().contains("single key"));
+        let e = from_value::<Shape>(Value::Str("Hexagon".into())).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `Hexagon`"), "{e}");
+        assert!(from_value::<Shape>(Value::Str("Circle".into())).is_err(), "newtype variant needs content");
+        assert!(from_value::<Shape>(Value::Map(map! { "Empty" => 1 })).is_err());
+        assert!(from_value::<Shape>(Value::Map(map! { "Rect" => 1 })).is_err());
+        assert_eq!(from_value::<Shape>(Value::Map(map! { "Empty" => Value::Nil })).unwrap(), Shape::Empty);
+        assert_eq!(
+            from_value_ref::<Shape>(&Value::Map(map! { "Rect" => Value::List(vec![1.into(), 2.into()]) }))
+                .unwrap(),
+            Shape::Rect(1, 2)
+        );
+    }
+
+    #[test]
+    fn wire_values_round_trip_through_value() {
+        let v = Value::Map(map! {
+            "n" => Value::Nil, "b" => true, "i" => -3, "u" => u64::MAX, "f" => 1.5f32, "d" => 2.5,
+            "s" => "x", "y" => Bytes::from_static(b"\x00\xff"),
+            "l" => Value::List(vec![Value::Map(map! { "z" => 0 })]),
+        });
+        assert_eq!(to_value(&v).unwrap(), v);
+        assert_eq!(from_value::<Value>(v.clone()).unwrap(), v);
+        assert_eq!(from_value_ref::<Value>(&v).unwrap(), v);
+    }
+
+    #[test]
+    fn value_from_json_is_canonical() {
+        let v: Value =
+            serde_json::from_str(r#"{"a":1,"b":[1.5,null,"x"],"c":18446744073709551615,"d":-2}"#).unwrap();
+        assert_eq!(
+            v,
+            Value::Map(map! {
+                "a" => Value::Int(1),
+                "b" => Value::List(vec![1.5.into(), Value::Nil, "x".into()]),
+                "c" => Value::UInt(u64::MAX),
+                "d" => Value::Int(-2),
+            })
+        );
+    }
+
+    #[test]
+    fn typed_variants_use_their_wire_form() {
+        let nd = Value::from(NdArray {
+            dtype: DType::UInt8,
+            shape: vec![2, 1],
+            data: Bytes::from_static(&[5, 6]),
+        });
+        let json = serde_json::to_value(&nd).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"_rtype": "ndarray", "_rvalue": [5, 6], "_rshape": [2, 1], "_rdtype": "uint8"})
+        );
+        let wire = to_value(&nd).unwrap();
+        assert_eq!(wire.as_map().unwrap()["_rvalue"], Value::Bytes(Bytes::from_static(&[5, 6])));
+        assert_eq!(from_value::<Value>(nd.clone()).unwrap(), wire);
+        assert_eq!(from_value_ref::<Value>(&nd).unwrap(), wire);
+
+        let err = Value::from(ErrorValue::new("boom"));
+        assert_eq!(
+            serde_json::to_value(&err).unwrap(),
+            serde_json::json!({"_rtype": "error", "_rvalue": "boom", "_rtrace": null})
+        );
+        #[derive(Deserialize)]
+        struct Remote {
+            _rvalue: String,
+        }
+        assert_eq!(from_value::<Remote>(err).unwrap()._rvalue, "boom");
+
+        let set = Value::Set(vec![1.into(), 2.into()]);
+        assert_eq!(serde_json::to_string(&set).unwrap(), "[1,2]");
+        assert_eq!(from_value::<Vec<i32>>(set.clone()).unwrap(), vec![1, 2]);
+        assert_eq!(from_value_ref::<Vec<i32>>(&set).unwrap(), vec![1, 2]);
+
+        let om = Value::OrderedMap(vec![(Value::Int(1), "one".into())]);
+        assert_eq!(
+            serde_json::to_value(&om).unwrap(),
+            serde_json::json!({"_rtype": "orderedmap", "_rvalue": [[1, "one"]]})
+        );
+        assert_eq!(from_value_ref::<Value>(&om).unwrap(), to_value(&om).unwrap());
+
+        let ta = Value::TypedArray(Box::new(TypedArray {
+            dtype: DType::Int16,
+            data: Bytes::from_static(&[1, 0]),
+        }));
+        assert_eq!(
+            serde_json::to_value(&ta).unwrap(),
+            serde_json::json!({"_rtype": "typedarray", "_rvalue": [1, 0], "_rdtype": "int16"})
+        );
+        let mv = Value::MemoryView(Bytes::from_static(b"a"));
+        assert_eq!(
+            serde_json::to_value(&mv).unwrap(),
+            serde_json::json!({"_rtype": "memoryview", "_rvalue": [97]})
+        );
+    }
+
+    #[test]
+    fn live_objects_are_not_data() {
+        let f = Value::from(Function::Local(LocalFunction::new(crate::value::Handler::new(()))));
+        let e = to_value(&f).unwrap_err();
+        assert_eq!(e, SerdeError::Message(SerdeError::NotData("function").to_string()));
+        let e = serde_json::to_string(&f).unwrap_err();
+        assert!(e.to_string().contains("function value is a live object"), "{e}");
+        assert_eq!(from_value::<Value>(f.clone()).unwrap_err(), SerdeError::NotData("function"));
+        assert_eq!(from_value_ref::<Value>(&f).unwrap_err(), SerdeError::NotData("function"));
+        // Skipping a field that holds one is fine.
+        #[derive(Deserialize, Debug, PartialEq)]
+        struct OnlyA {
+            a: i32,
+        }
+        let v = Value::Map(map! { "a" => 1, "cb" => f });
+        assert_eq!(from_value::<OnlyA>(v.clone()).unwrap(), OnlyA { a: 1 });
+        assert_eq!(from_value_ref::<OnlyA>(&v).unwrap(), OnlyA { a: 1 });
     }
 }
