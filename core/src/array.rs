@@ -1,5 +1,9 @@
 //! n-dimensional arrays as hypha-rpc carries them (`_rtype: "ndarray"`, spec §5.2):
 //! raw C-order little-endian bytes, a shape and a numpy dtype string.
+//!
+//! [`NdArray::from_array`], [`NdArray::view`] and [`NdArray::to_array`] convert to and
+//! from `ndarray` arrays of any [`Element`] type, without copying the elements where the
+//! memory layout allows (see the comment above [`Element`] for when that is).
 
 use bytes::Bytes;
 use ndarray::{Array, Array1, ArrayD, ArrayView, CowArray, Dimension, Ix1, IxDyn};
