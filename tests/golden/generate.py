@@ -582,7 +582,8 @@ async def run(args):
               "NOT a frame: the chunks concatenated, i.e. the package byte_len(<300000 bytes>) as the sender "
               "packed it (main without ws/user; the receiver overwrites from/to/ws/user from the process call)")
     main, _, _ = gc.split_frame(package, max_buffer_size=0)
-    w.frame("chunk_result_resolve", p.reply(type("F", (), {"session": main["session"]})()),
+    chunked_session = main["session"]
+    w.frame("chunk_result_resolve", p.one(lambda f: f.method == chunked_session + ".resolve", "chunked resolve"),
             "resolve of the chunked call: 300000")
 
     p.mark()
