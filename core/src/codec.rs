@@ -356,7 +356,10 @@ fn enter(depth: usize, limit: usize) -> Result<usize, CodecError> {
 }
 
 fn enc(value: &Value, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
-    Ok(match value {
+    // Only the containers are handled inline: every other arm lives in its own
+    // non-inlined function so that this recursive frame stays small (debug builds give
+    // each temporary of every arm its own stack slot).
+    match value {
         Value::Nil
         | Value::Bool(_)
         | Value::Int(_)
@@ -364,12 +367,32 @@ fn enc(value: &Value, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Value,
         | Value::F32(_)
         | Value::F64(_)
         | Value::Str(_)
-        | Value::Bytes(_) => value.clone(),
-        Value::List(items) => {
-            let d = enter(depth, cx.max_depth)?;
-            Value::List(items.iter().map(|v| enc(v, cx, d)).collect::<Result<_, _>>()?)
-        }
-        Value::Map(m) => Value::Map(enc_map(m, cx, depth)?),
+        | Value::Bytes(_) => Ok(value.clone()),
+        Value::List(items) => enc_list(items, cx, depth),
+        Value::Map(m) => Ok(Value::Map(enc_map(m, cx, depth)?)),
+        other => enc_typed(other, cx, depth),
+    }
+}
+
+fn enc_list(items: &[Value], cx: &mut EncodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
+    let d = enter(depth, cx.max_depth)?;
+    let mut out = Vec::with_capacity(items.len());
+    for v in items {
+        out.push(enc(v, cx, d)?);
+    }
+    Ok(Value::List(out))
+}
+
+fn rtype_map(rtype: &str, value: Value) -> Value {
+    let mut m = Map::with_capacity(2);
+    m.insert("_rtype".into(), rtype.into());
+    m.insert("_rvalue".into(), value);
+    Value::Map(m)
+}
+
+#[inline(never)]
+fn enc_typed(value: &Value, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
+    Ok(match value {
         Value::NdArray(a) => {
             a.check_layout()?;
             let mut m = Map::with_capacity(4);
@@ -387,30 +410,15 @@ fn enc(value: &Value, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Value,
             m.insert("_rdtype".into(), t.dtype.as_str().into());
             Value::Map(m)
         }
-        Value::MemoryView(b) => {
-            let mut m = Map::with_capacity(2);
-            m.insert("_rtype".into(), "memoryview".into());
-            m.insert("_rvalue".into(), Value::Bytes(b.clone()));
-            Value::Map(m)
-        }
-        Value::Set(items) => {
-            let d = enter(depth, cx.max_depth)?;
-            let items = items.iter().map(|v| enc(v, cx, d)).collect::<Result<_, _>>()?;
-            let mut m = Map::with_capacity(2);
-            m.insert("_rtype".into(), "set".into());
-            m.insert("_rvalue".into(), Value::List(items));
-            Value::Map(m)
-        }
+        Value::MemoryView(b) => rtype_map("memoryview", Value::Bytes(b.clone())),
+        Value::Set(items) => rtype_map("set", enc_list(items, cx, depth)?),
         Value::OrderedMap(pairs) => {
             let d = enter(depth, cx.max_depth)?;
             let mut out = Vec::with_capacity(pairs.len());
             for (k, v) in pairs {
                 out.push(Value::List(vec![enc(k, cx, d)?, enc(v, cx, d)?]));
             }
-            let mut m = Map::with_capacity(2);
-            m.insert("_rtype".into(), "orderedmap".into());
-            m.insert("_rvalue".into(), Value::List(out));
-            Value::Map(m)
+            rtype_map("orderedmap", Value::List(out))
         }
         Value::Error(e) => {
             let mut m = Map::with_capacity(3);
@@ -419,55 +427,67 @@ fn enc(value: &Value, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Value,
             m.insert("_rtrace".into(), e.trace.as_deref().into());
             Value::Map(m)
         }
-        Value::Function(f) => match &**f {
-            Function::Local(lf) => {
-                let stored = cx.sink.store_function(cx.session, lf)?;
-                let schema = lf.schema.as_deref();
-                let name = lf.name.as_deref();
-                let doc = lf.doc.as_deref();
-                if stored.is_service_function {
-                    service_descriptor(cx, stored.method, name, false, doc, schema, depth)?
-                } else {
-                    session_descriptor(cx, stored.method, name, doc, schema, depth)?
-                }
-            }
-            Function::Remote(rm) => {
-                if forwardable(rm.server.as_deref(), cx.server) {
-                    remote_method_to_wire(rm, cx, depth)?
-                } else {
-                    let path = cx.sink.store_forwarder(cx.session, rm)?;
-                    let schema = rm.schema.as_deref();
-                    session_descriptor(cx, path, Some(rm.display_name()), rm.doc.as_deref(), schema, depth)?
-                }
-            }
-        },
-        Value::Generator(g) => match &**g {
-            Generator::Local(lg) => {
-                let (next, close) = cx.sink.store_generator(cx.session, lg)?;
-                generator_descriptor(cx, next, close)
-            }
-            Generator::Remote(rg) => {
-                if forwardable(rg.server.as_deref(), cx.server) {
-                    remote_generator_to_wire(rg, cx, depth)?
-                } else {
-                    // Relay both entries through forwarders in our session: the peer then
-                    // iterates us and we iterate the owner.
-                    let relay = |method: &str| RemoteMethod {
-                        server: rg.server.clone(),
-                        target: rg.target.clone(),
-                        method: method.to_owned(),
-                        promise: PromiseMode::Compact,
-                        remote_parent: rg.remote_parent.clone(),
-                        ..Default::default()
-                    };
-                    let next = cx.sink.store_forwarder(cx.session, &relay(&rg.method))?;
-                    let close = cx.sink.store_forwarder(cx.session, &relay(&rg.close_method))?;
-                    generator_descriptor(cx, next, close)
-                }
-            }
-        },
+        Value::Function(f) => enc_function(f, cx, depth)?,
+        Value::Generator(g) => enc_generator(g, cx, depth)?,
         Value::Custom(cv) => enc_custom(cv, cx, depth)?,
+        // Wire variants are handled by `enc`.
+        other => other.clone(),
     })
+}
+
+#[inline(never)]
+fn enc_function(f: &Function, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
+    match f {
+        Function::Local(lf) => {
+            let stored = cx.sink.store_function(cx.session, lf)?;
+            let schema = lf.schema.as_deref();
+            let name = lf.name.as_deref();
+            let doc = lf.doc.as_deref();
+            if stored.is_service_function {
+                service_descriptor(cx, stored.method, name, false, doc, schema, depth)
+            } else {
+                session_descriptor(cx, stored.method, name, doc, schema, depth)
+            }
+        }
+        Function::Remote(rm) => {
+            if forwardable(rm.server.as_deref(), cx.server) {
+                remote_method_to_wire(rm, cx, depth)
+            } else {
+                let path = cx.sink.store_forwarder(cx.session, rm)?;
+                let schema = rm.schema.as_deref();
+                session_descriptor(cx, path, Some(rm.display_name()), rm.doc.as_deref(), schema, depth)
+            }
+        }
+    }
+}
+
+#[inline(never)]
+fn enc_generator(g: &Generator, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
+    match g {
+        Generator::Local(lg) => {
+            let (next, close) = cx.sink.store_generator(cx.session, lg)?;
+            Ok(generator_descriptor(cx, next, close))
+        }
+        Generator::Remote(rg) => {
+            if forwardable(rg.server.as_deref(), cx.server) {
+                remote_generator_to_wire(rg, cx, depth)
+            } else {
+                // Relay both entries through forwarders in our session: the peer then
+                // iterates us and we iterate the owner.
+                let relay = |method: &str| RemoteMethod {
+                    server: rg.server.clone(),
+                    target: rg.target.clone(),
+                    method: method.to_owned(),
+                    promise: PromiseMode::Compact,
+                    remote_parent: rg.remote_parent.clone(),
+                    ..Default::default()
+                };
+                let next = cx.sink.store_forwarder(cx.session, &relay(&rg.method))?;
+                let close = cx.sink.store_forwarder(cx.session, &relay(&rg.close_method))?;
+                Ok(generator_descriptor(cx, next, close))
+            }
+        }
+    }
 }
 
 /// The forwarding rule of spec §5.3: a received descriptor is re-sent as is when its
@@ -485,6 +505,7 @@ fn check_typed(dtype: &DType, len: usize) -> Result<(), CodecError> {
     }
 }
 
+#[inline(never)]
 fn enc_custom(cv: &CustomValue, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
     let codec =
         cx.codecs.for_value(cv).ok_or_else(|| CodecError::NoCodec { codec: cv.codec.clone() })?;
@@ -530,6 +551,7 @@ fn enc_members(m: &Map, cx: &mut EncodeContext<'_>, d: usize) -> Result<Map, Cod
 
 /// Spec §5.5: register the map's local callables as a `_rintf_` service and describe them
 /// as `services.<id>.<key>` members.
+#[inline(never)]
 fn enc_rintf(m: &Map, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Map, CodecError> {
     let d = enter(depth, cx.max_depth)?;
     let mut members = Vec::new();
@@ -759,13 +781,19 @@ pub fn decode(wire: Value, cx: &DecodeContext<'_>) -> Result<Value, CodecError> 
 
 fn dec(wire: Value, cx: &DecodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
     match wire {
-        Value::List(items) => {
-            let d = enter(depth, cx.max_depth)?;
-            Ok(Value::List(items.into_iter().map(|v| dec(v, cx, d)).collect::<Result<_, _>>()?))
-        }
+        Value::List(items) => dec_list(items, cx, depth),
         Value::Map(m) => dec_map(m, cx, depth),
         other => Ok(other),
     }
+}
+
+fn dec_list(items: Vec<Value>, cx: &DecodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
+    let d = enter(depth, cx.max_depth)?;
+    let mut out = Vec::with_capacity(items.len());
+    for v in items {
+        out.push(dec(v, cx, d)?);
+    }
+    Ok(Value::List(out))
 }
 
 fn dec_members(m: Map, cx: &DecodeContext<'_>, d: usize) -> Result<Map, CodecError> {
@@ -776,13 +804,22 @@ fn dec_members(m: Map, cx: &DecodeContext<'_>, d: usize) -> Result<Map, CodecErr
     Ok(out)
 }
 
-fn dec_map(mut m: Map, cx: &DecodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
+fn dec_map(m: Map, cx: &DecodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
     let d = enter(depth, cx.max_depth)?;
+    if m.contains_key("_rtype") {
+        dec_typed(m, cx, d)
+    } else {
+        Ok(Value::Map(dec_members(m, cx, d)?))
+    }
+}
+
+/// A map with an `_rtype` key; kept out of `dec_map` to keep the recursive frame small.
+#[inline(never)]
+fn dec_typed(mut m: Map, cx: &DecodeContext<'_>, d: usize) -> Result<Value, CodecError> {
     let rtype = match m.get("_rtype") {
-        None => return Ok(Value::Map(dec_members(m, cx, d)?)),
         Some(Value::Str(s)) => s.clone(),
         // A non-string `_rtype` names nothing we know: pass through like unknown ones.
-        Some(_) => String::new(),
+        _ => String::new(),
     };
     if let Some(decoder) = cx.codecs.decoder(&rtype) {
         let tag = m.shift_remove("_rtype").unwrap_or_default();
@@ -791,7 +828,7 @@ fn dec_map(mut m: Map, cx: &DecodeContext<'_>, depth: usize) -> Result<Value, Co
         return Ok(Value::Custom(decoder(out)?));
     }
     match rtype.as_str() {
-        "method" => dec_method(m, cx, d),
+        "method" => dec_method(m, cx),
         "generator" => dec_generator(m, cx),
         "error" => dec_error(m),
         "ndarray" => dec_ndarray(m),
@@ -802,8 +839,10 @@ fn dec_map(mut m: Map, cx: &DecodeContext<'_>, depth: usize) -> Result<Value, Co
         }
         "set" => {
             let items = take_list(&mut m, "set")?;
-            let d2 = enter(d, cx.max_depth)?;
-            Ok(Value::Set(items.into_iter().map(|v| dec(v, cx, d2)).collect::<Result<_, _>>()?))
+            let Value::List(items) = dec(Value::List(items), cx, d)? else {
+                return Err(missing("set", "_rvalue"));
+            };
+            Ok(Value::Set(items))
         }
         "orderedmap" => dec_orderedmap(m, cx, d),
         _ => {
@@ -867,7 +906,7 @@ fn take_list(m: &mut Map, rtype: &str) -> Result<Vec<Value>, CodecError> {
 /// `_renc_pub` decide where and how calls go, so a wrong type there is an error; the
 /// descriptive fields (`_rname`, `_rdoc`, `_rasync`) of the wrong type read as absent.
 /// `_rschema` is kept raw (upstream does not decode it either).
-fn dec_method(m: Map, cx: &DecodeContext<'_>, _d: usize) -> Result<Value, CodecError> {
+fn dec_method(m: Map, cx: &DecodeContext<'_>) -> Result<Value, CodecError> {
     const RT: &str = "method";
     let mut rm = RemoteMethod { remote_parent: cx.remote_parent.map(str::to_owned), ..Default::default() };
     let (mut target, mut method) = (None, None);
@@ -1066,3 +1105,786 @@ pub fn split_kwargs(mut args: Vec<Value>, with_kwargs: bool) -> Result<(Vec<Valu
         None => Err(CodecError::KwargsMissing),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map;
+    use proptest::prelude::*;
+
+    const SERVER: &str = "http://127.0.0.1:9537";
+    const WS: &str = "ws-user-anonymouz-acoustic-conifer-30981683";
+    const PROV: &str = "ws-user-anonymouz-acoustic-conifer-30981683/UEqymfyHD22aE3CvZ3HsSy";
+
+    /// Records what the codec stores; ids are deterministic.
+    #[derive(Default)]
+    struct TestSink {
+        services: HashMap<Handler, String>,
+        object_id: Option<String>,
+        functions: Vec<(Option<String>, LocalFunction)>,
+        generators: Vec<Option<String>>,
+        interfaces: Vec<Vec<(String, LocalFunction)>>,
+        forwarders: Vec<RemoteMethod>,
+        n: usize,
+    }
+
+    impl ObjectSink for TestSink {
+        fn store_function(
+            &mut self,
+            session: Option<&str>,
+            function: &LocalFunction,
+        ) -> Result<StoredFunction, CodecError> {
+            if let Some(p) = self.services.get(&function.handler) {
+                return Ok(StoredFunction { method: p.clone(), is_service_function: true });
+            }
+            let s = session.ok_or(CodecError::SessionRequired { what: "function" })?;
+            self.n += 1;
+            self.functions.push((session.map(str::to_owned), function.clone()));
+            let oid = self.object_id.clone().unwrap_or_else(|| format!("obj{}", self.n));
+            let method = match &function.name {
+                Some(n) => format!("{s}.{oid}#{n}"),
+                None => format!("{s}.{oid}"),
+            };
+            Ok(StoredFunction { method, is_service_function: false })
+        }
+
+        fn store_generator(
+            &mut self,
+            session: Option<&str>,
+            _generator: &LocalGenerator,
+        ) -> Result<(String, String), CodecError> {
+            let s = session.ok_or(CodecError::SessionRequired { what: "generator" })?;
+            self.n += 1;
+            self.generators.push(session.map(str::to_owned));
+            let oid = self.object_id.clone().unwrap_or_else(|| format!("gen{}", self.n));
+            Ok((format!("{s}.{oid}"), format!("{s}.{oid}:close")))
+        }
+
+        fn register_interface(
+            &mut self,
+            _session: Option<&str>,
+            members: Vec<(String, LocalFunction)>,
+        ) -> Result<String, CodecError> {
+            self.n += 1;
+            self.interfaces.push(members);
+            Ok(format!("_rintf_test{}", self.n))
+        }
+
+        fn store_forwarder(
+            &mut self,
+            session: Option<&str>,
+            method: &RemoteMethod,
+        ) -> Result<String, CodecError> {
+            let s = session.ok_or(CodecError::SessionRequired { what: "function" })?;
+            self.n += 1;
+            self.forwarders.push(method.clone());
+            Ok(format!("{s}.fwd{}", self.n))
+        }
+    }
+
+    fn local(name: Option<&str>) -> LocalFunction {
+        LocalFunction { name: name.map(str::to_owned), ..LocalFunction::new(Handler::new(0u8)) }
+    }
+
+    fn fval(f: LocalFunction) -> Value {
+        Value::from(Function::Local(f))
+    }
+
+    fn enc_with(value: &Value, sink: &mut TestSink, session: Option<&str>) -> Result<Value, CodecError> {
+        let reg = CodecRegistry::new();
+        let mut cx = EncodeContext::new(PROV, &reg, sink);
+        cx.server = Some(SERVER);
+        cx.session = session;
+        encode(value, &mut cx)
+    }
+
+    fn enc1(value: &Value) -> Value {
+        enc_with(value, &mut TestSink::default(), Some("S")).unwrap()
+    }
+
+    fn dec_ws(wire: Value) -> Result<Value, CodecError> {
+        let reg = CodecRegistry::new();
+        let mut cx = DecodeContext::new(&reg);
+        cx.remote_workspace = Some(WS);
+        cx.remote_parent = Some("P");
+        decode(wire, &cx)
+    }
+
+    fn hex(s: &str) -> Bytes {
+        Bytes::from((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect::<Vec<_>>())
+    }
+
+    /// Session callback from extras.txt (consumer passes `cb` to `call_back`).
+    #[test]
+    fn session_function_descriptor_matches_trace() {
+        let mut sink = TestSink { object_id: Some("A4ivKbs3H8kd8qPdkihCGL".into()), ..Default::default() };
+        let reg = CodecRegistry::new();
+        let mut cx = EncodeContext::new("2XJUAdBPQxgtT5Eb5yharZ", &reg, &mut sink);
+        cx.server = Some(SERVER);
+        cx.session = Some("VWYMmHC96a2cxQTMJbNicb");
+        let got = encode(&fval(local(Some("cb"))), &mut cx).unwrap();
+        let want = Value::from(map! {
+            "_rtype" => "method",
+            "_rserver" => SERVER,
+            "_rtarget" => "2XJUAdBPQxgtT5Eb5yharZ",
+            "_rmethod" => "VWYMmHC96a2cxQTMJbNicb.A4ivKbs3H8kd8qPdkihCGL#cb",
+            "_rname" => "cb",
+            "_rpromise" => "*",
+            "_rdoc" => Value::Nil,
+        });
+        assert_eq!(got, want);
+        assert_eq!(sink.functions.len(), 1);
+        assert_eq!(sink.functions[0].0.as_deref(), Some("VWYMmHC96a2cxQTMJbNicb"));
+    }
+
+    /// Annotated service function from extras.txt (`services.extras.echo`).
+    #[test]
+    fn service_function_descriptor_matches_trace() {
+        let f = local(Some("echo"));
+        let mut sink = TestSink::default();
+        sink.services.insert(f.handler.clone(), "services.extras.echo".into());
+        let got = enc_with(&fval(f), &mut sink, None).unwrap();
+        let want = Value::from(map! {
+            "_rtype" => "method",
+            "_rserver" => SERVER,
+            "_rtarget" => PROV,
+            "_rmethod" => "services.extras.echo",
+            "_rpromise" => "*",
+            "_rname" => "echo",
+            "_rasync" => false,
+            "_rdoc" => Value::Nil,
+        });
+        assert_eq!(got, want);
+        assert!(sink.functions.is_empty());
+    }
+
+    #[test]
+    fn descriptor_extras_key_order() {
+        let schema = Value::from(map! { "name" => "f" });
+        let f = LocalFunction { doc: Some("Doc.".into()), schema: Some(Box::new(schema.clone())), ..local(Some("f")) };
+        let mut sink = TestSink::default();
+        let reg = CodecRegistry::new();
+        let mut cx = EncodeContext::new("cid", &reg, &mut sink);
+        cx.session = Some("S");
+        cx.encryption_key = Some(Bytes::from_static(&[7; 32]));
+        let got = encode(&fval(f.clone()), &mut cx).unwrap();
+        let keys: Vec<&str> = got.as_map().unwrap().keys().map(String::as_str).collect();
+        // No `_rserver` when unknown; key after `_rpromise` is the encryption key.
+        assert_eq!(keys, ["_rtype", "_rtarget", "_rmethod", "_rname", "_rpromise", "_renc_pub", "_rdoc", "_rschema"]);
+        assert_eq!(got.as_map().unwrap()["_rschema"], schema);
+        assert_eq!(got.as_map().unwrap()["_rdoc"], Value::from("Doc."));
+        // Service functions never carry the key.
+        sink.services.insert(f.handler.clone(), "services.s.f".into());
+        let mut cx = EncodeContext::new("cid", &reg, &mut sink);
+        cx.encryption_key = Some(Bytes::from_static(&[7; 32]));
+        let got = encode(&fval(f), &mut cx).unwrap();
+        let keys: Vec<&str> = got.as_map().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["_rtype", "_rtarget", "_rmethod", "_rpromise", "_rname", "_rasync", "_rdoc", "_rschema"]);
+    }
+
+    #[test]
+    fn functions_and_generators_need_a_session() {
+        let mut sink = TestSink::default();
+        let e = enc_with(&fval(local(None)), &mut sink, None).unwrap_err();
+        assert!(matches!(e, CodecError::SessionRequired { what: "function" }), "{e}");
+        let g = Value::from(Generator::Local(LocalGenerator { handler: Handler::new(1u8) }));
+        let e = enc_with(&g, &mut sink, None).unwrap_err();
+        assert!(matches!(e, CodecError::SessionRequired { what: "generator" }), "{e}");
+    }
+
+    /// Generator descriptor from extras.txt.
+    #[test]
+    fn generator_descriptor_matches_trace_and_round_trips() {
+        let mut sink = TestSink { object_id: Some("XcK5PJyYXUyQ7ujzu4eD47".into()), ..Default::default() };
+        let g = Value::from(Generator::Local(LocalGenerator { handler: Handler::new(1u8) }));
+        let got = enc_with(&g, &mut sink, Some("BEgBmSxPJ3ed264F3d9GRG")).unwrap();
+        let want = Value::from(map! {
+            "_rtype" => "generator",
+            "_rserver" => SERVER,
+            "_rtarget" => PROV,
+            "_rmethod" => "BEgBmSxPJ3ed264F3d9GRG.XcK5PJyYXUyQ7ujzu4eD47",
+            "_rclose_method" => "BEgBmSxPJ3ed264F3d9GRG.XcK5PJyYXUyQ7ujzu4eD47:close",
+            "_rpromise" => "*",
+            "_rdoc" => "Remote generator",
+        });
+        assert_eq!(got, want);
+        let Value::Generator(dg) = dec_ws(got.clone()).unwrap() else { panic!("not a generator") };
+        let Generator::Remote(rg) = *dg else { panic!("not remote") };
+        assert_eq!(rg.target, PROV);
+        assert_eq!(rg.close_method, "BEgBmSxPJ3ed264F3d9GRG.XcK5PJyYXUyQ7ujzu4eD47:close");
+        assert_eq!(rg.remote_parent.as_deref(), Some("P"));
+        assert_eq!(rg.server.as_deref(), Some(SERVER));
+        // Forwarded as is (same server).
+        let back = enc1(&Value::from(Generator::Remote(rg)));
+        assert_eq!(back, want);
+    }
+
+    #[test]
+    fn remote_generator_from_other_server_is_relayed() {
+        let rg = RemoteGenerator {
+            server: Some("http://other".into()),
+            target: "w/p".into(),
+            method: "R.g".into(),
+            close_method: "R.g:close".into(),
+            ..Default::default()
+        };
+        let mut sink = TestSink::default();
+        let got = enc_with(&Value::from(Generator::Remote(rg)), &mut sink, Some("S")).unwrap();
+        let m = got.as_map().unwrap();
+        assert_eq!(m["_rtype"], Value::from("generator"));
+        assert_eq!(m["_rmethod"], Value::from("S.fwd1"));
+        assert_eq!(m["_rclose_method"], Value::from("S.fwd2"));
+        assert_eq!(m["_rtarget"], Value::from(PROV));
+        let relayed: Vec<&str> = sink.forwarders.iter().map(|f| f.method.as_str()).collect();
+        assert_eq!(relayed, ["R.g", "R.g:close"]);
+    }
+
+    /// The manager's service descriptor from extras.txt: decode, then forward.
+    #[test]
+    fn decode_and_forward_service_descriptor() {
+        let schema = Value::from(map! { "name" => "echo", "description" => "Log a app message." });
+        let wire = Value::from(map! {
+            "_rtype" => "method",
+            "_rserver" => SERVER,
+            "_rtarget" => "*/manager-ambitious-parallel-49071335",
+            "_rmethod" => "services.default.echo",
+            "_rpromise" => "*",
+            "_rname" => "echo",
+            "_rasync" => true,
+            "_rdoc" => "Log a app message.",
+            "_rschema" => schema.clone(),
+        });
+        let decoded = dec_ws(wire.clone()).unwrap();
+        let Value::Function(f) = &decoded else { panic!("not a function") };
+        let Function::Remote(rm) = &**f else { panic!("not remote") };
+        assert_eq!(rm.target, "*/manager-ambitious-parallel-49071335");
+        assert_eq!(rm.promise, PromiseMode::Compact);
+        assert_eq!(rm.is_async, Some(true));
+        assert_eq!(rm.schema.as_deref(), Some(&schema));
+        assert_eq!(rm.remote_parent.as_deref(), Some("P"));
+        assert!(rm.extra.is_empty());
+        let mut sink = TestSink::default();
+        assert_eq!(enc_with(&decoded, &mut sink, Some("S")).unwrap(), wire);
+        assert!(sink.forwarders.is_empty());
+    }
+
+    #[test]
+    fn forwarding_rule_both_ways() {
+        let base = RemoteMethod {
+            target: "w/peer".into(),
+            method: "X.cb#cb".into(),
+            promise: PromiseMode::Compact,
+            doc: Some("d".into()),
+            extra: map! { "_rfuture" => 1 },
+            ..Default::default()
+        };
+        // No `_rserver`: forwarded, unknown keys kept.
+        let mut sink = TestSink::default();
+        let got = enc_with(&Value::from(Function::Remote(base.clone())), &mut sink, Some("S")).unwrap();
+        let want = Value::from(map! {
+            "_rtype" => "method", "_rtarget" => "w/peer", "_rmethod" => "X.cb#cb",
+            "_rpromise" => "*", "_rdoc" => "d", "_rfuture" => 1,
+        });
+        assert_eq!(got, want);
+        // Same server: forwarded.
+        let same = RemoteMethod { server: Some(SERVER.into()), ..base.clone() };
+        let got = enc_with(&Value::from(Function::Remote(same)), &mut sink, Some("S")).unwrap();
+        assert_eq!(got.as_map().unwrap()["_rmethod"], Value::from("X.cb#cb"));
+        assert!(sink.forwarders.is_empty());
+        // Other server: wrapped as a session function of ours.
+        let other = RemoteMethod { server: Some("http://elsewhere".into()), ..base };
+        let got = enc_with(&Value::from(Function::Remote(other.clone())), &mut sink, Some("S")).unwrap();
+        let want = Value::from(map! {
+            "_rtype" => "method", "_rserver" => SERVER, "_rtarget" => PROV, "_rmethod" => "S.fwd1",
+            "_rname" => "cb", "_rpromise" => "*", "_rdoc" => "d",
+        });
+        assert_eq!(got, want);
+        assert_eq!(sink.forwarders, vec![other]);
+    }
+
+    #[test]
+    fn rtarget_resolution() {
+        let reg = CodecRegistry::new();
+        let cases = [
+            (Some("W"), "cid", "W/cid"),
+            (Some("W"), "W", "W"),
+            (Some("W"), "*/manager-x", "*/manager-x"),
+            (Some("W"), "other/cid", "other/cid"),
+            (None, "cid", "cid"),
+        ];
+        for (ws, target, want) in cases {
+            assert_eq!(resolve_target(target.into(), ws), want);
+            let wire = Value::from(map! { "_rtype" => "method", "_rtarget" => target, "_rmethod" => "a.b" });
+            let cx = DecodeContext { remote_workspace: ws, ..DecodeContext::new(&reg) };
+            let Value::Function(f) = decode(wire, &cx).unwrap() else { panic!() };
+            let Function::Remote(rm) = *f else { panic!() };
+            assert_eq!(rm.target, want);
+            assert_eq!(rm.promise, PromiseMode::None);
+            assert_eq!(rm.remote_parent, None);
+        }
+    }
+
+    /// The compact-promise expansion the callee builds (spec §4.3) decodes with its key.
+    #[test]
+    fn expanded_promise_descriptor_decodes() {
+        let wire = Value::from(map! {
+            "_rtype" => "method", "_rtarget" => "cons", "_rmethod" => "S.resolve",
+            "_rdoc" => "resolve callback for method: m", "_renc_pub" => Bytes::from_static(&[1; 32]),
+        });
+        let Value::Function(f) = dec_ws(wire).unwrap() else { panic!() };
+        let Function::Remote(rm) = *f else { panic!() };
+        assert_eq!(rm.target, format!("{WS}/cons"));
+        assert_eq!(rm.promise, PromiseMode::None);
+        assert_eq!(rm.encryption_key.as_deref(), Some(&[1u8; 32][..]));
+        assert_eq!(rm.display_name(), "resolve");
+        let explicit = Value::from(map! { "_rtype" => "method", "_rtarget" => "c", "_rmethod" => "a", "_rpromise" => true });
+        let Value::Function(f) = dec_ws(explicit).unwrap() else { panic!() };
+        assert!(matches!(*f, Function::Remote(RemoteMethod { promise: PromiseMode::Explicit, .. })));
+    }
+
+    #[test]
+    fn rintf_encode_shape() {
+        let get_item = local(Some("getItem"));
+        let private = local(Some("hidden"));
+        let value = Value::from(map! {
+            "_rintf" => true,
+            "getItem" => fval(get_item.clone()),
+            "label" => "x",
+            "_private" => fval(private),
+        });
+        let mut sink = TestSink::default();
+        let reg = CodecRegistry::new();
+        let mut cx = EncodeContext::new("cons2", &reg, &mut sink);
+        cx.session = Some("S");
+        let got = encode(&value, &mut cx).unwrap();
+        assert_eq!(cx.created_interfaces, vec!["_rintf_test1".to_owned()]);
+        let m = got.as_map().unwrap();
+        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["_rintf", "getItem", "label", "_private", "_dispose", "_rintf_service_id"]);
+        assert_eq!(m["_rintf"], Value::Bool(true));
+        assert_eq!(
+            m["getItem"],
+            Value::from(map! {
+                "_rtype" => "method", "_rtarget" => "cons2",
+                "_rmethod" => "services._rintf_test1.getItem", "_rpromise" => "*",
+                "_rname" => "getItem", "_rasync" => false, "_rdoc" => Value::Nil,
+            })
+        );
+        assert_eq!(m["_dispose"].as_map().unwrap()["_rmethod"], Value::from("services._rintf_test1._dispose"));
+        assert_eq!(m["_dispose"].as_map().unwrap()["_rasync"], Value::Bool(true));
+        assert_eq!(m["_rintf_service_id"], Value::from("_rintf_test1"));
+        // `_`-keys are not members: encoded as session callbacks.
+        assert_eq!(m["_private"].as_map().unwrap()["_rmethod"], Value::from("S.obj2#hidden"));
+        assert_eq!(sink.interfaces.len(), 1);
+        assert_eq!(sink.interfaces[0], vec![("getItem".to_owned(), get_item)]);
+        // Without a callable member, `_rintf` is plain data.
+        let plain = Value::from(map! { "_rintf" => true, "_f" => fval(local(None)) });
+        let mut sink = TestSink::default();
+        let got = enc_with(&plain, &mut sink, Some("S")).unwrap();
+        assert!(sink.interfaces.is_empty());
+        assert!(!got.as_map().unwrap().contains_key("_rintf_service_id"));
+    }
+
+    #[test]
+    fn rintf_same_function_under_two_keys_uses_last_key() {
+        let f = local(Some("f"));
+        let value = Value::from(map! { "_rintf" => true, "a" => fval(f.clone()), "b" => fval(f) });
+        let got = enc1(&value);
+        let m = got.as_map().unwrap();
+        assert_eq!(m["a"].as_map().unwrap()["_rmethod"], Value::from("services._rintf_test1.b"));
+        assert_eq!(m["b"].as_map().unwrap()["_rmethod"], Value::from("services._rintf_test1.b"));
+    }
+
+    #[test]
+    fn app_maps_with_rtype_keep_it_last() {
+        let value = Value::from(map! { "_rtype" => "thing", "a" => 1, "f" => fval(local(None)) });
+        let got = enc1(&value);
+        let keys: Vec<&str> = got.as_map().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a", "f", "_rtype"]);
+        assert_eq!(got.as_map().unwrap()["f"].as_map().unwrap()["_rmethod"], Value::from("S.obj1"));
+        // Decoding an unknown `_rtype` decodes members and keeps the tag last.
+        let back = dec_ws(got).unwrap();
+        let m = back.as_map().unwrap();
+        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a", "f", "_rtype"]);
+        assert!(matches!(&m["f"], Value::Function(f) if matches!(**f, Function::Remote(_))));
+    }
+
+    #[test]
+    fn stop_iteration_passes_through() {
+        let got = dec_ws(Value::stop_iteration()).unwrap();
+        assert!(got.is_stop_iteration());
+        assert_eq!(got, Value::stop_iteration());
+        assert_eq!(enc1(&got), Value::stop_iteration());
+        let odd = Value::from(map! { "_rtype" => 5, "x" => 1 });
+        assert_eq!(dec_ws(odd).unwrap(), Value::from(map! { "x" => 1, "_rtype" => 5 }));
+    }
+
+    fn round_trip(v: Value) -> Value {
+        let wire = enc1(&v);
+        assert!(is_wire_tree(&wire), "{wire:?}");
+        let back = dec_ws(wire).unwrap();
+        assert_eq!(back, v);
+        back
+    }
+
+    fn is_wire_tree(v: &Value) -> bool {
+        match v {
+            Value::List(l) => l.iter().all(is_wire_tree),
+            Value::Map(m) => m.values().all(is_wire_tree),
+            other => other.is_wire(),
+        }
+    }
+
+    #[test]
+    fn round_trip_every_builtin_rtype() {
+        round_trip(Value::from(NdArray {
+            dtype: DType::Float32,
+            shape: vec![2, 3],
+            data: hex("000000000000803f0000004000004040000080400000a040"),
+        }));
+        round_trip(Value::from(NdArray { dtype: DType::Int64, shape: vec![], data: Bytes::from(vec![0; 8]) }));
+        round_trip(Value::TypedArray(Box::new(TypedArray { dtype: DType::Int16, data: Bytes::from(vec![1, 0, 2, 0]) })));
+        round_trip(Value::MemoryView(Bytes::from_static(b"abc")));
+        round_trip(Value::Set(vec![Value::from(1), Value::from("a")]));
+        round_trip(Value::OrderedMap(vec![(Value::from(1), Value::from("one")), (Value::from("k"), Value::Nil)]));
+        round_trip(Value::from(ErrorValue { message: "boom".into(), trace: Some("Traceback".into()) }));
+        round_trip(Value::from(ErrorValue::new("no trace")));
+        round_trip(Value::from(Function::Remote(RemoteMethod {
+            server: Some(SERVER.into()),
+            target: PROV.into(),
+            method: "services.extras.add".into(),
+            promise: PromiseMode::Compact,
+            name: Some("add".into()),
+            is_async: Some(false),
+            remote_parent: Some("P".into()),
+            ..Default::default()
+        })));
+        // Nested typed values inside containers.
+        round_trip(Value::from(map! {
+            "l" => vec![Value::Set(vec![]), Value::MemoryView(Bytes::new())],
+            "e" => ErrorValue::new("x"),
+        }));
+    }
+
+    #[test]
+    fn wire_shapes_of_data_rtypes() {
+        let a = NdArray { dtype: DType::Float32, shape: vec![2, 3], data: hex("000000000000803f0000004000004040000080400000a040") };
+        assert_eq!(
+            enc1(&Value::from(a)),
+            Value::from(map! {
+                "_rtype" => "ndarray",
+                "_rvalue" => hex("000000000000803f0000004000004040000080400000a040"),
+                "_rshape" => vec![Value::from(2), Value::from(3)],
+                "_rdtype" => "float32",
+            })
+        );
+        assert_eq!(
+            enc1(&Value::from(ErrorValue::new("boom"))),
+            Value::from(map! { "_rtype" => "error", "_rvalue" => "boom", "_rtrace" => Value::Nil })
+        );
+        assert_eq!(
+            enc1(&Value::OrderedMap(vec![(Value::from("a"), Value::from(1))])),
+            Value::from(map! { "_rtype" => "orderedmap", "_rvalue" => vec![Value::from(vec![Value::from("a"), Value::from(1)])] })
+        );
+        assert_eq!(
+            enc1(&Value::TypedArray(Box::new(TypedArray { dtype: DType::Float32, data: Bytes::from(vec![0; 4]) }))),
+            Value::from(map! { "_rtype" => "typedarray", "_rvalue" => Bytes::from(vec![0; 4]), "_rdtype" => "float32" })
+        );
+        // Functions inside a set are stored too.
+        let got = enc1(&Value::Set(vec![fval(local(None))]));
+        assert_eq!(got.as_map().unwrap()["_rvalue"].as_list().unwrap()[0].as_map().unwrap()["_rmethod"], Value::from("S.obj1"));
+    }
+
+    #[test]
+    fn ndarray_legacy_pieces_and_unknown_dtype() {
+        let wire = Value::from(map! {
+            "_rtype" => "ndarray",
+            "_rvalue" => vec![Value::from(hex("0000803f")), Value::from(hex("00000040"))],
+            "_rshape" => vec![Value::from(2)],
+            "_rdtype" => "float32",
+        });
+        let Value::NdArray(a) = dec_ws(wire).unwrap() else { panic!() };
+        assert_eq!(a.data, hex("0000803f00000040"));
+        let wire = Value::from(map! {
+            "_rtype" => "ndarray", "_rvalue" => Bytes::from_static(b"hello"), "_rshape" => vec![Value::from(1)], "_rdtype" => "<U5",
+        });
+        let Value::NdArray(a) = dec_ws(wire.clone()).unwrap() else { panic!() };
+        assert_eq!(a.dtype, DType::Other("<U5".into()));
+        assert_eq!(enc1(&Value::NdArray(a)), wire);
+    }
+
+    #[test]
+    fn bytes_are_not_copied_on_decode() {
+        let data = Bytes::from(vec![9u8; 16]);
+        let wire = Value::from(map! {
+            "_rtype" => "ndarray", "_rvalue" => data.clone(), "_rshape" => vec![Value::from(4)], "_rdtype" => "int32",
+        });
+        let Value::NdArray(a) = dec_ws(wire).unwrap() else { panic!() };
+        assert_eq!(a.data.as_ptr(), data.as_ptr());
+    }
+
+    fn err_of(wire: Value) -> CodecError {
+        dec_ws(wire).unwrap_err()
+    }
+
+    fn assert_invalid(e: CodecError, rt: &str, f: &str) {
+        match &e {
+            CodecError::InvalidField { rtype, field, .. } => assert_eq!((rtype.as_str(), *field), (rt, f), "{e}"),
+            other => panic!("expected InvalidField({rt}.{f}), got {other:?}"),
+        }
+        assert!(e.to_string().contains(rt));
+    }
+
+    fn assert_missing(e: CodecError, rt: &str, f: &str) {
+        match &e {
+            CodecError::MissingField { rtype, field } => assert_eq!((rtype.as_str(), *field), (rt, f), "{e}"),
+            other => panic!("expected MissingField({rt}.{f}), got {other:?}"),
+        }
+        assert!(e.to_string().contains(rt));
+    }
+
+    #[test]
+    fn malformed_objects_are_typed_errors() {
+        let m = |pairs: Map| Value::from(pairs);
+        assert_missing(err_of(m(map! { "_rtype" => "method", "_rmethod" => "a" })), "method", "_rtarget");
+        assert_missing(err_of(m(map! { "_rtype" => "method", "_rtarget" => "a" })), "method", "_rmethod");
+        assert_invalid(err_of(m(map! { "_rtype" => "method", "_rtarget" => 1, "_rmethod" => "a" })), "method", "_rtarget");
+        assert_invalid(
+            err_of(m(map! { "_rtype" => "method", "_rtarget" => "t", "_rmethod" => "a", "_rpromise" => "x" })),
+            "method",
+            "_rpromise",
+        );
+        assert_invalid(
+            err_of(m(map! { "_rtype" => "method", "_rtarget" => "t", "_rmethod" => "a", "_renc_pub" => "k" })),
+            "method",
+            "_renc_pub",
+        );
+        assert_invalid(
+            err_of(m(map! { "_rtype" => "method", "_rtarget" => "t", "_rmethod" => "a", "_rserver" => 3 })),
+            "method",
+            "_rserver",
+        );
+        assert_missing(
+            err_of(m(map! { "_rtype" => "generator", "_rtarget" => "t", "_rmethod" => "a" })),
+            "generator",
+            "_rclose_method",
+        );
+        assert_missing(err_of(m(map! { "_rtype" => "error" })), "error", "_rvalue");
+        assert_invalid(err_of(m(map! { "_rtype" => "error", "_rvalue" => 1 })), "error", "_rvalue");
+        assert_invalid(err_of(m(map! { "_rtype" => "error", "_rvalue" => "x", "_rtrace" => 1 })), "error", "_rtrace");
+        let nd = |v: Value, shape: Value, dtype: Value| {
+            Value::from(map! { "_rtype" => "ndarray", "_rvalue" => v, "_rshape" => shape, "_rdtype" => dtype })
+        };
+        let b4 = Value::from(Bytes::from(vec![0; 4]));
+        let shape1 = Value::from(vec![Value::from(1)]);
+        assert_invalid(err_of(nd("x".into(), shape1.clone(), "int32".into())), "ndarray", "_rvalue");
+        assert_invalid(err_of(nd(vec![Value::from(1)].into(), shape1.clone(), "int32".into())), "ndarray", "_rvalue");
+        assert_invalid(err_of(nd(b4.clone(), vec![Value::from(-1)].into(), "int32".into())), "ndarray", "_rshape");
+        assert_invalid(err_of(nd(b4.clone(), vec![Value::from(1.5)].into(), "int32".into())), "ndarray", "_rshape");
+        assert_invalid(err_of(nd(b4.clone(), 4.into(), "int32".into())), "ndarray", "_rshape");
+        assert_invalid(err_of(nd(b4.clone(), shape1.clone(), 1.into())), "ndarray", "_rdtype");
+        let e = err_of(nd(b4.clone(), vec![Value::from(2)].into(), "int32".into()));
+        assert!(matches!(e, CodecError::ArrayLayout(ArrayError::SizeMismatch { expected: 8, actual: 4, .. })), "{e}");
+        assert!(e.to_string().contains("ndarray"));
+        let huge = vec![Value::UInt(u64::MAX), Value::UInt(u64::MAX)];
+        assert!(matches!(err_of(nd(b4.clone(), huge.into(), "int32".into())), CodecError::ArrayLayout(ArrayError::ShapeOverflow)));
+        assert_missing(err_of(m(map! { "_rtype" => "ndarray", "_rvalue" => b4.clone(), "_rdtype" => "int8" })), "ndarray", "_rshape");
+        let e = err_of(m(map! { "_rtype" => "typedarray", "_rvalue" => Bytes::from(vec![0; 3]), "_rdtype" => "int16" }));
+        assert!(matches!(e, CodecError::TypedArrayLength { len: 3, .. }), "{e}");
+        assert_invalid(err_of(m(map! { "_rtype" => "typedarray", "_rvalue" => "x", "_rdtype" => "int8" })), "typedarray", "_rvalue");
+        assert_invalid(err_of(m(map! { "_rtype" => "memoryview", "_rvalue" => vec![Value::Nil] })), "memoryview", "_rvalue");
+        assert_missing(err_of(m(map! { "_rtype" => "memoryview" })), "memoryview", "_rvalue");
+        assert_invalid(err_of(m(map! { "_rtype" => "set", "_rvalue" => "x" })), "set", "_rvalue");
+        assert_invalid(err_of(m(map! { "_rtype" => "orderedmap", "_rvalue" => vec![Value::from(1)] })), "orderedmap", "_rvalue");
+        let short_pair = vec![Value::from(vec![Value::from(1)])];
+        assert_invalid(err_of(m(map! { "_rtype" => "orderedmap", "_rvalue" => short_pair })), "orderedmap", "_rvalue");
+        // Nested malformed objects fail the whole decode.
+        let nested = Value::from(vec![m(map! { "k" => m(map! { "_rtype" => "method" }) })]);
+        assert_missing(err_of(nested), "method", "_rtarget");
+    }
+
+    #[test]
+    fn bad_local_arrays_are_rejected_on_encode() {
+        let a = NdArray { dtype: DType::Float64, shape: vec![3], data: Bytes::from(vec![0; 16]) };
+        let e = enc_with(&Value::from(a), &mut TestSink::default(), Some("S")).unwrap_err();
+        assert!(matches!(e, CodecError::ArrayLayout(ArrayError::SizeMismatch { .. })), "{e}");
+        let t = TypedArray { dtype: DType::Float32, data: Bytes::from(vec![0; 5]) };
+        let e = enc_with(&Value::TypedArray(Box::new(t)), &mut TestSink::default(), Some("S")).unwrap_err();
+        assert!(matches!(e, CodecError::TypedArrayLength { .. }), "{e}");
+    }
+
+    fn nested_list(depth: usize) -> Value {
+        let mut v = Value::Nil;
+        for _ in 0..depth {
+            v = Value::List(vec![v]);
+        }
+        v
+    }
+
+    #[test]
+    fn depth_limit() {
+        let reg = CodecRegistry::new();
+        let cx = DecodeContext { max_depth: 10, ..DecodeContext::new(&reg) };
+        assert!(decode(nested_list(10), &cx).is_ok());
+        assert!(matches!(decode(nested_list(11), &cx), Err(CodecError::TooDeep { limit: 10 })));
+        let deep = nested_list(500);
+        assert!(matches!(dec_ws(deep.clone()), Err(CodecError::TooDeep { .. })));
+        let e = enc_with(&deep, &mut TestSink::default(), Some("S")).unwrap_err();
+        assert!(matches!(e, CodecError::TooDeep { limit: DEFAULT_MAX_DEPTH }));
+        let mut m = Value::Nil;
+        for _ in 0..500 {
+            m = Value::from(map! { "k" => m });
+        }
+        assert!(matches!(dec_ws(m.clone()), Err(CodecError::TooDeep { .. })));
+        assert!(matches!(enc_with(&m, &mut TestSink::default(), None), Err(CodecError::TooDeep { .. })));
+    }
+
+    #[derive(Debug, PartialEq)]
+    struct Point {
+        x: i64,
+        y: i64,
+    }
+
+    fn point_registry(tag: &'static str) -> CodecRegistry {
+        let mut reg = CodecRegistry::new();
+        reg.register(
+            "point",
+            move |p: &Point| Ok::<_, &str>(Value::from(map! { "x" => p.x, "y" => p.y, "tag" => tag })),
+            Some(|m: Map| {
+                let x = m.get("x").and_then(Value::as_i64).ok_or("no x")?;
+                let y = m.get("y").and_then(Value::as_i64).ok_or("no y")?;
+                Ok::<_, &str>(Point { x, y })
+            }),
+        );
+        reg
+    }
+
+    #[test]
+    fn custom_codec_round_trip_and_replacement() {
+        let mut reg = point_registry("first");
+        let v = Value::Custom(CustomValue::new("point", Point { x: 1, y: 2 }));
+        let mut sink = TestSink::default();
+        let wire = encode(&v, &mut EncodeContext::new("c", &reg, &mut sink)).unwrap();
+        assert_eq!(wire, Value::from(map! { "x" => 1, "y" => 2, "tag" => "first", "_rtype" => "point" }));
+        let Value::Custom(cv) = decode(wire, &DecodeContext::new(&reg)).unwrap() else { panic!() };
+        assert_eq!(cv.codec, "point");
+        assert_eq!(cv.downcast_ref::<Point>(), Some(&Point { x: 1, y: 2 }));
+        // Decoder errors are typed.
+        let bad = Value::from(map! { "_rtype" => "point", "x" => 1 });
+        let e = decode(bad, &DecodeContext::new(&reg)).unwrap_err();
+        assert!(matches!(&e, CodecError::Custom { codec, message } if codec == "point" && message == "no y"), "{e}");
+        // Same type under a new name replaces the old codec.
+        reg.register_encoder("pt2", |p: &Point| Ok::<_, String>(Value::from(map! { "x" => p.x })));
+        assert!(!reg.contains("point"));
+        let wire = encode(&v, &mut EncodeContext::new("c", &reg, &mut sink)).unwrap();
+        assert_eq!(wire, Value::from(map! { "x" => 1, "_rtype" => "pt2" }));
+        // Encode-only codec: the map stays a map on decode.
+        assert_eq!(decode(wire.clone(), &DecodeContext::new(&reg)).unwrap(), wire);
+        // Same name, other type replaces too.
+        reg.register_encoder("pt2", |s: &String| Ok::<_, String>(Value::from(s.as_str())));
+        let e = encode(&v, &mut EncodeContext::new("c", &reg, &mut sink)).unwrap_err();
+        assert!(matches!(e, CodecError::NoCodec { .. }), "{e}");
+        assert!(e.to_string().contains("Unsupported data type"));
+    }
+
+    #[test]
+    fn custom_codec_output_is_encoded_recursively() {
+        let mut reg = CodecRegistry::new();
+        let f = local(Some("cb"));
+        let ff = f.clone();
+        reg.register_encoder("holder", move |_: &Point| {
+            Ok::<_, String>(Value::from(map! { "_rtype" => "my_type", "cb" => fval(ff.clone()) }))
+        });
+        reg.register_encoder("wrapped", |s: &u32| Ok::<_, String>(Value::Set(vec![Value::from(*s)])));
+        let mut sink = TestSink::default();
+        let mut cx = EncodeContext::new("c", &reg, &mut sink);
+        cx.session = Some("S");
+        let v = Value::Custom(CustomValue::new("holder", Point { x: 0, y: 0 }));
+        let wire = encode(&v, &mut cx).unwrap();
+        let m = wire.as_map().unwrap();
+        assert_eq!(m.keys().map(String::as_str).collect::<Vec<_>>(), ["cb", "_rtype"]);
+        assert_eq!(m["_rtype"], Value::from("my_type"));
+        assert_eq!(m["cb"].as_map().unwrap()["_rmethod"], Value::from("S.obj1#cb"));
+        let wire = encode(&Value::Custom(CustomValue::new("wrapped", 7u32)), &mut cx).unwrap();
+        assert_eq!(wire, Value::from(map! { "_rtype" => "set", "_rvalue" => vec![Value::from(7)] }));
+        // Found by name but holding another Rust type.
+        let e = encode(&Value::Custom(CustomValue::new("wrapped", 7u8)), &mut cx).unwrap_err();
+        assert!(matches!(e, CodecError::CodecTypeMismatch { .. }), "{e}");
+    }
+
+    #[test]
+    fn kwargs_python_style() {
+        let (args, kw) = encode_args(vec![Value::from(1)], Some(map! { "b" => 5 }));
+        assert_eq!(args, vec![Value::from(1), Value::from(map! { "b" => 5 })]);
+        assert!(kw);
+        let (args, kw) = encode_args(vec![Value::from(1)], Some(Map::new()));
+        assert_eq!(args, vec![Value::from(1)]);
+        assert!(!kw);
+        let (args, kw) = encode_args(vec![], Some(map! { "config" => Map::new(), "_rkwargs" => true }));
+        assert_eq!(args, vec![Value::from(map! { "config" => Map::new() })]);
+        assert!(kw);
+        let (pos, kwargs) = split_kwargs(vec![Value::from("prov:demo"), Value::from(map! { "config" => Map::new() })], true).unwrap();
+        assert_eq!(pos, vec![Value::from("prov:demo")]);
+        assert_eq!(kwargs, Some(map! { "config" => Map::new() }));
+        let (pos, kwargs) = split_kwargs(vec![Value::from(map! { "a" => 1 })], false).unwrap();
+        assert_eq!((pos.len(), kwargs), (1, None));
+        assert!(matches!(split_kwargs(vec![], true), Err(CodecError::KwargsMissing)));
+        assert!(matches!(split_kwargs(vec![Value::from(1)], true), Err(CodecError::KwargsNotAMap { got: "int" })));
+    }
+
+    #[test]
+    fn kwargs_js_style() {
+        let (args, kw) = encode_args(vec![Value::from(map! { "a" => 3, "b" => 4, "_rkwargs" => true })], None);
+        assert_eq!(args, vec![Value::from(map! { "a" => 3, "b" => 4 })]);
+        assert!(kw);
+        // A false marker is stripped and means nothing.
+        let (args, kw) = encode_args(vec![Value::from(map! { "a" => 3, "_rkwargs" => false })], None);
+        assert_eq!(args, vec![Value::from(map! { "a" => 3 })]);
+        assert!(!kw);
+        // Only the last argument is looked at.
+        let marked = Value::from(map! { "_rkwargs" => true });
+        let (args, kw) = encode_args(vec![marked.clone(), Value::from(1)], None);
+        assert_eq!(args, vec![marked, Value::from(1)]);
+        assert!(!kw);
+        // Both styles: merged, explicit kwargs win.
+        let (args, kw) = encode_args(vec![Value::from(map! { "a" => 1, "_rkwargs" => true })], Some(map! { "a" => 2, "c" => 3 }));
+        assert_eq!(args, vec![Value::from(map! { "a" => 2, "c" => 3 })]);
+        assert!(kw);
+        let (pos, kwargs) = split_kwargs(args, kw).unwrap();
+        assert!(pos.is_empty());
+        assert_eq!(kwargs, Some(map! { "a" => 2, "c" => 3 }));
+    }
+
+    fn wire_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::Int),
+            ((i64::MAX as u64 + 1)..=u64::MAX).prop_map(Value::UInt),
+            any::<f64>().prop_filter("NaN != NaN", |f| !f.is_nan()).prop_map(Value::F64),
+            ".{0,8}".prop_map(Value::Str),
+            proptest::collection::vec(any::<u8>(), 0..16).prop_map(|b| Value::Bytes(Bytes::from(b))),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::List),
+                proptest::collection::vec(("[_a-z]{0,7}".prop_filter("no _rtype", |k| k != "_rtype"), inner), 0..6)
+                    .prop_map(|kv| Value::Map(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn plain_wire_values_are_fixed_points(v in wire_value()) {
+            let decoded = dec_ws(v.clone()).unwrap();
+            prop_assert_eq!(&decoded, &v);
+            let mut sink = TestSink::default();
+            let encoded = enc_with(&decoded, &mut sink, None).unwrap();
+            prop_assert_eq!(&encoded, &v);
+            prop_assert!(sink.functions.is_empty() && sink.interfaces.is_empty());
+        }
+    }
+}
+
