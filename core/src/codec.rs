@@ -28,6 +28,10 @@
 //!   Python/JS objects (proxies, functions), never as map keys it emits. In Rust they are
 //!   struct fields ([`RemoteMethod`] itself, [`LocalFunction::schema`]), so we never emit
 //!   them either; a peer's map that happens to contain them is data, as in upstream.
+//!
+//! `_rtype` values this codec does not interpret (`stop_iteration`, `iostream`,
+//! `pydantic_model`, other peers' codecs) decode as maps with their members decoded and
+//! the tag kept, so they can be inspected or forwarded unchanged.
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
@@ -507,8 +511,7 @@ fn check_typed(dtype: &DType, len: usize) -> Result<(), CodecError> {
 
 #[inline(never)]
 fn enc_custom(cv: &CustomValue, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
-    let codec =
-        cx.codecs.for_value(cv).ok_or_else(|| CodecError::NoCodec { codec: cv.codec.clone() })?;
+    let codec = cx.codecs.for_value(cv).ok_or_else(|| CodecError::NoCodec { codec: cv.codec.clone() })?;
     let name = codec.name.clone();
     let out = (codec.encoder)(cv)?;
     let d = enter(depth, cx.max_depth)?;
@@ -550,7 +553,9 @@ fn enc_members(m: &Map, cx: &mut EncodeContext<'_>, d: usize) -> Result<Map, Cod
 }
 
 /// Spec §5.5: register the map's local callables as a `_rintf_` service and describe them
-/// as `services.<id>.<key>` members.
+/// as `services.<id>.<key>` members. Remote functions under non-`_` keys count for the
+/// trigger (upstream tests `callable`) but are encoded by the forwarding rule, since only
+/// local functions can be service members here.
 #[inline(never)]
 fn enc_rintf(m: &Map, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Map, CodecError> {
     let d = enter(depth, cx.max_depth)?;
@@ -592,7 +597,8 @@ fn enc_rintf(m: &Map, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Map, C
         out.insert(k.clone(), encoded);
     }
     // Upstream's generated `_dispose` is an `async def` without a docstring.
-    let dispose = service_descriptor(cx, format!("services.{sid}._dispose"), Some("_dispose"), true, None, None, d)?;
+    let dispose =
+        service_descriptor(cx, format!("services.{sid}._dispose"), Some("_dispose"), true, None, None, d)?;
     out.insert("_dispose".into(), dispose);
     out.insert("_rintf_service_id".into(), Value::Str(sid));
     Ok(out)
@@ -857,12 +863,7 @@ fn dec_typed(mut m: Map, cx: &DecodeContext<'_>, d: usize) -> Result<Value, Code
 }
 
 fn invalid(rtype: &str, field: &'static str, expected: &'static str, got: &Value) -> CodecError {
-    CodecError::InvalidField {
-        rtype: rtype.to_owned(),
-        field,
-        expected,
-        got: got.kind().to_owned(),
-    }
+    CodecError::InvalidField { rtype: rtype.to_owned(), field, expected, got: got.kind().to_owned() }
 }
 
 fn missing(rtype: &str, field: &'static str) -> CodecError {
@@ -1095,7 +1096,10 @@ pub fn encode_args(mut args: Vec<Value>, kwargs: Option<Map>) -> (Vec<Value>, bo
 
 /// Splits received arguments into positional arguments and kwargs: with `with_kwargs`,
 /// the last argument must be a map and becomes the kwargs (as the PY callee pops it).
-pub fn split_kwargs(mut args: Vec<Value>, with_kwargs: bool) -> Result<(Vec<Value>, Option<Map>), CodecError> {
+pub fn split_kwargs(
+    mut args: Vec<Value>,
+    with_kwargs: bool,
+) -> Result<(Vec<Value>, Option<Map>), CodecError> {
     if !with_kwargs {
         return Ok((args, None));
     }
@@ -1211,7 +1215,12 @@ mod tests {
     }
 
     fn hex(s: &str) -> Bytes {
-        Bytes::from((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect::<Vec<_>>())
+        Bytes::from(
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// Session callback from extras.txt (consumer passes `cb` to `call_back`).
@@ -1261,7 +1270,11 @@ mod tests {
     #[test]
     fn descriptor_extras_key_order() {
         let schema = Value::from(map! { "name" => "f" });
-        let f = LocalFunction { doc: Some("Doc.".into()), schema: Some(Box::new(schema.clone())), ..local(Some("f")) };
+        let f = LocalFunction {
+            doc: Some("Doc.".into()),
+            schema: Some(Box::new(schema.clone())),
+            ..local(Some("f"))
+        };
         let mut sink = TestSink::default();
         let reg = CodecRegistry::new();
         let mut cx = EncodeContext::new("cid", &reg, &mut sink);
@@ -1270,7 +1283,10 @@ mod tests {
         let got = encode(&fval(f.clone()), &mut cx).unwrap();
         let keys: Vec<&str> = got.as_map().unwrap().keys().map(String::as_str).collect();
         // No `_rserver` when unknown; key after `_rpromise` is the encryption key.
-        assert_eq!(keys, ["_rtype", "_rtarget", "_rmethod", "_rname", "_rpromise", "_renc_pub", "_rdoc", "_rschema"]);
+        assert_eq!(
+            keys,
+            ["_rtype", "_rtarget", "_rmethod", "_rname", "_rpromise", "_renc_pub", "_rdoc", "_rschema"]
+        );
         assert_eq!(got.as_map().unwrap()["_rschema"], schema);
         assert_eq!(got.as_map().unwrap()["_rdoc"], Value::from("Doc."));
         // Service functions never carry the key.
@@ -1279,7 +1295,10 @@ mod tests {
         cx.encryption_key = Some(Bytes::from_static(&[7; 32]));
         let got = encode(&fval(f), &mut cx).unwrap();
         let keys: Vec<&str> = got.as_map().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, ["_rtype", "_rtarget", "_rmethod", "_rpromise", "_rname", "_rasync", "_rdoc", "_rschema"]);
+        assert_eq!(
+            keys,
+            ["_rtype", "_rtarget", "_rmethod", "_rpromise", "_rname", "_rasync", "_rdoc", "_rschema"]
+        );
     }
 
     #[test]
@@ -1437,7 +1456,9 @@ mod tests {
         assert_eq!(rm.promise, PromiseMode::None);
         assert_eq!(rm.encryption_key.as_deref(), Some(&[1u8; 32][..]));
         assert_eq!(rm.display_name(), "resolve");
-        let explicit = Value::from(map! { "_rtype" => "method", "_rtarget" => "c", "_rmethod" => "a", "_rpromise" => true });
+        let explicit = Value::from(
+            map! { "_rtype" => "method", "_rtarget" => "c", "_rmethod" => "a", "_rpromise" => true },
+        );
         let Value::Function(f) = dec_ws(explicit).unwrap() else { panic!() };
         assert!(matches!(*f, Function::Remote(RemoteMethod { promise: PromiseMode::Explicit, .. })));
     }
@@ -1470,7 +1491,10 @@ mod tests {
                 "_rname" => "getItem", "_rasync" => false, "_rdoc" => Value::Nil,
             })
         );
-        assert_eq!(m["_dispose"].as_map().unwrap()["_rmethod"], Value::from("services._rintf_test1._dispose"));
+        assert_eq!(
+            m["_dispose"].as_map().unwrap()["_rmethod"],
+            Value::from("services._rintf_test1._dispose")
+        );
         assert_eq!(m["_dispose"].as_map().unwrap()["_rasync"], Value::Bool(true));
         assert_eq!(m["_rintf_service_id"], Value::from("_rintf_test1"));
         // `_`-keys are not members: encoded as session callbacks.
@@ -1543,11 +1567,21 @@ mod tests {
             shape: vec![2, 3],
             data: hex("000000000000803f0000004000004040000080400000a040"),
         }));
-        round_trip(Value::from(NdArray { dtype: DType::Int64, shape: vec![], data: Bytes::from(vec![0; 8]) }));
-        round_trip(Value::TypedArray(Box::new(TypedArray { dtype: DType::Int16, data: Bytes::from(vec![1, 0, 2, 0]) })));
+        round_trip(Value::from(NdArray {
+            dtype: DType::Int64,
+            shape: vec![],
+            data: Bytes::from(vec![0; 8]),
+        }));
+        round_trip(Value::TypedArray(Box::new(TypedArray {
+            dtype: DType::Int16,
+            data: Bytes::from(vec![1, 0, 2, 0]),
+        })));
         round_trip(Value::MemoryView(Bytes::from_static(b"abc")));
         round_trip(Value::Set(vec![Value::from(1), Value::from("a")]));
-        round_trip(Value::OrderedMap(vec![(Value::from(1), Value::from("one")), (Value::from("k"), Value::Nil)]));
+        round_trip(Value::OrderedMap(vec![
+            (Value::from(1), Value::from("one")),
+            (Value::from("k"), Value::Nil),
+        ]));
         round_trip(Value::from(ErrorValue { message: "boom".into(), trace: Some("Traceback".into()) }));
         round_trip(Value::from(ErrorValue::new("no trace")));
         round_trip(Value::from(Function::Remote(RemoteMethod {
@@ -1569,7 +1603,11 @@ mod tests {
 
     #[test]
     fn wire_shapes_of_data_rtypes() {
-        let a = NdArray { dtype: DType::Float32, shape: vec![2, 3], data: hex("000000000000803f0000004000004040000080400000a040") };
+        let a = NdArray {
+            dtype: DType::Float32,
+            shape: vec![2, 3],
+            data: hex("000000000000803f0000004000004040000080400000a040"),
+        };
         assert_eq!(
             enc1(&Value::from(a)),
             Value::from(map! {
@@ -1585,15 +1623,25 @@ mod tests {
         );
         assert_eq!(
             enc1(&Value::OrderedMap(vec![(Value::from("a"), Value::from(1))])),
-            Value::from(map! { "_rtype" => "orderedmap", "_rvalue" => vec![Value::from(vec![Value::from("a"), Value::from(1)])] })
+            Value::from(
+                map! { "_rtype" => "orderedmap", "_rvalue" => vec![Value::from(vec![Value::from("a"), Value::from(1)])] }
+            )
         );
         assert_eq!(
-            enc1(&Value::TypedArray(Box::new(TypedArray { dtype: DType::Float32, data: Bytes::from(vec![0; 4]) }))),
-            Value::from(map! { "_rtype" => "typedarray", "_rvalue" => Bytes::from(vec![0; 4]), "_rdtype" => "float32" })
+            enc1(&Value::TypedArray(Box::new(TypedArray {
+                dtype: DType::Float32,
+                data: Bytes::from(vec![0; 4])
+            }))),
+            Value::from(
+                map! { "_rtype" => "typedarray", "_rvalue" => Bytes::from(vec![0; 4]), "_rdtype" => "float32" }
+            )
         );
         // Functions inside a set are stored too.
         let got = enc1(&Value::Set(vec![fval(local(None))]));
-        assert_eq!(got.as_map().unwrap()["_rvalue"].as_list().unwrap()[0].as_map().unwrap()["_rmethod"], Value::from("S.obj1"));
+        assert_eq!(
+            got.as_map().unwrap()["_rvalue"].as_list().unwrap()[0].as_map().unwrap()["_rmethod"],
+            Value::from("S.obj1")
+        );
     }
 
     #[test]
@@ -1630,7 +1678,9 @@ mod tests {
 
     fn assert_invalid(e: CodecError, rt: &str, f: &str) {
         match &e {
-            CodecError::InvalidField { rtype, field, .. } => assert_eq!((rtype.as_str(), *field), (rt, f), "{e}"),
+            CodecError::InvalidField { rtype, field, .. } => {
+                assert_eq!((rtype.as_str(), *field), (rt, f), "{e}")
+            }
             other => panic!("expected InvalidField({rt}.{f}), got {other:?}"),
         }
         assert!(e.to_string().contains(rt));
@@ -1649,14 +1699,22 @@ mod tests {
         let m = |pairs: Map| Value::from(pairs);
         assert_missing(err_of(m(map! { "_rtype" => "method", "_rmethod" => "a" })), "method", "_rtarget");
         assert_missing(err_of(m(map! { "_rtype" => "method", "_rtarget" => "a" })), "method", "_rmethod");
-        assert_invalid(err_of(m(map! { "_rtype" => "method", "_rtarget" => 1, "_rmethod" => "a" })), "method", "_rtarget");
         assert_invalid(
-            err_of(m(map! { "_rtype" => "method", "_rtarget" => "t", "_rmethod" => "a", "_rpromise" => "x" })),
+            err_of(m(map! { "_rtype" => "method", "_rtarget" => 1, "_rmethod" => "a" })),
+            "method",
+            "_rtarget",
+        );
+        assert_invalid(
+            err_of(m(
+                map! { "_rtype" => "method", "_rtarget" => "t", "_rmethod" => "a", "_rpromise" => "x" },
+            )),
             "method",
             "_rpromise",
         );
         assert_invalid(
-            err_of(m(map! { "_rtype" => "method", "_rtarget" => "t", "_rmethod" => "a", "_renc_pub" => "k" })),
+            err_of(m(
+                map! { "_rtype" => "method", "_rtarget" => "t", "_rmethod" => "a", "_renc_pub" => "k" },
+            )),
             "method",
             "_renc_pub",
         );
@@ -1672,33 +1730,79 @@ mod tests {
         );
         assert_missing(err_of(m(map! { "_rtype" => "error" })), "error", "_rvalue");
         assert_invalid(err_of(m(map! { "_rtype" => "error", "_rvalue" => 1 })), "error", "_rvalue");
-        assert_invalid(err_of(m(map! { "_rtype" => "error", "_rvalue" => "x", "_rtrace" => 1 })), "error", "_rtrace");
+        assert_invalid(
+            err_of(m(map! { "_rtype" => "error", "_rvalue" => "x", "_rtrace" => 1 })),
+            "error",
+            "_rtrace",
+        );
         let nd = |v: Value, shape: Value, dtype: Value| {
-            Value::from(map! { "_rtype" => "ndarray", "_rvalue" => v, "_rshape" => shape, "_rdtype" => dtype })
+            Value::from(
+                map! { "_rtype" => "ndarray", "_rvalue" => v, "_rshape" => shape, "_rdtype" => dtype },
+            )
         };
         let b4 = Value::from(Bytes::from(vec![0; 4]));
         let shape1 = Value::from(vec![Value::from(1)]);
         assert_invalid(err_of(nd("x".into(), shape1.clone(), "int32".into())), "ndarray", "_rvalue");
-        assert_invalid(err_of(nd(vec![Value::from(1)].into(), shape1.clone(), "int32".into())), "ndarray", "_rvalue");
-        assert_invalid(err_of(nd(b4.clone(), vec![Value::from(-1)].into(), "int32".into())), "ndarray", "_rshape");
-        assert_invalid(err_of(nd(b4.clone(), vec![Value::from(1.5)].into(), "int32".into())), "ndarray", "_rshape");
+        assert_invalid(
+            err_of(nd(vec![Value::from(1)].into(), shape1.clone(), "int32".into())),
+            "ndarray",
+            "_rvalue",
+        );
+        assert_invalid(
+            err_of(nd(b4.clone(), vec![Value::from(-1)].into(), "int32".into())),
+            "ndarray",
+            "_rshape",
+        );
+        assert_invalid(
+            err_of(nd(b4.clone(), vec![Value::from(1.5)].into(), "int32".into())),
+            "ndarray",
+            "_rshape",
+        );
         assert_invalid(err_of(nd(b4.clone(), 4.into(), "int32".into())), "ndarray", "_rshape");
         assert_invalid(err_of(nd(b4.clone(), shape1.clone(), 1.into())), "ndarray", "_rdtype");
         let e = err_of(nd(b4.clone(), vec![Value::from(2)].into(), "int32".into()));
-        assert!(matches!(e, CodecError::ArrayLayout(ArrayError::SizeMismatch { expected: 8, actual: 4, .. })), "{e}");
+        assert!(
+            matches!(e, CodecError::ArrayLayout(ArrayError::SizeMismatch { expected: 8, actual: 4, .. })),
+            "{e}"
+        );
         assert!(e.to_string().contains("ndarray"));
         let huge = vec![Value::UInt(u64::MAX), Value::UInt(u64::MAX)];
-        assert!(matches!(err_of(nd(b4.clone(), huge.into(), "int32".into())), CodecError::ArrayLayout(ArrayError::ShapeOverflow)));
-        assert_missing(err_of(m(map! { "_rtype" => "ndarray", "_rvalue" => b4.clone(), "_rdtype" => "int8" })), "ndarray", "_rshape");
-        let e = err_of(m(map! { "_rtype" => "typedarray", "_rvalue" => Bytes::from(vec![0; 3]), "_rdtype" => "int16" }));
+        assert!(matches!(
+            err_of(nd(b4.clone(), huge.into(), "int32".into())),
+            CodecError::ArrayLayout(ArrayError::ShapeOverflow)
+        ));
+        assert_missing(
+            err_of(m(map! { "_rtype" => "ndarray", "_rvalue" => b4.clone(), "_rdtype" => "int8" })),
+            "ndarray",
+            "_rshape",
+        );
+        let e = err_of(m(
+            map! { "_rtype" => "typedarray", "_rvalue" => Bytes::from(vec![0; 3]), "_rdtype" => "int16" },
+        ));
         assert!(matches!(e, CodecError::TypedArrayLength { len: 3, .. }), "{e}");
-        assert_invalid(err_of(m(map! { "_rtype" => "typedarray", "_rvalue" => "x", "_rdtype" => "int8" })), "typedarray", "_rvalue");
-        assert_invalid(err_of(m(map! { "_rtype" => "memoryview", "_rvalue" => vec![Value::Nil] })), "memoryview", "_rvalue");
+        assert_invalid(
+            err_of(m(map! { "_rtype" => "typedarray", "_rvalue" => "x", "_rdtype" => "int8" })),
+            "typedarray",
+            "_rvalue",
+        );
+        assert_invalid(
+            err_of(m(map! { "_rtype" => "memoryview", "_rvalue" => vec![Value::Nil] })),
+            "memoryview",
+            "_rvalue",
+        );
         assert_missing(err_of(m(map! { "_rtype" => "memoryview" })), "memoryview", "_rvalue");
         assert_invalid(err_of(m(map! { "_rtype" => "set", "_rvalue" => "x" })), "set", "_rvalue");
-        assert_invalid(err_of(m(map! { "_rtype" => "orderedmap", "_rvalue" => vec![Value::from(1)] })), "orderedmap", "_rvalue");
+        assert_invalid(
+            err_of(m(map! { "_rtype" => "orderedmap", "_rvalue" => vec![Value::from(1)] })),
+            "orderedmap",
+            "_rvalue",
+        );
         let short_pair = vec![Value::from(vec![Value::from(1)])];
-        assert_invalid(err_of(m(map! { "_rtype" => "orderedmap", "_rvalue" => short_pair })), "orderedmap", "_rvalue");
+        assert_invalid(
+            err_of(m(map! { "_rtype" => "orderedmap", "_rvalue" => short_pair })),
+            "orderedmap",
+            "_rvalue",
+        );
         // Nested malformed objects fail the whole decode.
         let nested = Value::from(vec![m(map! { "k" => m(map! { "_rtype" => "method" }) })]);
         assert_missing(err_of(nested), "method", "_rtarget");
@@ -1773,7 +1877,10 @@ mod tests {
         // Decoder errors are typed.
         let bad = Value::from(map! { "_rtype" => "point", "x" => 1 });
         let e = decode(bad, &DecodeContext::new(&reg)).unwrap_err();
-        assert!(matches!(&e, CodecError::Custom { codec, message } if codec == "point" && message == "no y"), "{e}");
+        assert!(
+            matches!(&e, CodecError::Custom { codec, message } if codec == "point" && message == "no y"),
+            "{e}"
+        );
         // Same type under a new name replaces the old codec.
         reg.register_encoder("pt2", |p: &Point| Ok::<_, String>(Value::from(map! { "x" => p.x })));
         assert!(!reg.contains("point"));
@@ -1824,18 +1931,24 @@ mod tests {
         let (args, kw) = encode_args(vec![], Some(map! { "config" => Map::new(), "_rkwargs" => true }));
         assert_eq!(args, vec![Value::from(map! { "config" => Map::new() })]);
         assert!(kw);
-        let (pos, kwargs) = split_kwargs(vec![Value::from("prov:demo"), Value::from(map! { "config" => Map::new() })], true).unwrap();
+        let (pos, kwargs) =
+            split_kwargs(vec![Value::from("prov:demo"), Value::from(map! { "config" => Map::new() })], true)
+                .unwrap();
         assert_eq!(pos, vec![Value::from("prov:demo")]);
         assert_eq!(kwargs, Some(map! { "config" => Map::new() }));
         let (pos, kwargs) = split_kwargs(vec![Value::from(map! { "a" => 1 })], false).unwrap();
         assert_eq!((pos.len(), kwargs), (1, None));
         assert!(matches!(split_kwargs(vec![], true), Err(CodecError::KwargsMissing)));
-        assert!(matches!(split_kwargs(vec![Value::from(1)], true), Err(CodecError::KwargsNotAMap { got: "int" })));
+        assert!(matches!(
+            split_kwargs(vec![Value::from(1)], true),
+            Err(CodecError::KwargsNotAMap { got: "int" })
+        ));
     }
 
     #[test]
     fn kwargs_js_style() {
-        let (args, kw) = encode_args(vec![Value::from(map! { "a" => 3, "b" => 4, "_rkwargs" => true })], None);
+        let (args, kw) =
+            encode_args(vec![Value::from(map! { "a" => 3, "b" => 4, "_rkwargs" => true })], None);
         assert_eq!(args, vec![Value::from(map! { "a" => 3, "b" => 4 })]);
         assert!(kw);
         // A false marker is stripped and means nothing.
@@ -1848,7 +1961,10 @@ mod tests {
         assert_eq!(args, vec![marked, Value::from(1)]);
         assert!(!kw);
         // Both styles: merged, explicit kwargs win.
-        let (args, kw) = encode_args(vec![Value::from(map! { "a" => 1, "_rkwargs" => true })], Some(map! { "a" => 2, "c" => 3 }));
+        let (args, kw) = encode_args(
+            vec![Value::from(map! { "a" => 1, "_rkwargs" => true })],
+            Some(map! { "a" => 2, "c" => 3 }),
+        );
         assert_eq!(args, vec![Value::from(map! { "a" => 2, "c" => 3 })]);
         assert!(kw);
         let (pos, kwargs) = split_kwargs(args, kw).unwrap();
@@ -1869,8 +1985,11 @@ mod tests {
         leaf.prop_recursive(4, 48, 6, |inner| {
             prop_oneof![
                 proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::List),
-                proptest::collection::vec(("[_a-z]{0,7}".prop_filter("no _rtype", |k| k != "_rtype"), inner), 0..6)
-                    .prop_map(|kv| Value::Map(kv.into_iter().collect())),
+                proptest::collection::vec(
+                    ("[_a-z]{0,7}".prop_filter("no _rtype", |k| k != "_rtype"), inner),
+                    0..6
+                )
+                .prop_map(|kv| Value::Map(kv.into_iter().collect())),
             ]
         })
     }
@@ -1887,4 +2006,3 @@ mod tests {
         }
     }
 }
-
