@@ -467,6 +467,46 @@ impl ServiceInfo {
         Self::from_json(&value_to_json(value)?)
     }
 
+    /// Builds what a client sends to `register_service` for a local service map (the
+    /// Python client's `_extract_service_info`, spec §7.2): `config.workspace` defaults to
+    /// `workspace`, `id` becomes `"<config.workspace>/<client_id>:<id>"`, `name` defaults to
+    /// the id, `type` to `generic`, and `service_schema` is [`service_schema`] of the map.
+    pub fn from_service(
+        service: &Map,
+        workspace: &str,
+        client_id: &str,
+        app_id: &str,
+    ) -> Result<Self, SchemaError> {
+        let text = |key: &'static str| -> Result<Option<String>, SchemaError> {
+            match service.get(key) {
+                None | Some(Value::Nil) => Ok(None),
+                Some(Value::Str(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(SchemaError::Shape {
+                    what: "service",
+                    message: format!("{key} must be a str, got {}", other.kind()),
+                }),
+            }
+        };
+        let id =
+            text("id")?.ok_or_else(|| SchemaError::Shape { what: "service", message: "no id".into() })?;
+        let mut config = match service.get("config") {
+            None | Some(Value::Nil) => ServiceConfig::default(),
+            Some(c) => ServiceConfig::from_value(c)?,
+        };
+        let ws = config.workspace.get_or_insert_with(|| workspace.to_owned()).clone();
+        let skip_context = config.skip_context_in_schema();
+        Ok(Self {
+            id: format!("{ws}/{client_id}:{id}"),
+            name: text("name")?.unwrap_or_else(|| id.clone()),
+            description: text("description")?,
+            service_type: text("type")?.unwrap_or_else(default_type),
+            docs: text("docs")?,
+            app_id: app_id.to_owned(),
+            service_schema: service_schema(&Value::Map(service.clone()), skip_context),
+            config,
+        })
+    }
+
     /// The service info as JSON.
     pub fn to_json(&self) -> Json {
         serde_json::to_value(self).unwrap_or(Json::Null)
@@ -766,12 +806,13 @@ pub fn service_schema_value(service_tree: &Value, skip_context: bool) -> Value {
     json_to_value(&service_schema(service_tree, skip_context))
 }
 
-/// Removes the keys [`service_schema`] ignores, e.g. to compare a tree's members.
+/// The members of a service map: every key except [`RESERVED_SERVICE_KEYS`].
 pub fn service_members(service: &Map) -> impl Iterator<Item = (&String, &Value)> {
     service.iter().filter(|(k, _)| !RESERVED_SERVICE_KEYS.contains(&k.as_str()))
 }
 
 #[cfg(test)]
+#[allow(clippy::approx_constant)] // 3.14 is the default in the Python reference schema
 mod tests {
     use super::*;
     use crate::value::{Handler, LocalFunction};
@@ -958,6 +999,34 @@ mod tests {
         assert_eq!(compact(&info.to_json()), compact(&json), "same keys, same order");
         let v = info.to_value();
         assert_eq!(ServiceInfo::from_value(&v).unwrap(), info);
+    }
+
+    #[test]
+    fn service_info_from_local_service() {
+        let hello = FunctionSchema {
+            name: "hello".into(),
+            description: Some("Say hello.".into()),
+            parameters: json!({"type": "object", "properties": {"name": {"type": "string", "description": ""}}, "required": ["name"]}),
+        };
+        let mut config = Map::new();
+        config.insert("visibility".into(), Value::from("public"));
+        let mut svc = Map::new();
+        svc.insert("id".into(), Value::from("hello-world"));
+        svc.insert("config".into(), Value::Map(config));
+        svc.insert("name".into(), Value::from("Hello World"));
+        svc.insert("description".into(), Value::from("hello-world example"));
+        svc.insert("hello".into(), local_fn(Some(&hello), None));
+        let info = ServiceInfo::from_service(
+            &svc,
+            "ws-user-anonymouz-nebula-glitter-85750293",
+            "9gpn8x3RZqbkKtsfjP6GEy",
+            "*",
+        )
+        .unwrap();
+        // Byte-for-byte what the Python client sent in the trace.
+        assert_eq!(compact(&info.to_json()), py(HELLO_INFO));
+        svc.shift_remove("id");
+        assert!(ServiceInfo::from_service(&svc, "w", "c", "*").is_err());
     }
 
     #[test]
