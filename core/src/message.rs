@@ -1,1 +1,717 @@
-//! SCAFFOLD: module message (being written).
+//! Typed views of the package envelope (spec §1.5, §2.2-2.5, §4.2-4.5).
+//!
+//! A package is `main` (routing) plus an optional `extra` (payload). This module gives:
+//!
+//! * [`MainSegment`]: the routing fields, parsed from and written back to a [`Map`] in the
+//!   key order upstream emits (`type, from, to, method, session, parent, ws, user`, then
+//!   anything else);
+//! * [`Promise`]: the `promise` of the extra segment in its two forms, compact (`"*"` +
+//!   `t`) and explicit, and the callee's expansion of the compact form;
+//! * small readers for the other extra keys ([`args`], [`with_kwargs`], [`is_encrypted`]);
+//! * the target rules shared by server and client ([`normalize_target`],
+//!   [`CallAddresses::resolve`]) and the receive context ([`build_ctx`]).
+//!
+//! Everything here works on wire-form values; decoding descriptors into functions is the
+//! codec's job.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::ids::WILDCARD;
+use crate::value::{Map, Value};
+
+/// `type` of an RPC call: the only RPC message type.
+pub const METHOD: &str = "method";
+/// Broadcast by the server when a client leaves (spec §4.10).
+pub const CLIENT_DISCONNECTED: &str = "client_disconnected";
+/// Server-to-client rejection of a session (handled, never sent by current servers).
+pub const PEER_NOT_FOUND: &str = "peer_not_found";
+/// Server-to-client order to disconnect, honoured only from the manager.
+pub const FORCE_EXIT: &str = "force-exit";
+/// Local-only event fired when an event handler fails.
+pub const ERROR_EVENT: &str = "error";
+/// `connection_type` of the websocket transport, added to every `ctx`.
+pub const CONNECTION_TYPE_WEBSOCKET: &str = "websocket";
+/// `connection_type` of the HTTP streaming transport.
+pub const CONNECTION_TYPE_HTTP: &str = "http_streaming";
+/// `connection_type` of WebRTC data channels.
+pub const CONNECTION_TYPE_WEBRTC: &str = "webrtc";
+
+/// The workspace events a client may subscribe to (spec §2.4), besides custom events of
+/// its own workspace.
+pub const WORKSPACE_EVENTS: [&str; 12] = [
+    "service_added",
+    "service_removed",
+    "service_updated",
+    "client_connected",
+    "client_disconnected",
+    "client_updated",
+    "workspace_loaded",
+    "workspace_deleted",
+    "workspace_changed",
+    "workspace_ready",
+    "workspace_unloaded",
+    "workspace_status_changed",
+];
+
+/// Errors reading an envelope. The data comes from the network, so every shape problem is
+/// an error value, never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// The main segment has no `type`.
+    #[error("message has no type")]
+    MissingType,
+    /// A routing field has the wrong type.
+    #[error("message field {key:?} must be a {expected}, got {got}")]
+    WrongType {
+        /// The key.
+        key: &'static str,
+        /// The expected kind.
+        expected: &'static str,
+        /// The kind received ([`Value::kind`]).
+        got: &'static str,
+    },
+    /// A field required for this step is missing (Python raises `KeyError` there).
+    #[error("message has no {0:?}")]
+    Missing(&'static str),
+    /// `from` is not an absolute id `"ws/cid"`.
+    #[error("invalid sender id {0:?}: expected \"<workspace>/<client_id>\"")]
+    BadFrom(String),
+    /// The call's target is in another workspace than the configured local one (the
+    /// Python client's assertion text).
+    #[error("Workspace mismatch: {target} != {local}")]
+    WorkspaceMismatch {
+        /// Workspace of the (absolute) `to`.
+        target: String,
+        /// The local workspace.
+        local: String,
+    },
+    /// `promise` is neither `"*"` nor a map.
+    #[error("promise must be \"*\" or a map, got {0}")]
+    BadPromise(&'static str),
+    /// An explicit promise lacks `resolve` or `reject` (Python: `KeyError`).
+    #[error("promise has no {0:?}")]
+    MissingPromiseKey(&'static str),
+    /// A heartbeat interval that is not a finite, non-negative number of seconds.
+    #[error("invalid heartbeat interval {0}")]
+    BadInterval(String),
+}
+
+fn opt_str(map: &mut Map, key: &'static str) -> Result<Option<String>, MessageError> {
+    match map.shift_remove(key) {
+        None | Some(Value::Nil) => Ok(None),
+        Some(Value::Str(s)) => Ok(Some(s)),
+        Some(other) => Err(MessageError::WrongType { key, expected: "str", got: other.kind() }),
+    }
+}
+
+/// The main segment (spec §2.2). `ws`, `user` and even `from` are optional: the server's
+/// synthetic reject has no `ws`/`user`, and its events have no `from`. A `nil` in any of
+/// these fields reads as absent (JS may send `undefined` as nil).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MainSegment {
+    /// `type`: [`METHOD`] for calls, else an event name.
+    pub kind: String,
+    /// Absolute caller id (stamped by the server).
+    pub from: Option<String>,
+    /// Target id (normalized by the server).
+    pub to: Option<String>,
+    /// Method path in the target's object store.
+    pub method: Option<String>,
+    /// The caller's session, present only when a result is expected.
+    pub session: Option<String>,
+    /// The callee-side session the called descriptor was received in (§4.7).
+    pub parent: Option<String>,
+    /// Caller's workspace (server only).
+    pub ws: Option<String>,
+    /// Caller's user info (server only).
+    pub user: Option<Value>,
+    /// Every other key, in received order (event payloads such as `data`, `peer_id`...).
+    pub rest: Map,
+}
+
+impl MainSegment {
+    /// A `method` call from `from` to `to`.
+    pub fn call(from: impl Into<String>, to: impl Into<String>, method: impl Into<String>) -> Self {
+        Self {
+            kind: METHOD.into(),
+            from: Some(from.into()),
+            to: Some(to.into()),
+            method: Some(method.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Reads a decoded main segment. Fails if `type` is missing or a routing field has the
+    /// wrong type; unknown keys go to [`MainSegment::rest`].
+    pub fn from_map(mut map: Map) -> Result<Self, MessageError> {
+        let kind = opt_str(&mut map, "type")?.ok_or(MessageError::MissingType)?;
+        let from = opt_str(&mut map, "from")?;
+        let to = opt_str(&mut map, "to")?;
+        let method = opt_str(&mut map, "method")?;
+        let session = opt_str(&mut map, "session")?;
+        let parent = opt_str(&mut map, "parent")?;
+        let ws = opt_str(&mut map, "ws")?;
+        let user = map.shift_remove("user").filter(|u| !matches!(u, Value::Nil));
+        Ok(Self { kind, from, to, method, session, parent, ws, user, rest: map })
+    }
+
+    /// Writes the segment back, in upstream's key order.
+    pub fn into_map(self) -> Map {
+        let mut m = Map::with_capacity(8 + self.rest.len());
+        m.insert("type".into(), Value::Str(self.kind));
+        let fields = [
+            ("from", self.from),
+            ("to", self.to),
+            ("method", self.method),
+            ("session", self.session),
+            ("parent", self.parent),
+            ("ws", self.ws),
+        ];
+        for (k, v) in fields {
+            if let Some(v) = v {
+                m.insert(k.into(), Value::Str(v));
+            }
+        }
+        if let Some(user) = self.user {
+            m.insert("user".into(), user);
+        }
+        m.extend(self.rest);
+        m
+    }
+
+    /// The server's stamping of a client's package (spec §1.5 step 2-3): `to` normalized
+    /// against the sender's workspace, `from`, `ws` and `user` overwritten. Returns `false`
+    /// (and changes nothing) when the package has no `to`: there is nowhere to route it.
+    pub fn stamp(&mut self, sender_ws: &str, sender_client: &str, ws: &str, user: Value) -> bool {
+        let Some(to) = &self.to else { return false };
+        self.to = Some(normalize_target(to, sender_ws));
+        self.from = Some(format!("{sender_ws}/{sender_client}"));
+        self.ws = Some(ws.to_owned());
+        self.user = Some(user);
+        true
+    }
+}
+
+/// The server's `to` normalization (spec §1.5 step 2): `"*"` becomes `"<ws>/*"` (workspace
+/// broadcast), a bare id becomes `"<ws>/<id>"`, and anything with a `/` (including the
+/// manager's `"*/<id>"`) is kept.
+pub fn normalize_target(to: &str, sender_ws: &str) -> String {
+    if to.contains('/') {
+        to.to_owned()
+    } else {
+        format!("{sender_ws}/{to}")
+    }
+}
+
+/// True for a workspace broadcast target (`"*"` or `"<ws>/*"`).
+pub fn is_broadcast(to: &str) -> bool {
+    to == WILDCARD || to.rsplit_once('/').is_some_and(|(_, c)| c == WILDCARD)
+}
+
+/// The callee's absolute addresses of an incoming call (spec §4.5 step 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallAddresses {
+    /// Caller's workspace (`*` for the manager).
+    pub remote_ws: String,
+    /// Caller's client id.
+    pub remote_client: String,
+    /// The absolute `to` (also what `ctx.to` must be set to).
+    pub to: String,
+    /// The workspace the call is handled in: the configured local workspace, or `to`'s.
+    pub local_ws: String,
+}
+
+impl CallAddresses {
+    /// Applies the rule: split `from` at its first `/`; prefix a relative `to` with the
+    /// caller's workspace; if a local workspace is configured and is not `*`, `to` must be
+    /// in it (the Python client's "Workspace mismatch" assertion).
+    pub fn resolve(from: &str, to: &str, local_ws: Option<&str>) -> Result<Self, MessageError> {
+        let (remote_ws, remote_client) =
+            from.split_once('/').ok_or_else(|| MessageError::BadFrom(from.into()))?;
+        let to = normalize_target(to, remote_ws);
+        let target_ws = to.split_once('/').map_or(to.as_str(), |(w, _)| w);
+        let local_ws = match local_ws {
+            None => target_ws.to_owned(),
+            Some(local) => {
+                if !local.is_empty() && local != WILDCARD && target_ws != local {
+                    return Err(MessageError::WorkspaceMismatch {
+                        target: target_ws.to_owned(),
+                        local: local.to_owned(),
+                    });
+                }
+                local.to_owned()
+            }
+        };
+        Ok(Self { remote_ws: remote_ws.into(), remote_client: remote_client.into(), to, local_ws })
+    }
+}
+
+/// The receive context (spec §2.5): a shallow copy of the main segment, taken **before**
+/// the extra segment is merged, plus `connection_type` (one of the `CONNECTION_TYPE_*`
+/// constants). The callee later sets `ctx.to` to the absolute target and, after a
+/// decryption, `encryption`/`caller_public_key`. Never sent.
+pub fn build_ctx(main: &Map, connection_type: &str) -> Map {
+    let mut ctx = main.clone();
+    ctx.insert("connection_type".into(), Value::from(connection_type));
+    ctx
+}
+
+/// Merges `extra` into `main`, extra keys winning (spec §2.1).
+pub fn merge_extra(main: &mut Map, extra: Map) {
+    main.extend(extra);
+}
+
+// ----------------------------------------------------------------------------------------
+// Extra segment
+// ----------------------------------------------------------------------------------------
+
+/// The encoded positional arguments: empty when absent or nil (Python sends no `args` for
+/// an empty list).
+pub fn args(extra: &Map) -> Result<&[Value], MessageError> {
+    match extra.get("args") {
+        None | Some(Value::Nil) => Ok(&[]),
+        Some(Value::List(l)) => Ok(l),
+        Some(other) => Err(MessageError::WrongType { key: "args", expected: "list", got: other.kind() }),
+    }
+}
+
+/// Whether the last argument is the keyword-argument map (Python truthiness of
+/// `with_kwargs`).
+pub fn with_kwargs(extra: &Map) -> bool {
+    match extra.get("with_kwargs") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Int(i)) => *i != 0,
+        _ => false,
+    }
+}
+
+/// Whether the payload is the encryption envelope (`_enc` + `data`, spec §8) instead of
+/// `args`/`promise`.
+pub fn is_encrypted(extra: &Map) -> bool {
+    extra.contains_key("_enc")
+}
+
+/// The extra segment of an outgoing call, as the Python client writes it: `args` (left
+/// out when empty), `with_kwargs` when `kwargs` is given (appended as the last argument),
+/// then the promise keys. An empty result means "send no extra segment".
+pub fn call_extra(mut args: Vec<Value>, kwargs: Option<Map>, promise: Option<Promise>) -> Map {
+    let mut extra = Map::new();
+    let has_kwargs = kwargs.is_some();
+    if let Some(kw) = kwargs {
+        args.push(Value::Map(kw));
+    }
+    if !args.is_empty() {
+        extra.insert("args".into(), Value::List(args));
+    }
+    if has_kwargs {
+        extra.insert("with_kwargs".into(), Value::Bool(true));
+    }
+    if let Some(p) = promise {
+        p.write_into(&mut extra);
+    }
+    extra
+}
+
+fn interval_from(v: &Value) -> Result<Duration, MessageError> {
+    let secs = v.as_f64().ok_or(MessageError::WrongType { key: "t", expected: "number", got: v.kind() })?;
+    Duration::try_from_secs_f64(secs).map_err(|_| MessageError::BadInterval(secs.to_string()))
+}
+
+/// The `promise` of a call's extra segment (spec §4.3).
+///
+/// One exists per call and lives only while the call is dispatched, so the size gap between
+/// the variants is not worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Promise {
+    /// `"promise": "*"` with `"t"`: the callee builds the callbacks from `from` and
+    /// `session` ([`expand_compact`]).
+    Compact {
+        /// `t`: the heartbeat interval (half the caller's timeout).
+        interval: Duration,
+    },
+    /// An explicit promise map. The descriptors are kept as received (wire-form
+    /// `_rtype: "method"` maps, or already-decoded functions): the codec decodes them with
+    /// the call's `remote_parent`.
+    Explicit {
+        /// Called with the result.
+        resolve: Value,
+        /// Called with an error value.
+        reject: Value,
+        /// Called periodically while the method runs, if present.
+        heartbeat: Option<Value>,
+        /// The heartbeat period, if present.
+        interval: Option<Duration>,
+    },
+}
+
+impl Promise {
+    /// Reads the promise of a (merged or extra) map; `Ok(None)` for a fire-and-forget call.
+    ///
+    /// Accepts `t` and `interval` as int (JS) or float (Python). A compact promise without
+    /// `t` is an error, as the Python callee raises `KeyError` then.
+    pub fn from_extra(extra: &Map) -> Result<Option<Self>, MessageError> {
+        let Some(p) = extra.get("promise") else { return Ok(None) };
+        match p {
+            Value::Str(s) if s == "*" => {
+                let t = extra.get("t").ok_or(MessageError::Missing("t"))?;
+                Ok(Some(Promise::Compact { interval: interval_from(t)? }))
+            }
+            Value::Map(m) => {
+                let resolve = m.get("resolve").cloned().ok_or(MessageError::MissingPromiseKey("resolve"))?;
+                let reject = m.get("reject").cloned().ok_or(MessageError::MissingPromiseKey("reject"))?;
+                let interval =
+                    m.get("interval").filter(|v| !matches!(v, Value::Nil)).map(interval_from).transpose()?;
+                Ok(Some(Promise::Explicit {
+                    resolve,
+                    reject,
+                    heartbeat: m.get("heartbeat").cloned(),
+                    interval,
+                }))
+            }
+            other => Err(MessageError::BadPromise(other.kind())),
+        }
+    }
+
+    /// The heartbeat interval, when the callee should heartbeat (explicit promises need
+    /// both `heartbeat` and `interval`).
+    pub fn heartbeat_interval(&self) -> Option<Duration> {
+        match self {
+            Promise::Compact { interval } => Some(*interval),
+            Promise::Explicit { heartbeat: Some(_), interval, .. } => *interval,
+            Promise::Explicit { .. } => None,
+        }
+    }
+
+    /// Writes the promise into an outgoing extra segment. Intervals go out as floats
+    /// (`15.0`), as the Python client sends them; explicit keys in its order
+    /// (`heartbeat, interval, resolve, reject`).
+    pub fn write_into(self, extra: &mut Map) {
+        match self {
+            Promise::Compact { interval } => {
+                extra.insert("promise".into(), Value::from("*"));
+                extra.insert("t".into(), Value::F64(interval.as_secs_f64()));
+            }
+            Promise::Explicit { resolve, reject, heartbeat, interval } => {
+                let mut m = Map::new();
+                if let Some(h) = heartbeat {
+                    m.insert("heartbeat".into(), h);
+                }
+                if let Some(i) = interval {
+                    m.insert("interval".into(), Value::F64(i.as_secs_f64()));
+                }
+                m.insert("resolve".into(), resolve);
+                m.insert("reject".into(), reject);
+                extra.insert("promise".into(), Value::Map(m));
+            }
+        }
+    }
+}
+
+/// A fire-and-forget callback descriptor (`_rpromise: false`) that the caller puts in an
+/// explicit promise: `{_rtype: "method", _rtarget, _rmethod: "<session>.<name>",
+/// _rpromise: false}`, `target` being the caller's bare client id or `"ws/cid"`.
+pub fn callback_descriptor(target: &str, session: &str, name: &str) -> Value {
+    let mut m = Map::new();
+    m.insert("_rtype".into(), Value::from("method"));
+    m.insert("_rtarget".into(), Value::from(target));
+    m.insert("_rmethod".into(), Value::from(format!("{session}.{name}")));
+    m.insert("_rpromise".into(), Value::Bool(false));
+    Value::Map(m)
+}
+
+/// The callee's expansion of a compact promise (spec §4.3): three wire-form descriptors
+/// without `_rpromise` (so fire-and-forget), `_rtarget` = the part of `from` after `/`,
+/// `_rmethod = "<session>.heartbeat|resolve|reject"`, the Python client's `_rdoc`, and
+/// `_renc_pub` when the request was encrypted. The codec then decodes them against the
+/// caller's workspace, which makes the target absolute again.
+pub fn expand_compact(
+    from: &str,
+    session: &str,
+    method: &str,
+    interval: Duration,
+    caller_public_key: Option<&Bytes>,
+) -> Result<Promise, MessageError> {
+    let (_, target) = from.split_once('/').ok_or_else(|| MessageError::BadFrom(from.into()))?;
+    let make = |name: &str| {
+        let mut m = Map::new();
+        m.insert("_rtype".into(), Value::from("method"));
+        m.insert("_rtarget".into(), Value::from(target));
+        m.insert("_rmethod".into(), Value::from(format!("{session}.{name}")));
+        m.insert("_rdoc".into(), Value::from(format!("{name} callback for method: {method}")));
+        if let Some(k) = caller_public_key {
+            m.insert("_renc_pub".into(), Value::Bytes(k.clone()));
+        }
+        Value::Map(m)
+    };
+    Ok(Promise::Explicit {
+        resolve: make("resolve"),
+        reject: make("reject"),
+        heartbeat: Some(make("heartbeat")),
+        interval: Some(interval),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::json_to_value;
+
+    fn map(json: &str) -> Map {
+        match json_to_value(&serde_json::from_str(json).unwrap()) {
+            Value::Map(m) => m,
+            other => panic!("not a map: {other:?}"),
+        }
+    }
+
+    fn keys(m: &Map) -> Vec<&str> {
+        m.keys().map(String::as_str).collect()
+    }
+
+    // Main segments from /work/shared/interop/traces/hello.txt and the spec (§1.5, §2.4).
+    const CLIENT_CALL: &str = r#"{"type": "method", "from": "ws-user-anonymouz-nebula-glitter-85750293/9gpn8x3RZqbkKtsfjP6GEy",
+        "to": "*/manager-sponge-paradox-94220614", "method": "services.built-in.get_service", "session": "5arn3u3Uzc3HCcB3XNWiqv"}"#;
+    const SERVER_STAMPED: &str = r#"{"type": "method", "from": "*/manager-sponge-paradox-94220614",
+        "to": "ws-user-anonymouz-nebula-glitter-85750293/9gpn8x3RZqbkKtsfjP6GEy", "method": "5arn3u3Uzc3HCcB3XNWiqv.resolve",
+        "parent": "5arn3u3Uzc3HCcB3XNWiqv", "ws": "ws-user-anonymouz-nebula-glitter-85750293",
+        "user": {"id": "root", "roles": ["admin"], "is_anonymous": false, "email": null}}"#;
+    const SYNTHETIC_REJECT: &str =
+        r#"{"type":"method","from":"ws/third","to":"ws/cons2","method":"S.reject"}"#;
+    const DISCONNECTED: &str =
+        r#"{"type":"client_disconnected","to":"*","data":{"id":"third","workspace":"ws-x"}}"#;
+
+    #[test]
+    fn main_segments_round_trip_in_order() {
+        for text in [CLIENT_CALL, SERVER_STAMPED, SYNTHETIC_REJECT, DISCONNECTED] {
+            let m = map(text);
+            let seg = MainSegment::from_map(m.clone()).unwrap();
+            let back = seg.into_map();
+            assert_eq!(keys(&back), keys(&m), "{text}");
+            assert_eq!(back, m);
+        }
+        let s = MainSegment::from_map(map(SERVER_STAMPED)).unwrap();
+        assert_eq!(s.kind, METHOD);
+        assert_eq!(s.parent.as_deref(), Some("5arn3u3Uzc3HCcB3XNWiqv"));
+        assert_eq!(s.session, None);
+        assert!(s.user.as_ref().and_then(Value::as_map).is_some());
+        let r = MainSegment::from_map(map(SYNTHETIC_REJECT)).unwrap();
+        assert_eq!((r.ws, r.user), (None, None));
+        let d = MainSegment::from_map(map(DISCONNECTED)).unwrap();
+        assert_eq!(d.kind, CLIENT_DISCONNECTED);
+        assert_eq!(d.from, None);
+        assert_eq!(keys(&d.rest), ["data"]);
+    }
+
+    #[test]
+    fn main_segment_order_is_canonical() {
+        // Keys out of order on input come out in upstream's order, extras last.
+        let m = map(
+            r#"{"x": 1, "session": "s", "method": "m", "type": "method", "to": "t", "parent": "p", "from": "f"}"#,
+        );
+        let out = MainSegment::from_map(m).unwrap().into_map();
+        assert_eq!(keys(&out), ["type", "from", "to", "method", "session", "parent", "x"]);
+        let call = MainSegment::call("ws/a", "ws/b", "services.x.f").into_map();
+        assert_eq!(keys(&call), ["type", "from", "to", "method"]);
+    }
+
+    #[test]
+    fn main_segment_errors() {
+        assert_eq!(MainSegment::from_map(map(r#"{"to": "x"}"#)), Err(MessageError::MissingType));
+        assert_eq!(
+            MainSegment::from_map(map(r#"{"type": 1}"#)),
+            Err(MessageError::WrongType { key: "type", expected: "str", got: "int" })
+        );
+        assert_eq!(
+            MainSegment::from_map(map(r#"{"type": "method", "session": ["x"]}"#)),
+            Err(MessageError::WrongType { key: "session", expected: "str", got: "list" })
+        );
+        // nil reads as absent
+        let s = MainSegment::from_map(map(r#"{"type": "method", "parent": null, "user": null}"#)).unwrap();
+        assert_eq!((s.parent, s.user), (None, None));
+    }
+
+    #[test]
+    fn server_stamping() {
+        let mut s =
+            MainSegment::from_map(map(r#"{"type": "method", "to": "prov", "method": "services.demo.add"}"#))
+                .unwrap();
+        assert!(s.stamp("ws", "cons", "ws", Value::Map(Map::new())));
+        let out = s.into_map();
+        assert_eq!(keys(&out), ["type", "from", "to", "method", "ws", "user"]);
+        assert_eq!(out["from"], Value::from("ws/cons"));
+        assert_eq!(out["to"], Value::from("ws/prov"));
+        let mut no_to = MainSegment { kind: "method".into(), ..Default::default() };
+        assert!(!no_to.stamp("ws", "c", "ws", Value::Nil));
+        assert_eq!(no_to.from, None);
+    }
+
+    #[test]
+    fn target_normalization() {
+        assert_eq!(normalize_target("*", "ws"), "ws/*");
+        assert_eq!(normalize_target("prov", "ws"), "ws/prov");
+        assert_eq!(normalize_target("*/manager-x", "ws"), "*/manager-x");
+        assert_eq!(normalize_target("other/prov", "ws"), "other/prov");
+        assert!(is_broadcast("*") && is_broadcast("ws/*"));
+        assert!(!is_broadcast("*/manager-x") && !is_broadcast("ws/prov"));
+    }
+
+    #[test]
+    fn callee_absolute_ids() {
+        let a = CallAddresses::resolve("ws/cons", "prov", None).unwrap();
+        assert_eq!(
+            a,
+            CallAddresses {
+                remote_ws: "ws".into(),
+                remote_client: "cons".into(),
+                to: "ws/prov".into(),
+                local_ws: "ws".into()
+            }
+        );
+        let m = CallAddresses::resolve("*/manager-x", "ws/prov", Some("ws")).unwrap();
+        assert_eq!((m.remote_ws.as_str(), m.remote_client.as_str()), ("*", "manager-x"));
+        assert_eq!(CallAddresses::resolve("ws/c", "other/p", Some("*")).unwrap().local_ws, "*");
+        let err = CallAddresses::resolve("ws/c", "other/p", Some("ws")).unwrap_err();
+        assert_eq!(err.to_string(), "Workspace mismatch: other != ws");
+        assert_eq!(CallAddresses::resolve("nows", "p", None), Err(MessageError::BadFrom("nows".into())));
+    }
+
+    #[test]
+    fn ctx_is_main_plus_connection_type() {
+        let main = map(SERVER_STAMPED);
+        let ctx = build_ctx(&main, CONNECTION_TYPE_WEBSOCKET);
+        assert_eq!(keys(&ctx), ["type", "from", "to", "method", "parent", "ws", "user", "connection_type"]);
+        assert_eq!(ctx["connection_type"], Value::from("websocket"));
+        let mut merged = main.clone();
+        merge_extra(&mut merged, map(r#"{"args": [1], "to": "override"}"#));
+        assert_eq!(merged["to"], Value::from("override"));
+        assert_eq!(merged["args"], Value::List(vec![Value::Int(1)]));
+    }
+
+    #[test]
+    fn extra_readers() {
+        let e = map(r#"{"args": [1, {"b": 5}], "with_kwargs": true, "promise": "*", "t": 15.0}"#);
+        assert_eq!(args(&e).unwrap().len(), 2);
+        assert!(with_kwargs(&e));
+        assert!(!is_encrypted(&e));
+        assert!(args(&Map::new()).unwrap().is_empty());
+        assert!(!with_kwargs(&Map::new()));
+        assert!(args(&map(r#"{"args": null}"#)).unwrap().is_empty());
+        assert!(args(&map(r#"{"args": "x"}"#)).is_err());
+        assert!(is_encrypted(&map(r#"{"_enc": {"v": 2}, "data": "x"}"#)));
+    }
+
+    #[test]
+    fn call_extra_matches_python() {
+        let mut kw = Map::new();
+        kw.insert("b".into(), Value::Int(5));
+        let p = Promise::Compact { interval: Duration::from_secs(15) };
+        let e = call_extra(vec![Value::Int(1)], Some(kw), Some(p));
+        // spec §2.6, VERIFIED: {"args":[1,{"b":5}],"with_kwargs":true,"promise":"*","t":15.0}
+        assert_eq!(e, map(r#"{"args": [1, {"b": 5}], "with_kwargs": true, "promise": "*", "t": 15.0}"#));
+        assert_eq!(keys(&e), ["args", "with_kwargs", "promise", "t"]);
+        assert_eq!(e["t"], Value::F64(15.0), "PY sends t as a float");
+        assert!(call_extra(vec![], None, None).is_empty(), "PY omits empty args");
+    }
+
+    #[test]
+    fn compact_promise_py_and_js() {
+        let py = Promise::from_extra(&map(r#"{"promise": "*", "t": 15.0}"#)).unwrap();
+        let js = Promise::from_extra(&map(r#"{"args": ["raw-hello"], "promise": "*", "t": 15}"#)).unwrap();
+        assert_eq!(py, Some(Promise::Compact { interval: Duration::from_secs(15) }));
+        assert_eq!(js, py);
+        assert_eq!(py.unwrap().heartbeat_interval(), Some(Duration::from_secs(15)));
+        let half = Promise::from_extra(&map(r#"{"promise": "*", "t": 2.5}"#)).unwrap().unwrap();
+        assert_eq!(half.heartbeat_interval(), Some(Duration::from_millis(2500)));
+        assert_eq!(Promise::from_extra(&map(r#"{"args": []}"#)), Ok(None));
+    }
+
+    #[test]
+    fn promise_errors() {
+        assert_eq!(Promise::from_extra(&map(r#"{"promise": "*"}"#)), Err(MessageError::Missing("t")));
+        assert_eq!(Promise::from_extra(&map(r#"{"promise": true}"#)), Err(MessageError::BadPromise("bool")));
+        assert_eq!(Promise::from_extra(&map(r#"{"promise": "x"}"#)), Err(MessageError::BadPromise("str")));
+        assert!(matches!(
+            Promise::from_extra(&map(r#"{"promise": "*", "t": "15"}"#)),
+            Err(MessageError::WrongType { key: "t", .. })
+        ));
+        assert!(matches!(
+            Promise::from_extra(&map(r#"{"promise": "*", "t": -1}"#)),
+            Err(MessageError::BadInterval(_))
+        ));
+        assert_eq!(
+            Promise::from_extra(&map(r#"{"promise": {"reject": 1}}"#)),
+            Err(MessageError::MissingPromiseKey("resolve"))
+        );
+        assert_eq!(
+            Promise::from_extra(&map(r#"{"promise": {"resolve": 1}}"#)),
+            Err(MessageError::MissingPromiseKey("reject"))
+        );
+    }
+
+    /// The explicit promise of hello.txt (449.7 ms), as the Python client sends it.
+    const EXPLICIT: &str = r#"{"args": ["default"], "promise": {
+        "heartbeat": {"_rtype": "method", "_rtarget": "9gpn8x3RZqbkKtsfjP6GEy", "_rmethod": "5arn3u3Uzc3HCcB3XNWiqv.heartbeat", "_rpromise": false},
+        "interval": 15.0,
+        "resolve": {"_rtype": "method", "_rtarget": "9gpn8x3RZqbkKtsfjP6GEy", "_rmethod": "5arn3u3Uzc3HCcB3XNWiqv.resolve", "_rpromise": false},
+        "reject": {"_rtype": "method", "_rtarget": "9gpn8x3RZqbkKtsfjP6GEy", "_rmethod": "5arn3u3Uzc3HCcB3XNWiqv.reject", "_rpromise": false}}}"#;
+
+    #[test]
+    fn explicit_promise_round_trip() {
+        let extra = map(EXPLICIT);
+        let p = Promise::from_extra(&extra).unwrap().unwrap();
+        assert_eq!(p.heartbeat_interval(), Some(Duration::from_secs(15)));
+        let Promise::Explicit { resolve, .. } = &p else { panic!("explicit expected") };
+        assert_eq!(
+            resolve,
+            &callback_descriptor("9gpn8x3RZqbkKtsfjP6GEy", "5arn3u3Uzc3HCcB3XNWiqv", "resolve")
+        );
+        let mut out = Map::new();
+        out.insert("args".into(), Value::List(vec![Value::from("default")]));
+        p.write_into(&mut out);
+        assert_eq!(out, extra);
+        assert_eq!(keys(out["promise"].as_map().unwrap()), ["heartbeat", "interval", "resolve", "reject"]);
+        // Without heartbeat, no heartbeat loop even with an interval.
+        let p =
+            Promise::from_extra(&map(r#"{"promise": {"resolve": 1, "reject": 2, "interval": 3}}"#)).unwrap();
+        assert_eq!(p.unwrap().heartbeat_interval(), None);
+    }
+
+    #[test]
+    fn compact_expansion_shape() {
+        let key = Bytes::from_static(&[7; 32]);
+        let p = expand_compact("ws/cons", "S1", "services.demo.add", Duration::from_secs(15), Some(&key))
+            .unwrap();
+        let Promise::Explicit { resolve, reject, heartbeat, interval } = p else {
+            panic!("explicit expected")
+        };
+        assert_eq!(interval, Some(Duration::from_secs(15)));
+        let hb = heartbeat.unwrap();
+        let hb = hb.as_map().unwrap();
+        assert_eq!(keys(hb), ["_rtype", "_rtarget", "_rmethod", "_rdoc", "_renc_pub"]);
+        assert_eq!(hb["_rtarget"], Value::from("cons"));
+        assert_eq!(hb["_rmethod"], Value::from("S1.heartbeat"));
+        assert_eq!(hb["_rdoc"], Value::from("heartbeat callback for method: services.demo.add"));
+        assert_eq!(hb["_renc_pub"], Value::Bytes(key));
+        assert!(!hb.contains_key("_rpromise"), "fire-and-forget");
+        assert_eq!(resolve.as_map().unwrap()["_rmethod"], Value::from("S1.resolve"));
+        assert_eq!(reject.as_map().unwrap()["_rmethod"], Value::from("S1.reject"));
+        // Without encryption there is no key; a manager caller keeps its bare id.
+        let p = expand_compact("*/manager-x", "S", "m", Duration::from_secs(1), None).unwrap();
+        let Promise::Explicit { resolve, .. } = p else { panic!("explicit expected") };
+        assert_eq!(keys(resolve.as_map().unwrap()), ["_rtype", "_rtarget", "_rmethod", "_rdoc"]);
+        assert_eq!(resolve.as_map().unwrap()["_rtarget"], Value::from("manager-x"));
+        assert_eq!(
+            expand_compact("nows", "S", "m", Duration::ZERO, None),
+            Err(MessageError::BadFrom("nows".into()))
+        );
+    }
+
+    #[test]
+    fn event_names() {
+        assert!(WORKSPACE_EVENTS.contains(&CLIENT_DISCONNECTED));
+        assert_eq!(FORCE_EXIT, "force-exit");
+        assert_eq!(PEER_NOT_FOUND, "peer_not_found");
+    }
+}
