@@ -16,12 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bytes::Bytes;
-use hypha_core::codec::{self, CodecRegistry, DecodeContext, EncodeContext, ObjectSink, StoredFunction};
+use hypha_core::codec::{self, CodecError, CodecRegistry, DecodeContext, EncodeContext, ObjectSink, StoredFunction};
 use hypha_core::msgpack::DecodeLimits;
 use hypha_core::package::{decode_package, encode_package};
-use hypha_core::{
-    CodecError, DType, Function, Generator, LocalFunction, LocalGenerator, Map, PromiseMode, RemoteMethod, Value,
-};
+use hypha_core::{DType, Function, Generator, LocalFunction, LocalGenerator, Map, PromiseMode, RemoteMethod, Value};
 use serde_json::Value as Json;
 
 fn golden_dir() -> PathBuf {
@@ -42,16 +40,15 @@ struct Cell {
 
 fn registry() -> CodecRegistry {
     let mut reg = CodecRegistry::new();
-    reg.register::<Cell, _, _>(
+    reg.register(
         "cell",
-        |c: &Cell| Ok(Value::Map(hypha_core::map! { "value" => c.value.clone(), "label" => c.label.clone() })),
+        |c: &Cell| Ok::<_, String>(Value::Map(hypha_core::map! { "value" => c.value.clone(), "label" => c.label.clone() })),
         Some(|mut m: Map| {
             let value = m.shift_remove("value").unwrap_or_default();
-            let label = match m.shift_remove("label") {
-                Some(Value::Str(s)) => s,
-                other => return Err(CodecError::custom(format!("cell.label must be a str, got {other:?}"))),
-            };
-            Ok(Cell { value, label })
+            match m.shift_remove("label") {
+                Some(Value::Str(label)) => Ok(Cell { value, label }),
+                other => Err(format!("cell.label must be a str, got {other:?}")),
+            }
         }),
     );
     reg
@@ -333,9 +330,11 @@ impl Matcher<'_> {
 
 fn decode_context<'a>(fixture: &'a Json, reg: &'a CodecRegistry) -> DecodeContext<'a> {
     let d = &fixture["decode"];
-    DecodeContext::new(reg)
-        .remote_workspace(d["remote_workspace"].as_str())
-        .remote_parent(d["remote_parent"].as_str())
+    DecodeContext {
+        remote_workspace: d["remote_workspace"].as_str(),
+        remote_parent: d["remote_parent"].as_str(),
+        ..DecodeContext::new(reg)
+    }
 }
 
 /// Decodes one fixture's extra segment value by value (as the receiving RPC does).
@@ -352,6 +351,7 @@ fn golden_packages_decode_to_the_manifest_and_back_through_python() {
     std::fs::create_dir_all(&out_dir).expect("temp dir");
     let mut failures = Vec::new();
     let fixtures = manifest["fixtures"].as_array().expect("fixtures");
+    let server_url = manifest["server_base_url"].as_str();
     assert!(fixtures.len() >= 60, "expected the full fixture set, got {}", fixtures.len());
 
     for fx in fixtures {
@@ -378,7 +378,10 @@ fn golden_packages_decode_to_the_manifest_and_back_through_python() {
         // Re-encode with hypha-core for the Python check.
         let mut sink = NoLocalObjects;
         let reencoded_extra = extra.map(|e| {
-            let mut ecx = EncodeContext::new(&reg, &mut sink);
+            // Our own server URL equals the fixtures' `_rserver`, so every received
+            // descriptor is forwarded as is (spec §5.3) rather than wrapped.
+            let mut ecx = EncodeContext::new("ws-golden/rust", &reg, &mut sink);
+            ecx.server = server_url;
             e.iter()
                 .map(|(k, v)| (k.clone(), codec::encode(v, &mut ecx).unwrap_or_else(|err| panic!("{name}: encode {k}: {err}"))))
                 .collect::<Map>()
