@@ -170,7 +170,9 @@ pub enum ServiceError {
     #[error("Services can only be accessed locally")]
     NotLocal,
     /// `get_service` of a protected service from another workspace.
-    #[error("Permission denied for getting protected service: {id}, workspace mismatch: {ws} != {caller_ws}")]
+    #[error(
+        "Permission denied for getting protected service: {id}, workspace mismatch: {ws} != {caller_ws}"
+    )]
     ProtectedService {
         /// The short service id.
         id: String,
@@ -787,7 +789,9 @@ impl SessionTable {
     pub fn add_service(&mut self, api: Map, overwrite: bool) -> Result<&Map, ServiceError> {
         let mut api: Map = api
             .into_iter()
-            .filter(|(k, _)| !k.starts_with('_') || matches!(k.as_str(), "__enter__" | "__exit__" | "_dispose"))
+            .filter(|(k, _)| {
+                !k.starts_with('_') || matches!(k.as_str(), "__enter__" | "__exit__" | "_dispose")
+            })
             .collect();
         let id = api.get("id").and_then(Value::as_str).ok_or(ServiceError::MissingId)?.to_owned();
         if !api.contains_key("name") {
@@ -888,7 +892,8 @@ impl SessionTable {
         if cid != self.client_id {
             return Err(ServiceError::NotLocal);
         }
-        let svc = self.services.get(service_id).ok_or_else(|| ServiceError::NotFound(service_id.to_owned()))?;
+        let svc =
+            self.services.get(service_id).ok_or_else(|| ServiceError::NotFound(service_id.to_owned()))?;
         let allowed = svc.config.visibility != Visibility::Protected
             || caller_ws == ws
             || svc.config.authorized_workspaces.as_ref().is_some_and(|a| a.iter().any(|w| w == caller_ws));
@@ -925,7 +930,8 @@ impl SessionTable {
             Value::Function(f) => {
                 if let Function::Remote(rm) = &**f {
                     let (_, cid) = split_client(&rm.target);
-                    let local = if cid == self.client_id { self.find_local_function(&rm.method) } else { None };
+                    let local =
+                        if cid == self.client_id { self.find_local_function(&rm.method) } else { None };
                     match local {
                         Some(lf) => **f = Function::Local(lf),
                         None => return Err(ServiceError::LocalMethodNotFound(rm.method.clone())),
@@ -1113,7 +1119,8 @@ impl SessionTable {
                 } else {
                     self.config.method_timeout
                 };
-                let interval = if mode == PromiseMode::Explicit { self.config.method_timeout / 2 } else { t / 2 };
+                let interval =
+                    if mode == PromiseMode::Explicit { self.config.method_timeout / 2 } else { t / 2 };
                 (Some(t).filter(|t| !t.is_zero()), Some(interval))
             }
         };
@@ -1146,7 +1153,10 @@ impl SessionTable {
             if s.entries.is_empty() {
                 self.remove_session(session);
             }
-            return Some(SettledCall { session: session.to_owned(), outcome: CallOutcome::Resolved(Value::Nil) });
+            return Some(SettledCall {
+                session: session.to_owned(),
+                outcome: CallOutcome::Resolved(Value::Nil),
+            });
         };
         if call.deadline.is_none() {
             if let Some(t) = call.timeout {
@@ -1295,7 +1305,8 @@ impl SessionTable {
         let Some((sid, path)) = rest.split_first() else {
             return Err(DispatchError::InvalidMethod(method_name));
         };
-        let found = self.services.get(*sid).and_then(|s| if path.is_empty() { None } else { walk_map(&s.api, path) });
+        let found =
+            self.services.get(*sid).and_then(|s| if path.is_empty() { None } else { walk_map(&s.api, path) });
         let lf = match found {
             None if path.is_empty() && self.services.contains_key(*sid) => {
                 return Err(DispatchError::InvalidMethod(method_name))
@@ -1418,9 +1429,11 @@ impl SessionTable {
                     found = Some(match leaf {
                         Node::Function(f) => Target::SessionFunction { session, function: f.clone() },
                         Node::Forwarder(m) => Target::Forwarder { session, method: m.clone() },
-                        Node::GeneratorNext(g) => {
-                            Target::GeneratorNext { session, object_id: (*seg).to_owned(), generator: g.clone() }
-                        }
+                        Node::GeneratorNext(g) => Target::GeneratorNext {
+                            session,
+                            object_id: (*seg).to_owned(),
+                            generator: g.clone(),
+                        },
                         Node::GeneratorClose(g) => Target::GeneratorClose {
                             session,
                             object_id: seg.strip_suffix(":close").unwrap_or(seg).to_owned(),
@@ -1743,12 +1756,806 @@ impl ObjectSink for SessionTable {
         Ok(id)
     }
 
-    fn store_forwarder(&mut self, session: Option<&str>, method: &RemoteMethod) -> Result<String, CodecError> {
+    fn store_forwarder(
+        &mut self,
+        session: Option<&str>,
+        method: &RemoteMethod,
+    ) -> Result<String, CodecError> {
         let session = session.ok_or(SessionError::NoSession("a remote function"))?;
         let object_id = format!("{}#{}", random_id(), method.display_name().replace('.', "_"));
         let now = self.clock;
         let s = self.ensure_session(session, now)?;
         s.entries.insert(object_id.clone(), Node::Forwarder(method.clone()));
         Ok(format!("{session}.{object_id}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map;
+
+    const ME: &str = "ws1/me";
+
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    fn secs(base: Instant, s: u64) -> Instant {
+        base + Duration::from_secs(s)
+    }
+
+    fn table(now: Instant) -> SessionTable {
+        let mut t = SessionTable::new(SessionConfig::default(), "me", now);
+        t.set_local_workspace(Some("ws1".into()));
+        t.set_manager_id(Some("mgr".into()));
+        t
+    }
+
+    fn func(name: &str) -> LocalFunction {
+        let mut f = LocalFunction::new(Handler::new(name.to_owned()));
+        f.name = Some(name.into());
+        f
+    }
+
+    fn fval(f: &LocalFunction) -> Value {
+        Value::from(Function::Local(f.clone()))
+    }
+
+    fn call<'a>(target: &'a str, method: &'a str, promise: PromiseMode) -> OpenCall<'a> {
+        OpenCall { target, method, promise, local_parent: None, doc: None }
+    }
+
+    fn inc<'a>(from: &'a str, method: &'a str) -> IncomingCall<'a> {
+        IncomingCall { from, method, ..Default::default() }
+    }
+
+    fn err(t: &mut SessionTable, now: Instant, from: &str, method: &str) -> String {
+        match t.lookup(now, &inc(from, method)) {
+            Ok(target) => panic!("expected an error for {method}, got {target:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn demo_service(t: &mut SessionTable, config: Map) -> (LocalFunction, LocalFunction) {
+        let add = func("add");
+        let echo = func("echo");
+        let api = map! {
+            "id" => "demo",
+            "config" => config,
+            "add" => Function::Local(add.clone()),
+            "nested" => map! { "echo" => Function::Local(echo.clone()) },
+            "list" => vec![Value::Int(1), fval(&echo)],
+        };
+        t.add_service(api, false).unwrap();
+        (add, echo)
+    }
+
+    #[test]
+    fn compact_promise_lifecycle() {
+        let now = t0();
+        let mut t = table(now);
+        let c = t.open_call(now, &call("ws2/peer", "services.x.f", PromiseMode::Compact)).unwrap();
+        assert_eq!(c.timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.heartbeat_interval, Some(Duration::from_secs(15)));
+        assert_eq!(t.session_count(), 1);
+        assert_eq!(t.pending_call_count(), 1);
+        assert_eq!(t.poll_timeout(), None, "timer must not run before the send");
+        assert_eq!(t.call_sent(now, &c.session), None);
+        assert_eq!(t.poll_timeout(), Some(secs(now, 30)));
+        let m = format!("{}.resolve", c.session);
+        match t.lookup(secs(now, 1), &inc("ws2/peer", &m)).unwrap() {
+            Target::Resolve { session } => assert_eq!(session, c.session),
+            other => panic!("{other:?}"),
+        }
+        let out = t.handle_resolve(secs(now, 1), &c.session, Value::Int(7));
+        assert_eq!(
+            out,
+            vec![SettledCall { session: c.session.clone(), outcome: CallOutcome::Resolved(Value::Int(7)) }]
+        );
+        assert_eq!(t.session_count(), 0);
+        assert_eq!(t.pending_call_count(), 0);
+        assert_eq!(t.poll_timeout(), None);
+        // A second resolve (duplicate) settles nothing.
+        assert!(t.handle_resolve(secs(now, 2), &c.session, Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn explicit_promise_and_rintf_timeout() {
+        let now = t0();
+        let mut t = table(now);
+        let c = t
+            .open_call(now, &call("ws2/peer", "services._rintf_abc.getItem", PromiseMode::Explicit))
+            .unwrap();
+        assert_eq!(c.timeout, Some(Duration::from_secs(10)));
+        // Explicit promises advertise method_timeout / 2 even for _rintf_ targets.
+        assert_eq!(c.heartbeat_interval, Some(Duration::from_secs(15)));
+        let c2 = t.open_call(now, &call("ws2/peer", "services._rintf_abc.f", PromiseMode::Compact)).unwrap();
+        assert_eq!(c2.heartbeat_interval, Some(Duration::from_secs(5)));
+        t.call_sent(now, &c.session);
+        let out = t.handle_reject(now, &c.session, ErrorValue::new("boom"));
+        assert_eq!(out[0].outcome, CallOutcome::Rejected(ErrorValue::new("boom")));
+        assert!(!t.has_session(&c.session));
+        assert!(t.has_session(&c2.session));
+    }
+
+    #[test]
+    fn fire_and_forget_deleted_unless_live_entries() {
+        let now = t0();
+        let mut t = table(now);
+        let c = t.open_call(now, &call("ws2/peer", "S.resolve", PromiseMode::None)).unwrap();
+        assert_eq!(c.timeout, None);
+        assert_eq!(t.pending_call_count(), 0);
+        let out = t.call_sent(now, &c.session).unwrap();
+        assert_eq!(out.outcome, CallOutcome::Resolved(Value::Nil));
+        assert_eq!(t.session_count(), 0);
+
+        let c = t.open_call(now, &call("ws2/peer", "S.resolve", PromiseMode::None)).unwrap();
+        let stored = t.store_function(Some(&c.session), &func("cb")).unwrap();
+        assert!(!stored.is_service_function);
+        assert!(stored.method.starts_with(&format!("{}.", c.session)));
+        assert!(stored.method.ends_with("#cb"));
+        t.call_sent(now, &c.session).unwrap();
+        assert_eq!(t.session_count(), 1, "a result session holding a function persists");
+        match t.lookup(now, &inc("ws2/peer", &stored.method)).unwrap() {
+            Target::SessionFunction { session, function } => {
+                assert_eq!(session, c.session);
+                assert_eq!(function.name.as_deref(), Some("cb"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn heartbeat_extends_deadline_and_timeout_message() {
+        let now = t0();
+        let mut t = table(now);
+        let mut oc = call("ws2/peer", "services.demo.slow", PromiseMode::Compact);
+        oc.doc = Some("Slow thing.");
+        let c = t.open_call(now, &oc).unwrap();
+        t.call_sent(now, &c.session);
+        assert!(t.handle_heartbeat(secs(now, 20), &c.session));
+        assert_eq!(t.poll_timeout(), Some(secs(now, 50)));
+        assert!(t.handle_timeout(secs(now, 45)).is_empty());
+        assert!(t.has_session(&c.session));
+        let out = t.handle_timeout(secs(now, 50));
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].outcome.error_message().unwrap(),
+            "Method call timed out: ws2/peer:services.demo.slow, context: method: services.demo.slow, docs: Slow thing."
+        );
+        assert_eq!(t.session_count(), 0);
+        assert_eq!(t.poll_timeout(), None);
+        // Late heartbeat after the timeout: ignored.
+        assert!(!t.handle_heartbeat(secs(now, 51), &c.session));
+    }
+
+    #[test]
+    fn timer_starts_only_at_call_sent() {
+        let now = t0();
+        let mut t = table(now);
+        let c = t.open_call(now, &call("ws2/peer", "services.demo.f", PromiseMode::Compact)).unwrap();
+        assert!(t.handle_timeout(secs(now, 1000)).is_empty(), "unsent calls never time out");
+        t.call_sent(secs(now, 100), &c.session);
+        assert_eq!(t.poll_timeout(), Some(secs(now, 130)));
+        assert!(t.handle_timeout(secs(now, 129)).is_empty());
+        let out = t.handle_timeout(secs(now, 130));
+        assert_eq!(
+            out[0].outcome,
+            CallOutcome::Failed(CallError::TimedOut {
+                target: "ws2/peer".into(),
+                method: "services.demo.f".into(),
+                doc: "None".into()
+            })
+        );
+        assert!(out[0].outcome.error_message().unwrap().ends_with("docs: None"));
+    }
+
+    #[test]
+    fn zero_timeout_disables_timer() {
+        let now = t0();
+        let cfg = SessionConfig { method_timeout: Duration::ZERO, ..Default::default() };
+        let mut t = SessionTable::new(cfg, "me", now);
+        let c = t.open_call(now, &call("ws2/peer", "services.demo.f", PromiseMode::Compact)).unwrap();
+        assert_eq!(c.timeout, None);
+        t.call_sent(now, &c.session);
+        assert_eq!(t.poll_timeout(), None);
+    }
+
+    #[test]
+    fn nested_sessions_and_their_deletion() {
+        let now = t0();
+        let mut t = table(now);
+        let p = t.open_call(now, &call("ws2/peer", "services.demo.f", PromiseMode::Compact)).unwrap();
+        t.call_sent(now, &p.session);
+        let mut oc = call("ws2/peer", "X.resolve", PromiseMode::Compact);
+        oc.local_parent = Some(&p.session);
+        let child = t.open_call(now, &oc).unwrap();
+        assert!(child.session.starts_with(&format!("{}.", p.session)));
+        assert_eq!(t.session_count(), 1);
+        assert_eq!(t.total_session_count(), 2);
+        t.call_sent(now, &child.session);
+        let m = format!("{}.heartbeat", child.session);
+        assert!(
+            matches!(t.lookup(now, &inc("ws2/peer", &m)).unwrap(), Target::Heartbeat { session } if session == child.session)
+        );
+        // Resolving the child keeps the parent.
+        let out = t.handle_resolve(now, &child.session, Value::Nil);
+        assert_eq!(out.len(), 1);
+        assert!(t.has_session(&p.session));
+        assert!(!t.has_session(&child.session));
+        // A nested pending call dies with its parent, as a ParentClosed failure.
+        let child2 = t.open_call(now, &oc).unwrap();
+        t.call_sent(now, &child2.session);
+        let out = t.handle_resolve(now, &p.session, Value::Nil);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].session, p.session);
+        assert_eq!(out[1].outcome, CallOutcome::Failed(CallError::ParentClosed(p.session.clone())));
+        assert_eq!(t.total_session_count(), 0);
+        assert_eq!(t.pending_call_count(), 0);
+        assert_eq!(t.poll_timeout(), None);
+    }
+
+    #[test]
+    fn bare_intermediate_sessions_are_pruned() {
+        let now = t0();
+        let mut t = table(now);
+        let mut oc = call("ws2/peer", "X.f", PromiseMode::Compact);
+        oc.local_parent = Some("gone");
+        let c = t.open_call(now, &oc).unwrap();
+        assert!(t.has_session("gone"));
+        t.handle_resolve(now, &c.session, Value::Nil);
+        assert_eq!(t.session_count(), 0, "the bare parent created for the child goes with it");
+    }
+
+    #[test]
+    fn callbacks_die_with_the_call() {
+        let now = t0();
+        let mut t = table(now);
+        let c = t.open_call(now, &call("ws2/peer", "services.demo.f", PromiseMode::Compact)).unwrap();
+        let cb = t.store_function(Some(&c.session), &func("progress")).unwrap().method;
+        t.call_sent(now, &c.session);
+        assert!(matches!(t.lookup(now, &inc("ws2/peer", &cb)).unwrap(), Target::SessionFunction { .. }));
+        // Unknown entry in a live pending session: silently ignored.
+        assert!(matches!(
+            t.lookup(now, &inc("ws2/peer", &format!("{}.nope", c.session))).unwrap(),
+            Target::Ignore
+        ));
+        t.handle_resolve(now, &c.session, Value::Nil);
+        assert_eq!(err(&mut t, now, "ws2/peer", &cb), format!("Session not found: ws2/peer:{cb}"));
+        // A live non-promise session with a missing entry: "Method expired or not found".
+        let r = t.open_call(now, &call("ws2/peer", "S.resolve", PromiseMode::None)).unwrap();
+        t.store_function(Some(&r.session), &func("g")).unwrap();
+        t.call_sent(now, &r.session);
+        let m = format!("{}.other", r.session);
+        assert_eq!(err(&mut t, now, "ws2/peer", &m), format!("Method expired or not found: ws2/peer:{m}"));
+    }
+
+    #[test]
+    fn persistent_service_functions_survive_calls() {
+        let now = t0();
+        let mut t = table(now);
+        let (add, echo) = demo_service(&mut t, Map::new());
+        for _ in 0..3 {
+            let c = t.open_call(now, &call("ws1/peer", "services.x.f", PromiseMode::Compact)).unwrap();
+            let s = t.store_function(Some(&c.session), &add).unwrap();
+            assert_eq!(s, StoredFunction { method: "services.demo.add".into(), is_service_function: true });
+            t.call_sent(now, &c.session);
+            t.handle_resolve(now, &c.session, Value::Nil);
+        }
+        assert_eq!(t.session_count(), 0);
+        match t.lookup(now, &inc("ws1/other", "services.demo.add")).unwrap() {
+            Target::Service(sc) => {
+                assert_eq!(sc.function, add);
+                assert_eq!(sc.annotation.method_id, "services.demo.add");
+                assert!(!sc.annotation.require_context);
+            }
+            other => panic!("{other:?}"),
+        }
+        match t.lookup(now, &inc("ws1/other", "services.demo.list.1")).unwrap() {
+            Target::Service(sc) => assert_eq!(sc.function, echo),
+            other => panic!("{other:?}"),
+        }
+        // No session needed to encode an annotated function.
+        assert!(t.store_function(None, &echo).unwrap().is_service_function);
+    }
+
+    #[test]
+    fn last_registration_path_wins() {
+        let now = t0();
+        let mut t = table(now);
+        let echo = func("echo");
+        let api = map! {
+            "id" => "demo",
+            "echo" => Function::Local(echo.clone()),
+            "nested" => map! { "echo2" => Function::Local(echo.clone()) },
+        };
+        t.add_service(api, false).unwrap();
+        assert_eq!(t.annotation(&echo.handler).unwrap().method_id, "services.demo.nested.echo2");
+        assert_eq!(t.store_function(None, &echo).unwrap().method, "services.demo.nested.echo2");
+    }
+
+    #[test]
+    fn not_found_rules_and_strings() {
+        let now = t0();
+        let mut t = table(now);
+        demo_service(&mut t, Map::new());
+        let from = "ws1/peer";
+        assert_eq!(err(&mut t, now, from, "foo"), "Method not found: ws1/peer:foo at me");
+        assert_eq!(err(&mut t, now, from, "nosession.x"), "Session not found: ws1/peer:nosession.x");
+        assert_eq!(
+            err(&mut t, now, from, "services.demo.missing"),
+            "Method expired or not found: ws1/peer:services.demo.missing"
+        );
+        assert_eq!(
+            err(&mut t, now, from, "services.nosvc.f"),
+            "Method expired or not found: ws1/peer:services.nosvc.f"
+        );
+        assert_eq!(
+            err(&mut t, now, from, "message_cache.k"),
+            "Method expired or not found: ws1/peer:message_cache.k"
+        );
+        assert_eq!(
+            err(&mut t, now, from, "services.demo.name"),
+            "Invalid method: ws1/peer:services.demo.name"
+        );
+        assert_eq!(
+            err(&mut t, now, from, "services.demo.list.9"),
+            "Method expired or not found: ws1/peer:services.demo.list.9"
+        );
+        assert_eq!(
+            err(&mut t, now, from, "services.demo.nested"),
+            "Invalid method: ws1/peer:services.demo.nested"
+        );
+    }
+
+    #[test]
+    fn protected_permissions() {
+        let now = t0();
+        let mut t = table(now);
+        demo_service(&mut t, map! { "authorized_workspaces" => vec![Value::from("ws3")] });
+        assert!(t.lookup(now, &inc("ws1/peer", "services.demo.add")).is_ok());
+        assert!(t.lookup(now, &inc("ws3/peer", "services.demo.add")).is_ok());
+        assert!(t.lookup(now, &inc("*/mgr", "services.demo.add")).is_ok());
+        assert_eq!(
+            err(&mut t, now, "*/other", "services.demo.add"),
+            "Permission denied for invoking protected method */other:services.demo.add, workspace mismatch: ws1 != *"
+        );
+        assert_eq!(
+            err(&mut t, now, "ws2/peer", "services.demo.add"),
+            "Permission denied for invoking protected method ws2/peer:services.demo.add, workspace mismatch: ws1 != ws2"
+        );
+    }
+
+    #[test]
+    fn public_and_unlisted_are_open() {
+        let now = t0();
+        for vis in ["public", "unlisted"] {
+            let mut t = table(now);
+            demo_service(&mut t, map! { "visibility" => vis });
+            assert!(t.lookup(now, &inc("ws9/x", "services.demo.nested.echo")).is_ok(), "{vis}");
+        }
+    }
+
+    #[test]
+    fn require_context_rules() {
+        let now = t0();
+        let mut t = table(now);
+        let (add, echo) = demo_service(&mut t, map! { "require_context" => vec![Value::from("list.1")] });
+        assert!(!t.annotation(&add.handler).unwrap().require_context);
+        assert!(t.annotation(&echo.handler).unwrap().require_context);
+        let mut t = table(now);
+        let (add, _) = demo_service(&mut t, map! { "require_context" => true });
+        assert!(t.annotation(&add.handler).unwrap().require_context);
+    }
+
+    #[test]
+    fn trusted_keys_checks() {
+        let now = t0();
+        let mut t = table(now);
+        let key = "ab".repeat(32);
+        demo_service(
+            &mut t,
+            map! { "visibility" => "public", "trusted_keys" => vec![Value::from(key.as_str())] },
+        );
+        assert_eq!(
+            err(&mut t, now, "ws2/p", "services.demo.add"),
+            "Encryption required for method ws2/p:services.demo.add (trusted_keys is set)"
+        );
+        let other = "cd".repeat(32);
+        let c = IncomingCall {
+            from: "ws2/p",
+            method: "services.demo.add",
+            encrypted: true,
+            caller_key_hex: Some(&other),
+            local_parent: None,
+        };
+        assert_eq!(
+            t.lookup(now, &c).unwrap_err().to_string(),
+            "Caller's public key is not in the trusted keys list for ws2/p:services.demo.add"
+        );
+        let c = IncomingCall { caller_key_hex: Some(&key), ..c };
+        assert!(t.lookup(now, &c).is_ok());
+    }
+
+    #[test]
+    fn session_target_check() {
+        let now = t0();
+        let mut t = table(now);
+        let c = t.open_call(now, &call("ws2/peer", "services.x.f", PromiseMode::Compact)).unwrap();
+        let cb = t.store_function(Some(&c.session), &func("cb")).unwrap().method;
+        assert_eq!(
+            err(&mut t, now, "ws2/intruder", &cb),
+            format!("Access denied for method call (ws2/intruder:{cb}) from ws2/intruder to target ws2/peer")
+        );
+        let m = format!("{}.resolve", c.session);
+        assert!(err(&mut t, now, "ws1/intruder", &m).starts_with("Access denied for method call"));
+        // A relative target is made absolute when the caller is in our workspace.
+        let r = t.open_call(now, &call("peer", "services.x.f", PromiseMode::Compact)).unwrap();
+        let cb = t.store_function(Some(&r.session), &func("cb")).unwrap().method;
+        assert!(t.lookup(now, &inc("ws1/peer", &cb)).is_ok());
+        assert!(err(&mut t, now, "ws2/peer", &cb).ends_with("to target peer"));
+    }
+
+    #[test]
+    fn parent_check() {
+        let now = t0();
+        let mut t = table(now);
+        demo_service(&mut t, Map::new());
+        let c = t.open_call(now, &call("ws1/peer", "services.x.f", PromiseMode::Compact)).unwrap();
+        let cb = t.store_function(Some(&c.session), &func("cb")).unwrap().method;
+        let live = c.session.clone();
+        let mut ic = inc("ws1/peer", &cb);
+        ic.local_parent = Some(&live);
+        assert!(t.lookup(now, &ic).is_ok());
+        ic.local_parent = Some("closedsession");
+        assert_eq!(t.lookup(now, &ic).unwrap_err().to_string(), "Parent session was closed: closedsession");
+        // Service methods skip the parent check.
+        let mut ic = inc("ws1/peer", "services.demo.add");
+        ic.local_parent = Some("closedsession");
+        assert!(t.lookup(now, &ic).is_ok());
+    }
+
+    #[test]
+    fn interface_registration_shape_and_permissions() {
+        let now = t0();
+        let mut t = table(now);
+        let c = t.open_call(now, &call("ws2/consumer", "services.x.register", PromiseMode::Compact)).unwrap();
+        let get_item = func("getItem");
+        let id = t
+            .register_interface(
+                Some(&c.session),
+                vec![("getItem".into(), get_item.clone()), ("_hidden".into(), func("h"))],
+            )
+            .unwrap();
+        assert!(id.starts_with("_rintf_"));
+        assert_eq!(id.len(), RINTF_PREFIX.len() + crate::ids::RANDOM_ID_LEN);
+        let svc = t.service(&id).unwrap();
+        assert_eq!(svc.config.visibility, Visibility::Protected);
+        assert!(svc.config.local_only);
+        assert_eq!(svc.config.rintf_allowed_caller.as_deref(), Some("ws2/consumer"));
+        let cfg = svc.api.get("config").and_then(Value::as_map).unwrap();
+        assert_eq!(cfg.get("_local_only"), Some(&Value::Bool(true)));
+        assert_eq!(cfg.get("visibility"), Some(&Value::from("protected")));
+        assert!(svc.api.contains_key("_dispose"));
+        assert!(!svc.api.contains_key("_hidden"));
+        let ann = t.annotation(&get_item.handler).unwrap();
+        assert_eq!(ann.method_id, format!("services.{id}.getItem"));
+        assert_eq!(ann.rintf_allowed_caller.as_deref(), Some("ws2/consumer"));
+
+        // The call ends; the interface survives.
+        t.call_sent(now, &c.session);
+        t.handle_resolve(now, &c.session, Value::Nil);
+        let m = format!("services.{id}.getItem");
+        assert!(matches!(t.lookup(now, &inc("ws2/consumer", &m)).unwrap(), Target::Service(_)));
+        assert_eq!(
+            err(&mut t, now, "ws2/attacker", &m),
+            format!("Permission denied for _rintf callback ws2/attacker:{m}, caller ws2/attacker is not the allowed caller ws2/consumer")
+        );
+        let d = format!("services.{id}._dispose");
+        match t.lookup(now, &inc("ws2/consumer", &d)).unwrap() {
+            Target::Dispose { service_id } => assert_eq!(service_id, id),
+            other => panic!("{other:?}"),
+        }
+        let removed = t.remove_service(&id).unwrap();
+        assert!(!removed.notify_server);
+        assert_eq!(
+            err(&mut t, now, "ws2/consumer", &m),
+            format!("Method expired or not found: ws2/consumer:{m}")
+        );
+        assert!(t.annotation(&get_item.handler).is_none());
+        // Outside a session there is no peer to allow.
+        assert!(t.register_interface(None, vec![("f".into(), func("f"))]).is_err());
+    }
+
+    #[test]
+    fn client_disconnected_cleanup() {
+        let now = t0();
+        let mut t = table(now);
+        let a1 = t.open_call(now, &call("ws2/a", "services.x.f", PromiseMode::Compact)).unwrap();
+        let a2 = t.open_call(now, &call("ws2/a", "services.x.g", PromiseMode::Explicit)).unwrap();
+        let b = t.open_call(now, &call("ws2/b", "services.x.f", PromiseMode::Compact)).unwrap();
+        let res = t.open_call(now, &call("ws2/a", "S.resolve", PromiseMode::None)).unwrap();
+        t.store_function(Some(&res.session), &func("r")).unwrap();
+        t.call_sent(now, &res.session);
+        let id = t.register_interface(Some(&a1.session), vec![("f".into(), func("f"))]).unwrap();
+        let sum = t.handle_client_disconnected("ws2/a");
+        assert_eq!(sum.client_id, "ws2/a");
+        assert_eq!(sum.settled.len(), 2);
+        assert_eq!(sum.sessions_cleaned, 3);
+        assert_eq!(sum.rintf_cleaned, vec![id.clone()]);
+        let mut sessions: Vec<&str> = sum.settled.iter().map(|s| s.session.as_str()).collect();
+        sessions.sort();
+        let mut want = vec![a1.session.as_str(), a2.session.as_str()];
+        want.sort();
+        assert_eq!(sessions, want);
+        for s in &sum.settled {
+            assert_eq!(s.outcome.error_message().unwrap(), "Client disconnected: ws2/a");
+        }
+        assert!(t.service(&id).is_none());
+        assert_eq!(t.session_count(), 1);
+        assert!(t.has_session(&b.session));
+    }
+
+    #[test]
+    fn manager_change_rejects_manager_calls() {
+        let now = t0();
+        let mut t = table(now);
+        let m = t.open_call(now, &call("*/mgr", "services.default.echo", PromiseMode::Compact)).unwrap();
+        let o = t.open_call(now, &call("ws2/b", "services.x.f", PromiseMode::Compact)).unwrap();
+        let out = t.handle_manager_changed("mgr");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].session, m.session);
+        assert_eq!(out[0].outcome.error_message().unwrap(), "Client disconnected: */mgr");
+        assert!(t.has_session(&o.session));
+    }
+
+    #[test]
+    fn connection_lost_and_close() {
+        let now = t0();
+        let mut t = table(now);
+        demo_service(&mut t, Map::new());
+        let a = t.open_call(now, &call("ws2/a", "services.x.f", PromiseMode::Compact)).unwrap();
+        t.call_sent(now, &a.session);
+        assert!(t.handle_connection_lost("1006", true).is_empty());
+        assert_eq!(t.pending_call_count(), 1);
+        assert_eq!(t.poll_timeout(), Some(secs(now, 30)), "timers survive a reconnect");
+        let out = t.handle_connection_lost("1006", false);
+        assert_eq!(out[0].outcome.error_message().unwrap(), "Connection lost: 1006");
+        assert_eq!(t.session_count(), 0);
+
+        let b = t.open_call(now, &call("ws2/a", "services.x.f", PromiseMode::Compact)).unwrap();
+        let out = t.close();
+        assert_eq!(
+            out,
+            vec![SettledCall { session: b.session, outcome: CallOutcome::Failed(CallError::Closed) }]
+        );
+        assert_eq!(out[0].outcome.error_message().unwrap(), "RPC connection closed");
+        assert_eq!(t.service_count(), 0);
+        assert_eq!(t.annotation_count(), 0);
+        assert!(t.is_closed());
+        let e = t.open_call(now, &call("ws2/a", "services.x.f", PromiseMode::Compact)).unwrap_err();
+        assert_eq!(e.to_string(), "Connection is closed");
+    }
+
+    #[test]
+    fn send_failure_settles() {
+        let now = t0();
+        let mut t = table(now);
+        let a = t.open_call(now, &call("ws2/a", "services.x.f", PromiseMode::Compact)).unwrap();
+        let out = t.handle_send_failed(&a.session, "socket gone");
+        assert_eq!(
+            out[0].outcome.error_message().unwrap(),
+            "Failed to send the request when calling method (ws2/a:services.x.f), error: socket gone"
+        );
+        assert_eq!(t.session_count(), 0);
+    }
+
+    #[test]
+    fn sweep_collects_idle_sessions_only() {
+        let now = t0();
+        let mut t = table(now);
+        let idle = t.open_call(now, &call("ws2/a", "S.resolve", PromiseMode::None)).unwrap();
+        let cb = t.store_function(Some(&idle.session), &func("r")).unwrap().method;
+        t.call_sent(now, &idle.session);
+        let active = t.open_call(now, &call("ws2/a", "S.resolve", PromiseMode::None)).unwrap();
+        let acb = t.store_function(Some(&active.session), &func("r")).unwrap().method;
+        t.call_sent(now, &active.session);
+        let pending = t.open_call(now, &call("ws2/a", "services.x.f", PromiseMode::Compact)).unwrap();
+        assert_eq!(t.sweep_interval(), Duration::from_secs(300));
+        assert_eq!(t.sweep(secs(now, 600)), 0, "exactly ttl old is not stale yet");
+        // Activity refresh through a lookup (e.g. a generator next).
+        t.lookup(secs(now, 500), &inc("ws2/a", &acb)).unwrap();
+        assert_eq!(t.sweep(secs(now, 601)), 1);
+        assert!(!t.has_session(&idle.session));
+        assert!(t.has_session(&active.session));
+        assert!(t.has_session(&pending.session), "sessions with a pending call are never swept");
+        assert!(err(&mut t, secs(now, 602), "ws2/a", &cb).starts_with("Session not found"));
+        assert_eq!(t.sweep(secs(now, 1102)), 1);
+        assert_eq!(t.session_count(), 1);
+    }
+
+    #[test]
+    fn generator_entries_removed_on_exhaustion() {
+        let now = t0();
+        let mut t = table(now);
+        let res = t.open_call(now, &call("ws2/a", "S.resolve", PromiseMode::None)).unwrap();
+        let g = LocalGenerator { handler: Handler::new(5u32) };
+        let (next, close) = t.store_generator(Some(&res.session), &g).unwrap();
+        assert_eq!(close, format!("{next}:close"));
+        t.call_sent(now, &res.session);
+        assert_eq!(t.session_entry_count(&res.session), Some(2));
+        let oid = match t.lookup(now, &inc("ws2/a", &next)).unwrap() {
+            Target::GeneratorNext { session, object_id, generator } => {
+                assert_eq!(session, res.session);
+                assert_eq!(generator, g);
+                object_id
+            }
+            other => panic!("{other:?}"),
+        };
+        match t.lookup(now, &inc("ws2/a", &close)).unwrap() {
+            Target::GeneratorClose { object_id, .. } => assert_eq!(object_id, oid),
+            other => panic!("{other:?}"),
+        }
+        assert!(t.remove_generator(&res.session, &oid));
+        assert_eq!(t.session_entry_count(&res.session), Some(0));
+        assert!(err(&mut t, now, "ws2/a", &next).starts_with("Method expired or not found"));
+        assert!(!t.remove_generator(&res.session, &oid));
+        assert!(t.store_generator(None, &g).is_err());
+    }
+
+    #[test]
+    fn service_validation() {
+        let now = t0();
+        let mut t = table(now);
+        let mk = |config: Map| map! { "id" => "s", "config" => config };
+        let e = |t: &mut SessionTable, c: Map| t.add_service(mk(c), false).unwrap_err().to_string();
+        assert!(e(&mut t, map! { "visibility" => "secret" }).starts_with("Invalid visibility"));
+        assert_eq!(
+            e(&mut t, map! { "visibility" => "public", "authorized_workspaces" => Vec::<Value>::new() }),
+            "authorized_workspaces can only be set when visibility is 'protected', got visibility='public'"
+        );
+        assert_eq!(
+            e(&mut t, map! { "authorized_workspaces" => "ws2" }),
+            "authorized_workspaces must be a list of workspace ids"
+        );
+        assert_eq!(
+            e(&mut t, map! { "authorized_workspaces" => vec![Value::Int(1)] }),
+            "Each workspace id in authorized_workspaces must be a string, got int"
+        );
+        assert_eq!(
+            e(&mut t, map! { "trusted_keys" => "k" }),
+            "trusted_keys must be a list of hex-encoded public keys"
+        );
+        assert!(e(&mut t, map! { "trusted_keys" => vec![Value::from("abc")] })
+            .starts_with("Each trusted key must be a 64-char hex string"));
+        assert!(e(&mut t, map! { "trusted_keys" => vec![Value::from("zz".repeat(32))] })
+            .starts_with("Each trusted key must be a 64-char hex string"));
+        assert_eq!(t.add_service(map! { "name" => "x" }, false).unwrap_err(), ServiceError::MissingId);
+        // Empty authorized_workspaces and trusted_keys are valid.
+        let ok = mk(
+            map! { "authorized_workspaces" => Vec::<Value>::new(), "trusted_keys" => Vec::<Value>::new() },
+        );
+        let stored = t.add_service(ok, false).unwrap();
+        assert_eq!(stored.get("name"), Some(&Value::from("s")));
+        assert_eq!(stored.get("type"), Some(&Value::from("generic")));
+        assert_eq!(t.service("s").unwrap().config.trusted_keys, None);
+        assert_eq!(
+            t.add_service(mk(Map::new()), false).unwrap_err().to_string(),
+            "Service already exists: s, please specify a different id (not s) or overwrite=True"
+        );
+        assert!(t.add_service(mk(Map::new()), true).is_ok());
+        assert_eq!(t.service_count(), 1);
+    }
+
+    #[test]
+    fn private_keys_dropped_and_remove_forms() {
+        let now = t0();
+        let mut t = table(now);
+        let f = func("f");
+        let api = map! { "id" => "demo", "_secret" => 1, "__enter__" => Function::Local(f.clone()), "g" => Function::Local(func("g")) };
+        let stored = t.add_service(api, false).unwrap();
+        assert!(!stored.contains_key("_secret"));
+        assert!(stored.contains_key("__enter__"));
+        assert_eq!(t.annotation_count(), 2);
+        let r = t.remove_service("ws1/me:demo@app").unwrap();
+        assert_eq!(r, RemovedService { id: "demo".into(), notify_server: true });
+        assert_eq!(t.annotation_count(), 0);
+        assert_eq!(t.remove_service("demo").unwrap_err().to_string(), "Service not found: demo");
+    }
+
+    #[test]
+    fn own_proxies_become_local_functions() {
+        let now = t0();
+        let mut t = table(now);
+        let (add, _) = demo_service(&mut t, Map::new());
+        let proxy =
+            RemoteMethod { target: ME.into(), method: "services.demo.add".into(), ..Default::default() };
+        let api = map! { "id" => "alias", "plus" => Function::Remote(proxy) };
+        t.add_service(api, false).unwrap();
+        assert_eq!(t.annotation(&add.handler).unwrap().method_id, "services.alias.plus");
+        let foreign =
+            RemoteMethod { target: "ws2/x".into(), method: "services.a.b".into(), ..Default::default() };
+        let e = t.add_service(map! { "id" => "bad", "f" => Function::Remote(foreign) }, false).unwrap_err();
+        assert_eq!(e.to_string(), "Local method not found: services.a.b");
+    }
+
+    #[test]
+    fn builtin_and_get_local_service() {
+        let now = t0();
+        let mut t = table(now);
+        let h = || Handler::new(0u8);
+        let handlers = BuiltinHandlers {
+            ping: h(),
+            get_service: h(),
+            cache_create: h(),
+            cache_append: h(),
+            cache_set: h(),
+            cache_process: h(),
+            cache_remove: h(),
+        };
+        let ping = handlers.ping.clone();
+        t.add_builtin_service("ws1/me", handlers).unwrap();
+        demo_service(&mut t, Map::new());
+        assert_eq!(t.services().next().map(|(k, _)| k), Some(BUILTIN_SERVICE_ID));
+        let ann = t.annotation(&ping).unwrap();
+        assert_eq!(ann.method_id, "services.built-in.ping");
+        assert!(ann.require_context);
+        assert!(t.lookup(now, &inc("ws9/x", "services.built-in.message_cache.append")).is_ok());
+        let b = t.get_local_service("built-in", "ws1/me", "ws9").unwrap();
+        assert_eq!(b.get("name"), Some(&Value::from("Builtin services for ws1/me")));
+        assert!(t.get_local_service("demo", "ws1/me", "ws1").is_ok());
+        assert_eq!(
+            t.get_local_service("demo", "ws1/me", "ws9").unwrap_err().to_string(),
+            "Permission denied for getting protected service: demo, workspace mismatch: ws1 != ws9"
+        );
+        assert_eq!(
+            t.get_local_service("nope", "ws1/me", "ws1").unwrap_err().to_string(),
+            "Service not found: nope"
+        );
+        assert_eq!(t.get_local_service("demo", "ws1/other", "ws1").unwrap_err(), ServiceError::NotLocal);
+    }
+
+    #[test]
+    fn sink_requires_session_and_forwarders() {
+        let now = t0();
+        let mut t = table(now);
+        assert!(t.store_function(None, &func("f")).is_err());
+        let c = t.open_call(now, &call("ws2/a", "services.x.f", PromiseMode::Compact)).unwrap();
+        let rm =
+            RemoteMethod { target: "ws3/z".into(), method: "services.z.run".into(), ..Default::default() };
+        let path = t.store_forwarder(Some(&c.session), &rm).unwrap();
+        assert!(path.ends_with("#run"));
+        match t.lookup(now, &inc("ws2/a", &path)).unwrap() {
+            Target::Forwarder { method, .. } => assert_eq!(method, rm),
+            other => panic!("{other:?}"),
+        }
+        // Dots in names would break lookup: they are replaced.
+        let m = t.store_function(Some(&c.session), &func("a.b")).unwrap().method;
+        assert!(m.ends_with("#a_b"));
+        assert!(t.lookup(now, &inc("ws2/a", &m)).is_ok());
+        assert!(t.store_function(Some("services"), &func("x")).is_err());
+        assert!(t.store_function(Some("a..b"), &func("x")).is_err());
+    }
+
+    #[test]
+    fn no_leak_after_many_calls() {
+        let now = t0();
+        let mut t = table(now);
+        let cb = func("progress");
+        for i in 0..100_000u64 {
+            let at = now + Duration::from_millis(i);
+            let c = t.open_call(at, &call("ws2/peer", "services.demo.f", PromiseMode::Compact)).unwrap();
+            t.store_function(Some(&c.session), &cb).unwrap();
+            t.call_sent(at, &c.session);
+            t.handle_heartbeat(at, &c.session);
+            let out = t.handle_resolve(at, &c.session, Value::Int(1));
+            assert_eq!(out.len(), 1);
+        }
+        assert_eq!(t.session_count(), 0);
+        assert_eq!(t.total_session_count(), 0);
+        assert_eq!(t.pending_call_count(), 0);
+        assert_eq!(t.poll_timeout(), None);
+        assert!(t.deadlines.is_empty());
     }
 }
