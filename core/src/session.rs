@@ -481,7 +481,7 @@ pub enum Target {
 pub struct DisconnectSummary {
     /// The absolute id of the peer that left.
     pub client_id: String,
-    /// The pending calls rejected with "Client disconnected: <id>".
+    /// The pending calls rejected with `"Client disconnected: <id>"`.
     pub settled: Vec<SettledCall>,
     /// How many sessions were deleted.
     pub sessions_cleaned: usize,
@@ -1520,7 +1520,7 @@ impl SessionTable {
     }
 
     /// The manager id changed on reconnect (spec §1.6 step 4): calls to `*/<old>` fail
-    /// with "Client disconnected: */<old>".
+    /// with `"Client disconnected: */<old>"`.
     pub fn handle_manager_changed(&mut self, old_manager_id: &str) -> Vec<SettledCall> {
         let full = format!("*/{old_manager_id}");
         let error = CallError::ClientDisconnected(full.clone());
@@ -1528,7 +1528,7 @@ impl SessionTable {
     }
 
     /// The connection dropped (spec §1.6 step 1). While reconnecting, pending calls keep
-    /// their timers; otherwise they all fail with "Connection lost: <reason>".
+    /// their timers; otherwise they all fail with `"Connection lost: <reason>"`.
     pub fn handle_connection_lost(&mut self, reason: &str, reconnecting: bool) -> Vec<SettledCall> {
         if reconnecting {
             return Vec::new();
