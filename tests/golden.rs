@@ -16,10 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bytes::Bytes;
-use hypha_core::codec::{self, CodecError, CodecRegistry, DecodeContext, EncodeContext, ObjectSink, StoredFunction};
+use hypha_core::codec::{
+    self, CodecError, CodecRegistry, DecodeContext, EncodeContext, ObjectSink, StoredFunction,
+};
 use hypha_core::msgpack::DecodeLimits;
 use hypha_core::package::{decode_package, encode_package};
-use hypha_core::{DType, Function, Generator, LocalFunction, LocalGenerator, Map, PromiseMode, RemoteMethod, Value};
+use hypha_core::{
+    DType, Function, Generator, LocalFunction, LocalGenerator, Map, PromiseMode, RemoteMethod, Value,
+};
 use serde_json::Value as Json;
 
 fn golden_dir() -> PathBuf {
@@ -42,7 +46,11 @@ fn registry() -> CodecRegistry {
     let mut reg = CodecRegistry::new();
     reg.register(
         "cell",
-        |c: &Cell| Ok::<_, String>(Value::Map(hypha_core::map! { "value" => c.value.clone(), "label" => c.label.clone() })),
+        |c: &Cell| {
+            Ok::<_, String>(Value::Map(
+                hypha_core::map! { "value" => c.value.clone(), "label" => c.label.clone() },
+            ))
+        },
         Some(|mut m: Map| {
             let value = m.shift_remove("value").unwrap_or_default();
             match m.shift_remove("label") {
@@ -62,7 +70,11 @@ impl ObjectSink for NoLocalObjects {
     fn store_function(&mut self, _: Option<&str>, _: &LocalFunction) -> Result<StoredFunction, CodecError> {
         panic!("decoded fixtures hold no local functions")
     }
-    fn store_generator(&mut self, _: Option<&str>, _: &LocalGenerator) -> Result<(String, String), CodecError> {
+    fn store_generator(
+        &mut self,
+        _: Option<&str>,
+        _: &LocalGenerator,
+    ) -> Result<(String, String), CodecError> {
         panic!("decoded fixtures hold no local generators")
     }
     fn register_interface(
@@ -103,7 +115,12 @@ impl Matcher<'_> {
                     self.expect(path, actual == &Value::from(u), &format!("int {u}"), actual)
                 } else {
                     let f = n.as_f64().expect("number");
-                    self.expect(path, matches!(actual, Value::F64(x) if x.to_bits() == f.to_bits()), &format!("float {f}"), actual)
+                    self.expect(
+                        path,
+                        matches!(actual, Value::F64(x) if x.to_bits() == f.to_bits()),
+                        &format!("float {f}"),
+                        actual,
+                    )
                 }
             }
             Json::String(s) => self.expect(path, actual.as_str() == Some(s), &format!("str {s:?}"), actual),
@@ -116,7 +133,8 @@ impl Matcher<'_> {
                 _ => self.fail(path, format!("expected list of {}, got {actual:?}", items.len())),
             },
             Json::Object(obj) => {
-                let tag = (obj.len() == 1).then(|| obj.iter().next()).flatten().filter(|(k, _)| k.starts_with('$'));
+                let tag =
+                    (obj.len() == 1).then(|| obj.iter().next()).flatten().filter(|(k, _)| k.starts_with('$'));
                 match tag {
                     Some((k, v)) => self.check_tag(path, k, v, actual),
                     None => self.check_map(path, obj, actual),
@@ -132,7 +150,9 @@ impl Matcher<'_> {
     }
 
     fn check_map(&mut self, path: &str, obj: &serde_json::Map<String, Json>, actual: &Value) {
-        let Value::Map(got) = actual else { return self.fail(path, format!("expected map, got {}", actual.kind())) };
+        let Value::Map(got) = actual else {
+            return self.fail(path, format!("expected map, got {}", actual.kind()));
+        };
         let mut want: Vec<&String> = obj.keys().collect();
         let mut have: Vec<&String> = got.keys().collect();
         want.sort();
@@ -178,7 +198,12 @@ impl Matcher<'_> {
             }
             "$bytes" | "$bytes_at" => {
                 let want = self.bytes_of(tag, v);
-                self.expect(path, actual.as_bytes().map(|b| &b[..]) == Some(&want[..]), &format!("{} bytes", want.len()), actual)
+                self.expect(
+                    path,
+                    actual.as_bytes().map(|b| &b[..]) == Some(&want[..]),
+                    &format!("{} bytes", want.len()),
+                    actual,
+                )
             }
             "$map" => match v {
                 Json::Object(o) => self.check_map(path, o, actual),
@@ -186,15 +211,40 @@ impl Matcher<'_> {
             },
             "$memoryview" => {
                 let want = hex(v.as_str().expect("hex"));
-                self.expect(path, matches!(actual, Value::MemoryView(b) if b[..] == want[..]), "memoryview", actual)
+                self.expect(
+                    path,
+                    matches!(actual, Value::MemoryView(b) if b[..] == want[..]),
+                    "memoryview",
+                    actual,
+                )
             }
             "$ndarray" => {
-                let Value::NdArray(a) = actual else { return self.fail(path, format!("expected ndarray, got {}", actual.kind())) };
-                let shape: Vec<usize> = v["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim") as usize).collect();
+                let Value::NdArray(a) = actual else {
+                    return self.fail(path, format!("expected ndarray, got {}", actual.kind()));
+                };
+                let shape: Vec<usize> = v["shape"]
+                    .as_array()
+                    .expect("shape")
+                    .iter()
+                    .map(|d| d.as_u64().expect("dim") as usize)
+                    .collect();
                 let dtype = DType::parse(v["dtype"].as_str().expect("dtype"));
-                let data = if let Some(h) = v.get("hex") { hex(h.as_str().expect("hex")) } else { self.bytes_of("$bytes_at", &v["bytes_at"]) };
+                let data = if let Some(h) = v.get("hex") {
+                    hex(h.as_str().expect("hex"))
+                } else {
+                    self.bytes_of("$bytes_at", &v["bytes_at"])
+                };
                 if a.dtype != dtype || a.shape != shape || a.data[..] != data[..] {
-                    self.fail(path, format!("ndarray {}/{:?}/{}B != expected {dtype}/{shape:?}/{}B", a.dtype, a.shape, a.data.len(), data.len()));
+                    self.fail(
+                        path,
+                        format!(
+                            "ndarray {}/{:?}/{}B != expected {dtype}/{shape:?}/{}B",
+                            a.dtype,
+                            a.shape,
+                            a.data.len(),
+                            data.len()
+                        ),
+                    );
                 }
             }
             "$typedarray" => {
@@ -223,7 +273,9 @@ impl Matcher<'_> {
             },
             "$error" => match actual {
                 Value::Error(e) => {
-                    if Some(e.message.as_str()) != v["message"].as_str() || e.trace.as_deref() != v["trace"].as_str() {
+                    if Some(e.message.as_str()) != v["message"].as_str()
+                        || e.trace.as_deref() != v["trace"].as_str()
+                    {
                         self.fail(path, format!("error {e:?} != {v}"));
                     }
                 }
@@ -258,7 +310,11 @@ impl Matcher<'_> {
                     Some(cell) if c.codec == v["codec"] => {
                         let fields = &v["fields"];
                         self.check(&format!("{path}.value"), &fields["value"], &cell.value);
-                        self.check(&format!("{path}.label"), &fields["label"], &Value::Str(cell.label.clone()));
+                        self.check(
+                            &format!("{path}.label"),
+                            &fields["label"],
+                            &Value::Str(cell.label.clone()),
+                        );
                     }
                     _ => self.fail(path, format!("custom value of codec {} is not a Cell", c.codec)),
                 },
@@ -339,7 +395,10 @@ fn decode_context<'a>(fixture: &'a Json, reg: &'a CodecRegistry) -> DecodeContex
 
 /// Decodes one fixture's extra segment value by value (as the receiving RPC does).
 fn decode_extra(extra: Map, cx: &DecodeContext) -> Map {
-    extra.into_iter().map(|(k, v)| (k.clone(), codec::decode(v, cx).unwrap_or_else(|e| panic!("decode {k}: {e}")))).collect()
+    extra
+        .into_iter()
+        .map(|(k, v)| (k.clone(), codec::decode(v, cx).unwrap_or_else(|e| panic!("decode {k}: {e}"))))
+        .collect()
 }
 
 #[test]
@@ -356,7 +415,8 @@ fn golden_packages_decode_to_the_manifest_and_back_through_python() {
 
     for fx in fixtures {
         let name = fx["name"].as_str().expect("name");
-        let raw = std::fs::read(golden_dir().join("fixtures").join(fx["file"].as_str().expect("file"))).expect("fixture file");
+        let raw = std::fs::read(golden_dir().join("fixtures").join(fx["file"].as_str().expect("file")))
+            .expect("fixture file");
         let frame = Bytes::from(raw.clone());
         let package = decode_package(&frame, &limits).unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut m = Matcher { file_bytes: &raw, errors: Vec::new() };
@@ -383,7 +443,12 @@ fn golden_packages_decode_to_the_manifest_and_back_through_python() {
             let mut ecx = EncodeContext::new("ws-golden/rust", &reg, &mut sink);
             ecx.server = server_url;
             e.iter()
-                .map(|(k, v)| (k.clone(), codec::encode(v, &mut ecx).unwrap_or_else(|err| panic!("{name}: encode {k}: {err}"))))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        codec::encode(v, &mut ecx).unwrap_or_else(|err| panic!("{name}: encode {k}: {err}")),
+                    )
+                })
                 .collect::<Map>()
         });
         let bytes = encode_package(&package.main, reencoded_extra.as_ref()).expect("encode package");
@@ -400,7 +465,12 @@ fn golden_packages_decode_to_the_manifest_and_back_through_python() {
         .arg("--require-all")
         .arg("-q")
         .output()
-        .unwrap_or_else(|e| panic!("cannot run the stock Python decoder {}: {e} (run scripts/setup-python.sh)", python.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run the stock Python decoder {}: {e} (run scripts/setup-python.sh)",
+                python.display()
+            )
+        });
     let _ = std::fs::remove_dir_all(&out_dir);
     assert!(
         out.status.success(),

@@ -531,8 +531,14 @@ fn enc_custom(cv: &CustomValue, cx: &mut EncodeContext<'_>, depth: usize) -> Res
 /// Encodes a map: the `_rtype` rule, the `_rintf` rule, or member by member.
 fn enc_map(m: &Map, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Map, CodecError> {
     let d = enter(depth, cx.max_depth)?;
+    // Only *local* callables make a map an interface to export. Upstream tests
+    // `callable`, which a received proxy also is, so a `_rintf` map passed on to a third
+    // peer would be wrapped in a new service of proxies; we forward it as it is, so the
+    // third peer calls the owner directly (the same rule as for single functions, §5.3).
     let is_rintf = m.get("_rintf") == Some(&Value::Bool(true))
-        && m.iter().any(|(k, v)| !k.starts_with('_') && matches!(v, Value::Function(_)));
+        && m.iter().any(|(k, v)| {
+            !k.starts_with('_') && matches!(v, Value::Function(f) if matches!(**f, Function::Local(_)))
+        });
     let mut out = if is_rintf { enc_rintf(m, cx, depth)? } else { enc_members(m, cx, d)? };
     // Spec §5.2: encode the other members, then put `_rtype` back, at the end (as PY).
     if let Some(rtype) = m.get("_rtype") {
@@ -553,9 +559,8 @@ fn enc_members(m: &Map, cx: &mut EncodeContext<'_>, d: usize) -> Result<Map, Cod
 }
 
 /// Spec §5.5: register the map's local callables as a `_rintf_` service and describe them
-/// as `services.<id>.<key>` members. Remote functions under non-`_` keys count for the
-/// trigger (upstream tests `callable`) but are encoded by the forwarding rule, since only
-/// local functions can be service members here.
+/// as `services.<id>.<key>` members. Remote functions mixed into such a map are encoded
+/// by the forwarding rule, since only local functions can be service members here.
 #[inline(never)]
 fn enc_rintf(m: &Map, cx: &mut EncodeContext<'_>, depth: usize) -> Result<Map, CodecError> {
     let d = enter(depth, cx.max_depth)?;
@@ -917,17 +922,26 @@ fn dec_method(m: Map, cx: &DecodeContext<'_>) -> Result<Value, CodecError> {
             "_rtarget" => target = Some(v),
             "_rmethod" => method = Some(v),
             "_rserver" => rm.server = opt_str(RT, "_rserver", Some(v))?,
-            "_rpromise" => {
-                rm.promise = match v {
-                    Value::Nil | Value::Bool(false) => PromiseMode::None,
-                    Value::Bool(true) => PromiseMode::Explicit,
-                    Value::Str(s) if s == "*" => PromiseMode::Compact,
-                    other => return Err(invalid(RT, "_rpromise", "\"*\", true or false", &other)),
+            "_rpromise" => match v {
+                Value::Bool(true) => rm.promise = PromiseMode::Explicit,
+                Value::Str(s) if s == "*" => rm.promise = PromiseMode::Compact,
+                // An explicit `false`/`null` means the same as absent; keep the raw value so
+                // that forwarding re-emits the descriptor as it came.
+                v @ (Value::Nil | Value::Bool(false)) => {
+                    rm.extra.insert(k, v);
                 }
-            }
-            "_rname" => rm.name = if let Value::Str(s) = v { Some(s) } else { None },
-            "_rdoc" => rm.doc = if let Value::Str(s) = v { Some(s) } else { None },
-            "_rasync" => rm.is_async = v.as_bool(),
+                other => return Err(invalid(RT, "_rpromise", "\"*\", true or false", &other)),
+            },
+            "_rname" | "_rdoc" | "_rasync" => match (k.as_str(), v) {
+                ("_rname", Value::Str(s)) => rm.name = Some(s),
+                ("_rdoc", Value::Str(s)) => rm.doc = Some(s),
+                ("_rasync", Value::Bool(b)) => rm.is_async = Some(b),
+                // `null` (PY sends `_rdoc: null`) or a stray type: not a typed field, but
+                // kept for forwarding.
+                (_, v) => {
+                    rm.extra.insert(k, v);
+                }
+            },
             "_rschema" => rm.schema = Some(Box::new(v)),
             "_renc_pub" => {
                 rm.encryption_key = match v {
@@ -1507,6 +1521,33 @@ mod tests {
         let got = enc_with(&plain, &mut sink, Some("S")).unwrap();
         assert!(sink.interfaces.is_empty());
         assert!(!got.as_map().unwrap().contains_key("_rintf_service_id"));
+    }
+
+    #[test]
+    fn received_rintf_map_is_forwarded_not_re_registered() {
+        // A `_rintf` map we received holds remote proxies only; passing it on must not
+        // wrap them in a new local service (the third peer calls the owner directly).
+        let remote = |m: &str| {
+            Value::from(Function::Remote(RemoteMethod {
+                target: PROV.into(),
+                method: m.into(),
+                promise: PromiseMode::Compact,
+                ..Default::default()
+            }))
+        };
+        let value = Value::from(map! {
+            "_rintf" => true,
+            "getItem" => remote("services._rintf_X.getItem"),
+            "_dispose" => remote("services._rintf_X._dispose"),
+            "_rintf_service_id" => "_rintf_X",
+        });
+        let mut sink = TestSink::default();
+        let got = enc_with(&value, &mut sink, Some("S")).unwrap();
+        assert!(sink.interfaces.is_empty() && sink.forwarders.is_empty());
+        let m = got.as_map().unwrap();
+        assert_eq!(m["_rintf_service_id"], Value::from("_rintf_X"));
+        assert_eq!(m["getItem"].as_map().unwrap()["_rmethod"], Value::from("services._rintf_X.getItem"));
+        assert_eq!(m["getItem"].as_map().unwrap()["_rtarget"], Value::from(PROV));
     }
 
     #[test]

@@ -159,7 +159,9 @@ pub struct RemoteMethod {
     /// received (`data.session` of the carrying call, spec §4.7). Calls through it carry
     /// `parent = remote_parent`.
     pub remote_parent: Option<String>,
-    /// Descriptor keys we do not know, kept so that forwarding re-emits them.
+    /// Descriptor keys we do not know, and known keys whose value the typed fields do not
+    /// hold (`_rdoc: null`, `_rpromise: false`), kept so that forwarding re-emits the
+    /// descriptor as it came (upstream forwards the original map, spec §5.3).
     pub extra: Map,
 }
 
