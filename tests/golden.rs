@@ -479,3 +479,55 @@ fn golden_packages_decode_to_the_manifest_and_back_through_python() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn fixture_args(name: &str) -> Vec<Value> {
+    let raw = std::fs::read(golden_dir().join("fixtures").join(format!("{name}.bin"))).expect("fixture");
+    let package = decode_package(&Bytes::from(raw), &DecodeLimits::default()).expect("package");
+    match package.extra.and_then(|mut e| e.shift_remove("args")) {
+        Some(Value::List(args)) => args,
+        other => panic!("{name}: no args: {other:?}"),
+    }
+}
+
+/// The Python client's own chunk calls (create, set 1, set 0 — out of order on purpose —
+/// process) drive our reassembler, and the result is exactly the package Python split.
+#[test]
+fn golden_chunk_calls_reassemble_to_the_python_package() {
+    use hypha_core::chunk::{chunk_data_from_value, chunk_index_from_value, Reassembler};
+    let now = std::time::Instant::now();
+    let mut cache = Reassembler::default();
+    let create = fixture_args("chunk_create_call");
+    let key = create[0].as_str().expect("key").to_owned();
+    cache.create(now, &key, false).expect("create");
+    for name in ["chunk_set1_call", "chunk_set0_call"] {
+        let args = fixture_args(name);
+        assert_eq!(args[0].as_str(), Some(key.as_str()));
+        let index = chunk_index_from_value(&args[1]).expect("index");
+        let data = chunk_data_from_value(&args[2]).expect("bin chunk");
+        cache.set(now, &key, index, data).expect("set");
+    }
+    let process = fixture_args("chunk_process_call");
+    assert_eq!(process[0].as_str(), Some(key.as_str()));
+    let package = cache.process(&key).expect("process");
+    let want = std::fs::read(golden_dir().join("fixtures/chunk_reassembled.bin")).expect("reassembled");
+    assert_eq!(package.len(), want.len());
+    assert!(package[..] == want[..], "reassembled bytes differ from the package Python split");
+    let decoded = decode_package(&package, &DecodeLimits::default()).expect("decode reassembled");
+    assert_eq!(decoded.main.get("method").and_then(Value::as_str), Some("services.golden.byte_len"));
+    assert!(cache.is_empty());
+}
+
+/// The Python checker must be able to fail: its self-test alters every fixture in many
+/// ways and expects each alteration to be caught.
+#[test]
+fn golden_python_checker_detects_alterations() {
+    let python = std::env::var("HYPHA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let out = Command::new(&python)
+        .arg(golden_dir().join("check.py"))
+        .args(["--selftest", "-q"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e} (run scripts/setup-python.sh)", python.display()));
+    assert!(out.status.success(), "check.py --selftest failed:\n{}", String::from_utf8_lossy(&out.stdout));
+}
