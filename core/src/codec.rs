@@ -115,6 +115,9 @@ pub enum CodecError {
     /// Raised by an [`ObjectSink`] implementation for failures the codec cannot name.
     #[error("{0}")]
     Other(String),
+    /// An `_rtype` this receiver does not know, with [`DecodeContext::strict_rtypes`] on.
+    #[error("unknown _rtype {0:?}")]
+    UnknownRtype(String),
     /// A function or generator was encoded outside a call session and is not a member of
     /// a registered service (upstream asserts `isinstance(session_id, str)`).
     #[error("a session id is required to encode a {what}")]
@@ -766,12 +769,31 @@ pub struct DecodeContext<'a> {
     pub codecs: &'a CodecRegistry,
     /// Nesting limit (see [`DEFAULT_MAX_DEPTH`]).
     pub max_depth: usize,
+    /// Refuse `_rtype` values that are neither built in, nor a registered codec, nor one
+    /// of the pass-through names upstream peers send ([`PASS_THROUGH_RTYPES`]).
+    ///
+    /// Off by default, because upstream passes unknown `_rtype` maps through as data
+    /// (spec §5.2): that is how a peer's codec reaches a receiver that did not register
+    /// it. Turn it on where a value must be fully understood, e.g. for a service that
+    /// accepts only known types.
+    pub strict_rtypes: bool,
 }
 
+/// `_rtype` values that are data for every receiver: the generator end marker and the
+/// Python-only objects that Rust decodes as maps (spec §5.2).
+pub const PASS_THROUGH_RTYPES: &[&str] = &["stop_iteration", "iostream", "pydantic_model"];
+
 impl<'a> DecodeContext<'a> {
-    /// A context with no workspace, no parent and the default depth limit.
+    /// A context with no workspace, no parent, the default depth limit and lenient
+    /// `_rtype` handling.
     pub fn new(codecs: &'a CodecRegistry) -> Self {
-        Self { remote_workspace: None, remote_parent: None, codecs, max_depth: DEFAULT_MAX_DEPTH }
+        Self {
+            remote_workspace: None,
+            remote_parent: None,
+            codecs,
+            max_depth: DEFAULT_MAX_DEPTH,
+            strict_rtypes: false,
+        }
     }
 }
 
@@ -856,6 +878,13 @@ fn dec_typed(mut m: Map, cx: &DecodeContext<'_>, d: usize) -> Result<Value, Code
             Ok(Value::Set(items))
         }
         "orderedmap" => dec_orderedmap(m, cx, d),
+        other if cx.strict_rtypes && !PASS_THROUGH_RTYPES.contains(&other) => {
+            Err(CodecError::UnknownRtype(match m.shift_remove("_rtype") {
+                Some(Value::Str(s)) => s,
+                Some(v) => format!("<{}>", v.kind()),
+                None => String::new(),
+            }))
+        }
         _ => {
             // Unknown `_rtype` (stop_iteration, iostream, other peers' codecs): decode the
             // members and keep the tag, moved to the end as upstream does.
@@ -1521,6 +1550,24 @@ mod tests {
         let got = enc_with(&plain, &mut sink, Some("S")).unwrap();
         assert!(sink.interfaces.is_empty());
         assert!(!got.as_map().unwrap().contains_key("_rintf_service_id"));
+    }
+
+    #[test]
+    fn unknown_rtype_passes_through_unless_strict() {
+        let reg = CodecRegistry::new();
+        let wire = Value::from(map! { "_rtype" => "mystery", "x" => 1 });
+        let lenient = DecodeContext::new(&reg);
+        assert_eq!(
+            decode(wire.clone(), &lenient).unwrap().as_map().unwrap()["_rtype"],
+            Value::from("mystery")
+        );
+        let strict = DecodeContext { strict_rtypes: true, ..lenient };
+        assert!(matches!(decode(wire, &strict), Err(CodecError::UnknownRtype(t)) if t == "mystery"));
+        // Nested, and with a non-string tag.
+        let nested = Value::from(vec![Value::from(map! { "_rtype" => 5 })]);
+        assert!(matches!(decode(nested, &strict), Err(CodecError::UnknownRtype(t)) if t == "<int>"));
+        // The generator end marker is data even in strict mode.
+        assert!(decode(Value::stop_iteration(), &strict).unwrap().is_stop_iteration());
     }
 
     #[test]
