@@ -337,31 +337,42 @@ prim_element!(
     f32 => Float32, f64 => Float64,
 );
 
-// Complex numbers are numpy's (re, im) pairs. `num_complex::Complex` has that layout
-// (`repr(C)`), but its `bytemuck::Pod` impl sits behind num-complex's `bytemuck` feature,
-// which this workspace does not enable, and we do not reinterpret memory with `unsafe`.
-// So complex arrays are always copied (once) in both directions.
+// Complex numbers are numpy's (re, im) pairs, which is exactly `num_complex::Complex`'s
+// `repr(C)` layout; with num-complex's `bytemuck` feature it is `Pod`, so on little-endian
+// hosts complex arrays move and borrow without copies like the real types.
 macro_rules! complex_element {
     ($($t:ty => $dtype:ident),* $(,)?) => {$(
         impl sealed::Sealed for Complex<$t> {
             const SIZE: usize = 2 * <$t as Prim>::SIZE;
 
             fn vec_into_bytes(v: Vec<Self>) -> Bytes {
-                let mut out = Vec::with_capacity(v.len() * <Self as sealed::Sealed>::SIZE);
-                Self::extend_wire(&v, &mut out);
-                Bytes::from(out)
-            }
-
-            fn extend_wire(s: &[Self], out: &mut Vec<u8>) {
-                out.reserve(s.len() * <Self as sealed::Sealed>::SIZE);
-                for c in s {
-                    c.re.put_le(out);
-                    c.im.put_le(out);
+                if cfg!(target_endian = "little") {
+                    Bytes::from_owner(VecOwner(v))
+                } else {
+                    let mut out = Vec::with_capacity(v.len() * <Self as sealed::Sealed>::SIZE);
+                    Self::extend_wire(&v, &mut out);
+                    Bytes::from(out)
                 }
             }
 
-            fn try_borrow(_bytes: &[u8]) -> Option<&[Self]> {
-                None
+            fn extend_wire(s: &[Self], out: &mut Vec<u8>) {
+                if cfg!(target_endian = "little") {
+                    out.extend_from_slice(bytemuck::cast_slice(s));
+                } else {
+                    out.reserve(s.len() * <Self as sealed::Sealed>::SIZE);
+                    for c in s {
+                        c.re.put_le(out);
+                        c.im.put_le(out);
+                    }
+                }
+            }
+
+            fn try_borrow(bytes: &[u8]) -> Option<&[Self]> {
+                if cfg!(target_endian = "little") {
+                    bytemuck::try_cast_slice(bytes).ok()
+                } else {
+                    None
+                }
             }
 
             fn decode(bytes: &[u8]) -> Result<Vec<Self>, ArrayError> {
@@ -448,7 +459,7 @@ impl NdArray {
     /// Wraps an owned `ndarray` array for sending, without copying its elements when
     /// the array is in standard (C) layout on a little-endian host: the array's buffer
     /// becomes the owner of `data`. Other layouts (transposed, strided) are copied once
-    /// into C order. Complex arrays are always copied (see [`Element`]).
+    /// into C order.
     pub fn from_array<T: Element, D: Dimension>(a: Array<T, D>) -> NdArray {
         let shape = a.shape().to_vec();
         let len = a.len();
@@ -698,6 +709,10 @@ mod conversion_tests {
         let v = vec![true, false, true];
         let ptr = v.as_ptr() as *const u8;
         assert_eq!(NdArray::from_array(Array1::from(v)).data.as_ptr(), ptr);
+
+        let v = vec![Complex::new(1.0f32, 2.0), Complex::new(-3.0, 0.5)];
+        let ptr = v.as_ptr() as *const u8;
+        assert_eq!(NdArray::from_array(Array1::from(v)).data.as_ptr(), ptr);
     }
 
     #[test]
@@ -711,6 +726,11 @@ mod conversion_tests {
         let v = nd.view::<bool>().unwrap();
         assert!(v.is_view());
         assert_eq!(v.as_ptr() as *const u8, nd.data.as_ptr());
+        // complex128 borrows as (re, im) pairs.
+        let nd = NdArray::from_array(array![Complex::new(1.0f64, -1.0), Complex::new(0.5, 2.0)]);
+        let v = nd.view::<Complex<f64>>().unwrap();
+        assert!(v.is_view());
+        assert_eq!(v[[1]], Complex::new(0.5, 2.0));
     }
 
     #[test]
