@@ -378,7 +378,8 @@ impl Endpoint {
         let mut settled = self.table.handle_send_failed(session, &error);
         if !settled.iter().any(|s| s.session == session) {
             // Fire-and-forget calls have no pending call in the table to fail.
-            let error = CallError::SendFailed { target: method.target.clone(), method: method.method.clone(), error };
+            let error =
+                CallError::SendFailed { target: method.target.clone(), method: method.method.clone(), error };
             settled.push(SettledCall { session: session.to_owned(), outcome: CallOutcome::Failed(error) });
         }
         self.settle(now, settled);
@@ -421,7 +422,14 @@ impl Endpoint {
         self.upload_call(now, id, UploadStep::GetBuiltin, &get_service, vec!["built-in".into()]);
     }
 
-    fn upload_call(&mut self, now: Instant, id: u64, step: UploadStep, method: &RemoteMethod, args: Vec<Value>) {
+    fn upload_call(
+        &mut self,
+        now: Instant,
+        id: u64,
+        step: UploadStep,
+        method: &RemoteMethod,
+        args: Vec<Value>,
+    ) {
         if let Err(e) = self.send_call(now, method, args, None, None, Then::Upload { id, step }) {
             self.fail_upload(now, id, e);
         }
@@ -438,7 +446,8 @@ impl Endpoint {
             failed => {
                 let error = failed.error_message().unwrap_or_default();
                 if step == UploadStep::Chunk {
-                    let remove = self.uploads.get(&id).and_then(|u| u.plan.as_ref()).map(ChunkPlan::remove_call);
+                    let remove =
+                        self.uploads.get(&id).and_then(|u| u.plan.as_ref()).map(ChunkPlan::remove_call);
                     let target = self.uploads.get(&id).map(|u| u.target.clone());
                     if let (Some(call), Some(target)) = (remove, target) {
                         let rm = remote(&target, &call.method_path());
@@ -558,7 +567,8 @@ impl Endpoint {
             Err(e) => return self.dropped.push(e),
         };
         // 4-6. Lookup and permission.
-        let incoming = IncomingCall { from, method, local_parent: main.parent.as_deref(), ..Default::default() };
+        let incoming =
+            IncomingCall { from, method, local_parent: main.parent.as_deref(), ..Default::default() };
         let target = match self.table.lookup(now, &incoming) {
             Ok(t) => t,
             Err(e) => return self.answer(now, reply, Err(e.to_string())),
@@ -585,11 +595,17 @@ impl Endpoint {
 
     /// Expands a compact promise (spec §4.3) and decodes the callbacks into proxies that
     /// carry `parent = caller's session`.
-    fn decode_promise(&self, main: &MainSegment, extra: &Map, remote_ws: &str) -> Result<Option<ReplyTo>, String> {
+    fn decode_promise(
+        &self,
+        main: &MainSegment,
+        extra: &Map,
+        remote_ws: &str,
+    ) -> Result<Option<ReplyTo>, String> {
         let Some(promise) = Promise::from_extra(extra).map_err(|e| e.to_string())? else { return Ok(None) };
         let promise = match promise {
             Promise::Compact { interval } => {
-                let (from, method) = (main.from.as_deref().unwrap_or(""), main.method.as_deref().unwrap_or(""));
+                let (from, method) =
+                    (main.from.as_deref().unwrap_or(""), main.method.as_deref().unwrap_or(""));
                 let session = main.session.as_deref().ok_or("compact promise without a session")?;
                 message::expand_compact(from, session, method, interval, None).map_err(|e| e.to_string())?
             }
@@ -635,7 +651,8 @@ impl Endpoint {
         let Value::List(args) = codec::decode(Value::List(wire), &cx).map_err(|e| e.to_string())? else {
             return Err("arguments did not decode to a list".into());
         };
-        let (args, kwargs) = codec::split_kwargs(args, message::with_kwargs(extra)).map_err(|e| e.to_string())?;
+        let (args, kwargs) =
+            codec::split_kwargs(args, message::with_kwargs(extra)).map_err(|e| e.to_string())?;
         Ok((args, kwargs.unwrap_or_default()))
     }
 
@@ -707,7 +724,9 @@ impl Endpoint {
     fn run_builtin(&mut self, builtin: Builtin, inv: Invocation) -> Result<Value, String> {
         let arg = |i: usize| inv.args.get(i).cloned().unwrap_or_default();
         let flag = |i: usize| arg(i).as_bool().unwrap_or(false);
-        let text = |i: usize| arg(i).as_str().map(str::to_owned).ok_or_else(|| format!("argument {i} must be a string"));
+        let text = |i: usize| {
+            arg(i).as_str().map(str::to_owned).ok_or_else(|| format!("argument {i} must be a string"))
+        };
         let ctx_str = |k: &str| inv.ctx.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
         let e = |e: chunk::ChunkError| e.to_string();
         match builtin {
@@ -814,16 +833,23 @@ impl Endpoint {
         let timed_out = self.table.handle_timeout(now);
         self.settle(now, timed_out);
         self.cache.evict_expired(now);
-        let due: Vec<String> =
-            self.running.iter().filter(|(_, r)| r.next_heartbeat.is_some_and(|t| t <= now)).map(|(k, _)| k.clone()).collect();
+        let due: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.next_heartbeat.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
         for name in due {
             let Some(running) = self.running.get_mut(&name) else { continue };
-            let (Some(heartbeat), Some(interval)) = (running.reply.heartbeat.clone(), running.reply.interval) else {
+            let (Some(heartbeat), Some(interval)) = (running.reply.heartbeat.clone(), running.reply.interval)
+            else {
                 continue;
             };
             running.next_heartbeat = Some(now + interval.max(Duration::from_millis(1)));
             let parent = running.reply.local_parent.clone();
-            if let Err(e) = self.send_call(now, &heartbeat, Vec::new(), None, parent.as_deref(), Then::Discard) {
+            if let Err(e) =
+                self.send_call(now, &heartbeat, Vec::new(), None, parent.as_deref(), Then::Discard)
+            {
                 self.dropped.push(e);
             }
         }
@@ -840,7 +866,9 @@ impl Endpoint {
 
     fn error(&self, session: &str) -> String {
         match self.outcomes.get(session) {
-            Some(o @ (CallOutcome::Rejected(_) | CallOutcome::Failed(_))) => o.error_message().unwrap_or_default(),
+            Some(o @ (CallOutcome::Rejected(_) | CallOutcome::Failed(_))) => {
+                o.error_message().unwrap_or_default()
+            }
             other => panic!("{}: call {session} did not fail: {other:?}", self.id),
         }
     }
@@ -865,7 +893,9 @@ impl Endpoint {
 fn sending_order(n: usize, mode: UploadMode) -> Vec<usize> {
     match mode {
         UploadMode::Append => (0..n).collect(),
-        UploadMode::Indexed => (0..n).rev().filter(|i| i % 2 == 1).chain((0..n).filter(|i| i % 2 == 0)).collect(),
+        UploadMode::Indexed => {
+            (0..n).rev().filter(|i| i % 2 == 1).chain((0..n).filter(|i| i % 2 == 0)).collect()
+        }
     }
 }
 
@@ -941,7 +971,9 @@ impl Net {
     fn advance(&mut self, by: Duration) {
         let until = self.now + by;
         self.run();
-        while let Some(t) = self.endpoints.values().filter_map(Endpoint::next_timer).min().filter(|t| *t <= until) {
+        while let Some(t) =
+            self.endpoints.values().filter_map(Endpoint::next_timer).min().filter(|t| *t <= until)
+        {
             self.now = self.now.max(t);
             let now = self.now;
             for ep in self.endpoints.values_mut() {
@@ -958,7 +990,9 @@ impl Net {
     fn route(&mut self, sender: &str, frame: Bytes) {
         self.largest_frame = self.largest_frame.max(frame.len());
         let (ws, cid) = sender.split_once('/').expect("endpoint ids are ws/cid");
-        let user = Value::from(map! { "id" => format!("user-{cid}"), "is_anonymous" => true, "email" => Value::Nil });
+        let user = Value::from(
+            map! { "id" => format!("user-{cid}"), "is_anonymous" => true, "email" => Value::Nil },
+        );
         let mut routing = None;
         let stamped = package::restamp(&frame, &self.limits, |main| {
             let Ok(mut seg) = MainSegment::from_map(std::mem::take(main)) else { return };
@@ -971,10 +1005,18 @@ impl Net {
         // The extra segment travels byte for byte.
         let (_, extra_at) = package::split_main(&frame, &self.limits).expect("the sender's frame decodes");
         let extra_len = frame.len() - extra_at;
-        assert_eq!(&stamped[stamped.len() - extra_len..], &frame[extra_at..], "the router touched the extra bytes");
+        assert_eq!(
+            &stamped[stamped.len() - extra_len..],
+            &frame[extra_at..],
+            "the router touched the extra bytes"
+        );
         if let Some(trace) = &mut self.trace {
             let p = package::decode_package(&stamped, &self.limits).expect("stamped frames decode");
-            trace.push(Traced { sender: sender.to_owned(), main: p.main, extra: p.extra.unwrap_or_default() });
+            trace.push(Traced {
+                sender: sender.to_owned(),
+                main: p.main,
+                extra: p.extra.unwrap_or_default(),
+            });
         }
         match self.endpoints.get_mut(&to) {
             Some(ep) => ep.handle_frame(self.now, stamped),
@@ -984,9 +1026,9 @@ impl Net {
                 // is dropped.
                 let Some(session) = session else { return };
                 let main = map! { "type" => "method", "from" => to.as_str(), "to" => sender,
-                                  "method" => format!("{session}.reject") };
+                "method" => format!("{session}.reject") };
                 let error = map! { "_rtype" => "error", "_rvalue" => format!("Target peer {to} is not connected"),
-                                   "_rtrace" => "" };
+                "_rtrace" => "" };
                 let extra = map! { "args" => vec![Value::from(error)] };
                 let reject = package::encode_package(&main, Some(&extra)).expect("encode the reject");
                 let now = self.now;
@@ -1002,7 +1044,7 @@ impl Net {
         self.endpoints.remove(id);
         let (ws, cid) = id.split_once('/').expect("endpoint ids are ws/cid");
         let event = map! { "type" => "client_disconnected", "to" => "*",
-                           "data" => map! { "id" => cid, "workspace" => ws } };
+        "data" => map! { "id" => cid, "workspace" => ws } };
         let frame = Bytes::from(package::encode_package(&event, None).expect("encode the event"));
         let now = self.now;
         for (other, ep) in &mut self.endpoints {
@@ -1081,7 +1123,8 @@ fn explicit_promise_get_service_resolves_with_callable_descriptors() {
     let mut net = Net::new(&[CONS, PROV]);
     net.ep(PROV).register(map! { "id" => "demo", "add" => add_function(), "const" => 42 });
     net.start_trace();
-    let get = RemoteMethod { promise: PromiseMode::Explicit, ..remote(PROV, "services.built-in.get_service") };
+    let get =
+        RemoteMethod { promise: PromiseMode::Explicit, ..remote(PROV, "services.built-in.get_service") };
     let call = net.call(CONS, &get, vec!["demo".into()], None);
     net.run();
 
@@ -1122,7 +1165,8 @@ fn callback_works_during_the_call_and_expires_with_it() {
     });
     net.ep(PROV).register(map! { "id" => "demo", "with_progress" => with_progress });
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let call = net.call(CONS, &remote(PROV, "services.demo.with_progress"), vec![recorder("progress", &seen)], None);
+    let call =
+        net.call(CONS, &remote(PROV, "services.demo.with_progress"), vec![recorder("progress", &seen)], None);
     net.run();
 
     assert_eq!(net.ep(CONS).resolved(&call), Value::from("done"));
@@ -1217,7 +1261,12 @@ fn rintf_interface_outlives_the_call_until_disposed() {
     net.ep(CONS).assert_idle();
 
     let (service_id, allowed) = {
-        let (id, svc) = net.ep(CONS).table.services().find(|(id, _)| id.starts_with("_rintf_")).expect("a _rintf service");
+        let (id, svc) = net
+            .ep(CONS)
+            .table
+            .services()
+            .find(|(id, _)| id.starts_with("_rintf_"))
+            .expect("a _rintf service");
         (id.to_owned(), svc.config.rintf_allowed_caller.clone())
     };
     assert_eq!(allowed.as_deref(), Some(PROV));
@@ -1289,7 +1338,8 @@ fn silent_callee_times_out_but_heartbeats_keep_a_call_alive() {
     let call = net.call(CONS, &remote(PROV, "services.demo.slow"), Vec::new(), None);
     net.advance(Duration::from_secs(100));
     assert!(!net.ep(CONS).outcomes.contains_key(&call), "heartbeats every 15 s keep the 30 s timer away");
-    let heartbeats = net.traced().iter().filter(|t| t.main["method"] == Value::from(format!("{call}.heartbeat")));
+    let heartbeats =
+        net.traced().iter().filter(|t| t.main["method"] == Value::from(format!("{call}.heartbeat")));
     assert_eq!(heartbeats.count(), 6, "at 15, 30, ..., 90 s");
     let now = net.now;
     net.ep(PROV).finish(now, "slow", Ok(42.into()));
@@ -1315,7 +1365,8 @@ fn one_megabyte_argument_travels_through_message_cache() {
     // What the provider received: a get_service round trip, then create, the sets in
     // shuffled order, and process; never the big call itself.
     let to_prov: Vec<&Traced> = net.traced().iter().filter(|t| t.sender == CONS).collect();
-    let methods: Vec<String> = to_prov.iter().map(|t| t.main["method"].as_str().unwrap_or("").to_owned()).collect();
+    let methods: Vec<String> =
+        to_prov.iter().map(|t| t.main["method"].as_str().unwrap_or("").to_owned()).collect();
     assert_eq!(methods[0], "services.built-in.get_service");
     assert_eq!(methods[1], "services.built-in.message_cache.create");
     assert_eq!(methods.last().map(String::as_str), Some("services.built-in.message_cache.process"));
