@@ -1161,7 +1161,8 @@ fn callback_works_during_the_call_and_expires_with_it() {
             ep.call(inv.now, &progress, vec![Value::from(i)], None);
         }
         *keep.lock().expect("lock") = Some(progress);
-        Reply::Return("done".into())
+        // Await the three callbacks before answering.
+        Reply::Defer("with_progress".into())
     });
     net.ep(PROV).register(map! { "id" => "demo", "with_progress" => with_progress });
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -1169,14 +1170,23 @@ fn callback_works_during_the_call_and_expires_with_it() {
         net.call(CONS, &remote(PROV, "services.demo.with_progress"), vec![recorder("progress", &seen)], None);
     net.run();
 
-    assert_eq!(net.ep(CONS).resolved(&call), Value::from("done"));
+    // The callbacks ran while the call was pending, and their results came back.
+    assert!(!net.ep(CONS).outcomes.contains_key(&call));
     assert_eq!(*seen.lock().expect("lock"), vec![Value::from(1), Value::from(2), Value::from(3)]);
     let prov = net.ep(PROV);
-    assert_eq!(prov.outcomes.len(), 3);
-    assert!(prov.outcomes.values().all(|o| matches!(o, CallOutcome::Resolved(_))));
+    let mut returned: Vec<i64> = prov.outcomes.keys().map(|s| int(&prov.resolved(s))).collect();
+    returned.sort_unstable();
+    assert_eq!(returned, vec![1, 2, 3]);
     let progress = stored.lock().expect("lock").clone().expect("the callback proxy");
     assert_eq!(progress.remote_parent.as_deref(), Some(call.as_str()), "decoded with the call's session");
     assert!(progress.method.starts_with(&format!("{call}.")) && progress.method.ends_with("#progress"));
+    assert_eq!(net.ep(CONS).table.session_count(), 1, "only the call session");
+    assert_eq!(net.ep(CONS).table.total_session_count(), 1, "callback replies left no nested sessions");
+
+    let now = net.now;
+    net.ep(PROV).finish(now, "with_progress", Ok("done".into()));
+    net.run();
+    assert_eq!(net.ep(CONS).resolved(&call), Value::from("done"));
     net.ep(CONS).assert_idle();
     net.ep(PROV).assert_idle();
 
@@ -1391,10 +1401,14 @@ fn callee_disconnect_rejects_pending_calls() {
     let mut net = Net::new(&[CONS, PROV]);
     net.ep(PROV).register(map! { "id" => "demo", "stuck" => function("stuck", |_, _| Reply::Hang) });
     let stuck = remote(PROV, "services.demo.stuck");
-    let call = net.call(CONS, &stuck, Vec::new(), None);
+    // The pending call also hands the provider a `_rintf` interface.
+    let listener = map! { "_rintf" => true, "on_event" => recorder("on_event", &Arc::default()) };
+    let call = net.call(CONS, &stuck, vec![listener.into()], None);
     net.run();
+    assert_eq!(net.ep(CONS).table.service_count(), 2, "built-in and the _rintf service");
     net.disconnect(PROV);
     assert_eq!(net.ep(CONS).error(&call), "Client disconnected: ws/prov");
+    assert_eq!(net.ep(CONS).table.service_count(), 1, "the _rintf service went with its allowed caller");
     net.ep(CONS).assert_idle();
 
     // A call to the peer that is gone gets the server's synthetic reject.
@@ -1452,6 +1466,39 @@ fn ten_thousand_calls_with_callbacks_leave_no_sessions() {
     let prov = net.ep(PROV);
     assert_eq!(prov.outcomes.len(), 10_000);
     assert!(prov.outcomes.values().all(|o| matches!(o, CallOutcome::Resolved(_))));
+    net.ep(CONS).assert_idle();
+    net.ep(PROV).assert_idle();
+}
+
+#[test]
+fn one_megabyte_result_is_chunked_back_under_the_callers_session() {
+    let mut net = Net::new(&[CONS, PROV]);
+    let blob = function("blob", |_, inv| {
+        let n = usize::try_from(int(&inv.args[0])).unwrap_or(0);
+        Reply::Return(Bytes::from(vec![7u8; n]).into())
+    });
+    net.ep(PROV).register(map! { "id" => "demo", "blob" => blob });
+    net.start_trace();
+    let call = net.call(CONS, &remote(PROV, "services.demo.blob"), vec![(1i64 << 20).into()], None);
+    net.run();
+    let result = net.ep(CONS).resolved(&call);
+    assert_eq!(result.as_bytes().map(Bytes::len), Some(1 << 20));
+
+    // The resolve's remote parent is the caller's session: it is the cache key, and every
+    // cache call carries heartbeat = true for it (spec §3 step 2).
+    let cache_calls: Vec<&Traced> = net
+        .traced()
+        .iter()
+        .filter(|t| t.sender == PROV)
+        .filter(|t| t.main["method"].as_str().is_some_and(|m| m.contains("message_cache")))
+        .collect();
+    assert_eq!(cache_calls.len(), 7, "create, 5 sets, process");
+    for t in &cache_calls {
+        let args = t.extra["args"].as_list().expect("args");
+        assert_eq!(args[0], Value::from(call.as_str()), "key = the caller's session");
+        assert_eq!(args.last(), Some(&Value::Bool(true)), "heartbeat flag");
+    }
+    assert!(net.largest_frame < CHUNK_THRESHOLD);
     net.ep(CONS).assert_idle();
     net.ep(PROV).assert_idle();
 }
