@@ -22,6 +22,13 @@ step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 step "cargo test"
-cargo test --workspace --locked
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
 
-echo "scripts/test.sh: all checks passed in $(( $(date +%s) - start ))s"
+# One closing line for the whole run (cargo prints one per test binary, the last of
+# which is often an empty doc-test crate).
+secs=$(( $(date +%s) - start ))
+awk -v secs="$secs" '
+  /^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+  END { printf "\nscripts/test.sh: all checks passed in %ss\n%d passed, %d failed\n", secs, p, f }' "$log"
