@@ -2,8 +2,9 @@
 //!
 //! * a small call package (`add(1, b=5)` with a compact promise), encode and decode, ns/op;
 //! * a 64 MiB float32 ndarray package, encode and decode, GB/s;
-//! * for scale, on the same machine in the same run: a 64 MiB `memcpy` and 64 MiB through
-//!   a TCP socket on 127.0.0.1 (the floor any websocket transport sits on).
+//! * for scale, on the same machine in the same run: a 64 MiB `memcpy` (into warm memory,
+//!   and into a fresh allocation, which is what building a frame costs at least) and
+//!   64 MiB through a TCP socket on 127.0.0.1 (the floor any websocket transport sits on).
 //!
 //! Run: `cargo bench --bench codec`. The README's performance section quotes it.
 
@@ -113,6 +114,15 @@ fn machine_floor(c: &mut Criterion) {
         b.iter(|| {
             dst.copy_from_slice(black_box(&src));
             black_box(dst[BIG - 1])
+        })
+    });
+    // A copy into freshly allocated memory: the floor for anything that must produce a
+    // new frame (page faults included), which is what packing a package does.
+    g.bench_function("memcpy_into_fresh_vec", |b| {
+        b.iter(|| {
+            let mut v = Vec::with_capacity(BIG);
+            v.extend_from_slice(black_box(&src));
+            v
         })
     });
 
