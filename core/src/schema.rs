@@ -80,11 +80,16 @@ pub(crate) fn value_to_json(v: &Value) -> Result<Json, SchemaError> {
         Value::F64(f) => float_json(*f)?,
         Value::Str(s) => Json::String(s.clone()),
         Value::List(l) => Json::Array(l.iter().map(value_to_json).collect::<Result<_, _>>()?),
-        Value::Map(m) => Json::Object(
-            m.iter().map(|(k, v)| Ok((k.clone(), value_to_json(v)?))).collect::<Result<_, SchemaError>>()?,
-        ),
+        Value::Map(m) => map_to_json(m)?,
         other => return Err(SchemaError::NotJson(other.kind())),
     })
+}
+
+/// [`value_to_json`] of a map, without wrapping it in a [`Value`] first (no clone).
+fn map_to_json(m: &Map) -> Result<Json, SchemaError> {
+    Ok(Json::Object(
+        m.iter().map(|(k, v)| Ok((k.clone(), value_to_json(v)?))).collect::<Result<_, SchemaError>>()?,
+    ))
 }
 
 fn float_json(f: f64) -> Result<Json, SchemaError> {
@@ -209,6 +214,12 @@ impl Visibility {
     }
 }
 
+impl std::fmt::Display for Visibility {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Serialize for Visibility {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())
@@ -305,7 +316,10 @@ pub struct ServiceConfig {
 impl ServiceConfig {
     /// Reads a config from JSON, applying the Python client's `add_service` checks first
     /// (in its order) so that bad input fails with upstream's texts. Trusted keys must also
-    /// be hex (Python only checks the length; see [`ServiceConfig::validate`]).
+    /// be hex (Python only checks the length; see [`ServiceConfig::validate`]). A falsy
+    /// `require_context`, `run_in_executor` or `trusted_keys` of another type (`false`, `0`,
+    /// `""`) reads as unset, as Python tests them by truthiness; a truthy value of the wrong
+    /// type is refused ([`SchemaError::Shape`]) rather than guessed at.
     pub fn from_json(json: &Json) -> Result<Self, SchemaError> {
         let obj = json.as_object().ok_or_else(|| SchemaError::Shape {
             what: "service config",
@@ -336,13 +350,28 @@ impl ServiceConfig {
                 }
             }
         }
-        serde_json::from_value(json.clone())
+        let mut obj = obj.clone();
+        // Python reads these three keys by truthiness (`if config.get(key):`), so a falsy
+        // value of any type (`false`, `0`, `""`, `{}`) means "not set" there. Lists are kept
+        // as they are: `[]` is a valid, empty list of the declared type.
+        for key in ["require_context", "run_in_executor", "trusted_keys"] {
+            if let Some(v) = obj.get_mut(key).filter(|v| !truthy(v) && !v.is_array()) {
+                *v = Json::Null;
+            }
+        }
+        serde_json::from_value(Json::Object(obj))
             .map_err(|e| SchemaError::Shape { what: "service config", message: e.to_string() })
     }
 
-    /// Reads a config from a [`Value`] map (via JSON; see the module docs).
+    /// Reads a config from a [`Value`] (via JSON; see the module docs).
     pub fn from_value(value: &Value) -> Result<Self, SchemaError> {
         Self::from_json(&value_to_json(value)?)
+    }
+
+    /// Reads a config from the `config` map of a local service, as `add_service` does (via
+    /// JSON, without copying the map into a [`Value`] first).
+    pub fn from_map(map: &Map) -> Result<Self, SchemaError> {
+        Self::from_json(&map_to_json(map)?)
     }
 
     /// The config as JSON.
@@ -391,6 +420,17 @@ impl ServiceConfig {
     pub fn trusted_keys(&self) -> Option<&[String]> {
         self.trusted_keys.as_deref().filter(|k| !k.is_empty())
     }
+
+    /// Whether the Python-local `run_in_executor` hint is set (false when unset).
+    pub fn runs_in_executor(&self) -> bool {
+        self.run_in_executor == Some(true)
+    }
+
+    /// Whether the service is local-only (`_local_only: true`, the `_rintf` services): it is
+    /// never sent to the server, so re-registration on reconnect skips it.
+    pub fn is_local_only(&self) -> bool {
+        self.local_only == Some(true)
+    }
 }
 
 fn is_key_hex(s: &str) -> bool {
@@ -406,8 +446,11 @@ fn is_key_hex(s: &str) -> bool {
 pub const RESERVED_SERVICE_KEYS: [&str; 8] =
     ["id", "config", "name", "description", "type", "docs", "app_id", "service_schema"];
 
+/// The `type` of a service that does not set one (client and server agree on it).
+pub const DEFAULT_SERVICE_TYPE: &str = "generic";
+
 fn default_type() -> String {
-    "generic".into()
+    DEFAULT_SERVICE_TYPE.into()
 }
 
 fn default_app_id() -> String {
@@ -454,11 +497,17 @@ fn empty_object() -> Json {
 impl ServiceInfo {
     /// Reads a service info from JSON, validating the config as [`ServiceConfig::from_json`].
     pub fn from_json(json: &Json) -> Result<Self, SchemaError> {
-        if let Some(config) = json.get("config") {
-            ServiceConfig::from_json(config)?;
+        let config = json.get("config").map(ServiceConfig::from_json).transpose()?;
+        // The config is the one `ServiceConfig::from_json` read (falsy keys normalised), not
+        // serde's plain reading of the same JSON, so serde reads the rest without it.
+        let mut rest = json.clone();
+        if let Some(obj) = rest.as_object_mut() {
+            obj.remove("config");
         }
-        serde_json::from_value(json.clone())
-            .map_err(|e| SchemaError::Shape { what: "service info", message: e.to_string() })
+        let mut info: Self = serde_json::from_value(rest)
+            .map_err(|e| SchemaError::Shape { what: "service info", message: e.to_string() })?;
+        info.config = config.unwrap_or_default();
+        Ok(info)
     }
 
     /// Reads a service info from a decoded [`Value`] (for instance a `register_service`
@@ -1122,6 +1171,48 @@ mod tests {
         // Serialization keeps `_`-prefixed names and puts extras last.
         let j = cfg(r#"{"zzz": 1, "visibility": "unlisted", "_local_only": true}"#).unwrap().to_json();
         assert_eq!(compact(&j), r#"{"visibility":"unlisted","_local_only":true,"zzz":1}"#);
+    }
+
+    #[test]
+    fn falsy_keys_read_as_unset() {
+        for v in ["false", "0", "\"\"", "{}", "null"] {
+            let c =
+                cfg(&format!(r#"{{"require_context": {v}, "run_in_executor": {v}, "trusted_keys": {v}}}"#))
+                    .unwrap();
+            assert_eq!(
+                (c.require_context.clone(), c.run_in_executor, c.trusted_keys.clone()),
+                (None, None, None)
+            );
+            assert!(!c.requires_context("f") && !c.runs_in_executor() && c.trusted_keys().is_none());
+        }
+        // Truthy values of the wrong type stay errors; the list form of an empty value stays.
+        assert!(matches!(cfg(r#"{"require_context": 1}"#), Err(SchemaError::Shape { .. })));
+        assert!(matches!(cfg(r#"{"run_in_executor": "yes"}"#), Err(SchemaError::Shape { .. })));
+        assert_eq!(
+            cfg(r#"{"require_context": []}"#).unwrap().require_context,
+            Some(RequireContext::Only(vec![]))
+        );
+        // ServiceInfo reads its config the same way.
+        let info =
+            ServiceInfo::from_json(&json!({"id": "w/c:s", "config": {"trusted_keys": false}})).unwrap();
+        assert_eq!(info.config.trusted_keys, None);
+        assert_eq!(info.id, "w/c:s");
+        assert!(ServiceInfo::from_json(&json!({"id": "w/c:s", "config": {"trusted_keys": "k"}})).is_err());
+    }
+
+    #[test]
+    fn from_map_and_accessors() {
+        let mut m = Map::new();
+        m.insert("visibility".into(), Value::from("unlisted"));
+        m.insert("_local_only".into(), Value::Bool(true));
+        m.insert("run_in_executor".into(), Value::Bool(true));
+        let c = ServiceConfig::from_map(&m).unwrap();
+        assert_eq!(c, ServiceConfig::from_value(&Value::Map(m.clone())).unwrap());
+        assert!(c.is_local_only() && c.runs_in_executor());
+        assert_eq!(c.visibility().to_string(), "unlisted");
+        assert!(!ServiceConfig::default().is_local_only());
+        m.insert("blob".into(), Value::Bytes(bytes::Bytes::from_static(b"x")));
+        assert_eq!(ServiceConfig::from_map(&m), Err(SchemaError::NotJson("bytes")));
     }
 
     #[test]

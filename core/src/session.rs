@@ -18,20 +18,21 @@
 //! `call_sent`, `close`, ...); inputs (`handle_*`, `lookup`); outputs (`poll_timeout`).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
 
 use crate::codec::{CodecError, ObjectSink, StoredFunction};
-use crate::ids::random_id;
+use crate::ids::{random_id, short_service_id, WILDCARD};
+use crate::schema::{SchemaError, ServiceConfig, Visibility, DEFAULT_SERVICE_TYPE};
 use crate::value::{
     ErrorValue, Function, Handler, LocalFunction, LocalGenerator, Map, PromiseMode, RemoteMethod, Value,
 };
 
-/// Id of the service every client registers first (spec §7.4).
-pub const BUILTIN_SERVICE_ID: &str = "built-in";
+/// Id of the service every client registers first (spec §7.4); one constant with the
+/// chunk sender's, which addresses the same service on the peer.
+pub use crate::chunk::BUILTIN_SERVICE_ID;
 /// Prefix of the local-only services minted for `_rintf` maps (spec §5.5).
 pub const RINTF_PREFIX: &str = "_rintf_";
 /// Top-level store key of the persistent services.
@@ -139,27 +140,11 @@ pub enum ServiceError {
     /// `config` is present but not a map.
     #[error("Service config must be a map")]
     ConfigNotMap,
-    /// `config.visibility` is not one of the three known values.
-    #[error("Invalid visibility: {0} (must be one of protected, public, unlisted)")]
-    InvalidVisibility(String),
-    /// `authorized_workspaces` with a visibility other than `protected`.
-    #[error("authorized_workspaces can only be set when visibility is 'protected', got visibility='{0}'")]
-    AuthorizedWorkspacesVisibility(String),
-    /// `authorized_workspaces` is not a list.
-    #[error("authorized_workspaces must be a list of workspace ids")]
-    AuthorizedWorkspacesNotList,
-    /// An element of `authorized_workspaces` is not a string.
-    #[error("Each workspace id in authorized_workspaces must be a string, got {0}")]
-    AuthorizedWorkspaceNotString(&'static str),
-    /// `trusted_keys` is set but not a list.
-    #[error("trusted_keys must be a list of hex-encoded public keys")]
-    TrustedKeysNotList,
-    /// An element of `trusted_keys` is not a 64-character hex string.
-    #[error("Each trusted key must be a 64-char hex string, got: {0}")]
-    InvalidTrustedKey(String),
-    /// `add_service` without overwrite for an id that exists.
-    #[error("Service already exists: {0}, please specify a different id (not {0}) or overwrite=True")]
-    AlreadyExists(String),
+    /// The config failed [`ServiceConfig::from_map`] (upstream's `ValueError` texts), or
+    /// the id exists and `overwrite` is false ([`SchemaError::ServiceExists`]). One error
+    /// type for both, so a service config is judged the same way wherever it is read.
+    #[error(transparent)]
+    Config(#[from] SchemaError),
     /// Unknown service id (unregister, get_local_service).
     #[error("Service not found: {0}")]
     NotFound(String),
@@ -252,29 +237,6 @@ pub enum CallError {
 // ---------------------------------------------------------------------------------------
 // Public data types
 // ---------------------------------------------------------------------------------------
-
-/// Service visibility (spec §7.6).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Visibility {
-    /// Callable from the own workspace, `authorized_workspaces` and the manager only.
-    #[default]
-    Protected,
-    /// Listed and callable by anyone.
-    Public,
-    /// Not listed, callable by anyone.
-    Unlisted,
-}
-
-impl Visibility {
-    /// The config string.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Visibility::Protected => "protected",
-            Visibility::Public => "public",
-            Visibility::Unlisted => "unlisted",
-        }
-    }
-}
 
 /// Per-function metadata of a registered service function (spec §5.6).
 ///
@@ -498,54 +460,14 @@ pub struct RemovedService {
     pub notify_server: bool,
 }
 
-/// Validated service configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct ServiceConfig {
-    /// `config.visibility`.
-    pub visibility: Visibility,
-    /// `config.authorized_workspaces`.
-    pub authorized_workspaces: Option<Vec<String>>,
-    /// `config.trusted_keys` (non-empty), as a set.
-    pub trusted_keys: Option<HashSet<String>>,
-    /// `config.require_context`.
-    pub require_context: RequireContext,
-    /// `config.run_in_executor`.
-    pub run_in_executor: bool,
-    /// `config._local_only`: never registered with the server.
-    pub local_only: bool,
-    /// `config._rintf_allowed_caller`.
-    pub rintf_allowed_caller: Option<String>,
-}
-
-/// Which functions of a service get the call context.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub enum RequireContext {
-    /// None.
-    #[default]
-    None,
-    /// Every function (`require_context: true`).
-    All,
-    /// Functions whose path below the service id is listed (Python's rule, e.g. `"nested.fn"`).
-    Paths(Vec<String>),
-}
-
-impl RequireContext {
-    fn applies_to(&self, path: &str) -> bool {
-        match self {
-            RequireContext::None => false,
-            RequireContext::All => true,
-            RequireContext::Paths(p) => p.iter().any(|x| x == path),
-        }
-    }
-}
-
 /// A stored local service.
 #[derive(Clone, Debug)]
 pub struct Service {
     /// The normalised service map (`id`, `name`, `type`, `config`, members), as
     /// `get_service` returns it.
     pub api: Map,
-    /// The validated config.
+    /// The config, validated and typed by [`ServiceConfig::from_map`] when the service was
+    /// added (the raw map stays in `api["config"]`).
     pub config: ServiceConfig,
 }
 
@@ -772,7 +694,7 @@ impl SessionTable {
     }
 
     /// All services in registration order (re-registration on reconnect keeps this order,
-    /// `built-in` first; skip those with `config.local_only`).
+    /// `built-in` first; skip those with [`ServiceConfig::is_local_only`]).
     pub fn services(&self) -> impl Iterator<Item = (&str, &Service)> {
         self.services.iter().map(|(k, v)| (k.as_str(), v))
     }
@@ -801,15 +723,15 @@ impl SessionTable {
             api.insert("config".into(), Value::Map(Map::new()));
         }
         if !api.contains_key("type") {
-            api.insert("type".into(), Value::Str("generic".into()));
+            api.insert("type".into(), Value::from(DEFAULT_SERVICE_TYPE));
         }
         let config = match api.get("config") {
-            Some(Value::Map(c)) => parse_config(c)?,
+            Some(Value::Map(c)) => ServiceConfig::from_map(c)?,
             Some(Value::Nil) => ServiceConfig::default(),
             _ => return Err(ServiceError::ConfigNotMap),
         };
         if !overwrite && self.services.contains_key(&id) {
-            return Err(ServiceError::AlreadyExists(id));
+            return Err(SchemaError::ServiceExists(id).into());
         }
         // Proxies of our own functions become the original local functions.
         for v in api.values_mut() {
@@ -825,15 +747,19 @@ impl SessionTable {
             visit_functions(v, &mut path, &mut |p, lf| found.push((p.to_owned(), lf.handler.clone())));
             path.pop();
         }
+        // The dispatch view, derived once per service. Keys are compared lowercase: the
+        // caller's key arrives as lowercase hex.
+        let trusted_keys: Option<HashSet<String>> =
+            config.trusted_keys().map(|keys| keys.iter().map(|k| k.to_ascii_lowercase()).collect());
         for (p, handler) in found {
             let ann = Annotation {
                 method_id: format!("{SERVICES_KEY}.{id}.{p}"),
                 service_id: id.clone(),
-                require_context: config.require_context.applies_to(&p),
-                run_in_executor: config.run_in_executor,
-                visibility: config.visibility,
+                require_context: config.requires_context(&p),
+                run_in_executor: config.runs_in_executor(),
+                visibility: config.visibility(),
                 authorized_workspaces: config.authorized_workspaces.clone(),
-                trusted_keys: config.trusted_keys.clone(),
+                trusted_keys: trusted_keys.clone(),
                 rintf_allowed_caller: config.rintf_allowed_caller.clone(),
             };
             self.annotations.insert(handler, Arc::new(ann));
@@ -868,13 +794,7 @@ impl SessionTable {
     /// Removes a service (spec §7.8): accepts `ws/cid:id@app` forms. Its annotations go
     /// with it, so later calls get "Method expired or not found".
     pub fn remove_service(&mut self, service_id: &str) -> Result<RemovedService, ServiceError> {
-        let mut id = service_id;
-        if id.contains(':') {
-            id = id.split(':').nth(1).unwrap_or("");
-        }
-        if let Some((before, _)) = id.split_once('@') {
-            id = before;
-        }
+        let id = short_service_id(service_id);
         let svc = self.services.shift_remove(id).ok_or_else(|| ServiceError::NotFound(id.to_owned()))?;
         self.remove_annotations(id, &svc.api);
         Ok(RemovedService { id: id.to_owned(), notify_server: !id.starts_with(RINTF_PREFIX) })
@@ -894,7 +814,7 @@ impl SessionTable {
         }
         let svc =
             self.services.get(service_id).ok_or_else(|| ServiceError::NotFound(service_id.to_owned()))?;
-        let allowed = svc.config.visibility != Visibility::Protected
+        let allowed = svc.config.visibility() != Visibility::Protected
             || caller_ws == ws
             || svc.config.authorized_workspaces.as_ref().is_some_and(|a| a.iter().any(|w| w == caller_ws));
         if allowed {
@@ -1337,7 +1257,7 @@ impl SessionTable {
             let same_ws = self.local_workspace.as_deref() == Some(remote_ws);
             let authorized =
                 ann.authorized_workspaces.as_ref().is_some_and(|a| a.iter().any(|w| w == remote_ws));
-            let manager = remote_ws == "*" && self.manager_id.as_deref() == Some(remote_cid);
+            let manager = remote_ws == WILDCARD && self.manager_id.as_deref() == Some(remote_cid);
             if !(same_ws || authorized || manager) {
                 match &ann.rintf_allowed_caller {
                     Some(allowed) if allowed == call.from => {}
@@ -1522,7 +1442,7 @@ impl SessionTable {
     /// The manager id changed on reconnect (spec §1.6 step 4): calls to `*/<old>` fail
     /// with `"Client disconnected: */<old>"`.
     pub fn handle_manager_changed(&mut self, old_manager_id: &str) -> Vec<SettledCall> {
-        let full = format!("*/{old_manager_id}");
+        let full = format!("{WILDCARD}/{old_manager_id}");
         let error = CallError::ClientDisconnected(full.clone());
         self.fail_where(|c| c.target == full, &error).0
     }
@@ -1619,74 +1539,6 @@ fn collect_calls(id: String, mut s: Session, out: &mut Vec<(String, PendingCall)
         if let Node::Session(child) = node {
             collect_calls(format!("{id}.{k}"), *child, out);
         }
-    }
-}
-
-fn parse_config(c: &Map) -> Result<ServiceConfig, ServiceError> {
-    let visibility = match c.get("visibility") {
-        None | Some(Value::Nil) => Visibility::Protected,
-        Some(Value::Str(s)) => match s.as_str() {
-            "protected" => Visibility::Protected,
-            "public" => Visibility::Public,
-            "unlisted" => Visibility::Unlisted,
-            other => return Err(ServiceError::InvalidVisibility(other.to_owned())),
-        },
-        Some(other) => return Err(ServiceError::InvalidVisibility(other.kind().to_owned())),
-    };
-    let authorized_workspaces = match c.get("authorized_workspaces") {
-        None | Some(Value::Nil) => None,
-        Some(v) => {
-            if visibility != Visibility::Protected {
-                return Err(ServiceError::AuthorizedWorkspacesVisibility(visibility.as_str().to_owned()));
-            }
-            let list = v.as_list().ok_or(ServiceError::AuthorizedWorkspacesNotList)?;
-            let mut out = Vec::with_capacity(list.len());
-            for w in list {
-                out.push(w.as_str().ok_or(ServiceError::AuthorizedWorkspaceNotString(w.kind()))?.to_owned());
-            }
-            Some(out)
-        }
-    };
-    let trusted_keys = match c.get("trusted_keys") {
-        None | Some(Value::Nil) => None,
-        Some(Value::List(l)) if l.is_empty() => None,
-        Some(Value::List(l)) => {
-            let mut set = HashSet::with_capacity(l.len());
-            for k in l {
-                match k.as_str() {
-                    Some(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
-                        set.insert(s.to_ascii_lowercase());
-                    }
-                    Some(s) => return Err(ServiceError::InvalidTrustedKey(format!("'{s}'"))),
-                    None => return Err(ServiceError::InvalidTrustedKey(k.kind().to_owned())),
-                }
-            }
-            Some(set)
-        }
-        Some(Value::Bool(false)) => None,
-        Some(_) => return Err(ServiceError::TrustedKeysNotList),
-    };
-    let require_context = match c.get("require_context") {
-        Some(Value::Bool(true)) => RequireContext::All,
-        Some(Value::List(l)) if !l.is_empty() => {
-            RequireContext::Paths(l.iter().filter_map(Value::as_str).map(str::to_owned).collect())
-        }
-        _ => RequireContext::None,
-    };
-    Ok(ServiceConfig {
-        visibility,
-        authorized_workspaces,
-        trusted_keys,
-        require_context,
-        run_in_executor: c.get("run_in_executor").and_then(Value::as_bool).unwrap_or(false),
-        local_only: c.get("_local_only").and_then(Value::as_bool).unwrap_or(false),
-        rintf_allowed_caller: c.get("_rintf_allowed_caller").and_then(Value::as_str).map(str::to_owned),
-    })
-}
-
-impl fmt::Display for Visibility {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -2231,8 +2083,8 @@ mod tests {
         assert!(id.starts_with("_rintf_"));
         assert_eq!(id.len(), RINTF_PREFIX.len() + crate::ids::RANDOM_ID_LEN);
         let svc = t.service(&id).unwrap();
-        assert_eq!(svc.config.visibility, Visibility::Protected);
-        assert!(svc.config.local_only);
+        assert_eq!(svc.config.visibility(), Visibility::Protected);
+        assert!(svc.config.is_local_only());
         assert_eq!(svc.config.rintf_allowed_caller.as_deref(), Some("ws2/consumer"));
         let cfg = svc.api.get("config").and_then(Value::as_map).unwrap();
         assert_eq!(cfg.get("_local_only"), Some(&Value::Bool(true)));
@@ -2421,7 +2273,7 @@ mod tests {
         );
         assert_eq!(
             e(&mut t, map! { "authorized_workspaces" => vec![Value::Int(1)] }),
-            "Each workspace id in authorized_workspaces must be a string, got int"
+            "Each workspace id in authorized_workspaces must be a string, got <class 'int'>"
         );
         assert_eq!(
             e(&mut t, map! { "trusted_keys" => "k" }),
@@ -2439,13 +2291,62 @@ mod tests {
         let stored = t.add_service(ok, false).unwrap();
         assert_eq!(stored.get("name"), Some(&Value::from("s")));
         assert_eq!(stored.get("type"), Some(&Value::from("generic")));
-        assert_eq!(t.service("s").unwrap().config.trusted_keys, None);
+        assert_eq!(t.service("s").unwrap().config.trusted_keys(), None);
         assert_eq!(
             t.add_service(mk(Map::new()), false).unwrap_err().to_string(),
             "Service already exists: s, please specify a different id (not s) or overwrite=True"
         );
         assert!(t.add_service(mk(Map::new()), true).is_ok());
         assert_eq!(t.service_count(), 1);
+    }
+
+    /// The config is judged by `schema::ServiceConfig`, with upstream's texts; values JSON
+    /// cannot carry come back as an error, not a panic; falsy values read as Python does.
+    #[test]
+    fn service_config_shared_with_schema() {
+        let now = t0();
+        let mut t = table(now);
+        let mk = |config: Map| map! { "id" => "s", "config" => config };
+        let mut add = |c: Map| t.add_service(mk(c), false).map(|_| ());
+        assert_eq!(
+            add(map! { "visibility" => "secret" }).unwrap_err().to_string(),
+            "Invalid visibility: secret"
+        );
+        // Python asserts `visibility in [...]` on the value it got, so an explicit null fails.
+        assert_eq!(
+            add(map! { "visibility" => Value::Nil }).unwrap_err().to_string(),
+            "Invalid visibility: None"
+        );
+        assert_eq!(
+            add(map! { "trusted_keys" => vec![Value::from("abc")] }).unwrap_err().to_string(),
+            "Each trusted key must be a 64-char hex string, got: 'abc'"
+        );
+        assert_eq!(
+            add(map! { "trusted_keys" => vec![Value::Int(5)] }).unwrap_err().to_string(),
+            "Each trusted key must be a 64-char hex string, got: 5"
+        );
+        for bad in [Value::Bytes(bytes::Bytes::from_static(b"k")), Value::F64(f64::NAN)] {
+            let e = add(map! { "extra" => bad }).unwrap_err();
+            assert!(matches!(e, ServiceError::Config(SchemaError::NotJson(_))), "{e:?}");
+        }
+        // A truthy value of the wrong type is refused rather than guessed at.
+        assert!(matches!(
+            add(map! { "require_context" => 1 }).unwrap_err(),
+            ServiceError::Config(SchemaError::Shape { .. })
+        ));
+        // Falsy trusted_keys mean "no restriction" (Python tests them by truthiness).
+        add(map! { "trusted_keys" => false }).unwrap();
+        assert_eq!(t.service("s").unwrap().config.trusted_keys(), None);
+        assert_eq!(
+            t.add_service(mk(Map::new()), false).unwrap_err(),
+            ServiceError::Config(SchemaError::ServiceExists("s".into()))
+        );
+        // A mixed-case trusted key matches the lowercase key the caller presents.
+        let key = "AB".repeat(32);
+        let (f, _) = demo_service(&mut t, map! { "trusted_keys" => vec![Value::from(key.as_str())] });
+        let keys = t.annotation(&f.handler).unwrap().trusted_keys.clone().unwrap();
+        assert_eq!(keys, HashSet::from(["ab".repeat(32)]));
+        assert!(!t.annotation(&f.handler).unwrap().run_in_executor);
     }
 
     #[test]
