@@ -696,11 +696,7 @@ fn remote_method_to_wire(
     depth: usize,
 ) -> Result<Value, CodecError> {
     let d = enter(depth, cx.max_depth)?;
-    let mut m = Map::with_capacity(10 + rm.extra.len());
-    m.insert("_rtype".into(), "method".into());
-    put_server(&mut m, rm.server.as_deref());
-    m.insert("_rtarget".into(), rm.target.as_str().into());
-    m.insert("_rmethod".into(), rm.method.as_str().into());
+    let mut m = forwarded_head("method", rm.server.as_deref(), &rm.target, &rm.method, 10 + rm.extra.len());
     match rm.promise {
         PromiseMode::None => {}
         PromiseMode::Explicit => {
@@ -725,12 +721,7 @@ fn remote_method_to_wire(
     if let Some(k) = &rm.encryption_key {
         m.insert("_renc_pub".into(), Value::Bytes(k.clone()));
     }
-    for (k, v) in &rm.extra {
-        if !m.contains_key(k) {
-            m.insert(k.clone(), enc(v, cx, d)?);
-        }
-    }
-    Ok(Value::Map(m))
+    forwarded_tail(m, &rm.extra, cx, d)
 }
 
 fn remote_generator_to_wire(
@@ -739,13 +730,30 @@ fn remote_generator_to_wire(
     depth: usize,
 ) -> Result<Value, CodecError> {
     let d = enter(depth, cx.max_depth)?;
-    let mut m = Map::with_capacity(5 + rg.extra.len());
-    m.insert("_rtype".into(), "generator".into());
-    put_server(&mut m, rg.server.as_deref());
-    m.insert("_rtarget".into(), rg.target.as_str().into());
-    m.insert("_rmethod".into(), rg.method.as_str().into());
+    let mut m = forwarded_head("generator", rg.server.as_deref(), &rg.target, &rg.method, 5 + rg.extra.len());
     m.insert("_rclose_method".into(), rg.close_method.as_str().into());
-    for (k, v) in &rg.extra {
+    forwarded_tail(m, &rg.extra, cx, d)
+}
+
+/// The keys every forwarded descriptor starts with, in upstream's order.
+fn forwarded_head(rtype: &str, server: Option<&str>, target: &str, method: &str, capacity: usize) -> Map {
+    let mut m = Map::with_capacity(capacity);
+    m.insert("_rtype".into(), rtype.into());
+    put_server(&mut m, server);
+    m.insert("_rtarget".into(), target.into());
+    m.insert("_rmethod".into(), method.into());
+    m
+}
+
+/// Appends the descriptor keys kept from decoding (unknown ones, explicit nulls) that the
+/// typed fields did not already write, so a forwarded descriptor is the one that came.
+fn forwarded_tail(
+    mut m: Map,
+    extra: &Map,
+    cx: &mut EncodeContext<'_>,
+    d: usize,
+) -> Result<Value, CodecError> {
+    for (k, v) in extra {
         if !m.contains_key(k) {
             m.insert(k.clone(), enc(v, cx, d)?);
         }
