@@ -59,8 +59,10 @@
 #![warn(missing_docs)]
 
 pub mod array;
+pub mod auth;
 pub mod chunk;
 pub mod codec;
+pub mod endpoint;
 pub mod ids;
 pub mod message;
 pub mod msgpack;

@@ -1,0 +1,1 @@
+//! SCAFFOLD: users, scopes and tokens (being written).

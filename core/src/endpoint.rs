@@ -1,0 +1,1 @@
+//! SCAFFOLD: the sans-IO RPC endpoint (being written).
