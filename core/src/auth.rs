@@ -1451,3 +1451,690 @@ pub fn generate_child_token(
     child.expires_at = Some((now + expires_in).floor());
     jwt.encode(&child, expires_in, now)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The secret of `core/tests/data/auth_mint_tokens.py`.
+    const SECRET: &str = "hypha-rs-interop-secret-0123456789";
+    const IAT: i64 = 1_795_240_776;
+    const EXP: i64 = 4_102_444_800;
+    const NOW: f64 = 1_795_240_776.5;
+    const ANON: &str = "anonymouz-harsh-canidae-74400639";
+    const ANON_WS: &str = "ws-user-anonymouz-harsh-canidae-74400639";
+    const ROOT_TOKEN: &str = "Zq8vN2xW4kR7tY1uP5sL3mJ9hG6fD0cB2aE8iO4nQ7wX1zV5yT3rU6pK9jH2gF0dS4";
+
+    // Minted by `core/tests/data/auth_mint_tokens.py` (Python, HMAC by hand, python-jose's
+    // serialization). Do not regenerate casually: the byte-identity test depends on them.
+    const PY_RECONNECT_ANON: &str =
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJodHRwczovL2FtdW4uYWkvIiwic3ViIjoiYW5vbnltb3V6LWhhcnNoLWNhbmlkYWUtNzQ0MDA2MzkiLCJhdWQiOiJodHRwczovL2FtdW4tYWkuZXUuYXV0aDAuY29tL2FwaS92Mi8iLCJpYXQiOjE3OTUyNDA3NzYsImV4cCI6NDEwMjQ0NDgwMCwic2NvcGUiOiJ3czp3cy11c2VyLWFub255bW91ei1oYXJzaC1jYW5pZGFlLTc0NDAwNjM5I2EgY2lkOnByb2JlLW9rIHdpZDp3cy11c2VyLWFub255bW91ei1oYXJzaC1jYW5pZGFlLTc0NDAwNjM5IiwiZ3R5IjoiY2xpZW50LWNyZWRlbnRpYWxzIiwiaHR0cHM6Ly9hbXVuLmFpL3JvbGVzIjpbImFub255bW91cyJdLCJodHRwczovL2FtdW4uYWkvZW1haWwiOm51bGx9.2dBe6WFJiSCItl2NaRdAtZLwFMURnkUSy8JzvtPmVE8";
+    const PY_ALICE: &str =
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJodHRwczovL2FtdW4uYWkvIiwic3ViIjoiYWxpY2UiLCJhdWQiOiJodHRwczovL2FtdW4tYWkuZXUuYXV0aDAuY29tL2FwaS92Mi8iLCJpYXQiOjE3OTUyNDA3NzYsImV4cCI6NDEwMjQ0NDgwMCwic2NvcGUiOiJ3czp3cy11c2VyLWFsaWNlI2EiLCJndHkiOiJjbGllbnQtY3JlZGVudGlhbHMiLCJodHRwczovL2FtdW4uYWkvcm9sZXMiOltdLCJodHRwczovL2FtdW4uYWkvZW1haWwiOiJhbGljZUBleGFtcGxlLmNvbSJ9.wyAh6CTxnz5Ly9XBh2qWvcG_AlXBgCRzTyX0KIBIzSo";
+    const PY_CHILD: &str =
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJodHRwczovL2FtdW4uYWkvIiwic3ViIjoibWVsb2RpYy1vZmZlci01NDQ4MDIxOCIsImF1ZCI6Imh0dHBzOi8vYW11bi1haS5ldS5hdXRoMC5jb20vYXBpL3YyLyIsImlhdCI6MTc5NTI0MDc3NiwiZXhwIjo0MTAyNDQ0ODAwLCJzY29wZSI6IndzOmFsaWNlLXdzLTEjcncgd2lkOmFsaWNlLXdzLTEiLCJndHkiOiJjbGllbnQtY3JlZGVudGlhbHMiLCJodHRwczovL2FtdW4uYWkvcm9sZXMiOltdLCJodHRwczovL2FtdW4uYWkvZW1haWwiOiJhbGljZUBleGFtcGxlLmNvbSIsImh0dHBzOi8vYW11bi5haS9wYXJlbnQiOiJhbGljZSJ9.YPr1WDyL4lYyc--FbkpEBeTYMhI8a584fKiJ0I2QVQA";
+    const PY_SPECIAL: &str =
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJodHRwczovL2FtdW4uYWkvIiwic3ViIjoiem9lIiwiYXVkIjoiaHR0cHM6Ly9hbXVuLWFpLmV1LmF1dGgwLmNvbS9hcGkvdjIvIiwiaWF0IjoxNzk1MjQwNzc2LCJleHAiOjQxMDI0NDQ4MDAsInNjb3BlIjoid3M6VyNydyB3aWQ6VyBteS1kYXRhOnJlYWQiLCJndHkiOiJjbGllbnQtY3JlZGVudGlhbHMiLCJodHRwczovL2FtdW4uYWkvcm9sZXMiOlsiYWRtaW4iXSwiaHR0cHM6Ly9hbXVuLmFpL2VtYWlsIjoiem9cdTAwZWJAZXhhbXBsZS5jb20ifQ.Gdfe5vQ-UflbZExWzPLG8Lq6J2uaKeFvbUqO1txQXWA";
+
+    fn never(_: &str) -> bool {
+        false
+    }
+
+    fn jwt() -> JwtConfig {
+        JwtConfig::new(SECRET)
+    }
+
+    fn parse(token: &str) -> Result<UserInfo, AuthError> {
+        parse_token(token, SECRET, NOW, &never)
+    }
+
+    /// A token with the Python claim set and overrides, signed with `secret`.
+    fn forge(secret: &str, overrides: Json) -> String {
+        let mut claims = json!({
+            "iss": DEFAULT_ISSUER, "sub": "probe-user", "aud": DEFAULT_AUDIENCE,
+            "iat": IAT, "exp": EXP, "scope": "ws:ws-user-probe-user#a", "gty": GRANT_TYPE,
+            "https://amun.ai/roles": [], "https://amun.ai/email": null,
+        });
+        for (k, v) in overrides.as_object().unwrap() {
+            if v.is_null() && k != "https://amun.ai/email" {
+                claims.as_object_mut().unwrap().remove(k);
+            } else {
+                claims[k] = v.clone();
+            }
+        }
+        JwtConfig::new(secret).sign_claims(&claims).unwrap()
+    }
+
+    fn token_with_scope(scope: &str) -> String {
+        forge(SECRET, json!({ "scope": scope }))
+    }
+
+    // ----- Python interop -----
+
+    #[test]
+    fn python_tokens_parse_to_upstream_dumps() {
+        let anon = parse(PY_RECONNECT_ANON).unwrap();
+        assert_eq!(
+            anon.to_json(),
+            json!({"id": ANON, "roles": ["anonymous"], "is_anonymous": true,
+                   "scope": {"current_workspace": ANON_WS, "workspaces": {ANON_WS: "a"},
+                             "client_id": "probe-ok", "extra_scopes": []},
+                   "email": null, "parent": null, "expires_at": 4102444800.0,
+                   "current_workspace": ANON_WS})
+        );
+        let child = parse(PY_CHILD).unwrap();
+        assert_eq!(
+            child.to_json(),
+            json!({"id": "melodic-offer-54480218", "roles": [], "is_anonymous": false,
+                   "scope": {"current_workspace": "alice-ws-1",
+                             "workspaces": {"alice-ws-1": "rw", "ws-user-melodic-offer-54480218": "a"},
+                             "client_id": null, "extra_scopes": []},
+                   "email": "alice@example.com", "parent": "alice", "expires_at": 4102444800.0,
+                   "current_workspace": "alice-ws-1"})
+        );
+        let alice = parse(PY_ALICE).unwrap();
+        assert_eq!(alice.scope.workspaces, IndexMap::from([("ws-user-alice".to_owned(), Permission::Admin)]));
+        assert_eq!((alice.current_workspace.as_deref(), alice.email.as_deref()), (None, Some("alice@example.com")));
+        let zoe = parse(PY_SPECIAL).unwrap();
+        assert_eq!(zoe.email.as_deref(), Some("zo\u{eb}@example.com"));
+        assert!(zoe.is_admin() && !zoe.is_anonymous);
+        assert_eq!(zoe.scope.specialized_scopes(), vec!["my-data:read".to_owned()]);
+    }
+
+    #[test]
+    fn our_tokens_are_byte_identical_to_pythons() {
+        let life = (EXP - IAT) as f64;
+        let at = IAT as f64 + 0.25;
+        // Parsed users re-encode to the same bytes when parsing added nothing.
+        for token in [PY_RECONNECT_ANON, PY_ALICE] {
+            let user = parse(token).unwrap();
+            assert_eq!(generate_token(&user, life, SECRET, at).unwrap(), token);
+        }
+        let mut child = UserInfo::new("melodic-offer-54480218");
+        child.email = Some("alice@example.com".into());
+        child.parent = Some("alice".into());
+        child.scope.workspaces.insert("alice-ws-1".into(), Permission::ReadWrite);
+        child.scope.current_workspace = Some("alice-ws-1".into());
+        assert_eq!(generate_token(&child, life, SECRET, at).unwrap(), PY_CHILD);
+        // Non-ASCII is escaped as Python's ensure_ascii does.
+        let mut zoe = UserInfo::new("zoe");
+        zoe.roles = vec!["admin".into()];
+        zoe.email = Some("zo\u{eb}@example.com".into());
+        zoe.scope = ScopeInfo::parse("ws:W#rw wid:W my-data:read").unwrap();
+        assert_eq!(generate_token(&zoe, life, SECRET, at).unwrap(), PY_SPECIAL);
+    }
+
+    fn python() -> std::path::PathBuf {
+        let path = std::env::var_os("HYPHA_PYTHON").map(std::path::PathBuf::from).unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
+        });
+        assert!(path.exists(), "no Python at {path:?}: set HYPHA_PYTHON");
+        path
+    }
+
+    /// Checks the HMAC in Python and returns its view of `{header, claims}`, or `None` when
+    /// Python rejects the signature.
+    fn python_verify(token: &str, secret: &str) -> Option<Json> {
+        const SCRIPT: &str = r#"
+import base64, hashlib, hmac, json, sys
+tok, secret = sys.argv[1], sys.argv[2]
+h, p, s = tok.split(".")
+d = lambda x: base64.urlsafe_b64decode(x + "=" * (-len(x) % 4))
+mac = hmac.new(secret.encode(), (h + "." + p).encode(), hashlib.sha256).digest()
+if not hmac.compare_digest(mac, d(s)):
+    sys.exit(3)
+print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
+"#;
+        let out = std::process::Command::new(python()).args(["-c", SCRIPT, token, secret]).output().unwrap();
+        match out.status.code() {
+            Some(0) => Some(serde_json::from_slice(&out.stdout).unwrap()),
+            Some(3) => None,
+            other => panic!("python failed ({other:?}): {}", String::from_utf8_lossy(&out.stderr)),
+        }
+    }
+
+    #[test]
+    fn python_verifies_our_tokens() {
+        let mut user = anonymous_user_with_id(ANON, NOW);
+        user.scope.client_id = Some("probe-ok".into());
+        user.email = Some("\u{e9}l\u{e8}ve@example.com".into());
+        user.parent = Some("someone".into());
+        let token = generate_token(&user, RECONNECTION_TOKEN_LIFE_TIME, SECRET, NOW).unwrap();
+        let seen = python_verify(&token, SECRET).expect("Python rejected our signature");
+        assert_eq!(seen["header"], json!({"alg": "HS256", "typ": "JWT"}));
+        assert_eq!(
+            seen["claims"],
+            json!({"iss": "https://amun.ai/", "sub": ANON, "aud": "https://amun-ai.eu.auth0.com/api/v2/",
+                   "iat": IAT, "exp": IAT + 172800,
+                   "scope": format!("ws:{ANON_WS}#a cid:probe-ok wid:{ANON_WS}"),
+                   "gty": "client-credentials", "https://amun.ai/roles": ["anonymous"],
+                   "https://amun.ai/email": "\u{e9}l\u{e8}ve@example.com",
+                   "https://amun.ai/parent": "someone"})
+        );
+        // The check can fail: another secret is refused by Python.
+        assert_eq!(python_verify(&token, "another-secret"), None);
+    }
+
+    // ----- verification errors -----
+
+    #[test]
+    fn verification_error_texts() {
+        let e = |t: &str| parse(t).unwrap_err().to_string();
+        assert_eq!(e("not-a-jwt"), "Error decoding token headers.");
+        assert_eq!(e("a.b"), "Error decoding token headers.");
+        assert_eq!(e("abc.def.g!h"), "Error decoding token headers.");
+        assert_eq!(e(&forge(SECRET, json!({"exp": IAT - 1}))), "The token has expired. Please fetch a new one");
+        assert_eq!(e(&forge(SECRET, json!({"aud": "https://other/"}))), "Invalid audience");
+        assert_eq!(e(&forge(SECRET, json!({"aud": null}))), "Invalid audience");
+        assert_eq!(e(&forge("wrong-secret", json!({}))), "Signature verification failed.");
+        assert_eq!(e(&forge(SECRET, json!({"iss": "https://evil/"}))), "Invalid issuer");
+        assert_eq!(e(&forge(SECRET, json!({"exp": "soon"}))), "Expiration Time claim (exp) must be an integer.");
+        assert_eq!(e(&forge(SECRET, json!({"nbf": IAT + 100}))), "The token is not yet valid (nbf)");
+        // Tampering with the payload breaks the signature.
+        let good = forge(SECRET, json!({}));
+        let parts: Vec<&str> = good.split('.').collect();
+        let evil = b64url_encode(br#"{"sub":"root"}"#);
+        assert_eq!(e(&format!("{}.{}.{}", parts[0], evil, parts[2])), "Signature verification failed.");
+        // Another algorithm in the header is refused before the signature.
+        let rs = format!("{}.{}.{}", b64url_encode(br#"{"alg":"RS256","typ":"JWT"}"#), parts[1], parts[2]);
+        assert_eq!(e(&rs), "The specified alg value is not allowed");
+        let none = format!("{}.{}.", b64url_encode(br#"{"typ":"JWT"}"#), parts[1]);
+        assert_eq!(e(&none), "No algorithm was specified in the JWS header.");
+        // Revocation is checked on valid tokens.
+        let revoked = parse_token(&good, SECRET, NOW, &|t| t == good).unwrap_err();
+        assert_eq!((revoked.to_string().as_str(), revoked.is_credential_error()), ("Token has been revoked", false));
+        assert!(parse(&good).is_ok());
+    }
+
+    #[test]
+    fn expiry_uses_the_given_clock_without_leeway() {
+        let token = forge(SECRET, json!({"exp": IAT + 10}));
+        let at = |now: f64| parse_token(&token, SECRET, now, &never);
+        assert!(at((IAT + 10) as f64 + 0.9).is_ok(), "exp == floor(now) is still valid");
+        assert_eq!(at((IAT + 11) as f64).unwrap_err(), AuthError::Expired);
+        assert_eq!(at(IAT as f64).unwrap().expires_at, Some((IAT + 10) as f64));
+        let t = UNIX_EPOCH + std::time::Duration::from_secs_f64(NOW);
+        assert_eq!(unix_seconds(t), NOW);
+    }
+
+    #[test]
+    fn configurable_claim_names() {
+        let mut cfg = JwtConfig::new(SECRET);
+        cfg.issuer = "https://issuer.example/".into();
+        cfg.audience = "my-aud".into();
+        cfg.namespace = "https://ns.example/".into();
+        let mut user = UserInfo::new("u1");
+        user.roles = vec!["admin".into()];
+        let token = cfg.encode(&user, 60.0, NOW).unwrap();
+        let claims = cfg.verify(&token, NOW).unwrap();
+        assert_eq!(claims["https://ns.example/roles"], json!(["admin"]));
+        assert_eq!((claims["iss"].as_str(), claims["aud"].as_str()), (Some("https://issuer.example/"), Some("my-aud")));
+        assert!(cfg.decode(&token, NOW, &never).unwrap().is_admin());
+        // The default configuration refuses it (audience checked before issuer).
+        assert_eq!(parse(&token).unwrap_err(), AuthError::InvalidAudience);
+        assert!(!format!("{cfg:?}").contains(SECRET));
+    }
+
+    // ----- model -----
+
+    #[test]
+    fn permissions_order_and_star_rule() {
+        use Permission::*;
+        assert!(Read < ReadWrite && ReadWrite < Admin);
+        assert!(Admin.satisfies(Read) && ReadWrite.satisfies(ReadWrite) && !Read.satisfies(ReadWrite));
+        assert_eq!(Permission::parse("rw"), Some(ReadWrite));
+        assert_eq!(Permission::parse("x"), None);
+        assert_eq!(Permission::from_config_name("read_write"), Some(ReadWrite));
+        let scope = ScopeInfo::parse("ws:*#r ws:w1#a ws:w2#r").unwrap();
+        assert_eq!(scope.permission("w1"), Some(Admin));
+        assert_eq!(scope.permission("other"), Some(Read), "the * entry applies everywhere");
+        let scope = ScopeInfo::parse("ws:*#rw ws:w2#r").unwrap();
+        assert_eq!(scope.permission("w2"), Some(ReadWrite), "the stronger of * and ws");
+        let mut user = UserInfo::new("u");
+        user.scope = ScopeInfo::parse("ws:w1#rw").unwrap();
+        assert!(user.check("w1", Read) && user.check("w1", ReadWrite) && !user.check("w1", Admin));
+        assert!(!user.check("w2", Read));
+    }
+
+    #[test]
+    fn scope_strings() {
+        let s = ScopeInfo::parse("wid:my-ws  my-data:read ws:ws-user-abc#a cid:my-client ws:my-ws#rw plain").unwrap();
+        assert_eq!(s.current_workspace.as_deref(), Some("my-ws"));
+        assert_eq!(s.client_id.as_deref(), Some("my-client"));
+        assert_eq!(s.extra_scopes, Some(vec!["my-data:read".to_owned(), "plain".to_owned()]));
+        assert_eq!(s.specialized_scopes(), vec!["my-data:read".to_owned()]);
+        // Emitted order: ws entries (in map order), cid, wid, extras.
+        assert_eq!(s.to_scope_string(), "ws:ws-user-abc#a ws:my-ws#rw cid:my-client wid:my-ws my-data:read plain");
+        assert_eq!(ScopeInfo::parse(&s.to_scope_string()).unwrap(), s);
+        let empty = ScopeInfo::parse("").unwrap();
+        assert_eq!((empty.to_scope_string(), empty.extra_scopes), (String::new(), Some(vec![])));
+        for bad in ["ws:x#bogus", "ws:x", "ws:#a", "ws:x#a#b"] {
+            assert_eq!(ScopeInfo::parse(bad), Err(AuthError::InvalidScope(bad.into())), "{bad}");
+        }
+        assert!(ScopeInfo::parse("file-download").unwrap().specialized_scopes().is_empty());
+        assert!(matches!(parse(&token_with_scope("ws:a#x")), Err(AuthError::InvalidScope(_))));
+    }
+
+    #[test]
+    fn fixed_users_dump_exactly() {
+        assert_eq!(
+            serde_json::to_string(&anonymous_http_user().to_json()).unwrap(),
+            r#"{"id":"anonymouz-http","roles":["anonymous"],"is_anonymous":true,"scope":{"current_workspace":"ws-anonymous","workspaces":{"ws-anonymous":"r"},"client_id":null,"extra_scopes":null},"email":null,"parent":null,"expires_at":null,"current_workspace":null}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&internal_root_user()).unwrap(),
+            r#"{"id":"root","roles":["admin"],"is_anonymous":false,"scope":{"current_workspace":"*","workspaces":{"*":"a"},"client_id":null,"extra_scopes":null},"email":null,"parent":null,"expires_at":null,"current_workspace":null}"#
+        );
+    }
+
+    #[test]
+    fn serde_json_and_value_agree() {
+        let mut user = parse(PY_CHILD).unwrap();
+        user.scope.client_id = Some("alice-c2".into());
+        let text = serde_json::to_string(&user).unwrap();
+        assert_eq!(serde_json::from_str::<Json>(&text).unwrap(), user.to_json());
+        assert!(text.contains(r#""expires_at":4102444800.0"#), "float, as pydantic dumps it: {text}");
+        assert_eq!(serde_json::from_str::<UserInfo>(&text).unwrap(), user);
+        let v = user.to_value();
+        assert_eq!(v, crate::serde_value::to_value(&user).unwrap());
+        assert_eq!(crate::serde_value::from_value::<UserInfo>(v.clone()).unwrap(), user);
+        let keys: Vec<&String> = v.as_map().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            ["id", "roles", "is_anonymous", "scope", "email", "parent", "expires_at", "current_workspace"]
+        );
+        assert!(serde_json::from_str::<UserInfo>(r#"{"id":"x","scope":{"workspaces":{"w":"z"}}}"#).is_err());
+    }
+
+    #[test]
+    fn anonymous_ids_and_users() {
+        for _ in 0..50 {
+            let id = readable_id();
+            let parts: Vec<&str> = id.split('-').collect();
+            assert_eq!(parts.len(), 3, "{id}");
+            assert!(ADJECTIVES.contains(&parts[0]) && NOUNS.contains(&parts[1]), "{id}");
+            assert!(parts[2].len() == 8 && parts[2].bytes().all(|b| b.is_ascii_digit()), "{id}");
+        }
+        for w in ADJECTIVES.iter().chain(NOUNS.iter()) {
+            assert!(!w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase()), "{w}");
+        }
+        let user = anonymous_user(NOW);
+        assert!(user.id.starts_with("anonymouz-") && user.is_anonymous);
+        assert_eq!(user.roles, vec!["anonymous".to_owned()]);
+        assert_eq!(user.expires_at, Some(NOW + 600.0));
+        assert_eq!(user.permission(&format!("ws-user-{}", user.id)), Some(Permission::Admin));
+        assert_eq!(user.scope.workspaces.len(), 1);
+        assert_ne!(anonymous_user(NOW).id, user.id);
+    }
+
+    #[test]
+    fn root_tokens() {
+        assert!(check_root_token_strength(ROOT_TOKEN).is_ok());
+        assert_eq!(check_root_token_strength("short"), Err(AuthError::RootTokenTooShort(5)));
+        let weak = "xxxxxxxxxxxxxxxxxxxxxxxxxxxxPassWord"; // 36 chars
+        assert_eq!(check_root_token_strength(weak), Err(AuthError::RootTokenWeak("password")));
+        assert!(check_root_token_strength(&format!("{weak}{}", "y".repeat(30))).is_ok(), "long enough");
+        assert!(is_root_token(ROOT_TOKEN, Some(ROOT_TOKEN)));
+        assert!(!is_root_token(&ROOT_TOKEN[1..], Some(ROOT_TOKEN)));
+        assert!(!is_root_token(ROOT_TOKEN, None));
+    }
+
+    #[test]
+    fn base64_helpers() {
+        for data in [&b""[..], b"f", b"fo", b"foo", b"foob", b"\xff\xfe\x00"] {
+            assert_eq!(b64url_decode(&b64url_encode(data)).unwrap(), data);
+        }
+        assert_eq!(b64url_encode(b"\xfb\xff"), "-_8");
+        assert_eq!(b64_decode_with("eDpzZWNyZXQ=", B64STD).unwrap(), b"x:secret");
+        assert_eq!(b64url_decode("a"), None, "a lone sextet is truncated input");
+        assert_eq!(python_json(&json!({"e": "\u{e9}\u{1f600}\u{7f}"})), r#"{"e":"\u00e9\ud83d\ude00\u007f"}"#);
+    }
+
+    // ----- HTTP -----
+
+    #[test]
+    fn http_token_extraction() {
+        let x = |h: &[(&str, &str)]| extract_http_token(h.iter().copied());
+        assert_eq!(x(&[("Authorization", "Bearer abc")]).as_deref(), Some("abc"));
+        assert_eq!(x(&[("authorization", "bearer abc")]).as_deref(), Some("abc"));
+        assert_eq!(x(&[("Authorization", "Basic eDpzZWNyZXQ=")]).as_deref(), Some("secret"));
+        assert_eq!(x(&[("Authorization", "Basic !!")]).as_deref(), Some("Basic !!"));
+        assert_eq!(x(&[("Authorization", "rawtoken")]).as_deref(), Some("rawtoken"));
+        assert_eq!(x(&[("Cookie", "a=1; access_token=tok; b=2")]).as_deref(), Some("tok"));
+        assert_eq!(x(&[("Cookie", "a=1"), ("Accept", "*/*")]), None);
+        assert_eq!(x(&[("Cookie", "access_token=alice"), ("Authorization", "Bearer bob")]).as_deref(), Some("bob"));
+    }
+
+    #[test]
+    fn http_callers() {
+        let root = Some(ROOT_TOKEN);
+        let jwt = jwt();
+        let cx = AuthContext { jwt: &jwt, root_token: root, now: NOW, revoked: &never };
+        let anon = cx.http_caller([("Accept", "*/*")]).unwrap();
+        assert_eq!(anon.user, anonymous_http_user());
+        let alice = cx.http_caller([("Authorization", &*format!("Bearer {PY_ALICE}"))]).unwrap();
+        assert!(!alice.workspace_from_token);
+        assert_eq!(
+            alice.user.to_json()["scope"],
+            json!({"current_workspace": "ws-user-alice", "workspaces": {"ws-user-alice": "a"},
+                   "client_id": null, "extra_scopes": []})
+        );
+        assert_eq!(alice.user.to_json()["current_workspace"], Json::Null);
+        let child = cx.http_caller([("Cookie", &*format!("access_token={PY_CHILD}"))]).unwrap();
+        assert!(child.workspace_from_token);
+        assert_eq!(child.user.scope.current_workspace.as_deref(), Some("alice-ws-1"));
+        let r = cx.http_caller([("Authorization", ROOT_TOKEN)]).unwrap();
+        assert_eq!((r.user.id.as_str(), r.user.scope.current_workspace.as_deref()), ("root", Some("ws-user-root")));
+        assert_eq!(r.user.scope.workspaces, IndexMap::from([("*".to_owned(), Permission::Admin)]));
+        let err = cx.http_caller([("Authorization", "Bearer nope")]).unwrap_err();
+        assert_eq!((err.to_string().as_str(), err.http_status()), ("Error decoding token headers.", 401));
+    }
+
+    // ----- websocket handshake -----
+
+    fn payload(cid: Option<&str>, ws: Option<&str>, token: Option<&str>, rt: Option<&str>) -> AuthPayload {
+        let s = |x: Option<&str>| x.map(str::to_owned);
+        AuthPayload { client_id: s(cid), workspace: s(ws), token: s(token), reconnection_token: s(rt) }
+    }
+
+    fn handshake(p: &AuthPayload, owners: &[String]) -> Result<Admitted, HandshakeError> {
+        let jwt = jwt();
+        let revoked = |t: &str| t.contains("REVOKED") || t == forge(SECRET, json!({"sub": "revoked-user"}));
+        let cx = AuthContext { jwt: &jwt, root_token: Some(ROOT_TOKEN), now: NOW, revoked: &revoked };
+        cx.authenticate_handshake(p)?.admit(owners)
+    }
+
+    fn fail(p: AuthPayload) -> (String, u16) {
+        let e = handshake(&p, &[]).unwrap_err();
+        (e.to_string(), e.close_code())
+    }
+
+    #[test]
+    fn handshake_credential_errors_close_1008() {
+        let tok = |t: &str| payload(Some("c"), None, Some(t), None);
+        let cases = [
+            ("not-a-jwt".to_owned(), "Error decoding token headers."),
+            (forge(SECRET, json!({"exp": IAT - 5})), "The token has expired. Please fetch a new one"),
+            (forge(SECRET, json!({"aud": "x"})), "Invalid audience"),
+            (forge("other", json!({})), "Signature verification failed."),
+        ];
+        for (t, detail) in cases {
+            assert_eq!(fail(tok(&t)), (format!("Authentication error: {detail}"), 1008));
+        }
+        // Same for an expired reconnection token.
+        let rt = forge(SECRET, json!({"exp": IAT - 5, "scope": "ws:w#a cid:c wid:w"}));
+        assert_eq!(fail(payload(Some("c"), None, None, Some(&rt))).1, 1008);
+    }
+
+    #[test]
+    fn handshake_rule_errors_close_1001() {
+        let pre = "Failed to establish connection: Failed to authenticate user: ";
+        let revoked = forge(SECRET, json!({"sub": "revoked-user"}));
+        assert_eq!(fail(payload(Some("c"), None, Some(&revoked), None)), (format!("{pre}Token has been revoked"), 1001));
+        let wid = token_with_scope("ws:ws-a#rw wid:ws-a");
+        assert_eq!(
+            fail(payload(Some("c"), Some("ws-b"), Some(&wid), None)).0,
+            format!("{pre}Current workspace encoded in the token (ws-a) does not match the specified workspace (ws-b)")
+        );
+        let cid = token_with_scope("ws:w#rw cid:x");
+        assert_eq!(
+            fail(payload(Some("y"), None, Some(&cid), None)).0,
+            format!("{pre}Client id mismatch: this token is restricted to client with client_id='x'")
+        );
+        let special = token_with_scope("ws:W#rw wid:W my-data:read");
+        assert_eq!(
+            fail(payload(Some("c"), None, Some(&special), None)).0,
+            format!("{pre}Specialized token with scopes [my-data:read] cannot be used for general workspace access. This token can only be used for its intended purpose.")
+        );
+        assert_eq!(
+            fail(payload(Some("other"), None, None, Some(PY_RECONNECT_ANON))),
+            (format!("{pre}Client id mismatch, disconnecting"), 1001)
+        );
+        assert_eq!(
+            fail(payload(Some("probe-ok"), Some("public"), None, Some(PY_RECONNECT_ANON))).0,
+            format!("{pre}Invalid scope, workspace mismatch: public != {ANON_WS}")
+        );
+        assert_eq!(
+            fail(payload(Some("other"), None, Some(PY_RECONNECT_ANON), None)).0,
+            format!("{pre}Client id mismatch: this token is restricted to client with client_id='probe-ok'")
+        );
+        // A reconnection token must be bound to a workspace and a client.
+        assert_eq!(
+            fail(payload(Some("c"), None, None, Some(PY_ALICE))).0,
+            format!("{pre}Invalid reconnection token: the scope must contain wid:")
+        );
+        assert_eq!(
+            fail(payload(Some("c"), None, None, Some(&special))).0,
+            format!("{pre}Specialized token with scopes [my-data:read] cannot be used for general workspace access. This token can only be used for its intended purpose.")
+        );
+    }
+
+    #[test]
+    fn handshake_setup_errors() {
+        let pre = "Failed to establish connection: ";
+        for ws in ["public", "ws-user-root", "ws-anonymous", "ws-user-anonymouz-other-cat-12345678"] {
+            assert_eq!(fail(payload(Some("c"), Some(ws), None, None)), (format!("{pre}Permission denied for workspace: {ws}"), 1001));
+        }
+        assert_eq!(
+            fail(payload(Some("c"), Some("*"), None, None)).0,
+            format!("{pre}Dynamic workspace is not allowed for this endpoint")
+        );
+        assert_eq!(fail(payload(Some("a/b"), None, None, None)).0, format!("{pre}Invalid client id: a/b"));
+        let (msg, code) = fail(payload(None, None, None, None));
+        assert!(msg.starts_with(&format!("{pre}Failed to authenticate user to workspace: ws-user-anonymouz-")), "{msg}");
+        assert_eq!(code, 1001);
+        // Errors the server raises itself, from its own checks.
+        let e = HandshakeError::WorkspaceNotFound("nonexistent-ws".into());
+        assert_eq!(e.to_string(), format!("{pre}'Workspace nonexistent-ws does not exist or is not accessible'"));
+        let e = HandshakeError::ClientExists { workspace: "w".into(), client_id: "dup-id".into() };
+        assert_eq!((e.to_string(), e.close_code()), (format!("{pre}Client already exists and is active: w/dup-id"), 1001));
+        assert_eq!(HandshakeError::Busy.close_code(), 1013);
+    }
+
+    #[test]
+    fn handshake_transport_errors() {
+        assert!(is_legacy_query(["client_id"]) && is_legacy_query(["x", "token"]) && !is_legacy_query(["x"]));
+        let legacy = HandshakeError::LegacyClient;
+        assert_eq!(legacy.close_code(), 1008);
+        assert!(!legacy.sends_error_frame());
+        assert!(legacy.to_string().contains("please  upgrade"), "upstream's double space");
+        let bad = AuthPayload::from_json("hello there").unwrap_err();
+        assert_eq!((bad.to_string().as_str(), bad.close_code()), ("Failed to decode authentication information", 1003));
+        assert_eq!(AuthPayload::from_json("[1,2]"), Err(HandshakeError::BadPayload));
+        assert_eq!(AuthPayload::from_json(r#"{"client_id":"c"}"#).unwrap(), payload(Some("c"), None, None, None));
+        assert_eq!(
+            AuthPayload::from_json(r#"{"client_id":"c","workspace":null,"token":"","reconnection_token":null}"#).unwrap(),
+            payload(Some("c"), None, None, None)
+        );
+        let t = HandshakeError::PayloadTimeout;
+        assert_eq!(t.error_frame(), json!({"type": "error", "message": "Authentication payload timeout"}));
+        assert_eq!(t.close_code(), 1008);
+        // Long messages are cut to 123 bytes for the close frame, never mid-character.
+        let long = HandshakeError::Rejected("\u{e9}".repeat(100));
+        assert_eq!(long.close_reason().len(), 122);
+        assert_eq!(HandshakeError::Busy.close_reason(), "Server busy, please retry");
+    }
+
+    #[test]
+    fn handshake_anonymous_and_reconnect() {
+        let a = handshake(&payload(Some("probe-ok"), None, None, None), &[]).unwrap();
+        let ws = a.user.personal_workspace();
+        assert_eq!((a.workspace.as_str(), a.client_id.as_str(), a.reconnecting), (ws.as_str(), "probe-ok", false));
+        assert_eq!(
+            a.user.to_json(),
+            json!({"id": a.user.id, "roles": ["anonymous"], "is_anonymous": true,
+                   "scope": {"current_workspace": ws, "workspaces": {ws.clone(): "a"},
+                             "client_id": "probe-ok", "extra_scopes": null},
+                   "email": null, "parent": null, "expires_at": NOW + 600.0, "current_workspace": null})
+        );
+        // Its reconnection token has the spec's claims ...
+        let rt = jwt().encode(&a.user, RECONNECTION_TOKEN_LIFE_TIME, NOW).unwrap();
+        let claims = jwt().verify(&rt, NOW).unwrap();
+        assert_eq!(claims["scope"], json!(format!("ws:{ws}#a cid:probe-ok wid:{ws}")));
+        assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 172_800);
+        // ... and brings the client back to its workspace.
+        let b = handshake(&payload(Some("probe-ok"), Some(&ws), None, Some(&rt)), &[]).unwrap();
+        assert!(b.reconnecting);
+        assert_eq!((b.workspace.as_str(), b.user.id.as_str()), (ws.as_str(), a.user.id.as_str()));
+        assert_eq!(b.user.current_workspace.as_deref(), Some(ws.as_str()));
+        assert_eq!(b.user.scope.extra_scopes, Some(vec![]));
+        assert_eq!(b.user.expires_at, Some((NOW + 172_800.0).floor()));
+        // The Python-minted reconnection token works too.
+        let c = handshake(&payload(Some("probe-ok"), None, None, Some(PY_RECONNECT_ANON)), &[]).unwrap();
+        assert_eq!((c.workspace.as_str(), c.reconnecting), (ANON_WS, true));
+    }
+
+    #[test]
+    fn handshake_token_users() {
+        // Generic token, no workspace asked: the personal workspace.
+        let alice = handshake(&payload(Some("alice-c"), None, Some(PY_ALICE), None), &[]).unwrap();
+        assert_eq!(alice.workspace, "ws-user-alice");
+        assert_eq!(
+            alice.user.to_json(),
+            json!({"id": "alice", "roles": [], "is_anonymous": false,
+                   "scope": {"current_workspace": "ws-user-alice", "workspaces": {"ws-user-alice": "a"},
+                             "client_id": "alice-c", "extra_scopes": []},
+                   "email": "alice@example.com", "parent": null, "expires_at": 4102444800.0,
+                   "current_workspace": null})
+        );
+        // Asking for `public` without a `public` wid lands in the personal workspace.
+        let generic = token_with_scope("ws:ws-user-probe-user#a");
+        let p = handshake(&payload(Some("c"), Some("public"), Some(&generic), None), &[]).unwrap();
+        assert_eq!(p.workspace, "ws-user-probe-user");
+        // An owner (by id or by email) gets `a` on its workspace; others are refused.
+        let owners = ["alice".to_owned()];
+        let own = handshake(&payload(Some("alice-c"), Some("alice-ws-1"), Some(PY_ALICE), None), &owners).unwrap();
+        assert_eq!(own.user.permission("alice-ws-1"), Some(Permission::Admin));
+        let by_mail = ["alice@example.com".to_owned()];
+        assert!(handshake(&payload(Some("c"), Some("alice-ws-1"), Some(PY_ALICE), None), &by_mail).is_ok());
+        assert_eq!(
+            fail(payload(Some("c"), Some("alice-ws-1"), Some(PY_ALICE), None)).0,
+            "Failed to establish connection: Permission denied for workspace: alice-ws-1"
+        );
+        // A child token keeps its `rw` (the spec's child dump).
+        let child = handshake(&payload(Some("alice-c2"), None, Some(PY_CHILD), None), &owners).unwrap();
+        assert_eq!(child.workspace, "alice-ws-1");
+        assert_eq!(
+            child.user.to_json(),
+            json!({"id": "melodic-offer-54480218", "roles": [], "is_anonymous": false,
+                   "scope": {"current_workspace": "alice-ws-1",
+                             "workspaces": {"alice-ws-1": "rw", "ws-user-melodic-offer-54480218": "a"},
+                             "client_id": "alice-c2", "extra_scopes": []},
+                   "email": "alice@example.com", "parent": "alice", "expires_at": 4102444800.0,
+                   "current_workspace": "alice-ws-1"})
+        );
+        // A `cid:` token works for its own client id.
+        let cid = token_with_scope("ws:w#rw cid:only-me wid:w");
+        assert_eq!(handshake(&payload(Some("only-me"), None, Some(&cid), None), &[]).unwrap().workspace, "w");
+    }
+
+    #[test]
+    fn handshake_root_token() {
+        let r = handshake(&payload(Some("rc"), None, Some(ROOT_TOKEN), None), &[]).unwrap();
+        assert_eq!(r.workspace, "ws-user-root");
+        assert_eq!(r.user.to_json()["scope"]["workspaces"], json!({"*": "a", "ws-user-root": "a"}));
+        assert_eq!(r.user.expires_at, None);
+        assert_eq!(
+            fail(payload(Some("rc"), Some("public"), Some(ROOT_TOKEN), None)).0,
+            "Failed to establish connection: Failed to authenticate user: Current workspace encoded in the token (ws-user-root) does not match the specified workspace (public)"
+        );
+        // Its reconnection token lists both entries and parses back to the same scope.
+        let rt = jwt().encode(&r.user, RECONNECTION_TOKEN_LIFE_TIME, NOW).unwrap();
+        assert_eq!(jwt().verify(&rt, NOW).unwrap()["scope"], json!("ws:*#a ws:ws-user-root#a cid:rc wid:ws-user-root"));
+        let back = handshake(&payload(Some("rc"), None, None, Some(&rt)), &[]).unwrap();
+        assert_eq!(back.user.scope.workspaces, r.user.scope.workspaces);
+    }
+
+    // ----- generate_token -----
+
+    fn owner_of(owners: &'static [&'static str]) -> impl Fn(&UserInfo, &str) -> bool {
+        move |u, ws| is_workspace_owner(u, ws, &owners.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    fn mint(caller: &UserInfo, ws: &str, config: Value, owners: &'static [&'static str]) -> Result<JsonMap<String, Json>, AuthError> {
+        let token = generate_child_token(caller, ws, &config, &owner_of(owners), &jwt(), NOW)?;
+        Ok(jwt().verify(&token, NOW).unwrap())
+    }
+
+    #[test]
+    fn generate_token_for_anonymous_caller() {
+        let a = handshake(&payload(Some("c"), None, None, None), &[]).unwrap();
+        let claims = mint(&a.user, &a.workspace, Value::Nil, &[]).unwrap();
+        let w = &a.workspace;
+        assert_eq!(claims["scope"], json!(format!("ws:{w}#rw wid:{w}")));
+        assert_eq!(claims["https://amun.ai/roles"], json!(["anonymous"]));
+        assert_eq!(claims["https://amun.ai/email"], Json::Null);
+        assert_eq!(claims["https://amun.ai/parent"], json!(a.user.id));
+        assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 3600);
+        let sub = claims["sub"].as_str().unwrap();
+        assert!(!sub.starts_with("anonymouz-") && sub.split('-').count() == 3, "{sub}");
+        // A client connecting with it joins that workspace, as an anonymous user.
+        let token = generate_child_token(&a.user, w, &Value::Nil, &owner_of(&[]), &jwt(), NOW).unwrap();
+        let joined = handshake(&payload(Some("c2"), None, Some(&token), None), &[]).unwrap();
+        assert_eq!(&joined.workspace, w);
+        assert!(joined.user.is_anonymous);
+        // Anonymous callers cannot mint for `public`.
+        let e = mint(&a.user, w, crate::map! {"workspace" => "public"}.into(), &[]).unwrap_err();
+        assert_eq!((e.to_string().as_str(), e.exception_name()), ("You do not have any permission for workspace: public", "PermissionError"));
+    }
+
+    #[test]
+    fn generate_token_config() {
+        let alice = handshake(&payload(Some("alice-c"), None, Some(PY_ALICE), None), &[]).unwrap().user;
+        let m = |cfg: Value| mint(&alice, "ws-user-alice", cfg, &[]);
+        let scope = |cfg: Value| m(cfg).unwrap()["scope"].as_str().unwrap().to_owned();
+        assert_eq!(scope(crate::map! {"permission" => "read"}.into()), "ws:ws-user-alice#r wid:ws-user-alice");
+        assert_eq!(scope(crate::map! {"permission" => "admin"}.into()), "ws:ws-user-alice#a wid:ws-user-alice");
+        assert_eq!(scope(crate::map! {"permission" => "read_write"}.into()), "ws:ws-user-alice#rw wid:ws-user-alice");
+        let cid = mint(&alice, "x", crate::map! {"workspace" => "W", "client_id" => "only-me"}.into(), &["alice"]);
+        assert_eq!(cid.unwrap()["scope"], json!("ws:W#rw cid:only-me wid:W"));
+        let extra: Value = crate::map! {"workspace" => "W", "extra_scopes" => vec![Value::from("my-data:read")]}.into();
+        // alice does not own W: refused; with owners she may.
+        assert_eq!(m(extra.clone()).unwrap_err(), AuthError::NoPermission("W".into()));
+        assert_eq!(mint(&alice, "x", extra, &["alice"]).unwrap()["scope"], json!("ws:W#rw wid:W my-data:read"));
+        let c = m(crate::map! {"expires_in" => 60, "email" => "x@y"}.into()).unwrap();
+        assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 60);
+        assert_eq!(c["https://amun.ai/email"], json!("alice@example.com"), "only admins override the email");
+        assert_eq!(c["https://amun.ai/parent"], json!("alice"));
+        let e = m(crate::map! {"permission" => "bogus"}.into()).unwrap_err();
+        assert!(e.to_string().starts_with("1 validation error for TokenConfig\npermission"), "{e}");
+        assert!(matches!(m(crate::map! {"expires_in" => "soon"}.into()), Err(AuthError::InvalidTokenConfig(_))));
+        assert!(matches!(m(Value::from(3)), Err(AuthError::InvalidTokenConfig(_))));
+    }
+
+    #[test]
+    fn generate_token_permission_rules() {
+        let owners: &'static [&'static str] = &["alice"];
+        // A child of alice with rw on alice-ws-1 is not recognised as owner there.
+        let child = handshake(&payload(Some("c"), None, Some(PY_CHILD), None), &[]).unwrap().user;
+        let e = mint(&child, "alice-ws-1", Value::Nil, owners).unwrap_err();
+        assert_eq!((e.to_string().as_str(), e.exception_name()), ("Only admin can generate token.", "PermissionError"));
+        // ... but a rw child of alice's personal workspace is (parent's personal workspace).
+        let mut kid = parse(&forge(SECRET, json!({"sub": "kid-1", "scope": "ws:ws-user-alice#rw wid:ws-user-alice",
+                                                  "https://amun.ai/parent": "alice"}))).unwrap();
+        kid.scope.current_workspace = Some("ws-user-alice".into());
+        let claims = mint(&kid, "ws-user-alice", Value::Nil, &[]).unwrap();
+        assert_eq!(claims["https://amun.ai/parent"], json!("alice"), "the grandchild's parent is the root user");
+        // Root mints for a workspace it created: roles inherited, parent root, admin email override.
+        let root = handshake(&payload(Some("rc"), None, Some(ROOT_TOKEN), None), &[]).unwrap().user;
+        let c = mint(&root, "ws-user-root", crate::map! {"workspace" => "root-made-ws", "email" => "r@x"}.into(), &[]).unwrap();
+        assert_eq!(c["scope"], json!("ws:root-made-ws#rw wid:root-made-ws"));
+        assert_eq!(c["https://amun.ai/roles"], json!(["admin"]));
+        assert_eq!(c["https://amun.ai/parent"], json!("root"));
+        assert_eq!(c["https://amun.ai/email"], json!("r@x"));
+    }
+
+    #[test]
+    fn workspace_ownership() {
+        let mut u = UserInfo::new("bob");
+        u.email = Some("bob@x".into());
+        assert!(is_workspace_owner(&u, "ws-user-bob", &[]));
+        assert!(is_workspace_owner(&u, "w", &["bob@x".into()]));
+        assert!(is_workspace_owner(&u, "w", &["bob".into()]));
+        assert!(!is_workspace_owner(&u, "w", &["alice".into()]));
+        u.parent = Some("alice".into());
+        assert!(is_workspace_owner(&u, "ws-user-alice", &[]));
+        assert!(!is_workspace_owner(&u, "ws-user-carol", &[]));
+    }
+}
