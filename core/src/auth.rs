@@ -461,9 +461,10 @@ impl UserInfo {
         scope.insert("client_id".into(), opt(&self.scope.client_id));
         scope.insert(
             "extra_scopes".into(),
-            self.scope.extra_scopes.as_ref().map_or(Json::Null, |v| {
-                Json::Array(v.iter().map(|s| Json::String(s.clone())).collect())
-            }),
+            self.scope
+                .extra_scopes
+                .as_ref()
+                .map_or(Json::Null, |v| Json::Array(v.iter().map(|s| Json::String(s.clone())).collect())),
         );
         let mut m = JsonMap::new();
         m.insert("id".into(), Json::String(self.id.clone()));
@@ -707,7 +708,8 @@ impl JwtConfig {
     /// callers that add claims and for tests that forge tokens.
     pub fn sign_claims(&self, claims: &Json) -> Result<String, AuthError> {
         let payload = python_json(claims);
-        let signing_input = format!("{}.{}", b64url_encode(JWT_HEADER.as_bytes()), b64url_encode(payload.as_bytes()));
+        let signing_input =
+            format!("{}.{}", b64url_encode(JWT_HEADER.as_bytes()), b64url_encode(payload.as_bytes()));
         let key = jsonwebtoken::EncodingKey::from_secret(self.secret.as_bytes());
         let sig = jsonwebtoken::crypto::sign(signing_input.as_bytes(), &key, jsonwebtoken::Algorithm::HS256)
             .map_err(|e| AuthError::Signing(e.to_string()))?;
@@ -723,7 +725,8 @@ impl JwtConfig {
     pub fn verify(&self, token: &str, now: f64) -> Result<JsonMap<String, Json>, AuthError> {
         let token = token.trim();
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(AuthError::HeaderDecode);
         };
         // python-jose decodes all three segments before anything else.
@@ -745,7 +748,8 @@ impl JwtConfig {
         if !ok {
             return Err(AuthError::SignatureFailed);
         }
-        let claims: Json = serde_json::from_slice(&payload).map_err(|e| AuthError::InvalidPayload(e.to_string()))?;
+        let claims: Json =
+            serde_json::from_slice(&payload).map_err(|e| AuthError::InvalidPayload(e.to_string()))?;
         let Json::Object(claims) = claims else {
             return Err(AuthError::InvalidPayload("must be a json object".into()));
         };
@@ -756,11 +760,13 @@ impl JwtConfig {
     fn validate_claims(&self, c: &JsonMap<String, Json>, now: f64) -> Result<(), AuthError> {
         let now = now.floor();
         if let Some(iat) = c.get("iat") {
-            int_claim(iat).ok_or_else(|| AuthError::InvalidClaim("Issued At claim (iat) must be an integer.".into()))?;
+            int_claim(iat)
+                .ok_or_else(|| AuthError::InvalidClaim("Issued At claim (iat) must be an integer.".into()))?;
         }
         if let Some(nbf) = c.get("nbf") {
-            let nbf = int_claim(nbf)
-                .ok_or_else(|| AuthError::InvalidClaim("Not Before claim (nbf) must be an integer.".into()))?;
+            let nbf = int_claim(nbf).ok_or_else(|| {
+                AuthError::InvalidClaim("Not Before claim (nbf) must be an integer.".into())
+            })?;
             if nbf > now {
                 return Err(AuthError::NotYetValid);
             }
@@ -768,8 +774,9 @@ impl JwtConfig {
         let exp = c
             .get("exp")
             .ok_or_else(|| AuthError::InvalidClaim("Expiration Time claim (exp) is required.".into()))?;
-        let exp = int_claim(exp)
-            .ok_or_else(|| AuthError::InvalidClaim("Expiration Time claim (exp) must be an integer.".into()))?;
+        let exp = int_claim(exp).ok_or_else(|| {
+            AuthError::InvalidClaim("Expiration Time claim (exp) must be an integer.".into())
+        })?;
         if exp < now {
             return Err(AuthError::Expired);
         }
@@ -799,7 +806,12 @@ impl JwtConfig {
     /// Verifies a JWT (see [`JwtConfig::verify`]), checks revocation, and builds the user as
     /// upstream's `parse_token` does: `is_anonymous` from the roles, `current_workspace` from
     /// `wid`, `expires_at` from `exp`, and the user's own `ws-user-{id}` forced to `a`.
-    pub fn decode(&self, token: &str, now: f64, revoked: &dyn Fn(&str) -> bool) -> Result<UserInfo, AuthError> {
+    pub fn decode(
+        &self,
+        token: &str,
+        now: f64,
+        revoked: &dyn Fn(&str) -> bool,
+    ) -> Result<UserInfo, AuthError> {
         let c = self.verify(token, now)?;
         if revoked(token) {
             return Err(AuthError::Revoked);
@@ -1071,8 +1083,7 @@ impl AuthPayload {
     pub fn from_json(text: &str) -> Result<Self, HandshakeError> {
         let v: Json = serde_json::from_str(text).map_err(|_| HandshakeError::BadPayload)?;
         let obj = v.as_object().ok_or(HandshakeError::BadPayload)?;
-        let field =
-            |k: &str| obj.get(k).and_then(Json::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+        let field = |k: &str| obj.get(k).and_then(Json::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
         Ok(AuthPayload {
             client_id: field("client_id"),
             workspace: field("workspace"),
@@ -1242,8 +1253,11 @@ impl AuthContext<'_> {
                 .current_workspace
                 .clone()
                 .ok_or_else(|| auth_err(AuthError::ReconnectScopeIncomplete("wid:")))?;
-            let token_cid =
-                user.scope.client_id.clone().ok_or_else(|| auth_err(AuthError::ReconnectScopeIncomplete("cid:")))?;
+            let token_cid = user
+                .scope
+                .client_id
+                .clone()
+                .ok_or_else(|| auth_err(AuthError::ReconnectScopeIncomplete("cid:")))?;
             if let Some(ws) = requested.filter(|ws| *ws != wid) {
                 return Err(auth_err(AuthError::ReconnectWorkspaceMismatch {
                     requested: ws.to_owned(),
@@ -1535,7 +1549,10 @@ mod tests {
         );
         let alice = parse(PY_ALICE).unwrap();
         assert_eq!(alice.scope.workspaces, IndexMap::from([("ws-user-alice".to_owned(), Permission::Admin)]));
-        assert_eq!((alice.current_workspace.as_deref(), alice.email.as_deref()), (None, Some("alice@example.com")));
+        assert_eq!(
+            (alice.current_workspace.as_deref(), alice.email.as_deref()),
+            (None, Some("alice@example.com"))
+        );
         let zoe = parse(PY_SPECIAL).unwrap();
         assert_eq!(zoe.email.as_deref(), Some("zo\u{eb}@example.com"));
         assert!(zoe.is_admin() && !zoe.is_anonymous);
@@ -1566,9 +1583,9 @@ mod tests {
     }
 
     fn python() -> std::path::PathBuf {
-        let path = std::env::var_os("HYPHA_PYTHON").map(std::path::PathBuf::from).unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
-        });
+        let path = std::env::var_os("HYPHA_PYTHON")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
         assert!(path.exists(), "no Python at {path:?}: set HYPHA_PYTHON");
         path
     }
@@ -1624,12 +1641,18 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         assert_eq!(e("not-a-jwt"), "Error decoding token headers.");
         assert_eq!(e("a.b"), "Error decoding token headers.");
         assert_eq!(e("abc.def.g!h"), "Error decoding token headers.");
-        assert_eq!(e(&forge(SECRET, json!({"exp": IAT - 1}))), "The token has expired. Please fetch a new one");
+        assert_eq!(
+            e(&forge(SECRET, json!({"exp": IAT - 1}))),
+            "The token has expired. Please fetch a new one"
+        );
         assert_eq!(e(&forge(SECRET, json!({"aud": "https://other/"}))), "Invalid audience");
         assert_eq!(e(&forge(SECRET, json!({"aud": null}))), "Invalid audience");
         assert_eq!(e(&forge("wrong-secret", json!({}))), "Signature verification failed.");
         assert_eq!(e(&forge(SECRET, json!({"iss": "https://evil/"}))), "Invalid issuer");
-        assert_eq!(e(&forge(SECRET, json!({"exp": "soon"}))), "Expiration Time claim (exp) must be an integer.");
+        assert_eq!(
+            e(&forge(SECRET, json!({"exp": "soon"}))),
+            "Expiration Time claim (exp) must be an integer."
+        );
         assert_eq!(e(&forge(SECRET, json!({"nbf": IAT + 100}))), "The token is not yet valid (nbf)");
         // Tampering with the payload breaks the signature.
         let good = forge(SECRET, json!({}));
@@ -1643,7 +1666,10 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         assert_eq!(e(&none), "No algorithm was specified in the JWS header.");
         // Revocation is checked on valid tokens.
         let revoked = parse_token(&good, SECRET, NOW, &|t| t == good).unwrap_err();
-        assert_eq!((revoked.to_string().as_str(), revoked.is_credential_error()), ("Token has been revoked", false));
+        assert_eq!(
+            (revoked.to_string().as_str(), revoked.is_credential_error()),
+            ("Token has been revoked", false)
+        );
         assert!(parse(&good).is_ok());
     }
 
@@ -1669,7 +1695,10 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         let token = cfg.encode(&user, 60.0, NOW).unwrap();
         let claims = cfg.verify(&token, NOW).unwrap();
         assert_eq!(claims["https://ns.example/roles"], json!(["admin"]));
-        assert_eq!((claims["iss"].as_str(), claims["aud"].as_str()), (Some("https://issuer.example/"), Some("my-aud")));
+        assert_eq!(
+            (claims["iss"].as_str(), claims["aud"].as_str()),
+            (Some("https://issuer.example/"), Some("my-aud"))
+        );
         assert!(cfg.decode(&token, NOW, &never).unwrap().is_admin());
         // The default configuration refuses it (audience checked before issuer).
         assert_eq!(parse(&token).unwrap_err(), AuthError::InvalidAudience);
@@ -1699,13 +1728,17 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
 
     #[test]
     fn scope_strings() {
-        let s = ScopeInfo::parse("wid:my-ws  my-data:read ws:ws-user-abc#a cid:my-client ws:my-ws#rw plain").unwrap();
+        let s = ScopeInfo::parse("wid:my-ws  my-data:read ws:ws-user-abc#a cid:my-client ws:my-ws#rw plain")
+            .unwrap();
         assert_eq!(s.current_workspace.as_deref(), Some("my-ws"));
         assert_eq!(s.client_id.as_deref(), Some("my-client"));
         assert_eq!(s.extra_scopes, Some(vec!["my-data:read".to_owned(), "plain".to_owned()]));
         assert_eq!(s.specialized_scopes(), vec!["my-data:read".to_owned()]);
         // Emitted order: ws entries (in map order), cid, wid, extras.
-        assert_eq!(s.to_scope_string(), "ws:ws-user-abc#a ws:my-ws#rw cid:my-client wid:my-ws my-data:read plain");
+        assert_eq!(
+            s.to_scope_string(),
+            "ws:ws-user-abc#a ws:my-ws#rw cid:my-client wid:my-ws my-data:read plain"
+        );
         assert_eq!(ScopeInfo::parse(&s.to_scope_string()).unwrap(), s);
         let empty = ScopeInfo::parse("").unwrap();
         assert_eq!((empty.to_scope_string(), empty.extra_scopes), (String::new(), Some(vec![])));
@@ -1788,7 +1821,10 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         assert_eq!(b64url_encode(b"\xfb\xff"), "-_8");
         assert_eq!(b64_decode_with("eDpzZWNyZXQ=", B64STD).unwrap(), b"x:secret");
         assert_eq!(b64url_decode("a"), None, "a lone sextet is truncated input");
-        assert_eq!(python_json(&json!({"e": "\u{e9}\u{1f600}\u{7f}"})), r#"{"e":"\u00e9\ud83d\ude00\u007f"}"#);
+        assert_eq!(
+            python_json(&json!({"e": "\u{e9}\u{1f600}\u{7f}"})),
+            r#"{"e":"\u00e9\ud83d\ude00\u007f"}"#
+        );
     }
 
     // ----- HTTP -----
@@ -1803,7 +1839,10 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         assert_eq!(x(&[("Authorization", "rawtoken")]).as_deref(), Some("rawtoken"));
         assert_eq!(x(&[("Cookie", "a=1; access_token=tok; b=2")]).as_deref(), Some("tok"));
         assert_eq!(x(&[("Cookie", "a=1"), ("Accept", "*/*")]), None);
-        assert_eq!(x(&[("Cookie", "access_token=alice"), ("Authorization", "Bearer bob")]).as_deref(), Some("bob"));
+        assert_eq!(
+            x(&[("Cookie", "access_token=alice"), ("Authorization", "Bearer bob")]).as_deref(),
+            Some("bob")
+        );
     }
 
     #[test]
@@ -1825,7 +1864,10 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         assert!(child.workspace_from_token);
         assert_eq!(child.user.scope.current_workspace.as_deref(), Some("alice-ws-1"));
         let r = cx.http_caller([("Authorization", ROOT_TOKEN)]).unwrap();
-        assert_eq!((r.user.id.as_str(), r.user.scope.current_workspace.as_deref()), ("root", Some("ws-user-root")));
+        assert_eq!(
+            (r.user.id.as_str(), r.user.scope.current_workspace.as_deref()),
+            ("root", Some("ws-user-root"))
+        );
         assert_eq!(r.user.scope.workspaces, IndexMap::from([("*".to_owned(), Permission::Admin)]));
         let err = cx.http_caller([("Authorization", "Bearer nope")]).unwrap_err();
         assert_eq!((err.to_string().as_str(), err.http_status()), ("Error decoding token headers.", 401));
@@ -1871,7 +1913,10 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
     fn handshake_rule_errors_close_1001() {
         let pre = "Failed to establish connection: Failed to authenticate user: ";
         let revoked = forge(SECRET, json!({"sub": "revoked-user"}));
-        assert_eq!(fail(payload(Some("c"), None, Some(&revoked), None)), (format!("{pre}Token has been revoked"), 1001));
+        assert_eq!(
+            fail(payload(Some("c"), None, Some(&revoked), None)),
+            (format!("{pre}Token has been revoked"), 1001)
+        );
         let wid = token_with_scope("ws:ws-a#rw wid:ws-a");
         assert_eq!(
             fail(payload(Some("c"), Some("ws-b"), Some(&wid), None)).0,
@@ -1914,7 +1959,10 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
     fn handshake_setup_errors() {
         let pre = "Failed to establish connection: ";
         for ws in ["public", "ws-user-root", "ws-anonymous", "ws-user-anonymouz-other-cat-12345678"] {
-            assert_eq!(fail(payload(Some("c"), Some(ws), None, None)), (format!("{pre}Permission denied for workspace: {ws}"), 1001));
+            assert_eq!(
+                fail(payload(Some("c"), Some(ws), None, None)),
+                (format!("{pre}Permission denied for workspace: {ws}"), 1001)
+            );
         }
         assert_eq!(
             fail(payload(Some("c"), Some("*"), None, None)).0,
@@ -1922,13 +1970,22 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         );
         assert_eq!(fail(payload(Some("a/b"), None, None, None)).0, format!("{pre}Invalid client id: a/b"));
         let (msg, code) = fail(payload(None, None, None, None));
-        assert!(msg.starts_with(&format!("{pre}Failed to authenticate user to workspace: ws-user-anonymouz-")), "{msg}");
+        assert!(
+            msg.starts_with(&format!("{pre}Failed to authenticate user to workspace: ws-user-anonymouz-")),
+            "{msg}"
+        );
         assert_eq!(code, 1001);
         // Errors the server raises itself, from its own checks.
         let e = HandshakeError::WorkspaceNotFound("nonexistent-ws".into());
-        assert_eq!(e.to_string(), format!("{pre}'Workspace nonexistent-ws does not exist or is not accessible'"));
+        assert_eq!(
+            e.to_string(),
+            format!("{pre}'Workspace nonexistent-ws does not exist or is not accessible'")
+        );
         let e = HandshakeError::ClientExists { workspace: "w".into(), client_id: "dup-id".into() };
-        assert_eq!((e.to_string(), e.close_code()), (format!("{pre}Client already exists and is active: w/dup-id"), 1001));
+        assert_eq!(
+            (e.to_string(), e.close_code()),
+            (format!("{pre}Client already exists and is active: w/dup-id"), 1001)
+        );
         assert_eq!(HandshakeError::Busy.close_code(), 1013);
     }
 
@@ -1940,11 +1997,20 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         assert!(!legacy.sends_error_frame());
         assert!(legacy.to_string().contains("please  upgrade"), "upstream's double space");
         let bad = AuthPayload::from_json("hello there").unwrap_err();
-        assert_eq!((bad.to_string().as_str(), bad.close_code()), ("Failed to decode authentication information", 1003));
-        assert_eq!(AuthPayload::from_json("[1,2]"), Err(HandshakeError::BadPayload));
-        assert_eq!(AuthPayload::from_json(r#"{"client_id":"c"}"#).unwrap(), payload(Some("c"), None, None, None));
         assert_eq!(
-            AuthPayload::from_json(r#"{"client_id":"c","workspace":null,"token":"","reconnection_token":null}"#).unwrap(),
+            (bad.to_string().as_str(), bad.close_code()),
+            ("Failed to decode authentication information", 1003)
+        );
+        assert_eq!(AuthPayload::from_json("[1,2]"), Err(HandshakeError::BadPayload));
+        assert_eq!(
+            AuthPayload::from_json(r#"{"client_id":"c"}"#).unwrap(),
+            payload(Some("c"), None, None, None)
+        );
+        assert_eq!(
+            AuthPayload::from_json(
+                r#"{"client_id":"c","workspace":null,"token":"","reconnection_token":null}"#
+            )
+            .unwrap(),
             payload(Some("c"), None, None, None)
         );
         let t = HandshakeError::PayloadTimeout;
@@ -1960,7 +2026,10 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
     fn handshake_anonymous_and_reconnect() {
         let a = handshake(&payload(Some("probe-ok"), None, None, None), &[]).unwrap();
         let ws = a.user.personal_workspace();
-        assert_eq!((a.workspace.as_str(), a.client_id.as_str(), a.reconnecting), (ws.as_str(), "probe-ok", false));
+        assert_eq!(
+            (a.workspace.as_str(), a.client_id.as_str(), a.reconnecting),
+            (ws.as_str(), "probe-ok", false)
+        );
         assert_eq!(
             a.user.to_json(),
             json!({"id": a.user.id, "roles": ["anonymous"], "is_anonymous": true,
@@ -2004,7 +2073,8 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         assert_eq!(p.workspace, "ws-user-probe-user");
         // An owner (by id or by email) gets `a` on its workspace; others are refused.
         let owners = ["alice".to_owned()];
-        let own = handshake(&payload(Some("alice-c"), Some("alice-ws-1"), Some(PY_ALICE), None), &owners).unwrap();
+        let own =
+            handshake(&payload(Some("alice-c"), Some("alice-ws-1"), Some(PY_ALICE), None), &owners).unwrap();
         assert_eq!(own.user.permission("alice-ws-1"), Some(Permission::Admin));
         let by_mail = ["alice@example.com".to_owned()];
         assert!(handshake(&payload(Some("c"), Some("alice-ws-1"), Some(PY_ALICE), None), &by_mail).is_ok());
@@ -2041,7 +2111,10 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         );
         // Its reconnection token lists both entries and parses back to the same scope.
         let rt = jwt().encode(&r.user, RECONNECTION_TOKEN_LIFE_TIME, NOW).unwrap();
-        assert_eq!(jwt().verify(&rt, NOW).unwrap()["scope"], json!("ws:*#a ws:ws-user-root#a cid:rc wid:ws-user-root"));
+        assert_eq!(
+            jwt().verify(&rt, NOW).unwrap()["scope"],
+            json!("ws:*#a ws:ws-user-root#a cid:rc wid:ws-user-root")
+        );
         let back = handshake(&payload(Some("rc"), None, None, Some(&rt)), &[]).unwrap();
         assert_eq!(back.user.scope.workspaces, r.user.scope.workspaces);
     }
@@ -2052,7 +2125,12 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         move |u, ws| is_workspace_owner(u, ws, &owners.iter().map(|s| s.to_string()).collect::<Vec<_>>())
     }
 
-    fn mint(caller: &UserInfo, ws: &str, config: Value, owners: &'static [&'static str]) -> Result<JsonMap<String, Json>, AuthError> {
+    fn mint(
+        caller: &UserInfo,
+        ws: &str,
+        config: Value,
+        owners: &'static [&'static str],
+    ) -> Result<JsonMap<String, Json>, AuthError> {
         let token = generate_child_token(caller, ws, &config, &owner_of(owners), &jwt(), NOW)?;
         Ok(jwt().verify(&token, NOW).unwrap())
     }
@@ -2076,7 +2154,10 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         assert!(joined.user.is_anonymous);
         // Anonymous callers cannot mint for `public`.
         let e = mint(&a.user, w, crate::map! {"workspace" => "public"}.into(), &[]).unwrap_err();
-        assert_eq!((e.to_string().as_str(), e.exception_name()), ("You do not have any permission for workspace: public", "PermissionError"));
+        assert_eq!(
+            (e.to_string().as_str(), e.exception_name()),
+            ("You do not have any permission for workspace: public", "PermissionError")
+        );
     }
 
     #[test]
@@ -2084,22 +2165,39 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         let alice = handshake(&payload(Some("alice-c"), None, Some(PY_ALICE), None), &[]).unwrap().user;
         let m = |cfg: Value| mint(&alice, "ws-user-alice", cfg, &[]);
         let scope = |cfg: Value| m(cfg).unwrap()["scope"].as_str().unwrap().to_owned();
-        assert_eq!(scope(crate::map! {"permission" => "read"}.into()), "ws:ws-user-alice#r wid:ws-user-alice");
-        assert_eq!(scope(crate::map! {"permission" => "admin"}.into()), "ws:ws-user-alice#a wid:ws-user-alice");
-        assert_eq!(scope(crate::map! {"permission" => "read_write"}.into()), "ws:ws-user-alice#rw wid:ws-user-alice");
-        let cid = mint(&alice, "x", crate::map! {"workspace" => "W", "client_id" => "only-me"}.into(), &["alice"]);
+        assert_eq!(
+            scope(crate::map! {"permission" => "read"}.into()),
+            "ws:ws-user-alice#r wid:ws-user-alice"
+        );
+        assert_eq!(
+            scope(crate::map! {"permission" => "admin"}.into()),
+            "ws:ws-user-alice#a wid:ws-user-alice"
+        );
+        assert_eq!(
+            scope(crate::map! {"permission" => "read_write"}.into()),
+            "ws:ws-user-alice#rw wid:ws-user-alice"
+        );
+        let cid =
+            mint(&alice, "x", crate::map! {"workspace" => "W", "client_id" => "only-me"}.into(), &["alice"]);
         assert_eq!(cid.unwrap()["scope"], json!("ws:W#rw cid:only-me wid:W"));
-        let extra: Value = crate::map! {"workspace" => "W", "extra_scopes" => vec![Value::from("my-data:read")]}.into();
+        let extra: Value =
+            crate::map! {"workspace" => "W", "extra_scopes" => vec![Value::from("my-data:read")]}.into();
         // alice does not own W: refused; with owners she may.
         assert_eq!(m(extra.clone()).unwrap_err(), AuthError::NoPermission("W".into()));
-        assert_eq!(mint(&alice, "x", extra, &["alice"]).unwrap()["scope"], json!("ws:W#rw wid:W my-data:read"));
+        assert_eq!(
+            mint(&alice, "x", extra, &["alice"]).unwrap()["scope"],
+            json!("ws:W#rw wid:W my-data:read")
+        );
         let c = m(crate::map! {"expires_in" => 60, "email" => "x@y"}.into()).unwrap();
         assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 60);
         assert_eq!(c["https://amun.ai/email"], json!("alice@example.com"), "only admins override the email");
         assert_eq!(c["https://amun.ai/parent"], json!("alice"));
         let e = m(crate::map! {"permission" => "bogus"}.into()).unwrap_err();
         assert!(e.to_string().starts_with("1 validation error for TokenConfig\npermission"), "{e}");
-        assert!(matches!(m(crate::map! {"expires_in" => "soon"}.into()), Err(AuthError::InvalidTokenConfig(_))));
+        assert!(matches!(
+            m(crate::map! {"expires_in" => "soon"}.into()),
+            Err(AuthError::InvalidTokenConfig(_))
+        ));
         assert!(matches!(m(Value::from(3)), Err(AuthError::InvalidTokenConfig(_))));
     }
 
@@ -2109,16 +2207,33 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         // A child of alice with rw on alice-ws-1 is not recognised as owner there.
         let child = handshake(&payload(Some("c"), None, Some(PY_CHILD), None), &[]).unwrap().user;
         let e = mint(&child, "alice-ws-1", Value::Nil, owners).unwrap_err();
-        assert_eq!((e.to_string().as_str(), e.exception_name()), ("Only admin can generate token.", "PermissionError"));
+        assert_eq!(
+            (e.to_string().as_str(), e.exception_name()),
+            ("Only admin can generate token.", "PermissionError")
+        );
         // ... but a rw child of alice's personal workspace is (parent's personal workspace).
-        let mut kid = parse(&forge(SECRET, json!({"sub": "kid-1", "scope": "ws:ws-user-alice#rw wid:ws-user-alice",
-                                                  "https://amun.ai/parent": "alice"}))).unwrap();
+        let mut kid = parse(&forge(
+            SECRET,
+            json!({"sub": "kid-1", "scope": "ws:ws-user-alice#rw wid:ws-user-alice",
+                                                  "https://amun.ai/parent": "alice"}),
+        ))
+        .unwrap();
         kid.scope.current_workspace = Some("ws-user-alice".into());
         let claims = mint(&kid, "ws-user-alice", Value::Nil, &[]).unwrap();
-        assert_eq!(claims["https://amun.ai/parent"], json!("alice"), "the grandchild's parent is the root user");
+        assert_eq!(
+            claims["https://amun.ai/parent"],
+            json!("alice"),
+            "the grandchild's parent is the root user"
+        );
         // Root mints for a workspace it created: roles inherited, parent root, admin email override.
         let root = handshake(&payload(Some("rc"), None, Some(ROOT_TOKEN), None), &[]).unwrap().user;
-        let c = mint(&root, "ws-user-root", crate::map! {"workspace" => "root-made-ws", "email" => "r@x"}.into(), &[]).unwrap();
+        let c = mint(
+            &root,
+            "ws-user-root",
+            crate::map! {"workspace" => "root-made-ws", "email" => "r@x"}.into(),
+            &[],
+        )
+        .unwrap();
         assert_eq!(c["scope"], json!("ws:root-made-ws#rw wid:root-made-ws"));
         assert_eq!(c["https://amun.ai/roles"], json!(["admin"]));
         assert_eq!(c["https://amun.ai/parent"], json!("root"));
