@@ -1749,6 +1749,32 @@ print(json.dumps({"header": json.loads(d(h)), "claims": json.loads(d(p))}))
         assert!(matches!(parse(&token_with_scope("ws:a#x")), Err(AuthError::InvalidScope(_))));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn scope_string_round_trips(
+            wss in proptest::collection::vec(("[a-z*][a-z0-9-]{0,8}", 0..3u8), 0..4),
+            cid in proptest::option::of("[a-zA-Z0-9_-]{1,8}"),
+            wid in proptest::option::of("[a-z][a-z0-9-]{0,8}"),
+            extras in proptest::collection::vec("x[a-z-]{0,6}(:[a-z]{1,5})?", 0..3),
+        ) {
+            let perms = [Permission::Read, Permission::ReadWrite, Permission::Admin];
+            let scope = ScopeInfo {
+                current_workspace: wid,
+                workspaces: wss.into_iter().map(|(w, p)| (w, perms[usize::from(p)])).collect(),
+                client_id: cid,
+                extra_scopes: Some(extras),
+            };
+            let text = scope.to_scope_string();
+            proptest::prop_assert_eq!(ScopeInfo::parse(&text).unwrap(), scope.clone());
+            // A user with that scope survives a token round trip (plus its own workspace).
+            let mut user = UserInfo::new("u");
+            user.scope = scope;
+            let back = parse(&generate_token(&user, 60.0, SECRET, NOW).unwrap()).unwrap();
+            user.scope.workspaces.insert("ws-user-u".into(), Permission::Admin);
+            proptest::prop_assert_eq!(back.scope, user.scope);
+        }
+    }
+
     #[test]
     fn fixed_users_dump_exactly() {
         assert_eq!(
