@@ -831,7 +831,12 @@ pub fn decode_remote_method(wire: Value, cx: &DecodeContext<'_>) -> Result<Remot
         },
         other => other.kind().to_owned(),
     };
-    Err(CodecError::InvalidField { rtype: "method".into(), field: "_rtype", expected: "a method descriptor", got })
+    Err(CodecError::InvalidField {
+        rtype: "method".into(),
+        field: "_rtype",
+        expected: "a method descriptor",
+        got,
+    })
 }
 
 fn dec(wire: Value, cx: &DecodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
@@ -1291,7 +1296,11 @@ mod tests {
     #[test]
     fn decode_remote_method_accepts_only_method_descriptors() {
         let reg = CodecRegistry::new();
-        let cx = DecodeContext { remote_workspace: Some("ws"), remote_parent: Some("P"), ..DecodeContext::new(&reg) };
+        let cx = DecodeContext {
+            remote_workspace: Some("ws"),
+            remote_parent: Some("P"),
+            ..DecodeContext::new(&reg)
+        };
         let d = map! { "_rtype" => "method", "_rtarget" => "cons", "_rmethod" => "S.resolve" };
         let rm = decode_remote_method(Value::from(d), &cx).unwrap();
         assert_eq!((rm.target.as_str(), rm.method.as_str()), ("ws/cons", "S.resolve"));
