@@ -434,6 +434,8 @@ struct Upload {
     /// Chunk calls sent, and acknowledged.
     sent: usize,
     done: usize,
+    /// `process` was sent: the receiver's entry is gone (or about to be), nothing to remove.
+    processing: bool,
 }
 
 /// An incoming call handed to the driver and not yet answered.
@@ -863,7 +865,7 @@ impl Endpoint {
         match self.start_call(now, method, args, kwargs, local_parent) {
             Ok((session, package)) => self.dispatch(now, session, method, package, then),
             Err(e) => match then {
-                Then::Upload { id, .. } => self.fail_upload(now, id, e.to_string()),
+                Then::Upload { id, step } => self.fail_upload(now, id, step, e.to_string()),
                 Then::Forward(reply) => self.finish_reply(now, reply, Err(e.to_error_value())),
                 Then::Discard { target, method } => {
                     self.events.push_back(Event::Error(EndpointError::ReplyFailed {
@@ -938,6 +940,7 @@ impl Endpoint {
                 plan: None,
                 sent: 0,
                 done: 0,
+                processing: false,
             },
         );
         // Step 1: `get_remote_service("<target>:built-in")`, an explicit-promise call.
@@ -962,7 +965,7 @@ impl Endpoint {
             CallOutcome::Resolved(v) => v,
             failed => {
                 let error = failed.error_message().unwrap_or_default();
-                return self.fail_upload(now, id, error);
+                return self.fail_upload(now, id, step, error);
             }
         };
         let chunk_size = self.config.chunk_size;
@@ -984,6 +987,7 @@ impl Endpoint {
                 if upload.done < total {
                     self.send_more_chunks(now, id);
                 } else if let Some(process) = upload.plan.as_ref().map(ChunkPlan::process_call) {
+                    upload.processing = true;
                     self.cache_call(now, id, UploadStep::Process, process);
                 }
             }
@@ -1016,33 +1020,30 @@ impl Endpoint {
         }
     }
 
-    /// A step failed: free the receiver's entry (spec §3 step 3) and fail the call.
-    fn fail_upload(&mut self, now: Instant, id: u64, error: String) {
+    /// A step failed: fail the call. After a failed chunk call the receiver's
+    /// half-built entry is freed first (spec §3 step 3); after a failed `create` the key
+    /// may be another upload's (a collision), and `process` drops the entry itself.
+    fn fail_upload(&mut self, now: Instant, id: u64, step: UploadStep, error: String) {
         let Some(upload) = self.uploads.remove(&id) else { return };
         self.upload_of.remove(&upload.session);
-        if let Some(plan) = &upload.plan {
+        if let Some(plan) = upload.plan.as_ref().filter(|_| step == UploadStep::Chunk) {
             let remove = plan.remove_call();
-            self.send_internal(
-                now,
-                &cache_method(&upload.target, &remove),
-                remove.args,
-                None,
-                None,
-                Then::Ignore,
-            );
+            let rm = cache_method(&upload.target, &remove);
+            self.send_internal(now, &rm, remove.args, None, None, Then::Ignore);
         }
         self.fail_send(now, &upload.session, &upload.target, &upload.method, error);
     }
 
-    /// The uploaded call settled on its own (timeout, disconnect...): stop uploading.
+    /// The uploaded call settled on its own (timeout, disconnect, or its reply raced the
+    /// `process` acknowledgement): stop uploading, and free the receiver's half-built
+    /// entry unless `process` already consumed it.
     fn cancel_upload_of(&mut self, now: Instant, session: &str) {
         let Some(id) = self.upload_of.remove(session) else { return };
-        if let Some(upload) = self.uploads.remove(&id) {
-            if let Some(plan) = &upload.plan {
-                let remove = plan.remove_call();
-                let rm = cache_method(&upload.target, &remove);
-                self.send_internal(now, &rm, remove.args, None, None, Then::Ignore);
-            }
+        let Some(upload) = self.uploads.remove(&id) else { return };
+        if let Some(plan) = upload.plan.as_ref().filter(|_| !upload.processing) {
+            let remove = plan.remove_call();
+            let rm = cache_method(&upload.target, &remove);
+            self.send_internal(now, &rm, remove.args, None, None, Then::Ignore);
         }
     }
 
