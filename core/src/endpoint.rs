@@ -1503,3 +1503,500 @@ fn is_late_callback(e: &DispatchError, method: &str) -> bool {
     let late = matches!(e, DispatchError::SessionNotFound(_) | DispatchError::MethodExpired(_));
     late && [".heartbeat", ".resolve", ".reject"].iter().any(|s| method.ends_with(s))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map;
+    use crate::value::{CustomValue, Function, LocalFunction};
+
+    const ME: &str = "ws/me";
+    const PEER: &str = "ws/peer";
+
+    fn endpoint(now: Instant) -> Endpoint {
+        Endpoint::new(EndpointConfig::default(), Some("ws"), "me", now)
+    }
+
+    fn secs(now: Instant, s: u64) -> Instant {
+        now + Duration::from_secs(s)
+    }
+
+    /// A frame from PEER as the server delivers it.
+    fn frame(main: Map, extra: Option<Map>) -> Bytes {
+        Bytes::from(package::encode_package(&main, extra.as_ref()).unwrap())
+    }
+
+    fn call_main(method: &str, session: Option<&str>) -> Map {
+        let mut m = map! { "type" => "method", "from" => PEER, "to" => ME, "method" => method };
+        if let Some(s) = session {
+            m.insert("session".into(), Value::from(s));
+        }
+        m.insert("ws".into(), Value::from("ws"));
+        m
+    }
+
+    /// A compact-promise call from PEER.
+    fn compact_call(method: &str, session: &str, args: Vec<Value>, t: f64) -> Bytes {
+        frame(call_main(method, Some(session)), Some(map! { "args" => args, "promise" => "*", "t" => t }))
+    }
+
+    /// PEER resolving our call `session`.
+    fn resolve(session: &str, value: Value) -> Bytes {
+        frame(call_main(&format!("{session}.resolve"), None), Some(map! { "args" => vec![value] }))
+    }
+
+    fn sent(ep: &mut Endpoint) -> Vec<Package> {
+        std::iter::from_fn(|| ep.poll_transmit())
+            .map(|f| package::decode_package(&f, &DecodeLimits::default()).unwrap())
+            .collect()
+    }
+
+    fn events(ep: &mut Endpoint) -> Vec<Event> {
+        std::iter::from_fn(|| ep.poll_event()).collect()
+    }
+
+    fn method_of(p: &Package) -> &str {
+        p.main["method"].as_str().unwrap()
+    }
+
+    fn args_of(p: &Package) -> &[Value] {
+        p.extra.as_ref().and_then(|e| e.get("args")).and_then(Value::as_list).unwrap_or_default()
+    }
+
+    /// The `_rvalue` of a reject package.
+    fn rejected(p: &Package) -> String {
+        assert!(method_of(p).ends_with(".reject"), "not a reject: {:?}", p.main);
+        args_of(p)[0].as_map().unwrap()["_rvalue"].as_str().unwrap().to_owned()
+    }
+
+    /// Registers `demo.<name>` and returns its handler.
+    fn service(ep: &mut Endpoint, name: &str, config: Map) -> Handler {
+        let handler = Handler::new(name.to_owned());
+        let mut f = LocalFunction::new(handler.clone());
+        f.name = Some(name.into());
+        let api = map! { "id" => "demo", "config" => config, name => Function::Local(f) };
+        ep.register_service(api, true).unwrap();
+        handler
+    }
+
+    fn invoked(ep: &mut Endpoint) -> (Handler, Vec<Value>, Option<Map>, Option<Map>, ReplyTo) {
+        let mut evs = events(ep);
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        match evs.remove(0) {
+            Event::Invoke { handler, args, kwargs, context, reply } => {
+                (handler, args, kwargs, context, reply)
+            }
+            other => panic!("expected an Invoke, got {other:?}"),
+        }
+    }
+
+    fn assert_idle(ep: &Endpoint) {
+        assert_eq!(ep.stats(), EndpointStats::default());
+        assert_eq!(ep.poll_timeout(), None);
+    }
+
+    #[test]
+    fn explicit_promise_callee_side() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let add = service(&mut ep, "add", Map::new());
+        let cb = |name: &str| {
+            map! { "_rtype" => "method", "_rtarget" => "peer", "_rmethod" => format!("S.{name}"), "_rpromise" => false }
+        };
+        let promise = map! { "heartbeat" => cb("heartbeat"), "interval" => 15.0, "resolve" => cb("resolve"),
+        "reject" => cb("reject") };
+        let extra = map! { "args" => vec![Value::from(1), Value::from(2)], "promise" => promise };
+        ep.handle_frame(now, frame(call_main("services.demo.add", Some("S")), Some(extra)));
+        let (handler, args, kwargs, context, reply) = invoked(&mut ep);
+        assert_eq!(handler, add);
+        assert_eq!(args, vec![Value::from(1), Value::from(2)]);
+        assert_eq!((kwargs, context), (None, None), "no kwargs sent, no require_context");
+        let callbacks = reply.callbacks().unwrap();
+        assert_eq!(callbacks.resolve.target, PEER, "decoded against the caller's workspace");
+        assert_eq!(callbacks.resolve.remote_parent.as_deref(), Some("S"));
+        assert_eq!(callbacks.interval, Some(Duration::from_secs(15)));
+        assert_eq!(ep.poll_timeout(), Some(now), "the first heartbeat is due at once");
+        ep.reply(now, reply, Ok(Value::from(3)));
+        let out = sent(&mut ep);
+        assert_eq!(out.len(), 1, "replied before the timer ran: no heartbeat");
+        assert_eq!(method_of(&out[0]), "S.resolve");
+        assert_eq!(out[0].main["to"], Value::from(PEER));
+        assert_eq!(out[0].main["parent"], Value::from("S"));
+        assert!(!out[0].main.contains_key("session"), "resolve is fire-and-forget");
+        assert_eq!(args_of(&out[0]), [Value::from(3)]);
+        assert_idle(&ep);
+    }
+
+    #[test]
+    fn require_context_and_kwargs_reach_the_driver() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        service(&mut ep, "f", map! { "require_context" => true });
+        let mut main = call_main("services.demo.f", Some("S"));
+        main.insert("to".into(), Value::from("me"));
+        let extra = map! { "args" => vec![Value::from(1), Value::from(map! { "b" => 2 })], "with_kwargs" => true,
+        "promise" => "*", "t" => 15 };
+        ep.handle_frame(now, frame(main, Some(extra)));
+        let (_, args, kwargs, context, reply) = invoked(&mut ep);
+        assert_eq!(args, vec![Value::from(1)]);
+        assert_eq!(kwargs.unwrap()["b"], Value::from(2));
+        let context = context.expect("require_context");
+        assert_eq!(context["to"], Value::from(ME), "made absolute");
+        assert_eq!(context["connection_type"], Value::from("websocket"));
+        assert_eq!(context["session"], Value::from("S"));
+        ep.abandon(reply);
+        assert_idle(&ep);
+    }
+
+    #[test]
+    fn callee_heartbeats_at_once_then_every_interval_until_the_reply() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        service(&mut ep, "slow", Map::new());
+        ep.handle_frame(now, compact_call("services.demo.slow", "S", Vec::new(), 15.0));
+        let (_, _, _, _, reply) = invoked(&mut ep);
+        ep.handle_timeout(now);
+        let beats = sent(&mut ep);
+        assert_eq!(beats.len(), 1);
+        assert_eq!(method_of(&beats[0]), "S.heartbeat");
+        assert_eq!(beats[0].main["parent"], Value::from("S"));
+        assert_eq!(beats[0].extra, None, "a heartbeat is a single segment");
+        assert_eq!(ep.poll_timeout(), Some(secs(now, 15)));
+        ep.handle_timeout(secs(now, 14));
+        assert!(sent(&mut ep).is_empty());
+        ep.handle_timeout(secs(now, 15));
+        assert_eq!(sent(&mut ep).len(), 1);
+        ep.reply(secs(now, 20), reply, Err(ErrorValue::new("boom")));
+        let out = sent(&mut ep);
+        assert_eq!(rejected(&out[0]), "boom");
+        assert_eq!(args_of(&out[0])[0].as_map().unwrap()["_rtrace"], Value::from(""));
+        assert_idle(&ep);
+        ep.handle_timeout(secs(now, 30));
+        assert!(sent(&mut ep).is_empty(), "no heartbeat after the reply");
+
+        // `t = 0` (the caller has no timer): nothing to keep alive.
+        ep.handle_frame(now, compact_call("services.demo.slow", "S2", Vec::new(), 0.0));
+        let (_, _, _, _, reply) = invoked(&mut ep);
+        assert_eq!(ep.poll_timeout(), None);
+        ep.abandon(reply);
+        assert_idle(&ep);
+    }
+
+    /// Plays the peer's side of an upload: answers every call we sent with `answer`, and
+    /// returns the packages in the order we sent them.
+    fn answer_all(ep: &mut Endpoint, now: Instant, answer: impl Fn(&Package) -> Value) -> Vec<Package> {
+        let out = sent(ep);
+        for p in &out {
+            if let Some(s) = p.main.get("session").and_then(Value::as_str) {
+                ep.handle_frame(now, resolve(s, answer(p)));
+            }
+        }
+        out
+    }
+
+    fn builtin_answer(api_version: Option<i64>) -> impl Fn(&Package) -> Value {
+        move |p: &Package| {
+            if method_of(p) == GET_BUILTIN_METHOD {
+                let mut config = Map::new();
+                if let Some(v) = api_version {
+                    config.insert("api_version".into(), Value::from(v));
+                }
+                Value::from(map! { "id" => "built-in", "config" => config })
+            } else {
+                Value::Nil
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_result_goes_through_the_callers_message_cache() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        service(&mut ep, "blob", Map::new());
+        ep.handle_frame(now, compact_call("services.demo.blob", "S", Vec::new(), 15.0));
+        let (_, _, _, _, reply) = invoked(&mut ep);
+        ep.reply(now, reply, Ok(Value::Bytes(Bytes::from(vec![7u8; 1 << 20]))));
+        let answer = builtin_answer(Some(3));
+        let get = answer_all(&mut ep, now, &answer);
+        assert_eq!(get.len(), 1);
+        assert_eq!(method_of(&get[0]), GET_BUILTIN_METHOD);
+        assert_eq!(args_of(&get[0]), [Value::from("built-in")]);
+        assert!(get[0].extra.as_ref().unwrap()["promise"].as_map().is_some(), "explicit promise");
+        let create = answer_all(&mut ep, now, &answer);
+        assert_eq!(method_of(&create[0]), "services.built-in.message_cache.create");
+        assert_eq!(args_of(&create[0]), [Value::from("S"), Value::Bool(true)], "key = caller's session");
+        let sets = answer_all(&mut ep, now, &answer);
+        assert_eq!(sets.len(), 5, "all chunk calls in flight at once (at most 30)");
+        let mut whole = Vec::new();
+        for (i, p) in sets.iter().enumerate() {
+            assert_eq!(method_of(p), "services.built-in.message_cache.set");
+            assert_eq!(args_of(p)[1], Value::from(i));
+            assert_eq!(args_of(p)[3], Value::Bool(true));
+            whole.extend_from_slice(args_of(p)[2].as_bytes().unwrap());
+        }
+        let inner = package::decode_package(&Bytes::from(whole), &DecodeLimits::default()).unwrap();
+        assert_eq!(method_of(&inner), "S.resolve");
+        assert_eq!(inner.main["parent"], Value::from("S"));
+        let process = answer_all(&mut ep, now, &answer);
+        assert_eq!(method_of(&process[0]), "services.built-in.message_cache.process");
+        assert!(sent(&mut ep).is_empty());
+        assert!(events(&mut ep).is_empty(), "a delivered reply raises nothing");
+        assert_idle(&ep);
+    }
+
+    #[test]
+    fn legacy_receivers_get_one_append_at_a_time() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let big = Value::Bytes(Bytes::from(vec![1u8; 600_000]));
+        let call = ep.call_method(now, PEER, "services.x.f", vec![big], None).unwrap();
+        let answer = builtin_answer(None);
+        answer_all(&mut ep, now, &answer); // get_service
+        answer_all(&mut ep, now, &answer); // create
+        for _ in 0..3 {
+            let step = answer_all(&mut ep, now, &answer);
+            assert_eq!(step.len(), 1);
+            assert_eq!(method_of(&step[0]), "services.built-in.message_cache.append");
+            assert_eq!(args_of(&step[0])[2], Value::Bool(false), "no remote parent: no heartbeat flag");
+        }
+        let process = answer_all(&mut ep, now, &answer);
+        assert_eq!(method_of(&process[0]), "services.built-in.message_cache.process");
+        assert_eq!(ep.poll_timeout(), Some(secs(now, 30)), "the call's timer starts after process");
+        ep.handle_frame(now, resolve(&call, Value::from(1)));
+        match &events(&mut ep)[..] {
+            [Event::Settled(s)] => assert_eq!(s.outcome, CallOutcome::Resolved(Value::from(1))),
+            other => panic!("{other:?}"),
+        }
+        assert_idle(&ep);
+    }
+
+    #[test]
+    fn a_resolve_racing_the_process_ack_is_fine() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let big = Value::Bytes(Bytes::from(vec![1u8; 300_000]));
+        let call = ep.call_method(now, PEER, "services.x.f", vec![big], None).unwrap();
+        let answer = builtin_answer(Some(3));
+        for _ in 0..3 {
+            answer_all(&mut ep, now, &answer); // get_service, create, sets
+        }
+        let process = sent(&mut ep);
+        assert_eq!(method_of(&process[0]), "services.built-in.message_cache.process");
+        ep.handle_frame(now, resolve(&call, Value::from(9)));
+        match &events(&mut ep)[..] {
+            [Event::Settled(s)] => assert_eq!(s.outcome, CallOutcome::Resolved(Value::from(9))),
+            other => panic!("{other:?}"),
+        }
+        assert!(sent(&mut ep).is_empty(), "no message_cache.remove: process consumed the entry");
+        let session = process[0].main["session"].as_str().unwrap().to_owned();
+        ep.handle_frame(now, resolve(&session, Value::Nil));
+        assert!(events(&mut ep).is_empty());
+        assert_idle(&ep);
+    }
+
+    /// Calls `message_cache.<op>` on `ep` from PEER; returns the single reply.
+    fn cache_op(ep: &mut Endpoint, now: Instant, op: &str, args: Vec<Value>) -> Package {
+        let method = format!("services.built-in.message_cache.{op}");
+        ep.handle_frame(now, compact_call(&method, "C", args, 15.0));
+        let mut out = sent(ep);
+        assert_eq!(out.len(), 1, "{op}: {out:?}");
+        out.remove(0)
+    }
+
+    #[test]
+    fn reassembly_errors_are_answered_with_rejects() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let k = Value::from("k");
+        let chunk = Value::Bytes(Bytes::from_static(b"\xc1"));
+        let r = cache_op(&mut ep, now, "set", vec![k.clone(), 0.into(), chunk.clone(), false.into()]);
+        assert_eq!(rejected(&r), "Message with key k does not exists.");
+        let r = cache_op(&mut ep, now, "create", vec![k.clone(), true.into()]);
+        assert_eq!(rejected(&r), "session does not exist anymore: k");
+        let r = cache_op(&mut ep, now, "create", vec![k.clone(), false.into()]);
+        assert_eq!(method_of(&r), "C.resolve");
+        let r = cache_op(&mut ep, now, "set", vec![k.clone(), 0.into(), "text".into(), false.into()]);
+        assert_eq!(rejected(&r), "Chunk data must be bytes, got str");
+        let r = cache_op(&mut ep, now, "process", vec![k.clone()]);
+        assert_eq!(rejected(&r), "Chunk 0 of message k is missing (0 chunks expected)");
+        // A corrupt package rejects its `process` call.
+        cache_op(&mut ep, now, "create", vec![k.clone()]);
+        cache_op(&mut ep, now, "set", vec![k.clone(), 0.into(), chunk]);
+        let r = cache_op(&mut ep, now, "process", vec![k.clone()]);
+        assert!(rejected(&r).starts_with("invalid msgpack in the main segment"), "{}", rejected(&r));
+        let r = cache_op(&mut ep, now, "remove", vec![k]);
+        assert_eq!(rejected(&r), "Message with key k does not exists.");
+        let r = cache_op(&mut ep, now, "create", vec![Value::from(1)]);
+        assert_eq!(rejected(&r), "message_cache.create: argument 0 must be a string");
+        assert!(events(&mut ep).is_empty());
+        assert_idle(&ep);
+    }
+
+    #[test]
+    fn malformed_frames_become_error_events() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let error_of = |ep: &mut Endpoint| match &events(ep)[..] {
+            [Event::Error(e)] => e.to_string(),
+            other => panic!("expected one error, got {other:?}"),
+        };
+        ep.handle_frame(now, Bytes::from_static(b"\xc1"));
+        assert!(error_of(&mut ep).starts_with("invalid msgpack"));
+        ep.handle_frame(now, Bytes::from_static(b"\x92\x01\x02"));
+        assert_eq!(error_of(&mut ep), "package main segment must be a map, got list");
+        ep.handle_frame(now, frame(map! { "from" => PEER }, None));
+        assert_eq!(error_of(&mut ep), "message has no type");
+        ep.handle_frame(now, frame(map! { "type" => "method", "to" => ME, "method" => "x" }, None));
+        assert_eq!(error_of(&mut ep), "message has no \"from\"");
+        ep.handle_frame(
+            now,
+            frame(call_main("services.built-in.ping", Some("S")), Some(map! { "promise" => 5 })),
+        );
+        assert_eq!(error_of(&mut ep), "promise must be \"*\" or a map, got int");
+        ep.handle_frame(now, frame(call_main("nope", None), None));
+        assert_eq!(
+            error_of(&mut ep),
+            "nope called by ws/peer failed and has no promise to reject: Method not found: ws/peer:nope at me"
+        );
+        // Malformed payloads of calls with a promise are answered, not just logged.
+        let extra = map! { "args" => "x", "promise" => "*", "t" => 15.0 };
+        ep.handle_frame(now, frame(call_main("services.built-in.ping", Some("S")), Some(extra)));
+        assert_eq!(rejected(&sent(&mut ep)[0]), "message field \"args\" must be a list, got str");
+        // Late callbacks for sessions that are gone are dropped without a word.
+        ep.handle_frame(now, frame(call_main("gone.heartbeat", None), None));
+        assert!(events(&mut ep).is_empty() && sent(&mut ep).is_empty());
+        assert_idle(&ep);
+    }
+
+    #[test]
+    fn event_messages_and_client_disconnected() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let custom = map! { "type" => "my-event", "to" => "ws/*", "from" => PEER };
+        ep.handle_frame(now, frame(custom, Some(map! { "data" => 1 })));
+        match &events(&mut ep)[..] {
+            [Event::Message(m)] => {
+                assert_eq!(m["type"], Value::from("my-event"));
+                assert_eq!(m["data"], Value::from(1), "extra merged");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A pending call to the peer that leaves.
+        let call = ep.call_method(now, PEER, "services.x.f", Vec::new(), None).unwrap();
+        sent(&mut ep);
+        let gone = map! { "type" => "client_disconnected", "to" => "*",
+        "data" => map! { "id" => "peer", "workspace" => "ws" } };
+        ep.handle_frame(now, frame(gone, None));
+        match &events(&mut ep)[..] {
+            [Event::Settled(s), Event::RemoteClientDisconnected { client_id, sessions_cleaned, .. }, Event::Message(m)] =>
+            {
+                assert_eq!(s.session, call);
+                assert_eq!(s.outcome.error_message().as_deref(), Some("Client disconnected: ws/peer"));
+                assert_eq!((client_id.as_str(), *sessions_cleaned), (PEER, 1));
+                assert_eq!(m["type"], Value::from("client_disconnected"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_idle(&ep);
+        // emit: without `to` only local, with `to` sent as is, without `type` refused.
+        ep.emit_event(map! { "type" => "local" }, None).unwrap();
+        assert!(matches!(&events(&mut ep)[..], [Event::Message(m)] if m["type"] == Value::from("local")));
+        ep.emit_event(map! { "type" => "x", "to" => "*" }, Some(map! { "n" => 1 })).unwrap();
+        let out = sent(&mut ep);
+        assert_eq!(out[0].main["to"], Value::from("*"));
+        assert_eq!(out[0].extra.as_ref().unwrap()["n"], Value::from(1));
+        assert!(ep.emit_event(map! { "to" => "*" }, None).is_err());
+    }
+
+    #[test]
+    fn callbacks_of_a_call_with_a_parent_nest_under_it() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        service(&mut ep, "f", Map::new());
+        // Our pending call P: the peer calls back into us during it, with parent = P.
+        let p = ep.call_method(now, PEER, "services.x.g", Vec::new(), None).unwrap();
+        sent(&mut ep);
+        let mut main = call_main("services.demo.f", Some("S2"));
+        main.insert("parent".into(), Value::from(p.as_str()));
+        let cb =
+            map! { "_rtype" => "method", "_rtarget" => "peer", "_rmethod" => "S2.cb", "_rpromise" => "*" };
+        let extra = map! { "args" => vec![Value::from(cb)], "promise" => "*", "t" => 15.0 };
+        ep.handle_frame(now, frame(main, Some(extra)));
+        let (_, args, _, _, reply) = invoked(&mut ep);
+        let Value::Function(f) = &args[0] else { panic!("{args:?}") };
+        let Function::Remote(cb) = &**f else { panic!("{f:?}") };
+        let inner = ep.call(now, cb, Vec::new(), None).unwrap();
+        assert!(inner.starts_with(&format!("{p}.")), "{inner} nests under {p}");
+        let out = sent(&mut ep);
+        assert_eq!(out[0].main["session"], Value::from(inner.as_str()));
+        assert_eq!(out[0].main["parent"], Value::from("S2"));
+        // The reply's session nests under P too: a returned function keeps it alive.
+        let keep = Value::from(Function::Local(LocalFunction::new(Handler::new(1u8))));
+        ep.reply(now, reply, Ok(keep));
+        assert_eq!(ep.table().session_count(), 1, "only P at the top");
+        assert_eq!(ep.stats().sessions, 3, "P, the inner call, the result session");
+        // After the reply the link is gone.
+        let later = ep.call(now, cb, Vec::new(), None).unwrap();
+        assert!(!later.contains('.'));
+    }
+
+    #[test]
+    fn failed_encoding_leaves_nothing_behind() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let listener =
+            map! { "_rintf" => true, "on" => Function::Local(LocalFunction::new(Handler::new(0u8))) };
+        let bad = Value::Custom(CustomValue::new("unknown", 5u8));
+        for promise in [PromiseMode::Compact, PromiseMode::None] {
+            let rm = RemoteMethod {
+                promise,
+                ..RemoteMethod { target: PEER.into(), method: "m".into(), ..Default::default() }
+            };
+            let err = ep.call(now, &rm, vec![listener.clone().into(), bad.clone()], None).unwrap_err();
+            assert!(err.to_string().contains("Unsupported data type: unknown"), "{err}");
+        }
+        assert_eq!(ep.table().service_count(), 1, "the _rintf services were removed again");
+        assert!(sent(&mut ep).is_empty() && events(&mut ep).is_empty());
+        assert_idle(&ep);
+    }
+
+    #[test]
+    fn sessions_are_swept_on_the_endpoints_own_timer() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        service(&mut ep, "f", Map::new());
+        assert_eq!(ep.poll_timeout(), None, "an idle endpoint has no timer");
+        ep.handle_frame(now, compact_call("services.demo.f", "S", Vec::new(), 15.0));
+        let (_, _, _, _, reply) = invoked(&mut ep);
+        let keep = Value::from(Function::Local(LocalFunction::new(Handler::new(1u8))));
+        ep.reply(now, reply, Ok(keep));
+        assert_eq!(sent(&mut ep).len(), 1);
+        assert_eq!(ep.table().session_count(), 1, "a result session holding a function");
+        for t in [300, 600] {
+            assert_eq!(ep.poll_timeout(), Some(secs(now, t)));
+            ep.handle_timeout(secs(now, t));
+            assert_eq!(ep.table().session_count(), 1, "not older than session_ttl at {t} s");
+        }
+        ep.handle_timeout(secs(now, 900));
+        assert_idle(&ep);
+    }
+
+    #[test]
+    fn builtins_ping_and_get_service() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        ep.handle_frame(now, compact_call("services.built-in.ping", "S", vec!["ping".into()], 15.0));
+        assert_eq!(args_of(&sent(&mut ep)[0]), [Value::from("pong")]);
+        ep.handle_frame(
+            now,
+            compact_call("services.built-in.get_service", "S", vec!["built-in".into()], 15.0),
+        );
+        let out = sent(&mut ep);
+        let api = args_of(&out[0])[0].as_map().unwrap().clone();
+        assert_eq!(api["config"].as_map().unwrap()["api_version"], Value::from(3));
+        assert_eq!(api["name"], Value::from("Builtin services for ws/me"));
+        ep.handle_frame(now, compact_call("services.built-in.get_service", "S", vec!["nope".into()], 15.0));
+        assert_eq!(rejected(&sent(&mut ep)[0]), "Service not found: nope");
+        assert_idle(&ep);
+    }
+}
