@@ -30,7 +30,7 @@
 //! # What the driver still does
 //!
 //! * Run user code: an [`Event::Invoke`] names a [`Handler`] (the value the driver put
-//!   into a [`LocalFunction`]) and carries the decoded arguments and a [`ReplyTo`]; the
+//!   into a [`LocalFunction`](crate::LocalFunction)) and carries the decoded arguments and a [`ReplyTo`]; the
 //!   driver runs the function and calls [`Endpoint::reply`] exactly once (or
 //!   [`Endpoint::abandon`] if the function was cancelled). Until then the endpoint
 //!   heartbeats the caller.
@@ -401,8 +401,9 @@ enum Then {
     Ignore,
     /// A step of a chunked upload.
     Upload { id: u64, step: UploadStep },
-    /// A call relayed for a forwarder (spec §5.3): its outcome answers this call.
-    Forward(ReplyTo),
+    /// A call relayed for a forwarder (spec §5.3): its outcome answers this call. Boxed:
+    /// forwards are rare, the map holds one `Then` per call in flight.
+    Forward(Box<ReplyTo>),
 }
 
 /// The `message_cache` round trips of one chunked package (spec §3).
@@ -734,7 +735,7 @@ impl Endpoint {
     }
 
     /// The connection dropped (spec §1.6): while reconnecting pending calls keep their
-    /// timers, otherwise they fail with "Connection lost: <reason>".
+    /// timers, otherwise they fail with `"Connection lost: <reason>"`.
     pub fn handle_connection_lost(&mut self, now: Instant, reason: &str, reconnecting: bool) {
         let settled = self.table.handle_connection_lost(reason, reconnecting);
         self.settle(now, settled);
@@ -866,7 +867,7 @@ impl Endpoint {
             Ok((session, package)) => self.dispatch(now, session, method, package, then),
             Err(e) => match then {
                 Then::Upload { id, step } => self.fail_upload(now, id, step, e.to_string()),
-                Then::Forward(reply) => self.finish_reply(now, reply, Err(e.to_error_value())),
+                Then::Forward(reply) => self.finish_reply(now, *reply, Err(e.to_error_value())),
                 Then::Discard { target, method } => {
                     self.events.push_back(Event::Error(EndpointError::ReplyFailed {
                         target,
@@ -907,7 +908,7 @@ impl Endpoint {
                             Err(ErrorValue { message: e.to_string(), trace: Some(String::new()) })
                         }
                     };
-                    self.finish_reply(now, reply, result);
+                    self.finish_reply(now, *reply, result);
                 }
             }
         }
@@ -1226,7 +1227,7 @@ impl Endpoint {
             }
             Target::Forwarder { method: relay, .. } => {
                 let reply = self.open_reply(now, reply, session);
-                self.send_internal(now, &relay, args, kwargs, None, Then::Forward(reply));
+                self.send_internal(now, &relay, args, kwargs, None, Then::Forward(Box::new(reply)));
             }
         }
     }
