@@ -1983,6 +1983,20 @@ mod tests {
     }
 
     #[test]
+    fn learning_the_workspace_renames_the_builtin_in_place() {
+        let now = Instant::now();
+        let mut ep = Endpoint::new(EndpointConfig::default(), None, "me", now);
+        assert_eq!(ep.id(), "me");
+        service(&mut ep, "f", Map::new());
+        ep.set_workspace(Some("ws2"));
+        assert_eq!(ep.id(), "ws2/me");
+        let ids: Vec<&str> = ep.table().services().map(|(k, _)| k).collect();
+        assert_eq!(ids, ["built-in", "demo"], "built-in stays first");
+        let name = &ep.table().service("built-in").unwrap().api["name"];
+        assert_eq!(name, &Value::from("Builtin services for ws2/me"));
+    }
+
+    #[test]
     fn builtins_ping_and_get_service() {
         let now = Instant::now();
         let mut ep = endpoint(now);

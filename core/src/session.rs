@@ -758,6 +758,9 @@ impl SessionTable {
         for v in api.values_mut() {
             self.replace_own_proxies(v)?;
         }
+        // A replaced service keeps its place (as a Python dict entry does), so the
+        // re-registration order on reconnect stays `built-in` first.
+        let position = self.services.get_index_of(&id);
         if let Some(old) = self.services.shift_remove(&id) {
             self.remove_annotations(&id, &old.api);
         }
@@ -786,6 +789,9 @@ impl SessionTable {
             self.annotations.insert(handler, Arc::new(ann));
         }
         self.services.insert(id.clone(), Service { api, config });
+        if let Some(p) = position {
+            self.services.move_index(self.services.len() - 1, p);
+        }
         Ok(&self.services[&id].api)
     }
 
@@ -2241,6 +2247,19 @@ mod tests {
             "Failed to send the request when calling method (ws2/a:services.x.f), error: socket gone"
         );
         assert_eq!(t.session_count(), 0);
+    }
+
+    #[test]
+    fn overwriting_a_service_keeps_its_place() {
+        let now = t0();
+        let mut t = table(now);
+        for id in ["a", "b", "c"] {
+            t.add_service(map! { "id" => id }, false).unwrap();
+        }
+        t.add_service(map! { "id" => "a", "x" => 1 }, true).unwrap();
+        let ids: Vec<&str> = t.services().map(|(k, _)| k).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(t.service("a").unwrap().api["x"], Value::from(1));
     }
 
     #[test]
