@@ -820,6 +820,25 @@ pub fn decode(wire: Value, cx: &DecodeContext<'_>) -> Result<Value, CodecError> 
     dec(wire, cx, 0)
 }
 
+/// Decodes a wire value that must be a remote method descriptor (a promise callback, a
+/// descriptor held in a known field) straight into a [`RemoteMethod`], so callers need no
+/// match on the decoded variants. Anything else is [`CodecError::InvalidField`].
+pub fn decode_remote_method(wire: Value, cx: &DecodeContext<'_>) -> Result<RemoteMethod, CodecError> {
+    let got = match decode(wire, cx)? {
+        Value::Function(f) => match *f {
+            Function::Remote(rm) => return Ok(rm),
+            Function::Local(_) => "a local function".to_owned(),
+        },
+        other => other.kind().to_owned(),
+    };
+    Err(CodecError::InvalidField {
+        rtype: "method".into(),
+        field: "_rtype",
+        expected: "a method descriptor",
+        got,
+    })
+}
+
 fn dec(wire: Value, cx: &DecodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
     match wire {
         Value::List(items) => dec_list(items, cx, depth),
@@ -1272,6 +1291,22 @@ mod tests {
                 .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
                 .collect::<Vec<_>>(),
         )
+    }
+
+    #[test]
+    fn decode_remote_method_accepts_only_method_descriptors() {
+        let reg = CodecRegistry::new();
+        let cx = DecodeContext {
+            remote_workspace: Some("ws"),
+            remote_parent: Some("P"),
+            ..DecodeContext::new(&reg)
+        };
+        let d = map! { "_rtype" => "method", "_rtarget" => "cons", "_rmethod" => "S.resolve" };
+        let rm = decode_remote_method(Value::from(d), &cx).unwrap();
+        assert_eq!((rm.target.as_str(), rm.method.as_str()), ("ws/cons", "S.resolve"));
+        assert_eq!(rm.remote_parent.as_deref(), Some("P"));
+        let err = decode_remote_method(Value::from("S.resolve"), &cx).unwrap_err();
+        assert!(err.to_string().contains("must be a method descriptor, got str"), "{err}");
     }
 
     /// Session callback from extras.txt (consumer passes `cb` to `call_back`).

@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::ids::WILDCARD;
-use crate::value::{Map, Value};
+use crate::value::{Map, PromiseMode, Value};
 
 /// `type` of an RPC call: the only RPC message type.
 pub const METHOD: &str = "method";
@@ -297,21 +297,43 @@ pub fn is_encrypted(extra: &Map) -> bool {
 /// out when empty), `with_kwargs` when `kwargs` is given (appended as the last argument),
 /// then the promise keys. An empty result means "send no extra segment".
 pub fn call_extra(mut args: Vec<Value>, kwargs: Option<Map>, promise: Option<Promise>) -> Map {
-    let mut extra = Map::new();
     let has_kwargs = kwargs.is_some();
     if let Some(kw) = kwargs {
         args.push(Value::Map(kw));
     }
+    call_extra_encoded(args, has_kwargs, promise)
+}
+
+/// Like [`call_extra`], for arguments that already hold the kwargs map as their last
+/// element: what [`crate::codec::encode_args`] returns, after encoding the whole list in
+/// one [`crate::codec::encode`] pass. This is the form a driver uses, so that arguments
+/// are walked once and never copied again on their way into the package.
+pub fn call_extra_encoded(args: Vec<Value>, with_kwargs: bool, promise: Option<Promise>) -> Map {
+    let mut extra = Map::new();
     if !args.is_empty() {
         extra.insert("args".into(), Value::List(args));
     }
-    if has_kwargs {
+    if with_kwargs {
         extra.insert("with_kwargs".into(), Value::Bool(true));
     }
     if let Some(p) = promise {
         p.write_into(&mut extra);
     }
     extra
+}
+
+/// Moves the encoded positional arguments out of a received extra segment (empty when
+/// absent or nil), so that decoding can consume them without a deep copy. A wrong type
+/// leaves the map untouched.
+pub fn take_args(extra: &mut Map) -> Result<Vec<Value>, MessageError> {
+    match extra.get("args") {
+        None | Some(Value::Nil) => Ok(Vec::new()),
+        Some(Value::List(_)) => match extra.shift_remove("args") {
+            Some(Value::List(l)) => Ok(l),
+            _ => Ok(Vec::new()),
+        },
+        Some(other) => Err(MessageError::WrongType { key: "args", expected: "list", got: other.kind() }),
+    }
 }
 
 fn interval_from(v: &Value) -> Result<Duration, MessageError> {
@@ -372,6 +394,30 @@ impl Promise {
                 }))
             }
             other => Err(MessageError::BadPromise(other.kind())),
+        }
+    }
+
+    /// The promise a caller attaches to a call made through a descriptor with
+    /// `_rpromise = mode` (spec §4.2 step 5): `None` for fire-and-forget, `"*"` + `t` for
+    /// the compact form, and for the explicit form three fire-and-forget descriptors
+    /// pointing at `<session>.resolve|reject|heartbeat` on `caller` (our `ws/cid`).
+    /// `interval` is [`crate::session::OpenedCall::heartbeat_interval`]; the compact
+    /// form needs one (`t` is mandatory for Python callees), so a missing one is sent as 0.
+    pub fn outgoing(
+        mode: PromiseMode,
+        caller: &str,
+        session: &str,
+        interval: Option<Duration>,
+    ) -> Option<Promise> {
+        match mode {
+            PromiseMode::None => None,
+            PromiseMode::Compact => Some(Promise::Compact { interval: interval.unwrap_or_default() }),
+            PromiseMode::Explicit => Some(Promise::Explicit {
+                resolve: callback_descriptor(caller, session, "resolve"),
+                reject: callback_descriptor(caller, session, "reject"),
+                heartbeat: Some(callback_descriptor(caller, session, "heartbeat")),
+                interval,
+            }),
         }
     }
 
@@ -587,6 +633,37 @@ mod tests {
         merge_extra(&mut merged, map(r#"{"args": [1], "to": "override"}"#));
         assert_eq!(merged["to"], Value::from("override"));
         assert_eq!(merged["args"], Value::List(vec![Value::Int(1)]));
+    }
+
+    #[test]
+    fn take_args_moves_the_list_out() {
+        let mut e = map(r#"{"args": [1, "x"], "promise": "*"}"#);
+        assert_eq!(take_args(&mut e).unwrap(), vec![Value::Int(1), Value::from("x")]);
+        assert!(!e.contains_key("args"));
+        assert_eq!(e["promise"], Value::from("*"));
+        assert_eq!(take_args(&mut e).unwrap(), Vec::<Value>::new());
+        let mut bad = map(r#"{"args": "nope"}"#);
+        assert!(matches!(take_args(&mut bad), Err(MessageError::WrongType { key: "args", .. })));
+        assert!(bad.contains_key("args"));
+    }
+
+    #[test]
+    fn outgoing_promise_forms() {
+        let i = Some(Duration::from_secs(15));
+        assert_eq!(Promise::outgoing(PromiseMode::None, "ws/me", "S", i), None);
+        assert_eq!(
+            Promise::outgoing(PromiseMode::Compact, "ws/me", "S", i),
+            Some(Promise::Compact { interval: Duration::from_secs(15) })
+        );
+        let mut extra = Map::new();
+        Promise::outgoing(PromiseMode::Explicit, "ws/me", "S", i).unwrap().write_into(&mut extra);
+        let p = extra["promise"].as_map().unwrap();
+        assert_eq!(keys(p), ["heartbeat", "interval", "resolve", "reject"]);
+        assert_eq!(p["interval"], Value::F64(15.0));
+        assert_eq!(p["reject"], callback_descriptor("ws/me", "S", "reject"));
+        // Encoded args with kwargs already last: same extra as call_extra builds.
+        let enc = call_extra_encoded(vec![Value::Int(1), Value::Map(Map::new())], true, None);
+        assert_eq!(enc, call_extra(vec![Value::Int(1)], Some(Map::new()), None));
     }
 
     #[test]

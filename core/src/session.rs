@@ -341,6 +341,17 @@ impl CallOutcome {
     }
 }
 
+/// What [`SessionTable::heartbeat_session`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionHeartbeat {
+    /// A pending call of ours: its timer (if started) was pushed back.
+    Reset,
+    /// The session exists but holds no pending call (e.g. a result session): nothing to do.
+    NoPendingCall,
+    /// No such session (it was settled, swept, or never existed).
+    Missing,
+}
+
 /// A settled call: which session (as returned by [`SessionTable::open_call`]) and how.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SettledCall {
@@ -505,12 +516,22 @@ struct Session {
     last_activity_at: Instant,
     /// Present only for sessions of our own pending promise calls.
     call: Option<PendingCall>,
+    /// The method of a fire-and-forget call opened in this session and not yet sent, so
+    /// that a failed send settles it like a promise call ([`SessionTable::handle_send_failed`]).
+    unsent_method: Option<String>,
     entries: HashMap<String, Node>,
 }
 
 impl Session {
     fn new(target_id: Option<String>, now: Instant) -> Self {
-        Self { target_id, created_at: now, last_activity_at: now, call: None, entries: HashMap::new() }
+        Self {
+            target_id,
+            created_at: now,
+            last_activity_at: now,
+            call: None,
+            unsent_method: None,
+            entries: HashMap::new(),
+        }
     }
 
     fn is_bare(&self) -> bool {
@@ -737,6 +758,9 @@ impl SessionTable {
         for v in api.values_mut() {
             self.replace_own_proxies(v)?;
         }
+        // A replaced service keeps its place (as a Python dict entry does), so the
+        // re-registration order on reconnect stays `built-in` first.
+        let position = self.services.get_index_of(&id);
         if let Some(old) = self.services.shift_remove(&id) {
             self.remove_annotations(&id, &old.api);
         }
@@ -765,6 +789,9 @@ impl SessionTable {
             self.annotations.insert(handler, Arc::new(ann));
         }
         self.services.insert(id.clone(), Service { api, config });
+        if let Some(p) = position {
+            self.services.move_index(self.services.len() - 1, p);
+        }
         Ok(&self.services[&id].api)
     }
 
@@ -1057,6 +1084,8 @@ impl SessionTable {
                 deadline: None,
             });
             self.pending.insert(session.clone());
+        } else {
+            s.unsent_method = Some(call.method.to_owned());
         }
         Ok(OpenedCall { session, timeout, heartbeat_interval: interval })
     }
@@ -1070,6 +1099,7 @@ impl SessionTable {
         self.tick(now);
         let s = self.session_mut(session)?;
         let Some(call) = &mut s.call else {
+            s.unsent_method = None;
             if s.entries.is_empty() {
                 self.remove_session(session);
             }
@@ -1090,16 +1120,24 @@ impl SessionTable {
 
     /// Sending the call package failed: the call settles with "Failed to send the request
     /// ..." and its session is deleted.
+    ///
+    /// Fire-and-forget calls settle the same way (upstream rejects their future too), as
+    /// long as [`SessionTable::call_sent`] has not been called for them, so a driver needs
+    /// no separate path for them.
     pub fn handle_send_failed(&mut self, session: &str, error: &str) -> Vec<SettledCall> {
+        let unsent = self
+            .session(session)
+            .filter(|s| s.call.is_none())
+            .and_then(|s| Some((s.target_id.clone()?, s.unsent_method.clone()?)));
         let (root, mut out) = self.delete_settling(session);
-        if let Some(c) = root {
+        if let Some((target, method)) = root.map(|c| (c.target, c.method)).or(unsent) {
             out.insert(
                 0,
                 SettledCall {
                     session: session.to_owned(),
                     outcome: CallOutcome::Failed(CallError::SendFailed {
-                        target: c.target,
-                        method: c.method,
+                        target,
+                        method,
                         error: error.to_owned(),
                     }),
                 },
@@ -1112,16 +1150,24 @@ impl SessionTable {
     /// with `heartbeat=true` whose key is the session): pushes its deadline to
     /// `now + timeout`. Returns false when there is no such pending call (late heartbeat).
     pub fn handle_heartbeat(&mut self, now: Instant, session: &str) -> bool {
+        self.heartbeat_session(now, session) == SessionHeartbeat::Reset
+    }
+
+    /// Like [`SessionTable::handle_heartbeat`], but tells a missing session apart from a
+    /// session without a pending call. The `message_cache` rule needs the difference
+    /// (spec §3): a missing session is an error ("session does not exist anymore"), a
+    /// session without a timer is simply nothing to reset.
+    pub fn heartbeat_session(&mut self, now: Instant, session: &str) -> SessionHeartbeat {
         self.tick(now);
-        let Some(s) = self.session_mut(session) else { return false };
-        let Some(call) = &mut s.call else { return false };
+        let Some(s) = self.session_mut(session) else { return SessionHeartbeat::Missing };
+        let Some(call) = &mut s.call else { return SessionHeartbeat::NoPendingCall };
         if let (Some(old), Some(t)) = (call.deadline, call.timeout) {
             let new = now + t;
             call.deadline = Some(new);
             self.deadlines.remove(&(old, session.to_owned()));
             self.deadlines.insert((new, session.to_owned()));
         }
-        true
+        SessionHeartbeat::Reset
     }
 
     /// `<session>.resolve` arrived with `value` (the decoded first argument): settles the
@@ -2201,6 +2247,55 @@ mod tests {
             "Failed to send the request when calling method (ws2/a:services.x.f), error: socket gone"
         );
         assert_eq!(t.session_count(), 0);
+    }
+
+    #[test]
+    fn overwriting_a_service_keeps_its_place() {
+        let now = t0();
+        let mut t = table(now);
+        for id in ["a", "b", "c"] {
+            t.add_service(map! { "id" => id }, false).unwrap();
+        }
+        t.add_service(map! { "id" => "a", "x" => 1 }, true).unwrap();
+        let ids: Vec<&str> = t.services().map(|(k, _)| k).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(t.service("a").unwrap().api["x"], Value::from(1));
+    }
+
+    #[test]
+    fn send_failure_settles_fire_and_forget_calls_too() {
+        let now = t0();
+        let mut t = table(now);
+        let f = t.open_call(now, &call("ws2/a", "S.resolve", PromiseMode::None)).unwrap();
+        let out = t.handle_send_failed(&f.session, "too big");
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].session, f.session);
+        assert_eq!(
+            out[0].outcome.error_message().unwrap(),
+            "Failed to send the request when calling method (ws2/a:S.resolve), error: too big"
+        );
+        assert_eq!(t.session_count(), 0);
+        // Once sent, a fire-and-forget call is settled: a late failure report is a no-op.
+        let g = t.open_call(now, &call("ws2/a", "S.resolve", PromiseMode::None)).unwrap();
+        t.store_function(Some(&g.session), &func("r")).unwrap();
+        assert!(t.call_sent(now, &g.session).is_some());
+        assert!(t.handle_send_failed(&g.session, "late").is_empty());
+    }
+
+    #[test]
+    fn heartbeat_session_tells_missing_from_idle() {
+        let now = t0();
+        let mut t = table(now);
+        let c = t.open_call(now, &call("ws2/a", "services.x.f", PromiseMode::Compact)).unwrap();
+        t.call_sent(now, &c.session);
+        assert_eq!(t.heartbeat_session(secs(now, 20), &c.session), SessionHeartbeat::Reset);
+        assert_eq!(t.poll_timeout(), Some(secs(now, 50)));
+        let r = t.open_call(now, &call("ws2/a", "S.resolve", PromiseMode::None)).unwrap();
+        t.store_function(Some(&r.session), &func("r")).unwrap();
+        t.call_sent(now, &r.session);
+        assert_eq!(t.heartbeat_session(now, &r.session), SessionHeartbeat::NoPendingCall);
+        assert_eq!(t.heartbeat_session(now, "nope"), SessionHeartbeat::Missing);
+        assert!(!t.handle_heartbeat(now, &r.session));
     }
 
     #[test]
