@@ -21,6 +21,8 @@
 //! | [`codec`] | the `_rtype` codec, custom codecs, kwargs | §5, §6 |
 //! | [`chunk`] | splitting large packages; the bounded `message_cache` reassembler | §3 |
 //! | [`session`] | the object store: services, sessions, promises, deadlines, dispatch | §4, §7 |
+//! | [`endpoint`] | one RPC peer as a state machine: frames in, frames and events out | §3, §4, §6 |
+//! | [`auth`] | users, scopes, permissions, JWT tokens, the handshake's authentication | server §2, §6 |
 //! | [`message`] | typed envelope views: main segment, promise forms, target rules | §1.5, §2, §4.3 |
 //! | [`ids`] | client/service ids and their short forms; random ids | §0, §7.7 |
 //! | [`schema`] | service config/info and function JSON schemas | §7 |
