@@ -32,6 +32,9 @@ import urllib.request
 from hypha_rpc import connect_to_server
 
 
+VERBOSE = bool(os.environ.get("SCENARIO_VERBOSE"))
+
+
 def short(text, limit=300):
     """One-line, bounded rendering of an error or value for FAIL details."""
     s = str(text).replace("\n", " | ")
@@ -94,6 +97,8 @@ class Scenario:
             dt = time.monotonic() - t
             text = f"{type(e).__name__}: {e}"
             ok = any(s.lower() in text.lower() for s in substrings)
+            if VERBOSE:
+                print(f"  .. {name}: {short(text, 400)}", flush=True)
             if ok and max_seconds is not None and dt > max_seconds:
                 return self.check(name, False, f"error came after {dt:.2f}s (> {max_seconds}s): {short(text)}")
             return self.check(name, ok, f"error {short(text)!r} lacks any of {substrings}")
