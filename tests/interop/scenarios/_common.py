@@ -98,7 +98,9 @@ class Scenario:
             text = f"{type(e).__name__}: {e}"
             ok = any(s.lower() in text.lower() for s in substrings)
             if VERBOSE:
-                print(f"  .. {name}: {short(text, 400)}", flush=True)
+                hit = [ln for ln in text.splitlines()
+                       if any(x.lower() in ln.lower() for x in substrings)]
+                print(f"  .. {name}: {short(hit[0] if hit else text, 400)}", flush=True)
             if ok and max_seconds is not None and dt > max_seconds:
                 return self.check(name, False, f"error came after {dt:.2f}s (> {max_seconds}s): {short(text)}")
             return self.check(name, ok, f"error {short(text)!r} lacks any of {substrings}")
