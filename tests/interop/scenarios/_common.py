@@ -127,6 +127,15 @@ class Scenario:
         self.clients.append(c)
         return c
 
+    async def try_connect(self, **config):
+        """Connect without catching errors (for expected refusals); a client that does
+        connect is still tracked for cleanup."""
+        cfg = {"server_url": self.url}
+        cfg.update(config)
+        c = await connect_to_server(cfg)
+        self.clients.append(c)
+        return c
+
     async def disconnect(self, client):
         if client in self.clients:
             self.clients.remove(client)
