@@ -189,10 +189,10 @@ def run_one(name, kind, path, args, url, root_token, node_cmd, log_dir):
     problems = []
     if timed_out:
         problems.append(f"killed after {args.timeout}s")
-    elif rc != 0:
-        problems.append(f"exit code {rc}")
-    if summary is None:
-        problems.append("no summary line")
+    elif summary is None:
+        problems.append(f"no summary line (exit code {rc})")
+    elif rc != (1 if failed else 0):
+        problems.append(f"exit code {rc} with {failed} failed checks")
     ok = not problems and failed == 0 and rc == 0
     return {"name": name, "kind": kind, "ok": ok, "passed": passed, "failed": failed, "seconds": dt,
             "fails": fails, "problems": problems, "stderr_tail": err.strip().splitlines()[-8:],
