@@ -1,12 +1,14 @@
 """disconnect_cleanup: what happens when a provider goes away (server spec §8, §3.2 rule 6;
 rpc-protocol §12 #52 of the server list, test_immediate_error_for_disconnected_peer).
 
-Twice: once with a normal disconnect(), once with a provider process killed with SIGKILL
+Twice, once with a normal disconnect() and once with a provider process killed with SIGKILL
 (TCP gone, no close frame). Each time: its services and its client record vanish from
 list_services / list_clients, subscribers see client_disconnected, a call in flight from a
 same-workspace consumer fails fast ("Client disconnected" / "not connected"), and new calls
 through an old proxy fail fast too, from the same and from another workspace ("Target peer
-... is not connected"); get_service then reports "Service not found"."""
+... is not connected"); get_service then reports "Service not found". In between
+(#59): a caller that disconnects while its call is in flight gets the call rejected, and
+the provider, whose late result is dropped by the server, keeps serving others."""
 
 import asyncio
 import os
@@ -103,7 +105,32 @@ async def main(sc):
 
     await exercise(sc, "disconnect()", consumer, outsider, ws, "dc-provider", "prov-svc", disconnect)
 
-    # 2. SIGKILL of a provider process
+    # 2. the *caller* disconnects while its call is in flight (#59): the call is rejected
+    #    locally, the provider's late result to the gone caller is dropped by the server,
+    #    and the provider keeps serving others
+    prov2 = await sc.connect("provider 2", client_id="dc-provider2", workspace=ws, token=tok)
+    await prov2.register_service({"id": "prov2-svc", "config": {"visibility": "public"},
+                                  "slow": slow, "quick": lambda: "quick"})
+    leaving = await sc.connect("caller that leaves", client_id="dc-leaving", workspace=ws, token=tok)
+    lsvc = await leaving.get_service("dc-provider2:prov2-svc")
+    pending = asyncio.ensure_future(lsvc.slow(1.5))
+    await asyncio.sleep(0.3)
+    t0 = time.monotonic()
+    await sc.disconnect(leaving)
+    try:
+        await asyncio.wait_for(pending, 10)
+        sc.check("caller disconnect rejects its pending call", False, "it returned")
+    except asyncio.TimeoutError:
+        sc.check("caller disconnect rejects its pending call", False, "still pending after 10 s")
+    except BaseException as e:  # noqa: BLE001 - CancelledError is acceptable too
+        sc.check("caller disconnect rejects its pending call", time.monotonic() - t0 < 5,
+                 f"after {time.monotonic() - t0:.2f}s: {type(e).__name__}: {e}")
+    await asyncio.sleep(1.7)  # the provider's result for the gone caller is sent meanwhile
+    s2 = await consumer.get_service("dc-provider2:prov2-svc")
+    sc.eq("provider still serves others after answering a gone caller", await s2.quick(), "quick")
+    await sc.disconnect(prov2)
+
+    # 3. SIGKILL of a provider process
     child = subprocess.Popen([sys.executable, "-c", CHILD, sc.url, ws, tok],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
