@@ -72,7 +72,7 @@ async def main(sc):
 
     await b.emit({"type": "my-event", "to": "ev-c", "data": "p2p-bare"})
     await b.emit({"type": "my-event", "to": f"{ws}/ev-c", "data": "p2p-full"})
-    ok = await wait_until(lambda: len(ic.data("my-event")) >= 2, timeout=3)
+    await wait_until(lambda: len(ic.data("my-event")) >= 2, timeout=3)
     sc.eq("point-to-point events reach unsubscribed c (bare and full id)",
           sorted(ic.data("my-event")), ["p2p-bare", "p2p-full"])
     m = ic.items["my-event"][0] if ic.items["my-event"] else {}

@@ -12,7 +12,6 @@ methods through `/{ws}/services/ws/...`, and the SSE framing of a generator."""
 
 import asyncio
 import gzip
-import json
 import urllib.request
 
 import msgpack

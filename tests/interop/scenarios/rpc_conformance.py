@@ -7,7 +7,6 @@ the manager's echo, #51 concurrent successes and failures do not cross-contamina
 import asyncio
 import math
 
-from hypha_rpc import connect_to_server
 
 from _common import Scenario, plain
 

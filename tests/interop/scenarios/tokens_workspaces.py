@@ -15,7 +15,6 @@ workspace disappears when its last client leaves.
 Note: tokens minted by root inherit root's `admin` role (so their `permission` level is
 moot); that is why part 1 uses an ordinary owner."""
 
-import asyncio
 import base64
 import json
 import secrets
