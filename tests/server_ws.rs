@@ -34,7 +34,8 @@ fn start(b: ServerBuilder) -> RunningServer {
 }
 
 async fn connect_url(url: &str) -> Ws {
-    let (_, ws) = awc::Client::new().ws(url).max_frame_size(32 << 20).connect().await.expect("websocket upgrade");
+    let (_, ws) =
+        awc::Client::new().ws(url).max_frame_size(32 << 20).connect().await.expect("websocket upgrade");
     ws
 }
 
@@ -232,8 +233,11 @@ async fn silence_before_the_auth_frame_times_out() {
 async fn an_undecodable_auth_frame_is_refused_with_1003() {
     let srv = start(builder());
     let (mut bystander, _) = anonymous(&srv, "bystander").await;
-    for bad in [Message::Text("hello there".into()), Message::Text("[1,2]".into()), Message::Binary(Bytes::from_static(b"\x81\xa1a\x01"))]
-    {
+    for bad in [
+        Message::Text("hello there".into()),
+        Message::Text("[1,2]".into()),
+        Message::Binary(Bytes::from_static(b"\x81\xa1a\x01")),
+    ] {
         let mut ws = connect(&srv).await;
         ws.send(bad).await.unwrap();
         let (msg, code) = expect_error_close(&mut ws).await;
@@ -268,7 +272,10 @@ async fn unknown_and_forbidden_workspaces_are_refused() {
             json!({"client_id": "c", "workspace": "nonexistent-ws"}),
             "Failed to establish connection: 'Workspace nonexistent-ws does not exist or is not accessible'",
         ),
-        (json!({"client_id": "c", "workspace": "public"}), "Failed to establish connection: Permission denied for workspace: public"),
+        (
+            json!({"client_id": "c", "workspace": "public"}),
+            "Failed to establish connection: Permission denied for workspace: public",
+        ),
         (json!({"client_id": "a/b"}), "Failed to establish connection: Invalid client id: a/b"),
     ];
     for (payload, text) in cases {
@@ -312,7 +319,10 @@ async fn a_reconnection_token_takes_the_address_over() {
 
     let mut new = connect(&srv).await;
     let info2 = handshake(&mut new, json!({"client_id": "rc", "reconnection_token": rt})).await;
-    assert_eq!((info2["workspace"].as_str(), info2["client_id"].as_str()), (Some(ws_id.as_str()), Some("rc")));
+    assert_eq!(
+        (info2["workspace"].as_str(), info2["client_id"].as_str()),
+        (Some(ws_id.as_str()), Some("rc"))
+    );
     // The old socket is dropped without a close frame.
     match tokio::time::timeout(WAIT, old.next()).await.expect("old socket dropped in time") {
         None | Some(Err(_)) => {}
@@ -327,7 +337,9 @@ async fn a_reconnection_token_takes_the_address_over() {
 
     // Frames to the address reach the new connection.
     let reconnect_token = info2["reconnection_token"].as_str().unwrap();
-    let claims = JwtConfig::new(SECRET).verify(reconnect_token, auth::unix_seconds(std::time::SystemTime::now())).unwrap();
+    let claims = JwtConfig::new(SECRET)
+        .verify(reconnect_token, auth::unix_seconds(std::time::SystemTime::now()))
+        .unwrap();
     let uid = claims["sub"].as_str().unwrap().to_owned();
     let mine = token(&uid, &[(ws_id.as_str(), Permission::Admin)], Some(&ws_id));
     let (mut peer, _) = with_token(&srv, "peer", &mine, Some(&ws_id)).await;
@@ -383,7 +395,7 @@ async fn frames_are_stamped_and_the_extra_bytes_travel_untouched() {
     let srv = start(builder());
     let (mut r1, mut r2) = pair(&srv).await;
     let main = map! {"type" => "method", "to" => "r2", "from" => "evil/x", "ws" => "evil",
-        "user" => map! {"id" => "root"}, "method" => "services.x.y", "custom" => 1};
+    "user" => map! {"id" => "root"}, "method" => "services.x.y", "custom" => 1};
     // An extra segment with a bin payload and a float, byte for byte.
     let extra = map! {"args" => vec![Value::from(1), Value::Bytes(Bytes::from_static(&[0, 1, 2, 255])), Value::F64(0.5)]};
     let mut extra_bytes = Vec::new();
@@ -444,8 +456,11 @@ async fn calls_to_a_peer_that_just_left_are_rejected_at_once() {
     r2.send(Message::Close(Some(CloseCode::Normal.into()))).await.unwrap();
     let _ = expect_close(&mut r2).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    send_bin(&mut r1, frame(map! {"type" => "method", "to" => "r2", "method" => "services.x.y", "session" => "s9"}, None))
-        .await;
+    send_bin(
+        &mut r1,
+        frame(map! {"type" => "method", "to" => "r2", "method" => "services.x.y", "session" => "s9"}, None),
+    )
+    .await;
     let (main, extra) = reject_parts(&next_bin(&mut r1).await);
     assert_eq!(main, map! {"type" => "method", "from" => "r2", "to" => "", "method" => "s9.reject"});
     assert_eq!(
@@ -455,7 +470,8 @@ async fn calls_to_a_peer_that_just_left_are_rejected_at_once() {
     );
     // Without a session nothing comes back; never-connected targets get nothing either.
     send_bin(&mut r1, frame(map! {"type" => "method", "to" => "r2", "method" => "x"}, None)).await;
-    send_bin(&mut r1, frame(map! {"type" => "method", "to" => "never-connected", "session" => "s"}, None)).await;
+    send_bin(&mut r1, frame(map! {"type" => "method", "to" => "never-connected", "session" => "s"}, None))
+        .await;
     expect_silence(&mut r1, Duration::from_millis(150)).await;
     assert_alive(&mut r1).await;
 }

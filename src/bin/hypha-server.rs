@@ -86,7 +86,8 @@ fn log_filter() -> EnvFilter {
 
 fn build(args: Args) -> Result<Server, Box<dyn std::error::Error>> {
     let mut b = Server::builder();
-    if let Some(secret) = std::env::var("HYPHA_JWT_SECRET").ok().or_else(|| std::env::var("JWT_SECRET").ok()) {
+    if let Some(secret) = std::env::var("HYPHA_JWT_SECRET").ok().or_else(|| std::env::var("JWT_SECRET").ok())
+    {
         if !secret.is_empty() {
             b = b.jwt_secret(secret);
         }

@@ -209,7 +209,8 @@ impl ServerConfig {
         if let Some(v) = lookup("HYPHA_SERVER_ID").filter(|v| !v.is_empty()) {
             self.server_id = v;
         }
-        if let Some(secret) = lookup("HYPHA_JWT_SECRET").or_else(|| lookup("JWT_SECRET")).filter(|s| !s.is_empty())
+        if let Some(secret) =
+            lookup("HYPHA_JWT_SECRET").or_else(|| lookup("JWT_SECRET")).filter(|s| !s.is_empty())
         {
             let mut jwt = JwtConfig::new(secret);
             jwt.issuer = self.jwt.issuer.clone();

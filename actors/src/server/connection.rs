@@ -152,7 +152,8 @@ pub struct WsConnection {
 
 impl WsConnection {
     fn new(state: Arc<ServerState>, session: Session, oversize: Arc<AtomicBool>, peer: &str) -> Self {
-        let (outbound, rx) = outbound::channel(state.config.outbound_queue_frames, state.config.outbound_queue_bytes);
+        let (outbound, rx) =
+            outbound::channel(state.config.outbound_queue_frames, state.config.outbound_queue_bytes);
         let id = state.add_connection(outbound.clone());
         let span = tracing::info_span!(
             "ws",
@@ -223,7 +224,12 @@ impl WsConnection {
         let now = auth::unix_seconds(SystemTime::now());
         // No revocation store yet: the manager's `revoke_token` brings one.
         let not_revoked = |_: &str| false;
-        let cx = AuthContext { jwt: &config.jwt, root_token: config.root_token.as_deref(), now, revoked: &not_revoked };
+        let cx = AuthContext {
+            jwt: &config.jwt,
+            root_token: config.root_token.as_deref(),
+            now,
+            revoked: &not_revoked,
+        };
         let authenticated = cx.authenticate_handshake(&payload)?;
 
         let ws = authenticated.workspace.clone();
@@ -294,7 +300,10 @@ impl WsConnection {
         m.insert("client_id".into(), json!(client_id));
         m.insert("user".into(), user.to_json());
         m.insert("reconnection_token".into(), json!(token));
-        m.insert("reconnection_token_life_time".into(), json!(config.reconnection_token_life_time.as_secs_f64()));
+        m.insert(
+            "reconnection_token_life_time".into(),
+            json!(config.reconnection_token_life_time.as_secs_f64()),
+        );
         Json::Object(m).to_string()
     }
 
@@ -455,7 +464,8 @@ impl Actor for WsConnection {
             let state = &self.state;
             if state.router.remove_client(&open.workspace, &open.client_id, open.generation, Instant::now()) {
                 tracing::info!("client disconnected");
-                if state.router.client_count(&open.workspace) == 0 && state.workspaces.remove_transient(&open.workspace)
+                if state.router.client_count(&open.workspace) == 0
+                    && state.workspaces.remove_transient(&open.workspace)
                 {
                     tracing::debug!(workspace = %open.workspace, "transient workspace removed");
                 }

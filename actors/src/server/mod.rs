@@ -76,7 +76,8 @@ impl ServerState {
     /// Validates `config` and builds the shared state.
     pub fn new(config: ServerConfig) -> Result<Arc<Self>, ConfigError> {
         config.validate()?;
-        let local = config.local_base_url.as_deref().map_or_else(|| DEFAULT_LOCAL_BASE_URL.to_owned(), strip_slash);
+        let local =
+            config.local_base_url.as_deref().map_or_else(|| DEFAULT_LOCAL_BASE_URL.to_owned(), strip_slash);
         let public = config.public_base_url.as_deref().map_or_else(|| local.clone(), strip_slash);
         Ok(Arc::new(ServerState {
             router: Router::new(config.dead_peer_ttl),
@@ -118,10 +119,7 @@ impl ServerState {
     /// Mounts `/ws`, `/health/liveness` and `/health/readiness`.
     pub fn configure(self: &Arc<Self>, cfg: &mut web::ServiceConfig) {
         let state = self.clone();
-        cfg.route(
-            "/ws",
-            web::get().to(move |req, body| connection::ws_endpoint(req, body, state.clone())),
-        );
+        cfg.route("/ws", web::get().to(move |req, body| connection::ws_endpoint(req, body, state.clone())));
         http::configure(self.clone(), cfg);
     }
 
@@ -168,7 +166,10 @@ mod tests {
         let s = ServerState::new(ServerConfig::default()).unwrap();
         assert_eq!(s.public_base_url(), DEFAULT_LOCAL_BASE_URL);
         s.set_local_base_url("http://127.0.0.1:4000");
-        assert_eq!((s.public_base_url(), s.local_base_url()), ("http://127.0.0.1:4000".into(), "http://127.0.0.1:4000".into()));
+        assert_eq!(
+            (s.public_base_url(), s.local_base_url()),
+            ("http://127.0.0.1:4000".into(), "http://127.0.0.1:4000".into())
+        );
         let s = ServerState::new(ServerConfig {
             public_base_url: Some("https://hypha.example/".into()),
             ..ServerConfig::default()
@@ -189,6 +190,9 @@ mod tests {
         s.remove_connection(id);
         assert_eq!(s.shutdown(), 1);
         assert!(s.is_shutting_down());
-        assert_eq!(ra.next().await, Some(outbound::WriterEvent::Close(CloseCmd::close(1001, SHUTDOWN_REASON))));
+        assert_eq!(
+            ra.next().await,
+            Some(outbound::WriterEvent::Close(CloseCmd::close(1001, SHUTDOWN_REASON)))
+        );
     }
 }

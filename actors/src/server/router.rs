@@ -385,7 +385,9 @@ impl Router {
                     Err(e) => RouteOutcome::Dropped(DropReason::Undecodable(e)),
                 }
             }
-            Some(Plan::Refuse { error, session: None, .. }) => RouteOutcome::Dropped(DropReason::Refused(error)),
+            Some(Plan::Refuse { error, session: None, .. }) => {
+                RouteOutcome::Dropped(DropReason::Refused(error))
+            }
             Some(Plan::Drop(reason)) => RouteOutcome::Dropped(reason),
             None => RouteOutcome::Delivered(0),
         }
@@ -518,7 +520,7 @@ mod tests {
         let (_, _r1) = join(&r, "W", "r1");
         let (_, mut r2) = join(&r, "W", "r2");
         let main = map! {"type" => "method", "to" => "r2", "from" => "evil/x", "ws" => "evil",
-            "user" => map! {"id" => "root"}, "method" => "services.x.y", "custom" => 1};
+        "user" => map! {"id" => "root"}, "method" => "services.x.y", "custom" => 1};
         let extra = map! {"args" => vec![Value::from(1)]};
         let f = frame(main, Some(extra.clone()));
         assert_eq!(r.route(&sender("W", "r1"), &f, now), RouteOutcome::Delivered(1));
@@ -584,7 +586,11 @@ mod tests {
         let err = &extra["args"].as_list().unwrap()[0];
         assert_eq!(err.as_map().unwrap()["_rvalue"], Value::from(error.to_string()));
         // `to` not a string: the value comes back as sent.
-        let out = r.route(&s, &frame(map! {"type" => "method", "to" => 5, "from" => "me", "session" => "s"}, None), now);
+        let out = r.route(
+            &s,
+            &frame(map! {"type" => "method", "to" => 5, "from" => "me", "session" => "s"}, None),
+            now,
+        );
         let RouteOutcome::Rejected { reject, .. } = out else { panic!("{out:?}") };
         let (main, _) = reject_of(&reject);
         assert_eq!((&main["from"], &main["to"]), (&Value::from(5), &Value::from("me")));
@@ -592,7 +598,8 @@ mod tests {
         let out = r.route(&s, &frame(map! {"type" => "method"}, None), now);
         assert_eq!(out, RouteOutcome::Dropped(DropReason::Refused(RouteError::MissingTarget)));
         // Never-connected target: dropped even with a session (rule 8).
-        let out = r.route(&s, &frame(map! {"type" => "method", "to" => "ghost", "session" => "s"}, None), now);
+        let out =
+            r.route(&s, &frame(map! {"type" => "method", "to" => "ghost", "session" => "s"}, None), now);
         assert_eq!(out, RouteOutcome::Dropped(DropReason::UnknownTarget("W/ghost".into())));
         // Not a map / not msgpack.
         assert!(matches!(
@@ -612,7 +619,8 @@ mod tests {
         let (_, mut peer) = join(&r, "W", "p");
         let ro = RouteSender { read_only: true, ..sender("W", "ro") };
         for to in ["*", "W/*"] {
-            let out = r.route(&ro, &frame(map! {"type" => "method", "to" => to, "session" => "sro"}, None), now);
+            let out =
+                r.route(&ro, &frame(map! {"type" => "method", "to" => to, "session" => "sro"}, None), now);
             let RouteOutcome::Rejected { error, reject } = out else { panic!("{out:?}") };
             assert_eq!(
                 error.to_string(),
@@ -621,7 +629,10 @@ mod tests {
             assert_eq!(reject_of(&reject).0["from"], Value::from(to));
         }
         // Point-to-point is fine.
-        assert_eq!(r.route(&ro, &frame(map! {"type" => "e", "to" => "p"}, None), now), RouteOutcome::Delivered(1));
+        assert_eq!(
+            r.route(&ro, &frame(map! {"type" => "e", "to" => "p"}, None), now),
+            RouteOutcome::Delivered(1)
+        );
         recv(&mut peer).await;
     }
 
