@@ -153,6 +153,13 @@ impl ServerBuilder {
         self
     }
 
+    /// How long a final error/close frame may take to reach a client that does not read,
+    /// before its socket is dropped (5 s).
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.config.close_timeout = timeout;
+        self
+    }
+
     /// How long a graceful shutdown waits for connections (10 s).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.config.shutdown_timeout = timeout;

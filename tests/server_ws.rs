@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use actix_codec::Framed;
+use actix_ws::Item;
 use awc::ws::{CloseCode, Codec, Frame, Message};
 use awc::BoxedSocket;
 use bytes::Bytes;
@@ -572,6 +573,52 @@ async fn oversized_frames_close_with_1009() {
     let (code, reason) = expect_close(&mut r1).await;
     assert_eq!((code, reason.as_str()), (1009, "frame exceeds limit of 1048576 bytes"));
     assert_alive(&mut r2).await;
+}
+
+#[actix_rt::test]
+async fn fragmented_messages_are_reassembled_up_to_the_limit() {
+    let max = 1 << 20;
+    let srv = start(builder().max_frame_size(max));
+    let (mut r1, mut r2) = pair(&srv).await;
+    let whole =
+        frame(map! {"type" => "e", "to" => "r2", "data" => Value::Bytes(Bytes::from(vec![3u8; 1000]))}, None);
+    let (a, rest) = whole.split_at(10);
+    let (b, c) = rest.split_at(500);
+    for item in [
+        Item::FirstBinary(Bytes::copy_from_slice(a)),
+        Item::Continue(Bytes::copy_from_slice(b)),
+        Item::Last(Bytes::copy_from_slice(c)),
+    ] {
+        r1.send(Message::Continuation(item)).await.unwrap();
+    }
+    let got = decode_package(&next_bin(&mut r2).await, &DecodeLimits::default()).unwrap();
+    assert_eq!(got.main["data"], Value::Bytes(Bytes::from(vec![3u8; 1000])));
+    // Fragments that add up to more than the limit close the connection like one big frame.
+    let half = Bytes::from(vec![0u8; max / 2 + 1]);
+    r1.send(Message::Continuation(Item::FirstBinary(half.clone()))).await.unwrap();
+    r1.send(Message::Continuation(Item::Last(half))).await.unwrap();
+    assert_eq!(expect_close(&mut r1).await, (1009, "frame exceeds limit of 1048576 bytes".to_owned()));
+    assert_alive(&mut r2).await;
+}
+
+#[actix_rt::test]
+async fn a_client_that_does_not_read_is_disconnected_without_stalling_the_sender() {
+    let srv = start(builder().outbound_queue(4, 4 << 20).close_timeout(Duration::from_millis(200)));
+    let (mut r1, r2) = pair(&srv).await;
+    let chunk = frame(
+        map! {"type" => "e", "to" => "r2", "data" => Value::Bytes(Bytes::from(vec![1u8; 512 << 10]))},
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let state = srv.server().state().clone();
+    // r2 never reads: once the socket buffers and its queue are full it is dropped.
+    while state.router.is_connected("ws-user-alice", "r2") {
+        assert!(Instant::now() < deadline, "the slow client was never disconnected");
+        send_bin(&mut r1, chunk.clone()).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_alive(&mut r1).await;
+    drop(r2);
 }
 
 // --- disconnect ----------------------------------------------------------------------------
