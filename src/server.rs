@@ -34,9 +34,10 @@ use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
-use hypha_actors::server::{ConfigError, ServerConfig, ServerState};
+use hypha_actors::server::ServerState;
 
 pub use hypha_actors::server::config::HYPHA_VERSION;
+pub use hypha_actors::server::{ConfigError, ServerConfig};
 
 /// Why a server could not be built or started.
 #[derive(Debug, thiserror::Error)]
