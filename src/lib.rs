@@ -1,6 +1,21 @@
 //! # hypha-rpc
 //!
-//! Hypha RPC for Rust. This crate is what applications depend on; today it re-exports
-//! the protocol core ([`core`]); the client runtime and the server build on it.
+//! Hypha RPC for Rust. This crate is what applications depend on: it re-exports the
+//! protocol core ([`core`]) and provides the server ([`server`]); the client runtime
+//! builds on the same core.
+//!
+//! ## Layout
+//!
+//! | module | what it holds |
+//! | --- | --- |
+//! | [`server`] | [`server::Server`]: builder, mounting into an actix-web `App`, running with graceful shutdown |
+//! | [`core`] | `hypha-core`, the wire protocol (sans-IO) |
+//!
+//! The `hypha-server` binary (`src/bin/hypha-server.rs`) is the command-line face of
+//! [`server::Server`].
+
+#![warn(missing_docs)]
 
 pub use hypha_core as core;
+
+pub mod server;

@@ -4,4 +4,14 @@
 //! session registry, the codec and one actor per service, `_rintf` interface and
 //! generator; on the server side one actor per websocket, the router and the workspace
 //! manager. The actors own the IO and the clock; all protocol decisions live in
-//! `hypha-core`. (The actors arrive with the server and client issues.)
+//! `hypha-core`.
+//!
+//! ## Layout
+//!
+//! | module | what it holds |
+//! | --- | --- |
+//! | [`server`] | the server's websocket endpoint: connection actor, outbound queues, routing table, workspaces, health probes |
+
+#![warn(missing_docs)]
+
+pub mod server;

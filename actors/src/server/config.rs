@@ -1,0 +1,337 @@
+//! Server settings: every timeout a typed [`Duration`], every limit a named field, the
+//! defaults those of the Python server (server spec §2.5, §6.3, §10).
+//!
+//! Upstream reads these from `HYPHA_*` environment variables; [`ServerConfig::apply_env`]
+//! does the same from any lookup function (so it is testable without touching the process
+//! environment), and [`ServerConfig::from_env`] from the real one.
+
+use std::fmt;
+use std::time::Duration;
+
+use hypha_core::auth::{self, JwtConfig};
+
+/// The upstream version this server is compatible with, reported as `hypha_version` in
+/// `connection_info` (stock clients copy it into `server.config`).
+pub const HYPHA_VERSION: &str = "0.21.137";
+
+/// The smallest inbound frame limit we accept: the design promises every endpoint takes
+/// frames of at least 1 MiB (clients chunk at 256 KiB, but a chunk carries overhead and
+/// non-chunked control calls can be larger).
+pub const MIN_MAX_FRAME_SIZE: usize = 1024 * 1024;
+
+/// Why a configuration value was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// An environment variable does not parse as the number it must be.
+    #[error("invalid value for {name}: {value:?} ({expected})")]
+    InvalidEnv {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// The inbound frame limit is below [`MIN_MAX_FRAME_SIZE`].
+    #[error("max frame size {0} is below the minimum of {MIN_MAX_FRAME_SIZE} bytes")]
+    FrameSizeTooSmall(usize),
+    /// The message rate is not a finite positive number.
+    #[error("message rate limit must be a finite number > 0, got {0}")]
+    InvalidRate(f64),
+    /// A queue or burst size of zero would refuse every frame.
+    #[error("{0} must be at least 1")]
+    ZeroLimit(&'static str),
+    /// The `--root-token` is too short or weak (`hypha_core::auth::check_root_token_strength`).
+    #[error(transparent)]
+    RootToken(#[from] auth::AuthError),
+}
+
+/// Everything the websocket server needs to know that is not per connection.
+///
+/// Built with [`ServerConfig::default`] (upstream's defaults, a random server id and a
+/// random JWT secret) and adjusted field by field; the `hypha-rpc` crate's
+/// `Server::builder()` wraps it.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// This replica's id; the manager's client id is `manager-{server_id}` and clients
+    /// address it as `*/manager-{server_id}` (spec §0).
+    pub server_id: String,
+    /// Reported as `hypha_version` (clients show it; some check it is present).
+    pub hypha_version: String,
+    /// The advertised URL (`--public-base-url`), without a trailing `/`. `None` means "the
+    /// local URL", which is only known once the listener is bound.
+    pub public_base_url: Option<String>,
+    /// The URL of this process on the loopback (`http://127.0.0.1:{port}`); `None` until
+    /// the listener is bound (the launcher fills it in).
+    pub local_base_url: Option<String>,
+    /// The HS256 secret and the claim settings. Upstream generates a random secret when
+    /// `JWT_SECRET` is unset, so tokens then die with the process; so do we.
+    pub jwt: JwtConfig,
+    /// `--root-token`: a verbatim credential for user `root` (checked for strength).
+    pub root_token: Option<String>,
+    /// How long a new socket may stay silent before its auth frame (upstream: 5 s).
+    pub auth_timeout: Duration,
+    /// How long an authenticated socket may go without a text or binary data frame
+    /// (`HYPHA_WS_IDLE_TIMEOUT`, 600 s). Protocol pings do not count.
+    pub idle_timeout: Duration,
+    /// Sustained binary frames per second per connection (`HYPHA_WS_MSG_RATE_LIMIT`, 200).
+    pub msg_rate_limit: f64,
+    /// Token-bucket capacity (`HYPHA_WS_MSG_BURST_LIMIT`, 2000).
+    pub msg_burst_limit: u32,
+    /// Largest inbound websocket frame (and reassembled fragmented message), in bytes
+    /// (`HYPHA_WS_MAX_FRAME_SIZE`; upstream's uvicorn default, 16 MiB). Larger ones close
+    /// the connection with 1009 before the payload is buffered.
+    pub max_frame_size: usize,
+    /// Frames waiting to be written to one client; when full, the client is too slow and
+    /// is disconnected (1008) rather than letting the queue grow or blocking the sender.
+    pub outbound_queue_frames: usize,
+    /// Bytes waiting to be written to one client (same policy). A single frame larger
+    /// than this is still accepted into an empty queue, so no legal frame is undeliverable.
+    pub outbound_queue_bytes: usize,
+    /// How long a disconnected peer stays "recently disconnected" so calls to it fail fast
+    /// (spec §3.2 rule 6: 120 s).
+    pub dead_peer_ttl: Duration,
+    /// Lifetime of the reconnection token in `connection_info` (`RECONNECTION_TOKEN_LIFE_TIME`,
+    /// 172 800 s).
+    pub reconnection_token_life_time: Duration,
+    /// How long the writer waits to flush a final error frame and close frame to a client
+    /// that does not read, before dropping the socket.
+    pub close_timeout: Duration,
+    /// How long a graceful shutdown waits for connections to finish after closing them.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            server_id: auth::readable_id(),
+            hypha_version: HYPHA_VERSION.to_owned(),
+            public_base_url: None,
+            local_base_url: None,
+            jwt: JwtConfig::new(hypha_core::ids::random_id()),
+            root_token: None,
+            auth_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+            msg_rate_limit: 200.0,
+            msg_burst_limit: 2000,
+            max_frame_size: 16 * 1024 * 1024,
+            outbound_queue_frames: 1024,
+            outbound_queue_bytes: 64 * 1024 * 1024,
+            dead_peer_ttl: Duration::from_secs(120),
+            reconnection_token_life_time: Duration::from_secs_f64(auth::RECONNECTION_TOKEN_LIFE_TIME),
+            close_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The root token is a full admin credential: never print it (JwtConfig redacts its secret).
+        f.debug_struct("ServerConfig")
+            .field("server_id", &self.server_id)
+            .field("hypha_version", &self.hypha_version)
+            .field("public_base_url", &self.public_base_url)
+            .field("local_base_url", &self.local_base_url)
+            .field("jwt", &self.jwt)
+            .field("root_token", &self.root_token.as_ref().map(|_| "<redacted>"))
+            .field("auth_timeout", &self.auth_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("msg_rate_limit", &self.msg_rate_limit)
+            .field("msg_burst_limit", &self.msg_burst_limit)
+            .field("max_frame_size", &self.max_frame_size)
+            .field("outbound_queue_frames", &self.outbound_queue_frames)
+            .field("outbound_queue_bytes", &self.outbound_queue_bytes)
+            .field("dead_peer_ttl", &self.dead_peer_ttl)
+            .field("reconnection_token_life_time", &self.reconnection_token_life_time)
+            .field("close_timeout", &self.close_timeout)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish()
+    }
+}
+
+/// Environment variables [`ServerConfig::apply_env`] reads, with the field each sets.
+pub const ENV_VARS: [(&str, &str); 8] = [
+    ("HYPHA_WS_IDLE_TIMEOUT", "idle_timeout (seconds)"),
+    ("HYPHA_WS_MSG_RATE_LIMIT", "msg_rate_limit (frames per second)"),
+    ("HYPHA_WS_MSG_BURST_LIMIT", "msg_burst_limit (frames)"),
+    ("HYPHA_WS_MAX_FRAME_SIZE", "max_frame_size (bytes)"),
+    ("HYPHA_WS_AUTH_TIMEOUT", "auth_timeout (seconds)"),
+    ("RECONNECTION_TOKEN_LIFE_TIME", "reconnection_token_life_time (seconds)"),
+    ("HYPHA_SERVER_ID", "server_id"),
+    ("HYPHA_JWT_SECRET / JWT_SECRET", "jwt secret"),
+];
+
+fn parse_secs(name: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| ConfigError::InvalidEnv { name, value: value.to_owned(), expected: "seconds >= 0" })
+}
+
+fn parse_num<T: std::str::FromStr>(
+    name: &'static str,
+    value: &str,
+    expected: &'static str,
+) -> Result<T, ConfigError> {
+    value.trim().parse::<T>().map_err(|_| ConfigError::InvalidEnv { name, value: value.to_owned(), expected })
+}
+
+impl ServerConfig {
+    /// The manager's client id, `manager-{server_id}` (sent as `manager_id`).
+    pub fn manager_id(&self) -> String {
+        format!("manager-{}", self.server_id)
+    }
+
+    /// Overrides fields from environment-style variables (see [`ENV_VARS`]); `lookup`
+    /// returns a variable's value. `HYPHA_JWT_SECRET` wins over `JWT_SECRET` as upstream.
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = lookup("HYPHA_WS_IDLE_TIMEOUT") {
+            self.idle_timeout = parse_secs("HYPHA_WS_IDLE_TIMEOUT", &v)?;
+        }
+        if let Some(v) = lookup("HYPHA_WS_AUTH_TIMEOUT") {
+            self.auth_timeout = parse_secs("HYPHA_WS_AUTH_TIMEOUT", &v)?;
+        }
+        if let Some(v) = lookup("HYPHA_WS_MSG_RATE_LIMIT") {
+            self.msg_rate_limit = parse_num("HYPHA_WS_MSG_RATE_LIMIT", &v, "a number")?;
+        }
+        if let Some(v) = lookup("HYPHA_WS_MSG_BURST_LIMIT") {
+            self.msg_burst_limit = parse_num("HYPHA_WS_MSG_BURST_LIMIT", &v, "an integer")?;
+        }
+        if let Some(v) = lookup("HYPHA_WS_MAX_FRAME_SIZE") {
+            self.max_frame_size = parse_num("HYPHA_WS_MAX_FRAME_SIZE", &v, "bytes")?;
+        }
+        if let Some(v) = lookup("RECONNECTION_TOKEN_LIFE_TIME") {
+            self.reconnection_token_life_time = parse_secs("RECONNECTION_TOKEN_LIFE_TIME", &v)?;
+        }
+        if let Some(v) = lookup("HYPHA_SERVER_ID").filter(|v| !v.is_empty()) {
+            self.server_id = v;
+        }
+        if let Some(secret) =
+            lookup("HYPHA_JWT_SECRET").or_else(|| lookup("JWT_SECRET")).filter(|s| !s.is_empty())
+        {
+            let mut jwt = JwtConfig::new(secret);
+            jwt.issuer = self.jwt.issuer.clone();
+            jwt.audience = self.jwt.audience.clone();
+            jwt.namespace = self.jwt.namespace.clone();
+            self.jwt = jwt;
+        }
+        self.validate()
+    }
+
+    /// [`ServerConfig::default`] with the process environment applied.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let mut config = ServerConfig::default();
+        config.apply_env(|name| std::env::var(name).ok())?;
+        Ok(config)
+    }
+
+    /// Checks the limits make sense and the root token is strong enough.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_frame_size < MIN_MAX_FRAME_SIZE {
+            return Err(ConfigError::FrameSizeTooSmall(self.max_frame_size));
+        }
+        if !(self.msg_rate_limit.is_finite() && self.msg_rate_limit > 0.0) {
+            return Err(ConfigError::InvalidRate(self.msg_rate_limit));
+        }
+        if self.msg_burst_limit == 0 {
+            return Err(ConfigError::ZeroLimit("msg_burst_limit"));
+        }
+        if self.outbound_queue_frames == 0 {
+            return Err(ConfigError::ZeroLimit("outbound_queue_frames"));
+        }
+        if self.outbound_queue_bytes == 0 {
+            return Err(ConfigError::ZeroLimit("outbound_queue_bytes"));
+        }
+        if let Some(token) = &self.root_token {
+            auth::check_root_token_strength(token)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_are_upstreams() {
+        let c = ServerConfig::default();
+        assert_eq!(c.auth_timeout, Duration::from_secs(5));
+        assert_eq!(c.idle_timeout, Duration::from_secs(600));
+        assert_eq!((c.msg_rate_limit, c.msg_burst_limit), (200.0, 2000));
+        assert_eq!(c.max_frame_size, 16 * 1024 * 1024);
+        assert_eq!(c.dead_peer_ttl, Duration::from_secs(120));
+        assert_eq!(c.reconnection_token_life_time, Duration::from_secs(172_800));
+        assert_eq!(c.manager_id(), format!("manager-{}", c.server_id));
+        c.validate().unwrap();
+        // Two defaults get different ids and secrets (tokens of one never verify on the other).
+        assert_ne!(ServerConfig::default().server_id, c.server_id);
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c = ServerConfig::default();
+        c.apply_env(env(&[
+            ("HYPHA_WS_IDLE_TIMEOUT", "4"),
+            ("HYPHA_WS_AUTH_TIMEOUT", "0.25"),
+            ("HYPHA_WS_MSG_RATE_LIMIT", "10.5"),
+            ("HYPHA_WS_MSG_BURST_LIMIT", "20"),
+            ("HYPHA_WS_MAX_FRAME_SIZE", "2097152"),
+            ("RECONNECTION_TOKEN_LIFE_TIME", "60"),
+            ("HYPHA_SERVER_ID", "my-server"),
+            ("JWT_SECRET", "low"),
+            ("HYPHA_JWT_SECRET", "high"),
+        ]))
+        .unwrap();
+        assert_eq!(c.idle_timeout, Duration::from_secs(4));
+        assert_eq!(c.auth_timeout, Duration::from_millis(250));
+        assert_eq!((c.msg_rate_limit, c.msg_burst_limit), (10.5, 20));
+        assert_eq!(c.max_frame_size, 2 * 1024 * 1024);
+        assert_eq!(c.reconnection_token_life_time, Duration::from_secs(60));
+        assert_eq!(c.manager_id(), "manager-my-server");
+        assert_eq!(c.jwt, JwtConfig::new("high"));
+        let mut c = ServerConfig::default();
+        c.apply_env(env(&[("JWT_SECRET", "low")])).unwrap();
+        assert_eq!(c.jwt, JwtConfig::new("low"));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let mut c = ServerConfig::default();
+        let e = c.apply_env(env(&[("HYPHA_WS_IDLE_TIMEOUT", "-1")])).unwrap_err();
+        assert!(matches!(e, ConfigError::InvalidEnv { name: "HYPHA_WS_IDLE_TIMEOUT", .. }), "{e}");
+        let e = c.apply_env(env(&[("HYPHA_WS_MSG_BURST_LIMIT", "x")])).unwrap_err();
+        assert!(e.to_string().contains("HYPHA_WS_MSG_BURST_LIMIT"), "{e}");
+        let mut c = ServerConfig::default();
+        assert_eq!(
+            c.apply_env(env(&[("HYPHA_WS_MAX_FRAME_SIZE", "1000")])),
+            Err(ConfigError::FrameSizeTooSmall(1000))
+        );
+        let mut c = ServerConfig { msg_rate_limit: 0.0, ..ServerConfig::default() };
+        assert_eq!(c.validate(), Err(ConfigError::InvalidRate(0.0)));
+        c.msg_rate_limit = 1.0;
+        c.root_token = Some("short".into());
+        assert!(matches!(c.validate(), Err(ConfigError::RootToken(_))));
+    }
+
+    #[test]
+    fn debug_redacts_credentials() {
+        let c = ServerConfig {
+            root_token: Some("x".repeat(70)),
+            jwt: JwtConfig::new("super-secret-value"),
+            ..ServerConfig::default()
+        };
+        let s = format!("{c:?}");
+        assert!(!s.contains("xxxx") && !s.contains("super-secret-value"), "{s}");
+        assert!(s.contains("<redacted>"));
+    }
+}

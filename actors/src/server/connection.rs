@@ -1,0 +1,535 @@
+//! The `/ws` endpoint and [`WsConnection`], one actix actor per websocket (server spec §2).
+//!
+//! The actor owns the connection's state machine:
+//!
+//! ```text
+//!  upgrade ──> AwaitingAuth ──auth frame ok──> Open ──close / error / limit──> (stopped)
+//!                  │  5 s silence, non-JSON,       │ text: ping, refresh_token, ignored
+//!                  │  bad token, no workspace ...  │ binary: rate limit, then route
+//!                  └──> error frame + close        │ idle timer, frame-size limit
+//! ```
+//!
+//! and the per-connection limits (token bucket, idle timer, inbound frame size). Outgoing
+//! frames go through the connection's bounded [`Outbound`] queue to a writer task that owns
+//! the actix-ws `Session`; inbound frames arrive as an actor stream, one at a time, so a
+//! client that sends faster than we route is slowed down by TCP, not buffered.
+//!
+//! **Duplicate client ids.** A plain connect whose `{ws}/{cid}` is held by a live connection
+//! of this server is refused with `Client already exists and is active: {ws}/{cid}`
+//! (upstream additionally pings the old client and replaces it when it does not answer;
+//! that needs the manager's RPC and comes with it). A connect with a reconnection token
+//! takes the address over: the old socket is dropped without a close frame, as upstream
+//! does, and the old connection's cleanup leaves the new one alone (generations).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, StreamHandler};
+use actix_web::dev::Payload as RawPayload;
+use actix_web::error::PayloadError;
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use actix_ws::{CloseCode, CloseReason, Item, ProtocolError, Session};
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use hypha_core::auth::{self, AuthContext, AuthPayload, HandshakeError, Permission, UserInfo};
+use serde_json::{json, Map as JsonMap, Value as Json};
+use tracing::field;
+
+use super::limits::{FrameSizeGuard, TokenBucket};
+use super::outbound::{self, CloseCmd, OutFrame, Outbound, OutboundRx};
+use super::router::{Generation, Registration, RouteOutcome, RouteSender};
+use super::workspace::WorkspaceRecord;
+use super::{ServerState, SHUTDOWN_REASON};
+
+/// Text control frames longer than this (in characters) are ignored (upstream: 1000).
+pub const MAX_CONTROL_TEXT_CHARS: usize = 1000;
+
+/// The error message and close reason when a client exceeds the message rate.
+pub const RATE_LIMIT_MESSAGE: &str = "Rate limit exceeded: too many messages per second";
+
+/// The `/ws` handler: upgrades unconditionally (spec §2.1 step 1), then either closes at
+/// once (legacy query parameters, shutdown) or starts a [`WsConnection`].
+pub async fn ws_endpoint(
+    req: HttpRequest,
+    body: web::Payload,
+    state: Arc<ServerState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let tripped = Arc::new(AtomicBool::new(false));
+    let guard = FrameSizeGuard::new(body.into_inner(), state.config.max_frame_size, tripped.clone());
+    let boxed: Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>> = Box::pin(guard);
+    let mut raw = RawPayload::from(boxed);
+    let body = web::Payload::from_request(&req, &mut raw).await?;
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let stream = stream.max_frame_size(state.config.max_frame_size);
+
+    let query_keys = req.query_string().split('&').filter_map(|kv| kv.split('=').next());
+    let refusal = if auth::is_legacy_query(query_keys) {
+        let e = HandshakeError::LegacyClient;
+        tracing::debug!(query = req.query_string(), "legacy client refused");
+        Some(CloseReason { code: CloseCode::Policy, description: Some(e.close_reason()) })
+    } else if state.is_shutting_down() {
+        Some(CloseReason { code: CloseCode::Away, description: Some(SHUTDOWN_REASON.to_owned()) })
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        actix_rt::spawn(async move {
+            let _ = tokio::time::timeout(state.config.close_timeout, session.close(Some(reason))).await;
+            drop(stream);
+        });
+        return Ok(response);
+    }
+
+    let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    WsConnection::create(move |ctx| {
+        ctx.add_stream(stream);
+        WsConnection::new(state, session, tripped, &peer)
+    });
+    Ok(response)
+}
+
+/// The writer task ended (close sent, or the socket failed): the actor stops.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct WriterDone;
+
+/// An authenticated connection's state.
+#[derive(Debug)]
+struct Open {
+    /// The workspace and client id (the connection's address).
+    workspace: String,
+    client_id: String,
+    /// This registration's generation; its cleanup only touches its own entry.
+    generation: Generation,
+    /// The final user (for refresh tokens).
+    user: UserInfo,
+    /// What the router stamps into this connection's frames.
+    sender: RouteSender,
+    /// Binary frames per second.
+    bucket: TokenBucket,
+    /// Last text or binary data frame (protocol pings do not count).
+    last_activity: Instant,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for the auth frame.
+    AwaitingAuth,
+    /// Handshake done, routing.
+    Open(Box<Open>),
+    /// The actor is stopping; its registration is gone.
+    Closed,
+}
+
+/// A message being reassembled from continuation frames.
+#[derive(Debug)]
+struct Fragments {
+    text: bool,
+    data: BytesMut,
+}
+
+/// One websocket client (see the module docs).
+pub struct WsConnection {
+    state: Arc<ServerState>,
+    /// Index in the server's connection list (for shutdown).
+    id: u64,
+    /// The bounded queue to this client's writer task.
+    outbound: Outbound,
+    /// Taken by `started` to spawn the writer.
+    writer: Option<(OutboundRx, Session)>,
+    phase: Phase,
+    /// Set by the frame-size guard when a frame header declared an oversized payload.
+    oversize: Arc<AtomicBool>,
+    /// A fragmented message in progress.
+    fragments: Option<Fragments>,
+    /// A close was requested: inbound frames are ignored until the actor stops.
+    closing: bool,
+    /// `workspace`, `client` and `generation` are recorded when the handshake succeeds.
+    span: tracing::Span,
+}
+
+impl WsConnection {
+    fn new(state: Arc<ServerState>, session: Session, oversize: Arc<AtomicBool>, peer: &str) -> Self {
+        let (outbound, rx) =
+            outbound::channel(state.config.outbound_queue_frames, state.config.outbound_queue_bytes);
+        let id = state.add_connection(outbound.clone());
+        let span = tracing::info_span!(
+            "ws",
+            conn = id,
+            peer,
+            workspace = field::Empty,
+            client = field::Empty,
+            generation = field::Empty
+        );
+        WsConnection {
+            state,
+            id,
+            outbound,
+            writer: Some((rx, session)),
+            phase: Phase::AwaitingAuth,
+            oversize,
+            fragments: None,
+            closing: false,
+            span,
+        }
+    }
+
+    /// Ends the connection: the writer sends what `cmd` says, the actor stops.
+    fn close(&mut self, ctx: &mut Context<Self>, cmd: CloseCmd) {
+        // The phase is kept (an open connection's registration is removed in `stopped`);
+        // `closing` makes the stream handler ignore whatever frames are still queued.
+        self.outbound.close(cmd);
+        self.closing = true;
+        ctx.stop();
+    }
+
+    fn send(&self, frame: OutFrame) {
+        if let Err(e) = self.outbound.send(frame) {
+            tracing::debug!(error = %e, "frame to this client not queued");
+        }
+    }
+
+    fn fail_handshake(&mut self, ctx: &mut Context<Self>, e: &HandshakeError) {
+        tracing::info!(error = %e, code = e.close_code(), "handshake refused");
+        let cmd = CloseCmd {
+            error_message: e.sends_error_frame().then(|| e.to_string()),
+            close: Some((e.close_code(), e.close_reason())),
+        };
+        self.close(ctx, cmd);
+    }
+
+    // --- handshake -------------------------------------------------------------------------
+
+    fn on_auth_frame(&mut self, ctx: &mut Context<Self>, text: &str) {
+        match self.admit(text) {
+            Ok(open) => {
+                self.span.record("workspace", open.workspace.as_str());
+                self.span.record("client", open.client_id.as_str());
+                self.span.record("generation", open.generation);
+                tracing::info!(user = %open.user.id, "client connected");
+                self.phase = Phase::Open(open);
+                self.schedule_idle_check(ctx, self.state.config.idle_timeout);
+            }
+            Err(e) => self.fail_handshake(ctx, &e),
+        }
+    }
+
+    /// The handshake (spec §2.1 steps 3-8, §2.2): authenticate, find or create the
+    /// workspace, admit, register, send `connection_info`.
+    fn admit(&mut self, text: &str) -> Result<Box<Open>, HandshakeError> {
+        let payload = AuthPayload::from_json(text)?;
+        let config = &self.state.config;
+        let now = auth::unix_seconds(SystemTime::now());
+        // No revocation store yet: the manager's `revoke_token` brings one.
+        let not_revoked = |_: &str| false;
+        let cx = AuthContext {
+            jwt: &config.jwt,
+            root_token: config.root_token.as_deref(),
+            now,
+            revoked: &not_revoked,
+        };
+        let authenticated = cx.authenticate_handshake(&payload)?;
+
+        let ws = authenticated.workspace.clone();
+        let (owners, create) = match self.state.workspaces.get(&ws) {
+            Some(record) => (record.owners, None),
+            None if ws == authenticated.user.personal_workspace() => {
+                let record = WorkspaceRecord::personal(&authenticated.user);
+                (record.owners.clone(), Some(record))
+            }
+            None => return Err(HandshakeError::WorkspaceNotFound(ws)),
+        };
+        let admitted = authenticated.admit(&owners)?;
+        let token = config
+            .jwt
+            .encode(&admitted.user, config.reconnection_token_life_time.as_secs_f64(), now)
+            .map_err(HandshakeError::Authentication)?;
+        if let Some(record) = create {
+            self.state.workspaces.get_or_create(record);
+        }
+
+        let mode = if admitted.reconnecting { Registration::Supersede } else { Registration::Fresh };
+        let registered = self
+            .state
+            .router
+            .register(&admitted.workspace, &admitted.client_id, self.outbound.clone(), mode)
+            .map_err(|e| match e {
+                super::router::RegisterError::ClientExists { workspace, client_id } => {
+                    HandshakeError::ClientExists { workspace, client_id }
+                }
+            })?;
+        if let Some(old) = registered.superseded {
+            tracing::info!("reconnect supersedes the previous connection of this client");
+            old.close(CloseCmd::drop_socket());
+        }
+
+        let info = self.connection_info(&admitted.workspace, &admitted.client_id, &admitted.user, token);
+        self.send(OutFrame::Text(info));
+
+        let read_only = admitted.user.permission(&admitted.workspace) == Some(Permission::Read);
+        let sender = RouteSender {
+            workspace: admitted.workspace.clone(),
+            client_id: admitted.client_id.clone(),
+            user: admitted.user.to_value(),
+            read_only,
+        };
+        let now = Instant::now();
+        Ok(Box::new(Open {
+            workspace: admitted.workspace,
+            client_id: admitted.client_id,
+            generation: registered.generation,
+            user: admitted.user,
+            sender,
+            bucket: TokenBucket::new(config.msg_rate_limit, config.msg_burst_limit, now),
+            last_activity: now,
+        }))
+    }
+
+    /// The `connection_info` frame, keys in upstream's order (spec §2.3).
+    fn connection_info(&self, workspace: &str, client_id: &str, user: &UserInfo, token: String) -> String {
+        let config = &self.state.config;
+        let mut m = JsonMap::new();
+        m.insert("type".into(), json!("connection_info"));
+        m.insert("hypha_version".into(), json!(config.hypha_version));
+        m.insert("public_base_url".into(), json!(self.state.public_base_url()));
+        m.insert("local_base_url".into(), json!(self.state.local_base_url()));
+        m.insert("manager_id".into(), json!(config.manager_id()));
+        m.insert("workspace".into(), json!(workspace));
+        m.insert("client_id".into(), json!(client_id));
+        m.insert("user".into(), user.to_json());
+        m.insert("reconnection_token".into(), json!(token));
+        m.insert(
+            "reconnection_token_life_time".into(),
+            json!(config.reconnection_token_life_time.as_secs_f64()),
+        );
+        Json::Object(m).to_string()
+    }
+
+    // --- after the handshake -------------------------------------------------------------
+
+    /// Text control frames (spec §2.4).
+    fn on_control_text(&mut self, text: &str) {
+        let Phase::Open(open) = &mut self.phase else { return };
+        open.last_activity = Instant::now();
+        if text.len() > MAX_CONTROL_TEXT_CHARS && text.chars().count() > MAX_CONTROL_TEXT_CHARS {
+            tracing::debug!(len = text.len(), "oversized text frame ignored");
+            return;
+        }
+        let kind = match serde_json::from_str::<Json>(text) {
+            Ok(Json::Object(m)) => m.get("type").and_then(Json::as_str).map(str::to_owned),
+            _ => None,
+        };
+        match kind.as_deref() {
+            Some("ping") => self.send(OutFrame::Text(json!({"type": "pong"}).to_string())),
+            Some("refresh_token") => {
+                let config = &self.state.config;
+                let now = auth::unix_seconds(SystemTime::now());
+                match config.jwt.encode(&open.user, config.reconnection_token_life_time.as_secs_f64(), now) {
+                    Ok(token) => self.send(OutFrame::Text(
+                        json!({"type": "reconnection_token", "reconnection_token": token}).to_string(),
+                    )),
+                    Err(e) => tracing::error!(error = %e, "cannot sign a reconnection token"),
+                }
+            }
+            other => tracing::debug!(kind = ?other, "text frame ignored"),
+        }
+    }
+
+    /// A binary frame: rate limit, then route (spec §2.5, §3.2).
+    fn on_binary(&mut self, ctx: &mut Context<Self>, frame: Bytes) {
+        let Phase::Open(open) = &mut self.phase else { return };
+        let now = Instant::now();
+        open.last_activity = now;
+        if !open.bucket.try_take(now) {
+            tracing::info!("rate limit exceeded");
+            self.close(ctx, CloseCmd::error(1008, RATE_LIMIT_MESSAGE));
+            return;
+        }
+        match self.state.router.route(&open.sender, &frame, now) {
+            RouteOutcome::Delivered(n) => tracing::trace!(len = frame.len(), delivered = n, "routed"),
+            RouteOutcome::Rejected { error, reject } => {
+                tracing::debug!(%error, "routing error: rejecting the call");
+                self.send(OutFrame::Binary(reject));
+            }
+            RouteOutcome::Dropped(reason) => tracing::debug!(%reason, "frame dropped"),
+        }
+    }
+
+    fn idle_message(timeout: Duration) -> String {
+        format!("Idle timeout ({}s)", timeout.as_secs_f64())
+    }
+
+    fn schedule_idle_check(&mut self, ctx: &mut Context<Self>, after: Duration) {
+        ctx.run_later(after, |act, ctx| {
+            let Phase::Open(open) = &act.phase else { return };
+            let timeout = act.state.config.idle_timeout;
+            let idle = open.last_activity.elapsed();
+            if idle >= timeout {
+                let _enter = act.span.clone().entered();
+                tracing::info!(idle_secs = idle.as_secs_f64(), "idle timeout");
+                act.close(ctx, CloseCmd::error(1001, Self::idle_message(timeout)));
+            } else {
+                act.schedule_idle_check(ctx, timeout - idle);
+            }
+        });
+    }
+
+    fn frame_too_big(&mut self, ctx: &mut Context<Self>) {
+        let max = self.state.config.max_frame_size;
+        tracing::info!(max, "inbound frame over the size limit");
+        self.close(ctx, CloseCmd::close(1009, format!("frame exceeds limit of {max} bytes")));
+    }
+
+    /// A complete data message (a single frame or reassembled fragments).
+    fn on_data(&mut self, ctx: &mut Context<Self>, text: bool, data: Bytes) {
+        match (&self.phase, text) {
+            (Phase::AwaitingAuth, true) => match std::str::from_utf8(&data) {
+                Ok(s) => self.on_auth_frame(ctx, s),
+                Err(_) => self.fail_handshake(ctx, &HandshakeError::BadPayload),
+            },
+            (Phase::AwaitingAuth, false) => self.fail_handshake(ctx, &HandshakeError::BadPayload),
+            (Phase::Open(_), true) => match std::str::from_utf8(&data) {
+                Ok(s) => self.on_control_text(s),
+                Err(_) => self.close(ctx, CloseCmd::close(1007, "invalid UTF-8 in a text frame")),
+            },
+            (Phase::Open(_), false) => self.on_binary(ctx, data),
+            (Phase::Closed, _) => {}
+        }
+    }
+
+    fn on_continuation(&mut self, ctx: &mut Context<Self>, item: Item) {
+        let max = self.state.config.max_frame_size;
+        let (first, text, chunk, last) = match item {
+            Item::FirstText(b) => (true, true, b, false),
+            Item::FirstBinary(b) => (true, false, b, false),
+            Item::Continue(b) => (false, false, b, false),
+            Item::Last(b) => (false, false, b, true),
+        };
+        if first {
+            if self.fragments.is_some() {
+                self.close(ctx, CloseCmd::close(1002, "continuation already started"));
+                return;
+            }
+            self.fragments = Some(Fragments { text, data: BytesMut::new() });
+        }
+        let Some(frags) = self.fragments.as_mut() else {
+            self.close(ctx, CloseCmd::close(1002, "continuation not started"));
+            return;
+        };
+        if frags.data.len().saturating_add(chunk.len()) > max {
+            self.fragments = None;
+            self.frame_too_big(ctx);
+            return;
+        }
+        frags.data.extend_from_slice(&chunk);
+        if last {
+            if let Some(Fragments { text, data }) = self.fragments.take() {
+                self.on_data(ctx, text, data.freeze());
+            }
+        }
+    }
+}
+
+impl Actor for WsConnection {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let _enter = self.span.clone().entered();
+        tracing::debug!("websocket opened");
+        if let Some((rx, session)) = self.writer.take() {
+            let addr = ctx.address().downgrade();
+            let timeout = self.state.config.close_timeout;
+            actix_rt::spawn(outbound::run_writer(rx, session, timeout, move || {
+                if let Some(addr) = addr.upgrade() {
+                    addr.do_send(WriterDone);
+                }
+            }));
+        }
+        ctx.run_later(self.state.config.auth_timeout, |act, ctx| {
+            if matches!(act.phase, Phase::AwaitingAuth) {
+                let _enter = act.span.clone().entered();
+                act.fail_handshake(ctx, &HandshakeError::PayloadTimeout);
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        let _enter = self.span.clone().entered();
+        // Whatever ended the actor, make sure the socket ends too (no-op if a close is pending).
+        self.outbound.close(CloseCmd::close(1000, ""));
+        self.state.remove_connection(self.id);
+        if let Phase::Open(open) = std::mem::replace(&mut self.phase, Phase::Closed) {
+            let state = &self.state;
+            if state.router.remove_client(&open.workspace, &open.client_id, open.generation, Instant::now()) {
+                tracing::info!("client disconnected");
+                if state.router.client_count(&open.workspace) == 0
+                    && state.workspaces.remove_transient(&open.workspace)
+                {
+                    tracing::debug!(workspace = %open.workspace, "transient workspace removed");
+                }
+            } else {
+                tracing::debug!("superseded connection closed");
+            }
+        } else {
+            tracing::debug!("websocket closed before the handshake completed");
+        }
+    }
+}
+
+impl Handler<WriterDone> for WsConnection {
+    type Result = ();
+
+    fn handle(&mut self, _: WriterDone, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl StreamHandler<Result<actix_ws::Message, ProtocolError>> for WsConnection {
+    fn handle(&mut self, item: Result<actix_ws::Message, ProtocolError>, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        let _enter = self.span.clone().entered();
+        use actix_ws::Message as M;
+        match item {
+            Ok(M::Text(text)) => self.on_data(ctx, true, text.into_bytes()),
+            Ok(M::Binary(data)) => self.on_data(ctx, false, data),
+            Ok(M::Continuation(item)) => self.on_continuation(ctx, item),
+            Ok(M::Ping(payload)) => self.send(OutFrame::Pong(payload)),
+            Ok(M::Pong(_)) | Ok(M::Nop) => {}
+            Ok(M::Close(reason)) => {
+                tracing::debug!(?reason, "client closed the websocket");
+                let code = reason.map_or(1000, |r| u16::from(r.code));
+                self.close(ctx, CloseCmd::close(code, ""));
+            }
+            Err(ProtocolError::Overflow) => self.frame_too_big(ctx),
+            Err(_) if self.oversize.load(Ordering::Acquire) => self.frame_too_big(ctx),
+            Err(ProtocolError::Io(e)) => {
+                tracing::debug!(error = %e, "websocket read failed");
+                ctx.stop();
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket protocol error");
+                self.close(ctx, CloseCmd::close(1002, "protocol error"));
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_message_matches_upstream() {
+        assert_eq!(WsConnection::idle_message(Duration::from_secs(600)), "Idle timeout (600s)");
+        assert_eq!(WsConnection::idle_message(Duration::from_secs(4)), "Idle timeout (4s)");
+        assert_eq!(WsConnection::idle_message(Duration::from_millis(300)), "Idle timeout (0.3s)");
+    }
+}

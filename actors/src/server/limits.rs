@@ -1,0 +1,281 @@
+//! Per-connection limits that do not depend on actix: the message-rate token bucket and the
+//! inbound frame-size guard (server spec §2.5).
+//!
+//! Both are plain state machines driven by their caller (time comes in as `now`), so they
+//! are unit-tested here without sockets.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use actix_web::error::PayloadError;
+use bytes::Bytes;
+use futures_util::Stream;
+
+/// A token bucket: `burst` tokens, refilled at `rate` per second; each binary frame takes
+/// one. Upstream limits binary frames at 200/s with a burst of 2000 per connection.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket at `now`.
+    pub fn new(rate: f64, burst: u32, now: Instant) -> Self {
+        let burst = f64::from(burst);
+        TokenBucket { rate, burst, tokens: burst, last: now }
+    }
+
+    /// Takes one token if there is one; `false` means the limit is exceeded.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now.max(self.last);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Where the guard is in the client-to-server byte stream.
+#[derive(Debug, Clone, Copy)]
+enum GuardState {
+    /// Reading a frame header; `have` bytes of it are in `header`.
+    Header { have: usize },
+    /// Skipping `remaining` payload bytes of an accepted frame.
+    Payload { remaining: u64 },
+    /// An oversized frame was seen: the error is pending or has been returned.
+    Tripped { reported: bool },
+}
+
+/// Wraps the raw request byte stream of a websocket and fails it as soon as a frame
+/// *header* declares a payload larger than `max` bytes.
+///
+/// actix's websocket decoder only checks the size once the whole frame has arrived, so a
+/// peer could make the server buffer any amount it likes; the guard checks the declared
+/// length first and stops reading. When it trips it sets the shared flag, so the
+/// connection can tell "too big" (close 1009) from other stream errors.
+pub struct FrameSizeGuard<S> {
+    inner: S,
+    max: u64,
+    state: GuardState,
+    header: [u8; 14],
+    tripped: Arc<AtomicBool>,
+}
+
+impl<S> FrameSizeGuard<S> {
+    /// Guards `inner`; `tripped` is set when an oversized frame header is seen.
+    pub fn new(inner: S, max: usize, tripped: Arc<AtomicBool>) -> Self {
+        FrameSizeGuard {
+            inner,
+            max: u64::try_from(max).unwrap_or(u64::MAX),
+            state: GuardState::Header { have: 0 },
+            header: [0; 14],
+            tripped,
+        }
+    }
+
+    /// Length of a frame header given its first two bytes: 2, plus 2 or 8 bytes of
+    /// extended length, plus 4 bytes of mask key when the mask bit is set.
+    fn header_len(b1: u8) -> usize {
+        let ext = match b1 & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 }
+    }
+
+    fn payload_len(header: &[u8]) -> u64 {
+        let b1 = header.get(1).copied().unwrap_or(0);
+        match b1 & 0x7f {
+            126 => header.get(2..4).map_or(0, |b| u64::from(u16::from_be_bytes([b[0], b[1]]))),
+            127 => header.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes),
+            n => u64::from(n),
+        }
+    }
+
+    /// Walks `chunk`; returns the number of bytes that belong to acceptable frames (all of
+    /// it unless an oversized header starts inside it).
+    fn scan(&mut self, chunk: &[u8]) -> usize {
+        let mut pos = 0;
+        while pos < chunk.len() {
+            match self.state {
+                GuardState::Tripped { .. } => return pos,
+                GuardState::Payload { remaining } => {
+                    let avail = (chunk.len() - pos) as u64;
+                    let step = remaining.min(avail);
+                    pos += step as usize;
+                    self.state = if remaining == step {
+                        GuardState::Header { have: 0 }
+                    } else {
+                        GuardState::Payload { remaining: remaining - step }
+                    };
+                }
+                GuardState::Header { mut have } => {
+                    let start = pos - have.min(pos);
+                    while pos < chunk.len() {
+                        let need = if have < 2 { 2 } else { Self::header_len(self.header[1]) };
+                        if have >= need {
+                            break;
+                        }
+                        self.header[have] = chunk[pos];
+                        have += 1;
+                        pos += 1;
+                    }
+                    let complete = have >= 2 && have >= Self::header_len(self.header[1]);
+                    if !complete {
+                        self.state = GuardState::Header { have };
+                        continue;
+                    }
+                    let len = Self::payload_len(&self.header[..have]);
+                    if len > self.max {
+                        self.state = GuardState::Tripped { reported: false };
+                        self.tripped.store(true, Ordering::Release);
+                        // Let the bytes before this header through; they are whole frames.
+                        return start.min(pos);
+                    }
+                    self.state = if len == 0 {
+                        GuardState::Header { have: 0 }
+                    } else {
+                        GuardState::Payload { remaining: len }
+                    };
+                }
+            }
+        }
+        pos
+    }
+}
+
+impl<S> Stream for FrameSizeGuard<S>
+where
+    S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+{
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match this.state {
+            GuardState::Tripped { reported: false } => {
+                this.state = GuardState::Tripped { reported: true };
+                return Poll::Ready(Some(Err(PayloadError::Overflow)));
+            }
+            GuardState::Tripped { reported: true } => return Poll::Ready(None),
+            _ => {}
+        }
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                let ok = this.scan(&chunk);
+                if ok == chunk.len() {
+                    Poll::Ready(Some(Ok(chunk)))
+                } else if ok > 0 {
+                    // The error follows on the next poll.
+                    Poll::Ready(Some(Ok(chunk.slice(..ok))))
+                } else {
+                    this.state = GuardState::Tripped { reported: true };
+                    Poll::Ready(Some(Err(PayloadError::Overflow)))
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{stream, StreamExt};
+    use std::time::Duration;
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 5, t0);
+        assert!((0..5).all(|_| b.try_take(t0)));
+        assert!(!b.try_take(t0));
+        // 100 ms at 10/s gives one token back.
+        let t1 = t0 + Duration::from_millis(100);
+        assert!(b.try_take(t1));
+        assert!(!b.try_take(t1));
+        // Refill is capped at the burst.
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| b.try_take(t2)).count(), 5);
+        // A clock that goes backwards does not mint tokens.
+        assert!(!b.try_take(t0));
+    }
+
+    /// A masked client frame header for a payload of `len` bytes, then `len` bytes.
+    fn frame(len: usize) -> Vec<u8> {
+        let mut f = vec![0x82];
+        if len < 126 {
+            f.push(0x80 | len as u8);
+        } else if len <= 0xffff {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        f.extend_from_slice(&[1, 2, 3, 4]);
+        f.extend(std::iter::repeat_n(7u8, len));
+        f
+    }
+
+    async fn run(bytes: Vec<u8>, chunk: usize, max: usize) -> (Vec<u8>, bool, bool) {
+        let chunks: Vec<Result<Bytes, PayloadError>> =
+            bytes.chunks(chunk).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut guard = FrameSizeGuard::new(stream::iter(chunks), max, flag.clone());
+        let mut out = Vec::new();
+        let mut errored = false;
+        while let Some(item) = guard.next().await {
+            match item {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(_) => {
+                    errored = true;
+                    break;
+                }
+            }
+        }
+        (out, errored, flag.load(Ordering::Acquire))
+    }
+
+    #[actix_rt::test]
+    async fn passes_frames_within_the_limit_whatever_the_chunking() {
+        let mut all = Vec::new();
+        for len in [0, 5, 125, 126, 300, 65_535, 65_536, 70_000] {
+            all.extend(frame(len));
+        }
+        for chunk in [1, 3, 7, 64, 100_000, 1_000_000] {
+            let (out, errored, tripped) = run(all.clone(), chunk, 70_000).await;
+            assert_eq!((out.len(), errored, tripped), (all.len(), false, false), "chunk {chunk}");
+        }
+    }
+
+    #[actix_rt::test]
+    async fn trips_on_the_header_of_an_oversized_frame() {
+        let small = frame(10);
+        // Only the header of a 1 GiB frame is ever sent: the guard must not wait for it.
+        let mut bytes = small.clone();
+        bytes.extend_from_slice(&[0x82, 0x80 | 127]);
+        bytes.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        bytes.extend_from_slice(&[1, 2, 3, 4]);
+        for chunk in [1, 5, 1000] {
+            let (out, errored, tripped) = run(bytes.clone(), chunk, 1 << 20).await;
+            assert!(errored && tripped, "chunk {chunk}");
+            // The whole small frame before it got through (plus at most a partial header).
+            assert!(out.len() >= small.len() && out.starts_with(&small), "chunk {chunk}");
+        }
+        // Exactly at the limit is fine, one byte over is not.
+        assert!(!run(frame(1000), 64, 1000).await.1);
+        assert!(run(frame(1001), 64, 1000).await.2);
+    }
+}

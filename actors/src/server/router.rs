@@ -1,0 +1,720 @@
+//! The routing table and the routing rules (server spec §3.2, §3.4, §8).
+//!
+//! The table maps `{ws}/{cid}` to the live connection's [`Outbound`] queue, its
+//! generation and its event subscriptions; beside it sits the "recently disconnected" set
+//! that makes calls to a peer that just left fail fast.
+//!
+//! **Routing happens on the sender's connection actor, without an actor hop.** A frame is
+//! routed by the actor that received it: it parses `main`, stamps it, looks the target up
+//! in this table and pushes the bytes onto the target's bounded queue. Nothing in that path
+//! waits: the table is a sharded [`DashMap`] (short read locks, no lock held across an
+//! `await`), and [`Outbound::send`] never blocks (a full queue disconnects the slow
+//! target). A central router actor would add a mailbox per frame, serialize every
+//! connection's traffic through one thread, and need an overflow policy of its own; the
+//! direct path keeps traffic of independent clients on independent threads and the
+//! per-frame cost at one decode of `main`, one encode and one queue push.
+//!
+//! **Generations.** Every registration gets a fresh generation number. A reconnect with a
+//! reconnection token supersedes the live connection of the same `{ws}/{cid}`; when the
+//! superseded connection later cleans up, [`Router::remove_client`] sees that the entry is
+//! no longer its generation and leaves the new connection's state alone (and sends no
+//! `client_disconnected`: the client did not leave).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use hypha_core::ids::WILDCARD;
+use hypha_core::message::{self, CLIENT_DISCONNECTED};
+use hypha_core::msgpack::DecodeLimits;
+use hypha_core::package::{self, PackageError};
+use hypha_core::value::{Map, Value};
+
+use super::outbound::{OutFrame, Outbound, SendError};
+
+/// A connection's registration number; see the module docs.
+pub type Generation = u64;
+
+/// Most values the router decodes from one `main` segment. `main` can carry event payloads
+/// (`data`), so it is not tiny, but each decoded value costs far more memory than its
+/// encoded byte; this caps that amplification at a few tens of MiB per frame.
+pub const MAX_MAIN_ITEMS: usize = 1 << 20;
+
+/// Most event types one connection may subscribe to.
+pub const MAX_SUBSCRIPTIONS: usize = 1024;
+
+/// After this many "recently disconnected" insertions the expired ones are swept.
+const PRUNE_EVERY: usize = 256;
+
+/// Who sends a frame: what the router stamps into it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSender {
+    /// The sender's workspace (`*` for the server's own manager peer).
+    pub workspace: String,
+    /// The sender's client id.
+    pub client_id: String,
+    /// The sender's `UserInfo` dump, stamped as `user`.
+    pub user: Value,
+    /// True when the sender holds exactly `r` on its workspace: it may not broadcast.
+    pub read_only: bool,
+}
+
+impl RouteSender {
+    /// `{workspace}/{client_id}`.
+    pub fn address(&self) -> String {
+        format!("{}/{}", self.workspace, self.client_id)
+    }
+}
+
+/// A frame the router refused; the text is the `_rvalue` of the reject sent back when the
+/// frame carried a session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No `to` (upstream's text here is a Python TypeError; ours says what is wrong).
+    #[error("Invalid target: the message has no `to` field")]
+    MissingTarget,
+    /// `to` is not a string.
+    #[error("Invalid target: `to` must be a string, got {0}")]
+    InvalidTarget(&'static str),
+    /// A read-only connection tried to broadcast (rule 2).
+    #[error(
+        "Read-only client {0} cannot broadcast messages. Only point-to-point messages are allowed for read-only clients."
+    )]
+    ReadOnlyBroadcast(String),
+    /// The target left this server less than `dead_peer_ttl` ago (rule 6).
+    #[error("Target peer {0} is not connected")]
+    PeerNotConnected(String),
+}
+
+/// Why a frame went nowhere, silently (logged at debug level by the caller).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DropReason {
+    /// Not msgpack, or `main` is not a map.
+    #[error("undecodable frame: {0}")]
+    Undecodable(PackageError),
+    /// A routing error on a frame without a session: nobody to tell.
+    #[error("{0} (no session to reject)")]
+    Refused(RouteError),
+    /// The target never connected here (rule 8); the caller times out.
+    #[error("unknown target {0}")]
+    UnknownTarget(String),
+    /// The target's queue was full (it is being disconnected) or closed.
+    #[error("target {0} is not accepting frames: {1}")]
+    TargetUnavailable(String, SendError),
+}
+
+/// What became of one routed frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteOutcome {
+    /// Delivered to this many connections (a broadcast may reach none).
+    Delivered(usize),
+    /// Refused; `reject` is the synthetic `{session}.reject` call to send back on the
+    /// sender's own socket.
+    Rejected {
+        /// The error.
+        error: RouteError,
+        /// The reject frame.
+        reject: Bytes,
+    },
+    /// Dropped without an answer.
+    Dropped(DropReason),
+}
+
+/// How a new connection takes its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// A plain connect: refused while a live connection holds the address.
+    Fresh,
+    /// A reconnect with a reconnection token: takes the address over.
+    Supersede,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// A live connection holds `{ws}/{cid}` and this is not a reconnect.
+    #[error("Client already exists and is active: {workspace}/{client_id}")]
+    ClientExists {
+        /// The workspace.
+        workspace: String,
+        /// The client id.
+        client_id: String,
+    },
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    /// No such connection.
+    #[error("client {0} is not connected")]
+    NotConnected(String),
+    /// More than [`MAX_SUBSCRIPTIONS`] event types.
+    #[error("too many subscriptions (at most {MAX_SUBSCRIPTIONS})")]
+    TooMany,
+}
+
+/// A successful registration.
+#[derive(Debug)]
+pub struct Registered {
+    /// This connection's generation.
+    pub generation: Generation,
+    /// The connection it superseded, if any; the caller drops its socket.
+    pub superseded: Option<Outbound>,
+}
+
+#[derive(Debug)]
+struct Peer {
+    generation: Generation,
+    outbound: Outbound,
+    subscriptions: HashSet<String>,
+}
+
+/// The routing table. One per server, shared by every connection actor.
+#[derive(Debug)]
+pub struct Router {
+    /// workspace -> client id -> live connection. Two levels so a broadcast visits only
+    /// its workspace.
+    peers: DashMap<String, HashMap<String, Peer>>,
+    /// `{ws}/{cid}` -> when it disconnected, for the dead-peer fast fail.
+    recently_disconnected: DashMap<String, Instant>,
+    dead_peer_ttl: Duration,
+    next_generation: AtomicU64,
+    inserts_since_prune: AtomicUsize,
+    limits: DecodeLimits,
+}
+
+/// What the stamping closure decided.
+enum Plan {
+    Deliver { target: String, kind: Option<String> },
+    Refuse { error: RouteError, session: Option<String>, to: Value, from: Value },
+    Drop(DropReason),
+}
+
+impl Router {
+    /// An empty table; disconnected peers count as "recently disconnected" for `dead_peer_ttl`.
+    pub fn new(dead_peer_ttl: Duration) -> Self {
+        Router {
+            peers: DashMap::new(),
+            recently_disconnected: DashMap::new(),
+            dead_peer_ttl,
+            next_generation: AtomicU64::new(1),
+            inserts_since_prune: AtomicUsize::new(0),
+            limits: DecodeLimits { max_items: MAX_MAIN_ITEMS, ..DecodeLimits::default() },
+        }
+    }
+
+    // --- registration -----------------------------------------------------------------
+
+    /// Registers the connection `{ws}/{cid}`. A [`Registration::Fresh`] connect is refused
+    /// while a live connection (one not already closing) holds the address; a
+    /// [`Registration::Supersede`] takes it over and returns the old queue. Either clears
+    /// the address's "recently disconnected" mark.
+    pub fn register(
+        &self,
+        ws: &str,
+        cid: &str,
+        outbound: Outbound,
+        mode: Registration,
+    ) -> Result<Registered, RegisterError> {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let peer = Peer { generation, outbound, subscriptions: HashSet::new() };
+        let superseded = {
+            let mut clients = self.peers.entry(ws.to_owned()).or_default();
+            match clients.get(cid) {
+                Some(live) if mode == Registration::Fresh && !live.outbound.is_closing() => {
+                    return Err(RegisterError::ClientExists {
+                        workspace: ws.to_owned(),
+                        client_id: cid.to_owned(),
+                    });
+                }
+                _ => clients.insert(cid.to_owned(), peer).map(|old| old.outbound),
+            }
+        };
+        self.recently_disconnected.remove(&format!("{ws}/{cid}"));
+        Ok(Registered { generation, superseded })
+    }
+
+    /// The disconnect of `{ws}/{cid}` generation `generation` (spec §8). If it is still the
+    /// current registration: removes it (and its subscriptions), marks the address as
+    /// recently disconnected, and broadcasts `client_disconnected` (bare client id) to the
+    /// workspace's subscribers; returns `true`. A superseded generation changes nothing.
+    pub fn remove_client(&self, ws: &str, cid: &str, generation: Generation, now: Instant) -> bool {
+        let removed = match self.peers.get_mut(ws) {
+            Some(mut clients) if clients.get(cid).is_some_and(|p| p.generation == generation) => {
+                clients.remove(cid);
+                true
+            }
+            _ => false,
+        };
+        if !removed {
+            return false;
+        }
+        self.peers.remove_if(ws, |_, clients| clients.is_empty());
+        self.mark_disconnected(format!("{ws}/{cid}"), now);
+        let mut data = Map::new();
+        data.insert("id".into(), Value::from(cid));
+        data.insert("workspace".into(), Value::from(ws));
+        self.broadcast_event(ws, CLIENT_DISCONNECTED, data);
+        true
+    }
+
+    fn mark_disconnected(&self, key: String, now: Instant) {
+        self.recently_disconnected.insert(key, now);
+        if self.inserts_since_prune.fetch_add(1, Ordering::Relaxed) + 1 >= PRUNE_EVERY {
+            self.inserts_since_prune.store(0, Ordering::Relaxed);
+            let ttl = self.dead_peer_ttl;
+            self.recently_disconnected.retain(|_, t| now.saturating_duration_since(*t) < ttl);
+        }
+    }
+
+    fn recently_disconnected(&self, key: &str, now: Instant) -> bool {
+        let Some(at) = self.recently_disconnected.get(key).map(|t| *t) else { return false };
+        if now.saturating_duration_since(at) < self.dead_peer_ttl {
+            return true;
+        }
+        self.recently_disconnected.remove_if(key, |_, t| *t == at);
+        false
+    }
+
+    /// Whether `{ws}/{cid}` has a live registration.
+    pub fn is_connected(&self, ws: &str, cid: &str) -> bool {
+        self.peers.get(ws).is_some_and(|c| c.contains_key(cid))
+    }
+
+    /// The current generation of `{ws}/{cid}`.
+    pub fn generation(&self, ws: &str, cid: &str) -> Option<Generation> {
+        self.peers.get(ws).and_then(|c| c.get(cid).map(|p| p.generation))
+    }
+
+    /// Number of live connections in `ws`.
+    pub fn client_count(&self, ws: &str) -> usize {
+        self.peers.get(ws).map_or(0, |c| c.len())
+    }
+
+    /// The client ids connected in `ws`.
+    pub fn clients(&self, ws: &str) -> Vec<String> {
+        self.peers.get(ws).map_or_else(Vec::new, |c| c.keys().cloned().collect())
+    }
+
+    // --- subscriptions ----------------------------------------------------------------
+
+    /// Subscribes `{ws}/{cid}` to event `types`: broadcasts of those types in its
+    /// workspace reach it (spec §3.2 rule 5). The manager's `subscribe` calls this.
+    /// Returns the number of types it is now subscribed to.
+    pub fn subscribe<I, T>(&self, ws: &str, cid: &str, types: I) -> Result<usize, SubscribeError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        let not_connected = || SubscribeError::NotConnected(format!("{ws}/{cid}"));
+        let mut clients = self.peers.get_mut(ws).ok_or_else(not_connected)?;
+        let peer = clients.get_mut(cid).ok_or_else(not_connected)?;
+        for t in types {
+            let t = t.into();
+            if !peer.subscriptions.contains(&t) && peer.subscriptions.len() >= MAX_SUBSCRIPTIONS {
+                return Err(SubscribeError::TooMany);
+            }
+            peer.subscriptions.insert(t);
+        }
+        Ok(peer.subscriptions.len())
+    }
+
+    /// Removes subscriptions of `{ws}/{cid}`; returns how many remain.
+    pub fn unsubscribe<I, T>(&self, ws: &str, cid: &str, types: I) -> Result<usize, SubscribeError>
+    where
+        I: IntoIterator<Item = T>,
+        T: AsRef<str>,
+    {
+        let not_connected = || SubscribeError::NotConnected(format!("{ws}/{cid}"));
+        let mut clients = self.peers.get_mut(ws).ok_or_else(not_connected)?;
+        let peer = clients.get_mut(cid).ok_or_else(not_connected)?;
+        for t in types {
+            peer.subscriptions.remove(t.as_ref());
+        }
+        Ok(peer.subscriptions.len())
+    }
+
+    // --- delivery -----------------------------------------------------------------------
+
+    /// Delivers `frame` to every connection of `ws` subscribed to `kind`; returns how many.
+    fn deliver_broadcast(&self, ws: &str, kind: &str, frame: &Bytes) -> usize {
+        let Some(clients) = self.peers.get(ws) else { return 0 };
+        clients
+            .values()
+            .filter(|p| p.subscriptions.contains(kind))
+            .filter(|p| p.outbound.send(OutFrame::Binary(frame.clone())).is_ok())
+            .count()
+    }
+
+    /// A server-generated event `{"type": kind, "to": "*", "data": data}` (no `from`, `ws`
+    /// or `user`, spec §3.4) to the subscribers of `kind` in `ws`. Returns how many got it.
+    pub fn broadcast_event(&self, ws: &str, kind: &str, data: Map) -> usize {
+        let mut main = Map::new();
+        main.insert("type".into(), Value::from(kind));
+        main.insert("to".into(), Value::from(WILDCARD));
+        main.insert("data".into(), Value::Map(data));
+        match package::encode_package(&main, None) {
+            Ok(bytes) => self.deliver_broadcast(ws, kind, &Bytes::from(bytes)),
+            Err(e) => {
+                tracing::error!(event = kind, error = %e, "cannot encode a system event");
+                0
+            }
+        }
+    }
+
+    /// Routes one binary frame from `sender` (spec §3.2 rules 1-8): stamps `from`, `to`,
+    /// `ws` and `user` into `main` (the rest of `main` and the extra bytes untouched) and
+    /// delivers it; or explains why not. The caller sends [`RouteOutcome::Rejected`]'s
+    /// frame back on the sender's own socket.
+    pub fn route(&self, sender: &RouteSender, frame: &Bytes, now: Instant) -> RouteOutcome {
+        let mut plan = None;
+        let stamped = package::restamp(frame, &self.limits, |main| {
+            plan = Some(self.plan(sender, main, now));
+        });
+        let stamped = match stamped {
+            Ok(bytes) => bytes,
+            Err(e) => return RouteOutcome::Dropped(DropReason::Undecodable(e)),
+        };
+        match plan {
+            Some(Plan::Deliver { target, kind }) => self.deliver(&target, kind.as_deref(), &stamped),
+            Some(Plan::Refuse { error, session: Some(session), to, from }) => {
+                match reject_frame(&session, to, from, &error.to_string()) {
+                    Ok(reject) => RouteOutcome::Rejected { error, reject },
+                    Err(e) => RouteOutcome::Dropped(DropReason::Undecodable(e)),
+                }
+            }
+            Some(Plan::Refuse { error, session: None, .. }) => {
+                RouteOutcome::Dropped(DropReason::Refused(error))
+            }
+            Some(Plan::Drop(reason)) => RouteOutcome::Dropped(reason),
+            None => RouteOutcome::Delivered(0),
+        }
+    }
+
+    /// Decides what to do with a frame and, when it is to be delivered, stamps `main`.
+    fn plan(&self, sender: &RouteSender, main: &mut Map, now: Instant) -> Plan {
+        let refuse = |main: &Map, error| Plan::Refuse {
+            error,
+            session: main.get("session").and_then(Value::as_str).map(str::to_owned),
+            to: main.get("to").cloned().unwrap_or_else(|| Value::from("")),
+            from: main.get("from").cloned().unwrap_or_else(|| Value::from("")),
+        };
+        let to = match main.get("to") {
+            None | Some(Value::Nil) => return refuse(main, RouteError::MissingTarget),
+            Some(Value::Str(to)) => to.as_str(),
+            Some(other) => return refuse(main, RouteError::InvalidTarget(other.kind())),
+        };
+        let target = message::normalize_target(to, &sender.workspace);
+        let broadcast = message::is_broadcast(&target);
+        // Upstream checks only the literal "*"; an explicit "{ws}/*" is the same broadcast,
+        // so a read-only client may not send that either.
+        if sender.read_only && broadcast {
+            return refuse(main, RouteError::ReadOnlyBroadcast(sender.address()));
+        }
+        let (target_ws, target_cid) = target.split_once('/').unwrap_or((target.as_str(), ""));
+        let target_ws = target_ws.to_owned();
+        if !broadcast && !self.peers.get(&target_ws).is_some_and(|c| c.contains_key(target_cid)) {
+            if self.recently_disconnected(&target, now) {
+                return refuse(main, RouteError::PeerNotConnected(target));
+            }
+            return Plan::Drop(DropReason::UnknownTarget(target));
+        }
+        // The server's own peers live in workspace "*": their frames carry the target's
+        // workspace, so providers treat them as same-workspace calls (rule 4).
+        let ws = if sender.workspace == WILDCARD { target_ws } else { sender.workspace.clone() };
+        let kind = main.get("type").and_then(Value::as_str).map(str::to_owned);
+        main.insert("to".into(), Value::from(target.clone()));
+        main.insert("ws".into(), Value::from(ws));
+        main.insert("from".into(), Value::from(sender.address()));
+        main.insert("user".into(), sender.user.clone());
+        Plan::Deliver { target, kind }
+    }
+
+    fn deliver(&self, target: &str, kind: Option<&str>, frame: &Bytes) -> RouteOutcome {
+        let Some((ws, cid)) = target.split_once('/') else {
+            return RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned()));
+        };
+        if cid == WILDCARD {
+            // Unsubscribed connections get nothing; a frame without a type reaches nobody.
+            return RouteOutcome::Delivered(kind.map_or(0, |k| self.deliver_broadcast(ws, k, frame)));
+        }
+        let sent = match self.peers.get(ws) {
+            Some(clients) => match clients.get(cid) {
+                Some(peer) => peer.outbound.send(OutFrame::Binary(frame.clone())),
+                None => return RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned())),
+            },
+            None => return RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned())),
+        };
+        match sent {
+            Ok(()) => RouteOutcome::Delivered(1),
+            Err(e) => RouteOutcome::Dropped(DropReason::TargetUnavailable(target.to_owned(), e)),
+        }
+    }
+}
+
+/// The synthetic reject upstream sends back for a routing error (rule 7): main
+/// `{"type":"method","from":<to as sent>,"to":<from as sent>,"method":"{session}.reject"}`,
+/// extra `{"args":[{"_rtype":"error","_rvalue":<text>,"_rtrace":""}]}`. No `ws`, `user` or
+/// `parent`: the sender's hypha-rpc resolves it as a call on its own session.
+pub fn reject_frame(session: &str, to: Value, from: Value, text: &str) -> Result<Bytes, PackageError> {
+    let mut main = Map::new();
+    main.insert("type".into(), Value::from(message::METHOD));
+    main.insert("from".into(), to);
+    main.insert("to".into(), from);
+    main.insert("method".into(), Value::from(format!("{session}.reject")));
+    let mut error = Map::new();
+    error.insert("_rtype".into(), Value::from("error"));
+    error.insert("_rvalue".into(), Value::from(text));
+    error.insert("_rtrace".into(), Value::from(""));
+    let mut extra = Map::new();
+    extra.insert("args".into(), Value::List(vec![Value::Map(error)]));
+    Ok(Bytes::from(package::encode_package(&main, Some(&extra))?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::outbound::{channel, OutboundRx, WriterEvent};
+    use hypha_core::map;
+    use hypha_core::package::decode_package;
+
+    fn sender(ws: &str, cid: &str) -> RouteSender {
+        RouteSender {
+            workspace: ws.into(),
+            client_id: cid.into(),
+            user: Value::Map(map! {"id" => cid}),
+            read_only: false,
+        }
+    }
+
+    fn join(r: &Router, ws: &str, cid: &str) -> (Generation, OutboundRx) {
+        let (tx, rx) = channel(16, 1 << 20);
+        (r.register(ws, cid, tx, Registration::Fresh).unwrap().generation, rx)
+    }
+
+    fn frame(main: Map, extra: Option<Map>) -> Bytes {
+        Bytes::from(package::encode_package(&main, extra.as_ref()).unwrap())
+    }
+
+    async fn recv(rx: &mut OutboundRx) -> Bytes {
+        match rx.next().await {
+            Some(WriterEvent::Frame(OutFrame::Binary(b))) => b,
+            other => panic!("expected a binary frame, got {other:?}"),
+        }
+    }
+
+    fn pending(rx: &mut OutboundRx) -> bool {
+        futures_util::FutureExt::now_or_never(rx.next()).is_some()
+    }
+
+    fn keys(m: &Map) -> Vec<&str> {
+        m.keys().map(String::as_str).collect()
+    }
+
+    #[actix_rt::test]
+    async fn stamps_in_place_and_keeps_the_extra_bytes() {
+        let r = Router::new(Duration::from_secs(120));
+        let now = Instant::now();
+        let (_, _r1) = join(&r, "W", "r1");
+        let (_, mut r2) = join(&r, "W", "r2");
+        let main = map! {"type" => "method", "to" => "r2", "from" => "evil/x", "ws" => "evil",
+        "user" => map! {"id" => "root"}, "method" => "services.x.y", "custom" => 1};
+        let extra = map! {"args" => vec![Value::from(1)]};
+        let f = frame(main, Some(extra.clone()));
+        assert_eq!(r.route(&sender("W", "r1"), &f, now), RouteOutcome::Delivered(1));
+        let got = recv(&mut r2).await;
+        let pkg = decode_package(&got, &DecodeLimits::default()).unwrap();
+        assert_eq!(keys(&pkg.main), ["type", "to", "from", "ws", "user", "method", "custom"]);
+        assert_eq!(pkg.main["to"], Value::from("W/r2"));
+        assert_eq!(pkg.main["from"], Value::from("W/r1"));
+        assert_eq!(pkg.main["ws"], Value::from("W"));
+        assert_eq!(pkg.main["user"], Value::Map(map! {"id" => "r1"}));
+        // The extra bytes are the very bytes sent.
+        let mut extra_bytes = Vec::new();
+        hypha_core::msgpack::encode_map(&extra, &mut extra_bytes).unwrap();
+        assert!(got.ends_with(&extra_bytes));
+
+        // New keys are appended in upstream's order: ws, from, user.
+        let f = frame(map! {"type" => "my-evt", "to" => "W/r2", "data" => 5}, None);
+        r.route(&sender("W", "r1"), &f, now);
+        let pkg = decode_package(&recv(&mut r2).await, &DecodeLimits::default()).unwrap();
+        assert_eq!(keys(&pkg.main), ["type", "to", "data", "ws", "from", "user"]);
+    }
+
+    #[actix_rt::test]
+    async fn broadcasts_reach_only_subscribers_of_the_workspace() {
+        let r = Router::new(Duration::from_secs(120));
+        let now = Instant::now();
+        let (_, mut r1) = join(&r, "W", "r1");
+        let (_, mut r2) = join(&r, "W", "r2");
+        let (_, mut other) = join(&r, "V", "r3");
+        let f = frame(map! {"type" => "my-evt", "to" => "*", "data" => 6}, None);
+        assert_eq!(r.route(&sender("W", "r1"), &f, now), RouteOutcome::Delivered(0));
+        r.subscribe("W", "r2", ["my-evt"]).unwrap();
+        r.subscribe("V", "r3", ["my-evt"]).unwrap();
+        assert_eq!(r.route(&sender("W", "r1"), &f, now), RouteOutcome::Delivered(1));
+        let pkg = decode_package(&recv(&mut r2).await, &DecodeLimits::default()).unwrap();
+        assert_eq!(pkg.main["to"], Value::from("W/*"));
+        assert!(!pending(&mut r1) && !pending(&mut other));
+        // The sender gets its own broadcast when subscribed.
+        r.subscribe("W", "r1", ["my-evt"]).unwrap();
+        assert_eq!(r.route(&sender("W", "r1"), &f, now), RouteOutcome::Delivered(2));
+        assert_eq!(r.unsubscribe("W", "r1", ["my-evt"]), Ok(0));
+        assert_eq!(r.subscribe("W", "nobody", ["x"]), Err(SubscribeError::NotConnected("W/nobody".into())));
+        let many: Vec<String> = (0..=MAX_SUBSCRIPTIONS).map(|i| i.to_string()).collect();
+        assert_eq!(r.subscribe("W", "r1", many), Err(SubscribeError::TooMany));
+    }
+
+    fn reject_of(b: &Bytes) -> (Map, Map) {
+        let pkg = decode_package(b, &DecodeLimits::default()).unwrap();
+        (pkg.main, pkg.extra.unwrap())
+    }
+
+    #[actix_rt::test]
+    async fn routing_errors_reject_calls_with_a_session_and_drop_the_rest() {
+        let r = Router::new(Duration::from_secs(120));
+        let now = Instant::now();
+        let s = sender("W", "c");
+        // No `to`.
+        let out = r.route(&s, &frame(map! {"type" => "method", "session" => "s7"}, None), now);
+        let RouteOutcome::Rejected { error, reject } = out else { panic!("{out:?}") };
+        assert_eq!(error, RouteError::MissingTarget);
+        let (main, extra) = reject_of(&reject);
+        assert_eq!(main, map! {"type" => "method", "from" => "", "to" => "", "method" => "s7.reject"});
+        let err = &extra["args"].as_list().unwrap()[0];
+        assert_eq!(err.as_map().unwrap()["_rvalue"], Value::from(error.to_string()));
+        // `to` not a string: the value comes back as sent.
+        let out = r.route(
+            &s,
+            &frame(map! {"type" => "method", "to" => 5, "from" => "me", "session" => "s"}, None),
+            now,
+        );
+        let RouteOutcome::Rejected { reject, .. } = out else { panic!("{out:?}") };
+        let (main, _) = reject_of(&reject);
+        assert_eq!((&main["from"], &main["to"]), (&Value::from(5), &Value::from("me")));
+        // Without a session: dropped.
+        let out = r.route(&s, &frame(map! {"type" => "method"}, None), now);
+        assert_eq!(out, RouteOutcome::Dropped(DropReason::Refused(RouteError::MissingTarget)));
+        // Never-connected target: dropped even with a session (rule 8).
+        let out =
+            r.route(&s, &frame(map! {"type" => "method", "to" => "ghost", "session" => "s"}, None), now);
+        assert_eq!(out, RouteOutcome::Dropped(DropReason::UnknownTarget("W/ghost".into())));
+        // Not a map / not msgpack.
+        assert!(matches!(
+            r.route(&s, &Bytes::from_static(&[0x92, 1, 2]), now),
+            RouteOutcome::Dropped(DropReason::Undecodable(_))
+        ));
+        assert!(matches!(
+            r.route(&s, &Bytes::from_static(b"\xc1garbage"), now),
+            RouteOutcome::Dropped(DropReason::Undecodable(_))
+        ));
+    }
+
+    #[actix_rt::test]
+    async fn read_only_clients_may_not_broadcast() {
+        let r = Router::new(Duration::from_secs(120));
+        let now = Instant::now();
+        let (_, mut peer) = join(&r, "W", "p");
+        let ro = RouteSender { read_only: true, ..sender("W", "ro") };
+        for to in ["*", "W/*"] {
+            let out =
+                r.route(&ro, &frame(map! {"type" => "method", "to" => to, "session" => "sro"}, None), now);
+            let RouteOutcome::Rejected { error, reject } = out else { panic!("{out:?}") };
+            assert_eq!(
+                error.to_string(),
+                "Read-only client W/ro cannot broadcast messages. Only point-to-point messages are allowed for read-only clients."
+            );
+            assert_eq!(reject_of(&reject).0["from"], Value::from(to));
+        }
+        // Point-to-point is fine.
+        assert_eq!(
+            r.route(&ro, &frame(map! {"type" => "e", "to" => "p"}, None), now),
+            RouteOutcome::Delivered(1)
+        );
+        recv(&mut peer).await;
+    }
+
+    #[actix_rt::test]
+    async fn dead_peers_fail_fast_for_ttl_then_are_forgotten() {
+        let ttl = Duration::from_secs(120);
+        let r = Router::new(ttl);
+        let t0 = Instant::now();
+        let (_, mut watcher) = join(&r, "W", "watcher");
+        r.subscribe("W", "watcher", [CLIENT_DISCONNECTED]).unwrap();
+        let (g2, _r2) = join(&r, "W", "r2");
+        assert!(r.remove_client("W", "r2", g2, t0));
+        // client_disconnected with the bare id.
+        let pkg = decode_package(&recv(&mut watcher).await, &DecodeLimits::default()).unwrap();
+        assert_eq!(
+            pkg.main,
+            map! {"type" => CLIENT_DISCONNECTED, "to" => "*", "data" => map! {"id" => "r2", "workspace" => "W"}}
+        );
+        let call = frame(map! {"type" => "method", "to" => "r2", "session" => "s9"}, None);
+        let out = r.route(&sender("W", "c"), &call, t0 + Duration::from_millis(500));
+        let RouteOutcome::Rejected { error, reject } = out else { panic!("{out:?}") };
+        assert_eq!(error.to_string(), "Target peer W/r2 is not connected");
+        let (main, extra) = reject_of(&reject);
+        assert_eq!(main, map! {"type" => "method", "from" => "r2", "to" => "", "method" => "s9.reject"});
+        assert_eq!(
+            extra["args"],
+            Value::List(vec![Value::Map(
+                map! {"_rtype" => "error", "_rvalue" => "Target peer W/r2 is not connected", "_rtrace" => ""}
+            )])
+        );
+        // Without a session: silence.
+        let ev = frame(map! {"type" => "method", "to" => "r2"}, None);
+        assert!(matches!(r.route(&sender("W", "c"), &ev, t0), RouteOutcome::Dropped(DropReason::Refused(_))));
+        // After the TTL: unknown target.
+        let out = r.route(&sender("W", "c"), &call, t0 + ttl);
+        assert_eq!(out, RouteOutcome::Dropped(DropReason::UnknownTarget("W/r2".into())));
+        // A reconnect clears the mark at once.
+        r.remove_client("W", "watcher", 0, t0); // wrong generation: nothing happens
+        assert!(r.is_connected("W", "watcher"));
+        let (g3, _r3) = join(&r, "W", "r3");
+        r.remove_client("W", "r3", g3, t0);
+        join(&r, "W", "r3");
+        assert!(!r.recently_disconnected("W/r3", t0));
+    }
+
+    #[actix_rt::test]
+    async fn duplicate_ids_are_refused_and_reconnects_supersede() {
+        let r = Router::new(Duration::from_secs(120));
+        let now = Instant::now();
+        let (tx1, _rx1) = channel(4, 1024);
+        let g1 = r.register("W", "c", tx1.clone(), Registration::Fresh).unwrap().generation;
+        let (tx2, _rx2) = channel(4, 1024);
+        assert_eq!(
+            r.register("W", "c", tx2.clone(), Registration::Fresh).unwrap_err().to_string(),
+            "Client already exists and is active: W/c"
+        );
+        // The same id elsewhere is fine.
+        r.register("V", "c", tx2.clone(), Registration::Fresh).unwrap();
+        let reg = r.register("W", "c", tx2, Registration::Supersede).unwrap();
+        assert!(reg.generation > g1);
+        assert!(reg.superseded.is_some_and(|old| old.same_queue(&tx1)));
+        // The superseded connection's cleanup leaves the new one alone.
+        assert!(!r.remove_client("W", "c", g1, now));
+        assert_eq!(r.generation("W", "c"), Some(reg.generation));
+        assert!(r.remove_client("W", "c", reg.generation, now));
+        assert_eq!(r.client_count("W"), 0);
+        // A connection already closing does not block its own id.
+        let (tx3, _rx3) = channel(4, 1024);
+        r.register("W", "d", tx3.clone(), Registration::Fresh).unwrap();
+        tx3.close(crate::server::outbound::CloseCmd::drop_socket());
+        let (tx4, _rx4) = channel(4, 1024);
+        assert!(r.register("W", "d", tx4, Registration::Fresh).unwrap().superseded.is_some());
+    }
+
+    #[actix_rt::test]
+    async fn the_manager_workspace_stamps_the_target_workspace() {
+        let r = Router::new(Duration::from_secs(120));
+        let (_, mut c) = join(&r, "W", "c");
+        let mgr = sender("*", "manager-x");
+        let f = frame(map! {"type" => "method", "to" => "W/c", "method" => "s.resolve"}, None);
+        assert_eq!(r.route(&mgr, &f, Instant::now()), RouteOutcome::Delivered(1));
+        let pkg = decode_package(&recv(&mut c).await, &DecodeLimits::default()).unwrap();
+        assert_eq!((&pkg.main["ws"], &pkg.main["from"]), (&Value::from("W"), &Value::from("*/manager-x")));
+    }
+}

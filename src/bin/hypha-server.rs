@@ -1,0 +1,153 @@
+//! `hypha-server`: run a Hypha server.
+//!
+//! Flags follow the Python server's (`python -m hypha.server`); every flag can also come
+//! from its environment variable. The token secret comes only from the environment
+//! (`HYPHA_JWT_SECRET` or `JWT_SECRET`), so it never shows in a process list. Logging:
+//! `RUST_LOG` (tracing filter syntax) or `HYPHA_LOGLEVEL` (`DEBUG`, `INFO`, `WARNING`,
+//! `ERROR`); the default shows warnings plus this binary's start and stop lines.
+//! SIGTERM or SIGINT shut down gracefully: clients get close code 1001 and reconnect.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use hypha_rpc::server::Server;
+use tracing_subscriber::EnvFilter;
+
+/// Command-line arguments.
+#[derive(Debug, Parser)]
+#[command(name = "hypha-server", version, about = "Hypha RPC server (wire-compatible with hypha 0.21)")]
+struct Args {
+    /// Address to bind.
+    #[arg(long, env = "HYPHA_HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to bind (0 picks a free one).
+    #[arg(long, env = "HYPHA_PORT", default_value_t = 9527)]
+    port: u16,
+    /// URL clients are told to use (default: http://127.0.0.1:PORT).
+    #[arg(long, env = "HYPHA_PUBLIC_BASE_URL")]
+    public_base_url: Option<String>,
+    /// This replica's id (default: a random readable id); the manager is `manager-ID`.
+    #[arg(long, env = "HYPHA_SERVER_ID")]
+    server_id: Option<String>,
+    /// A verbatim admin credential (at least 32 characters).
+    #[arg(long, env = "HYPHA_ROOT_TOKEN", hide_env_values = true)]
+    root_token: Option<String>,
+    /// Seconds a new websocket may wait before its authentication frame.
+    #[arg(long, env = "HYPHA_WS_AUTH_TIMEOUT", value_parser = seconds)]
+    ws_auth_timeout: Option<Duration>,
+    /// Seconds an authenticated websocket may stay silent.
+    #[arg(long, env = "HYPHA_WS_IDLE_TIMEOUT", value_parser = seconds)]
+    ws_idle_timeout: Option<Duration>,
+    /// Binary frames per second per connection.
+    #[arg(long, env = "HYPHA_WS_MSG_RATE_LIMIT")]
+    ws_msg_rate_limit: Option<f64>,
+    /// Burst of binary frames per connection.
+    #[arg(long, env = "HYPHA_WS_MSG_BURST_LIMIT")]
+    ws_msg_burst_limit: Option<u32>,
+    /// Largest inbound websocket frame, in bytes (at least 1 MiB).
+    #[arg(long, env = "HYPHA_WS_MAX_FRAME_SIZE")]
+    ws_max_frame_size: Option<usize>,
+    /// Lifetime of reconnection tokens, in seconds.
+    #[arg(long, env = "RECONNECTION_TOKEN_LIFE_TIME", value_parser = seconds)]
+    reconnection_token_life_time: Option<Duration>,
+    /// Seconds a graceful shutdown waits for open connections.
+    #[arg(long, env = "HYPHA_SHUTDOWN_TIMEOUT", value_parser = seconds)]
+    shutdown_timeout: Option<Duration>,
+    /// HTTP worker threads (default: one per physical core).
+    #[arg(long, env = "HYPHA_WORKERS")]
+    workers: Option<usize>,
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim().parse().map_err(|e| format!("not a number of seconds: {e}"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("not a valid duration: {e}"))
+}
+
+/// `RUST_LOG` if set, else `HYPHA_LOGLEVEL` (Python level names), else warnings plus our
+/// own start/stop lines.
+fn log_filter() -> EnvFilter {
+    if let Ok(filter) = EnvFilter::try_from_default_env() {
+        return filter;
+    }
+    let level = std::env::var("HYPHA_LOGLEVEL").ok().map(|l| match l.to_ascii_uppercase().as_str() {
+        "DEBUG" => "debug",
+        "INFO" => "info",
+        "WARNING" | "WARN" => "warn",
+        "ERROR" | "CRITICAL" => "error",
+        "TRACE" => "trace",
+        _ => "warn",
+    });
+    match level {
+        Some(level) => EnvFilter::new(level),
+        None => EnvFilter::new("warn,hypha_server=info,hypha_rpc=info"),
+    }
+}
+
+fn build(args: Args) -> Result<Server, Box<dyn std::error::Error>> {
+    let mut b = Server::builder();
+    if let Some(secret) = std::env::var("HYPHA_JWT_SECRET").ok().or_else(|| std::env::var("JWT_SECRET").ok())
+    {
+        if !secret.is_empty() {
+            b = b.jwt_secret(secret);
+        }
+    }
+    if let Some(v) = args.public_base_url {
+        b = b.public_base_url(v);
+    }
+    if let Some(v) = args.server_id {
+        b = b.server_id(v);
+    }
+    if let Some(v) = args.root_token {
+        b = b.root_token(v);
+    }
+    if let Some(v) = args.ws_auth_timeout {
+        b = b.auth_timeout(v);
+    }
+    if let Some(v) = args.ws_idle_timeout {
+        b = b.idle_timeout(v);
+    }
+    if let Some(v) = args.ws_msg_rate_limit {
+        b = b.message_rate_limit(v);
+    }
+    if let Some(v) = args.ws_msg_burst_limit {
+        b = b.message_burst_limit(v);
+    }
+    if let Some(v) = args.ws_max_frame_size {
+        b = b.max_frame_size(v);
+    }
+    if let Some(v) = args.reconnection_token_life_time {
+        b = b.reconnection_token_life_time(v);
+    }
+    if let Some(v) = args.shutdown_timeout {
+        b = b.shutdown_timeout(v);
+    }
+    if let Some(v) = args.workers {
+        b = b.workers(v);
+    }
+    Ok(b.build()?)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt().with_env_filter(log_filter()).with_writer(std::io::stderr).init();
+    let (host, port) = (args.host.clone(), args.port);
+    let server = match build(args) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = actix_rt::System::new().block_on(server.run(&host, port));
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("server failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

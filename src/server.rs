@@ -1,0 +1,320 @@
+//! The Hypha server: [`Server::builder`] -> [`Server`], which either mounts into any
+//! actix-web `App` ([`Server::configure`]) or runs on its own ([`Server::start`],
+//! [`Server::run`]).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use hypha_rpc::server::Server;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = Server::builder()
+//!     .server_id("my-server")
+//!     .jwt_secret("a secret shared by every replica")
+//!     .idle_timeout(Duration::from_secs(600))
+//!     .build()?;
+//!
+//! // Inside an application of your own:
+//! let s = server.clone();
+//! let _app = actix_web::App::new().configure(move |cfg| s.configure(cfg));
+//!
+//! // Or on its own, until SIGTERM/SIGINT:
+//! server.run("127.0.0.1", 9527).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! What the server does today: the `/ws` endpoint with the full handshake, routing between
+//! clients, and the health probes. The workspace manager (`*/manager-{id}`) and the
+//! service registry come next.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use actix_web::{web, App, HttpServer};
+use hypha_actors::server::ServerState;
+
+pub use hypha_actors::server::config::HYPHA_VERSION;
+pub use hypha_actors::server::{ConfigError, ServerConfig};
+
+/// Why a server could not be built or started.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A setting is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Binding or running the listener failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Collects settings; [`ServerBuilder::build`] validates them.
+#[derive(Debug, Clone, Default)]
+pub struct ServerBuilder {
+    config: ServerConfig,
+    workers: Option<usize>,
+}
+
+impl ServerBuilder {
+    /// Replaces every setting at once (e.g. with [`ServerConfig::from_env`]).
+    pub fn config(mut self, config: ServerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Applies the `HYPHA_*` environment overrides (see `hypha_actors::server::config::ENV_VARS`).
+    pub fn from_env(mut self) -> Result<Self, ConfigError> {
+        self.config.apply_env(|name| std::env::var(name).ok())?;
+        Ok(self)
+    }
+
+    /// This replica's id (the manager is `manager-{id}`); random by default.
+    pub fn server_id(mut self, id: impl Into<String>) -> Self {
+        self.config.server_id = id.into();
+        self
+    }
+
+    /// The URL clients are told to use; defaults to the local URL.
+    pub fn public_base_url(mut self, url: impl Into<String>) -> Self {
+        self.config.public_base_url = Some(url.into());
+        self
+    }
+
+    /// The loopback URL; by default derived from the bound port.
+    pub fn local_base_url(mut self, url: impl Into<String>) -> Self {
+        self.config.local_base_url = Some(url.into());
+        self
+    }
+
+    /// The HS256 token secret. Without one a random secret is used and tokens die with
+    /// the process (as upstream without `JWT_SECRET`).
+    pub fn jwt_secret(mut self, secret: impl Into<String>) -> Self {
+        let mut jwt = hypha_core::auth::JwtConfig::new(secret);
+        jwt.issuer = self.config.jwt.issuer.clone();
+        jwt.audience = self.config.jwt.audience.clone();
+        jwt.namespace = self.config.jwt.namespace.clone();
+        self.config.jwt = jwt;
+        self
+    }
+
+    /// A verbatim admin credential (`--root-token`), at least 32 characters and not weak.
+    pub fn root_token(mut self, token: impl Into<String>) -> Self {
+        self.config.root_token = Some(token.into());
+        self
+    }
+
+    /// How long a new socket may wait before its auth frame (5 s).
+    pub fn auth_timeout(mut self, timeout: Duration) -> Self {
+        self.config.auth_timeout = timeout;
+        self
+    }
+
+    /// How long an authenticated socket may stay silent (600 s).
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.idle_timeout = timeout;
+        self
+    }
+
+    /// Sustained binary frames per second per connection (200).
+    pub fn message_rate_limit(mut self, per_second: f64) -> Self {
+        self.config.msg_rate_limit = per_second;
+        self
+    }
+
+    /// Burst of binary frames per connection (2000): the token bucket's capacity.
+    pub fn message_burst_limit(mut self, burst: u32) -> Self {
+        self.config.msg_burst_limit = burst;
+        self
+    }
+
+    /// Largest inbound frame in bytes (16 MiB; at least 1 MiB).
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.config.max_frame_size = bytes;
+        self
+    }
+
+    /// Bounds of each client's outbound queue (1024 frames, 64 MiB).
+    pub fn outbound_queue(mut self, frames: usize, bytes: usize) -> Self {
+        self.config.outbound_queue_frames = frames;
+        self.config.outbound_queue_bytes = bytes;
+        self
+    }
+
+    /// How long calls to a peer that just left fail fast (120 s).
+    pub fn dead_peer_ttl(mut self, ttl: Duration) -> Self {
+        self.config.dead_peer_ttl = ttl;
+        self
+    }
+
+    /// Lifetime of reconnection tokens (172 800 s).
+    pub fn reconnection_token_life_time(mut self, life: Duration) -> Self {
+        self.config.reconnection_token_life_time = life;
+        self
+    }
+
+    /// How long a final error/close frame may take to reach a client that does not read,
+    /// before its socket is dropped (5 s).
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.config.close_timeout = timeout;
+        self
+    }
+
+    /// How long a graceful shutdown waits for connections (10 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// HTTP worker threads for [`Server::start`] (default: one per physical core).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = Some(workers.max(1));
+        self
+    }
+
+    /// Validates the settings and creates the server state.
+    pub fn build(self) -> Result<Server, ServerError> {
+        Ok(Server { state: ServerState::new(self.config)?, workers: self.workers })
+    }
+}
+
+/// A configured server. Cheap to clone: clones share one state (routing table,
+/// workspaces, connections).
+#[derive(Debug, Clone)]
+pub struct Server {
+    state: Arc<ServerState>,
+    workers: Option<usize>,
+}
+
+impl Server {
+    /// A builder with upstream's defaults.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// Mounts `/ws`, `/health/liveness` and `/health/readiness` into an actix-web app:
+    /// `App::new().configure(|cfg| server.configure(cfg))`. Call
+    /// [`Server::set_local_base_url`] once the app's port is known, and
+    /// [`Server::shutdown`] before stopping the app.
+    pub fn configure(&self, cfg: &mut web::ServiceConfig) {
+        self.state.configure(cfg);
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ServerConfig {
+        &self.state.config
+    }
+
+    /// The shared state (routing table, workspaces), for the parts of the server built on it.
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// Tells the server where it listens (`local_base_url`, and `public_base_url` unless
+    /// configured).
+    pub fn set_local_base_url(&self, url: &str) {
+        self.state.set_local_base_url(url);
+    }
+
+    /// Closes every websocket with 1001 ("going away"; clients reconnect) and refuses new
+    /// ones. Returns how many were closed.
+    pub fn shutdown(&self) -> usize {
+        self.state.shutdown()
+    }
+
+    /// Binds `host:port` (port 0 picks a free one) and starts serving in the background of
+    /// the current actix system. The local base URL becomes `http://127.0.0.1:{port}`.
+    pub fn start(self, host: &str, port: u16) -> Result<RunningServer, ServerError> {
+        let app_server = self.clone();
+        let timeout = self.state.config.shutdown_timeout.as_secs_f64().ceil() as u64;
+        let mut http = HttpServer::new(move || {
+            let s = app_server.clone();
+            App::new().configure(move |cfg| s.configure(cfg))
+        })
+        .disable_signals()
+        .shutdown_timeout(timeout.max(1));
+        if let Some(n) = self.workers {
+            http = http.workers(n);
+        }
+        let http = http.bind((host, port))?;
+        let addr = http.addrs().first().copied().ok_or_else(|| io::Error::other("no address was bound"))?;
+        self.state.set_local_base_url(&format!("http://127.0.0.1:{}", addr.port()));
+        let running = http.run();
+        let handle = running.handle();
+        let task = actix_rt::spawn(running);
+        tracing::info!(%addr, server_id = %self.state.config.server_id, "hypha server listening");
+        Ok(RunningServer { server: self, addr, handle, task })
+    }
+
+    /// [`Server::start`], then serve until SIGTERM or SIGINT, then shut down gracefully
+    /// (websockets get 1001, in-flight HTTP requests finish).
+    pub async fn run(self, host: &str, port: u16) -> Result<(), ServerError> {
+        let mut running = self.start(host, port)?;
+        tokio::select! {
+            r = &mut running.task => {
+                return r.map_err(|e| io::Error::other(e.to_string()))?.map_err(ServerError::Io);
+            }
+            s = shutdown_signal() => s?,
+        }
+        tracing::info!("signal received: shutting down");
+        running.stop().await
+    }
+}
+
+#[cfg(unix)]
+async fn shutdown_signal() -> io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
+
+#[cfg(not(unix))]
+async fn shutdown_signal() -> io::Result<()> {
+    tokio::signal::ctrl_c().await
+}
+
+/// A server started with [`Server::start`].
+#[derive(Debug)]
+pub struct RunningServer {
+    server: Server,
+    addr: SocketAddr,
+    handle: ServerHandle,
+    task: actix_rt::task::JoinHandle<io::Result<()>>,
+}
+
+impl RunningServer {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://{addr}`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `ws://{addr}/ws`, what clients connect to.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// The server.
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
+    /// Graceful stop: websockets get 1001, then the listener stops and open HTTP
+    /// connections get up to `shutdown_timeout` to finish.
+    pub async fn stop(self) -> Result<(), ServerError> {
+        self.server.shutdown();
+        self.handle.stop(true).await;
+        match self.task.await {
+            Ok(r) => r.map_err(ServerError::Io),
+            Err(e) => Err(ServerError::Io(io::Error::other(e.to_string()))),
+        }
+    }
+}
