@@ -137,7 +137,7 @@ fn machine_floor(c: &mut Criterion) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     total += n;
-                    if total % BIG == 0 {
+                    if total.is_multiple_of(BIG) {
                         // One byte back per 64 MiB so the sender times delivery, not buffering.
                         s.write_all(&[1]).expect("ack");
                     }

@@ -739,7 +739,7 @@ mod conversion_tests {
         let mut buf = vec![0xAAu8; 8 + 32];
         let base = buf.as_ptr() as usize;
         // An offset that leaves the payload misaligned for f64, whatever the allocator did.
-        let off = (1..8).find(|o| (base + o) % std::mem::align_of::<f64>() != 0).unwrap();
+        let off = (1..8).find(|o| !(base + o).is_multiple_of(std::mem::align_of::<f64>())).unwrap();
         for (i, x) in values.iter().enumerate() {
             buf[off + 8 * i..off + 8 * (i + 1)].copy_from_slice(&x.to_le_bytes());
         }

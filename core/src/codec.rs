@@ -505,7 +505,7 @@ fn forwardable(theirs: Option<&str>, ours: Option<&str>) -> bool {
 
 fn check_typed(dtype: &DType, len: usize) -> Result<(), CodecError> {
     match dtype.item_size() {
-        Some(size) if len % size != 0 => {
+        Some(size) if !len.is_multiple_of(size) => {
             Err(CodecError::TypedArrayLength { dtype: dtype.as_str().to_owned(), len })
         }
         _ => Ok(()),

@@ -144,7 +144,7 @@ fn encode_refuses_non_wire_and_fuzz_smoke() {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            buf.push(if x % 5 == 0 { 0x80 | (x >> 8) as u8 & 0x1f } else { (x >> 16) as u8 });
+            buf.push(if x.is_multiple_of(5) { 0x80 | (x >> 8) as u8 & 0x1f } else { (x >> 16) as u8 });
         }
         fuzz_one(&buf);
     }
