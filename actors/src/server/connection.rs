@@ -15,25 +15,29 @@
 //! client that sends faster than we route is slowed down by TCP, not buffered.
 //!
 //! **Duplicate client ids.** A plain connect whose `{ws}/{cid}` is held by a live connection
-//! of this server is refused with `Client already exists and is active: {ws}/{cid}`
-//! (upstream additionally pings the old client and replaces it when it does not answer;
-//! that needs the manager's RPC and comes with it). A connect with a reconnection token
-//! takes the address over: the old socket is dropped without a close frame, as upstream
-//! does, and the old connection's cleanup leaves the new one alone (generations).
+//! of this server is refused with `Client already exists and is active: {ws}/{cid}`. When
+//! the holder is a registered client (it has a `built-in` record), the manager first pings
+//! it (`built-in.ping`, 5 s, spec §2.1 step 7): if it does not answer, its records are
+//! removed and the new connection takes the id over; if it answers, the new one is
+//! refused and the live client keeps its records (upstream deletes them, a bug). A holder
+//! that never registered (a raw socket) cannot answer a ping, so it is simply kept. A
+//! connect with a reconnection token takes the address over: the old socket is dropped
+//! without a close frame, as upstream does, and the old connection's cleanup leaves the
+//! new one alone (generations).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, StreamHandler};
+use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, StreamHandler};
 use actix_web::dev::Payload as RawPayload;
 use actix_web::error::PayloadError;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Item, ProtocolError, Session};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-use hypha_core::auth::{self, AuthContext, AuthPayload, HandshakeError, Permission, UserInfo};
+use hypha_core::auth::{self, Admitted, AuthContext, AuthPayload, HandshakeError, Permission, UserInfo};
 use serde_json::{json, Map as JsonMap, Value as Json};
 use tracing::field;
 
@@ -95,6 +99,17 @@ pub async fn ws_endpoint(
 #[rtype(result = "()")]
 struct WriterDone;
 
+/// A handshake that passed its checks and has not changed anything yet.
+#[derive(Debug)]
+struct Prepared {
+    /// The final user, workspace and client id.
+    admitted: Admitted,
+    /// The reconnection token for `connection_info`.
+    token: String,
+    /// The personal workspace to create, when it does not exist yet.
+    create: Option<WorkspaceRecord>,
+}
+
 /// An authenticated connection's state.
 #[derive(Debug)]
 struct Open {
@@ -117,6 +132,9 @@ struct Open {
 enum Phase {
     /// Waiting for the auth frame.
     AwaitingAuth,
+    /// Authenticated; waiting for the manager to say whether the live holder of this
+    /// client id still answers a ping (spec §2.1 step 7).
+    Admitting,
     /// Handshake done, routing.
     Open(Box<Open>),
     /// The actor is stopping; its registration is gone.
@@ -203,32 +221,69 @@ impl WsConnection {
     // --- handshake -------------------------------------------------------------------------
 
     fn on_auth_frame(&mut self, ctx: &mut Context<Self>, text: &str) {
-        match self.admit(text) {
-            Ok(open) => {
-                self.span.record("workspace", open.workspace.as_str());
-                self.span.record("client", open.client_id.as_str());
-                self.span.record("generation", open.generation);
-                tracing::info!(user = %open.user.id, "client connected");
-                self.phase = Phase::Open(open);
-                self.schedule_idle_check(ctx, self.state.config.idle_timeout);
+        let prepared = match self.prepare(text) {
+            Ok(p) => p,
+            Err(e) => return self.fail_handshake(ctx, &e),
+        };
+        let mode = if prepared.admitted.reconnecting { Registration::Supersede } else { Registration::Fresh };
+        match self.finish(prepared, mode) {
+            Ok(open) => self.opened(ctx, open),
+            Err((prepared, HandshakeError::ClientExists { workspace, client_id }))
+                if self.state.registry.builtin(&workspace, &client_id).is_some() =>
+            {
+                // A registered client holds the id: it may be a dead connection that has
+                // not noticed yet. Ask it (spec §2.1 step 7); only a live one keeps the id.
+                self.phase = Phase::Admitting;
+                let ping = super::manager::PingClient { workspace, client_id };
+                let asked = self.state.manager().send(ping);
+                ctx.spawn(actix::fut::wrap_future(asked).map(move |alive, act: &mut Self, ctx| {
+                    if act.closing {
+                        return;
+                    }
+                    let _enter = act.span.clone().entered();
+                    let (ws, cid) =
+                        (prepared.admitted.workspace.clone(), prepared.admitted.client_id.clone());
+                    if alive.unwrap_or(true) {
+                        act.fail_handshake(
+                            ctx,
+                            &HandshakeError::ClientExists { workspace: ws, client_id: cid },
+                        );
+                        return;
+                    }
+                    tracing::info!("the previous connection of this client id does not answer: replacing it");
+                    act.state.forget_client(&ws, &cid);
+                    match act.finish(prepared, Registration::Supersede) {
+                        Ok(open) => act.opened(ctx, open),
+                        Err((_, e)) => act.fail_handshake(ctx, &e),
+                    }
+                }));
             }
-            Err(e) => self.fail_handshake(ctx, &e),
+            Err((_, e)) => self.fail_handshake(ctx, &e),
         }
     }
 
-    /// The handshake (spec §2.1 steps 3-8, §2.2): authenticate, find or create the
-    /// workspace, admit, register, send `connection_info`.
-    fn admit(&mut self, text: &str) -> Result<Box<Open>, HandshakeError> {
+    fn opened(&mut self, ctx: &mut Context<Self>, open: Box<Open>) {
+        self.span.record("workspace", open.workspace.as_str());
+        self.span.record("client", open.client_id.as_str());
+        self.span.record("generation", open.generation);
+        tracing::info!(user = %open.user.id, "client connected");
+        self.phase = Phase::Open(open);
+        self.schedule_idle_check(ctx, self.state.config.idle_timeout);
+    }
+
+    /// The handshake's checks (spec §2.1 steps 3-6, §2.2): authenticate, find the
+    /// workspace (or decide to create it), compute the final user, sign its reconnection
+    /// token. Nothing is changed yet.
+    fn prepare(&mut self, text: &str) -> Result<Prepared, HandshakeError> {
         let payload = AuthPayload::from_json(text)?;
         let config = &self.state.config;
         let now = auth::unix_seconds(SystemTime::now());
-        // No revocation store yet: the manager's `revoke_token` brings one.
-        let not_revoked = |_: &str| false;
+        let revoked = |token: &str| self.state.revoked.is_revoked(token);
         let cx = AuthContext {
             jwt: &config.jwt,
             root_token: config.root_token.as_deref(),
             now,
-            revoked: &not_revoked,
+            revoked: &revoked,
         };
         let authenticated = cx.authenticate_handshake(&payload)?;
 
@@ -246,28 +301,43 @@ impl WsConnection {
             .jwt
             .encode(&admitted.user, config.reconnection_token_life_time.as_secs_f64(), now)
             .map_err(HandshakeError::Authentication)?;
+        Ok(Prepared { admitted, token, create })
+    }
+
+    /// The handshake's effects (spec §2.1 step 8): create the workspace, register the
+    /// connection, send `connection_info`. A refused registration gives `prepared` back.
+    #[allow(clippy::result_large_err)]
+    fn finish(
+        &mut self,
+        prepared: Prepared,
+        mode: Registration,
+    ) -> Result<Box<Open>, (Prepared, HandshakeError)> {
+        let registered = match self.state.router.register(
+            &prepared.admitted.workspace,
+            &prepared.admitted.client_id,
+            self.outbound.clone(),
+            mode,
+        ) {
+            Ok(r) => r,
+            Err(super::router::RegisterError::ClientExists { workspace, client_id }) => {
+                return Err((prepared, HandshakeError::ClientExists { workspace, client_id }));
+            }
+        };
+        let Prepared { admitted, token, create } = prepared;
         if let Some(record) = create {
             self.state.workspaces.get_or_create(record);
         }
-
-        let mode = if admitted.reconnecting { Registration::Supersede } else { Registration::Fresh };
-        let registered = self
-            .state
-            .router
-            .register(&admitted.workspace, &admitted.client_id, self.outbound.clone(), mode)
-            .map_err(|e| match e {
-                super::router::RegisterError::ClientExists { workspace, client_id } => {
-                    HandshakeError::ClientExists { workspace, client_id }
-                }
-            })?;
         if let Some(old) = registered.superseded {
             tracing::info!("reconnect supersedes the previous connection of this client");
             old.close(CloseCmd::drop_socket());
         }
+        // The manager must be up before the client learns its id.
+        self.state.manager();
 
         let info = self.connection_info(&admitted.workspace, &admitted.client_id, &admitted.user, token);
         self.send(OutFrame::Text(info));
 
+        let config = &self.state.config;
         let read_only = admitted.user.permission(&admitted.workspace) == Some(Permission::Read);
         let sender = RouteSender {
             workspace: admitted.workspace.clone(),
@@ -395,6 +465,7 @@ impl WsConnection {
                 Err(_) => self.close(ctx, CloseCmd::close(1007, "invalid UTF-8 in a text frame")),
             },
             (Phase::Open(_), false) => self.on_binary(ctx, data),
+            (Phase::Admitting, _) => tracing::debug!("frame before connection_info ignored"),
             (Phase::Closed, _) => {}
         }
     }
@@ -464,6 +535,10 @@ impl Actor for WsConnection {
             let state = &self.state;
             if state.router.remove_client(&open.workspace, &open.client_id, open.generation, Instant::now()) {
                 tracing::info!("client disconnected");
+                // Spec §8 step 3: all its records go, without per-service events
+                // (`client_disconnected` was broadcast by the router, with the bare id).
+                state.registry.remove_client(&open.workspace, &open.client_id);
+                state.notify_client_left(&open.workspace, &open.client_id);
                 if state.router.client_count(&open.workspace) == 0
                     && state.workspaces.remove_transient(&open.workspace)
                 {

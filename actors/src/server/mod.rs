@@ -8,7 +8,10 @@
 //! | [`connection`] | the `/ws` endpoint and [`WsConnection`], one actix actor per websocket: handshake state machine, rate limiter, idle timer |
 //! | [`outbound`] | the bounded queue to one client and the writer task that owns the actix-ws session |
 //! | [`router`] | the routing table (`{ws}/{cid}` -> connection, generation, subscriptions) and routing rules 1-8 |
-//! | [`workspace`] | the workspaces table the handshake checks |
+//! | [`workspace`] | the workspaces table (WorkspaceInfo records) |
+//! | [`manager`] | the workspace manager: the RPC peer `*/manager-{sid}` serving the `default` service |
+//! | [`registry`] | the service registry and the visibility rules |
+//! | [`events`] | the manager's event log and the event-subscription rule |
 //! | [`limits`] | the token bucket and the inbound frame-size guard |
 //! | [`http`] | `/health/liveness` and `/health/readiness` |
 //!
@@ -22,14 +25,17 @@
 
 pub mod config;
 pub mod connection;
+pub mod events;
 pub mod http;
 pub mod limits;
+pub mod manager;
 pub mod outbound;
+pub mod registry;
 pub mod router;
 pub mod workspace;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::SystemTime;
 
 use actix_web::web;
@@ -37,6 +43,8 @@ use dashmap::DashMap;
 
 pub use config::{ConfigError, ServerConfig};
 pub use connection::WsConnection;
+pub use manager::Manager;
+pub use registry::Registry;
 pub use router::Router;
 pub use workspace::Workspaces;
 
@@ -58,6 +66,12 @@ pub struct ServerState {
     pub router: Router,
     /// The workspaces table.
     pub workspaces: Workspaces,
+    /// The service registry.
+    pub registry: Registry,
+    /// Tokens revoked with the manager's `revoke_token`, consulted by every handshake.
+    pub revoked: RevokedTokens,
+    /// The workspace manager, started with the first websocket (or by `Server::start`).
+    manager: OnceLock<ManagerHandle>,
     /// `(public, local)` base URLs, filled in when the listener is bound.
     base_urls: RwLock<(String, String)>,
     /// Every open websocket, authenticated or not, so a shutdown can close them all.
@@ -82,6 +96,9 @@ impl ServerState {
         Ok(Arc::new(ServerState {
             router: Router::new(config.dead_peer_ttl),
             workspaces: Workspaces::new(),
+            registry: Registry::new(),
+            revoked: RevokedTokens::default(),
+            manager: OnceLock::new(),
             base_urls: RwLock::new((public, local)),
             connections: DashMap::new(),
             next_connection: AtomicU64::new(1),
@@ -123,6 +140,46 @@ impl ServerState {
         http::configure(self.clone(), cfg);
     }
 
+    /// The workspace manager's address, starting it (in an arbiter of its own) on first
+    /// use. Call it from inside an actix system, once the listener's URL is known (the
+    /// manager advertises it in `_rserver` and `config.url`).
+    pub fn manager(self: &Arc<Self>) -> actix::Addr<Manager> {
+        self.manager
+            .get_or_init(|| {
+                if actix::System::try_current().is_some() {
+                    let arbiter = actix::Arbiter::new();
+                    let addr = Manager::start_in(self.clone(), &arbiter.handle());
+                    ManagerHandle { addr, arbiter: Some(arbiter) }
+                } else {
+                    ManagerHandle { addr: Manager::start(self.clone()), arbiter: None }
+                }
+            })
+            .addr
+            .clone()
+    }
+
+    /// Removes a client that is gone but still holds its address (a dead connection being
+    /// replaced): its records, and `client_disconnected` (bare id) to its workspace.
+    pub fn forget_client(&self, ws: &str, cid: &str) {
+        self.registry.remove_client(ws, cid);
+        let mut data = hypha_core::value::Map::new();
+        data.insert("id".into(), hypha_core::Value::from(cid));
+        data.insert("workspace".into(), hypha_core::Value::from(ws));
+        self.router.broadcast_event(ws, hypha_core::message::CLIENT_DISCONNECTED, data);
+        self.notify_client_left(ws, cid);
+    }
+
+    /// Tells the manager that `{ws}/{cid}` left, so its calls to that client fail at once.
+    pub fn notify_client_left(&self, ws: &str, cid: &str) {
+        if self.manager.get().is_none() {
+            return;
+        }
+        if let Some(frame) = manager::client_left_frame(ws, cid) {
+            let target = format!("{}/{}", hypha_core::ids::WILDCARD, self.config.manager_id());
+            self.router.deliver_local(&target, frame);
+        }
+    }
+
     /// Starts a graceful shutdown: refuses new websockets and closes every open one with
     /// 1001 [`SHUTDOWN_REASON`]. Returns how many were closed.
     pub fn shutdown(&self) -> usize {
@@ -133,6 +190,9 @@ impl ServerState {
             closed += 1;
         }
         tracing::info!(connections = closed, "shutting down: closing websockets");
+        if let Some(arbiter) = self.manager.get().and_then(|m| m.arbiter.as_ref()) {
+            arbiter.stop();
+        }
         closed
     }
 
@@ -154,6 +214,45 @@ impl ServerState {
 
     fn remove_connection(&self, id: u64) {
         self.connections.remove(&id);
+    }
+}
+
+/// The running manager and the arbiter it runs in.
+#[derive(Debug)]
+struct ManagerHandle {
+    addr: actix::Addr<Manager>,
+    arbiter: Option<actix::Arbiter>,
+}
+
+/// Most tokens remembered as revoked at once (each until it would have expired).
+pub const MAX_REVOKED_TOKENS: usize = 100_000;
+
+/// The revocation list: token -> when it expires (unix seconds). A revoked token is kept
+/// only until its expiry, after which the signature check refuses it anyway.
+#[derive(Debug, Default)]
+pub struct RevokedTokens {
+    table: DashMap<String, f64>,
+    inserts: AtomicUsize,
+}
+
+impl RevokedTokens {
+    /// Revokes `token` (which expires at `expires_at`). Refused when the list is full of
+    /// unexpired tokens.
+    pub fn revoke(&self, token: &str, expires_at: f64, now: f64) -> Result<(), String> {
+        if self.inserts.fetch_add(1, Ordering::Relaxed) % 256 == 255 || self.table.len() >= MAX_REVOKED_TOKENS
+        {
+            self.table.retain(|_, exp| *exp >= now);
+        }
+        if self.table.len() >= MAX_REVOKED_TOKENS && !self.table.contains_key(token) {
+            return Err(format!("Too many revoked tokens (at most {MAX_REVOKED_TOKENS})"));
+        }
+        self.table.insert(token.trim().to_owned(), expires_at);
+        Ok(())
+    }
+
+    /// Whether `token` was revoked.
+    pub fn is_revoked(&self, token: &str) -> bool {
+        self.table.contains_key(token.trim())
     }
 }
 

@@ -86,6 +86,9 @@ pub enum RouteError {
     /// The target left this server less than `dead_peer_ttl` ago (rule 6).
     #[error("Target peer {0} is not connected")]
     PeerNotConnected(String),
+    /// The target is a local peer whose inbox is full (see [`LocalInbox`]).
+    #[error("Server busy: the inbox of {0} is full")]
+    LocalInboxFull(String),
 }
 
 /// Why a frame went nowhere, silently (logged at debug level by the caller).
@@ -103,6 +106,9 @@ pub enum DropReason {
     /// The target's queue was full (it is being disconnected) or closed.
     #[error("target {0} is not accepting frames: {1}")]
     TargetUnavailable(String, SendError),
+    /// A local peer's inbox was full (see [`LocalInbox`]); the frame had no session.
+    #[error("the inbox of {0} is full")]
+    LocalOverflow(String),
 }
 
 /// What became of one routed frame.
@@ -164,10 +170,70 @@ pub struct Registered {
     pub superseded: Option<Outbound>,
 }
 
+/// Most frames waiting in a local peer's inbox (see [`LocalInbox`]).
+pub const LOCAL_INBOX_FRAMES: usize = 4096;
+
+/// The text of the reject a caller gets when a local peer's inbox is full.
+pub const LOCAL_INBOX_FULL: &str = "Server busy: the workspace manager's inbox is full, retry later";
+
+/// The inbox of a peer that lives inside the server (the workspace manager): a bounded
+/// queue of routed frames, drained by that peer's actor.
+///
+/// **Overflow policy.** Pushing never waits. When the queue holds [`LOCAL_INBOX_FRAMES`]
+/// frames the new frame is dropped; if it was a call that expects an answer (it has a
+/// `session`), the router sends the caller a reject with [`LOCAL_INBOX_FULL`] so it fails
+/// at once instead of timing out. The local peer itself is never disconnected: unlike a
+/// slow client, it is the server.
+#[derive(Debug, Clone)]
+pub struct LocalInbox {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+}
+
+impl LocalInbox {
+    /// A new inbox holding at most `frames` frames, and its receiving end.
+    pub fn channel(frames: usize) -> (LocalInbox, tokio::sync::mpsc::Receiver<Bytes>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(frames.max(1));
+        (LocalInbox { tx }, rx)
+    }
+
+    /// Queues a frame without waiting.
+    pub fn send(&self, frame: Bytes) -> Result<(), SendError> {
+        self.tx.try_send(frame).map_err(|e| match e {
+            tokio::sync::mpsc::error::TrySendError::Full(_) => SendError::Overflow,
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+        })
+    }
+}
+
+/// Where a peer's frames go.
+#[derive(Debug)]
+enum Sink {
+    /// A websocket client's outbound queue.
+    Socket(Outbound),
+    /// A peer inside the server.
+    Local(LocalInbox),
+}
+
+impl Sink {
+    fn send(&self, frame: &Bytes) -> Result<(), SendError> {
+        match self {
+            Sink::Socket(o) => o.send(OutFrame::Binary(frame.clone())),
+            Sink::Local(l) => l.send(frame.clone()),
+        }
+    }
+
+    fn is_closing(&self) -> bool {
+        match self {
+            Sink::Socket(o) => o.is_closing(),
+            Sink::Local(l) => l.tx.is_closed(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Peer {
     generation: Generation,
-    outbound: Outbound,
+    sink: Sink,
     subscriptions: HashSet<String>,
 }
 
@@ -187,7 +253,7 @@ pub struct Router {
 
 /// What the stamping closure decided.
 enum Plan {
-    Deliver { target: String, kind: Option<String> },
+    Deliver { target: String, kind: Option<String>, session: Option<String> },
     Refuse { error: RouteError, session: Option<String>, to: Value, from: Value },
     Drop(DropReason),
 }
@@ -219,21 +285,45 @@ impl Router {
         mode: Registration,
     ) -> Result<Registered, RegisterError> {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let peer = Peer { generation, outbound, subscriptions: HashSet::new() };
+        let peer = Peer { generation, sink: Sink::Socket(outbound), subscriptions: HashSet::new() };
         let superseded = {
             let mut clients = self.peers.entry(ws.to_owned()).or_default();
             match clients.get(cid) {
-                Some(live) if mode == Registration::Fresh && !live.outbound.is_closing() => {
+                Some(live) if mode == Registration::Fresh && !live.sink.is_closing() => {
                     return Err(RegisterError::ClientExists {
                         workspace: ws.to_owned(),
                         client_id: cid.to_owned(),
                     });
                 }
-                _ => clients.insert(cid.to_owned(), peer).map(|old| old.outbound),
+                _ => clients.insert(cid.to_owned(), peer).and_then(|old| match old.sink {
+                    Sink::Socket(o) => Some(o),
+                    Sink::Local(_) => None,
+                }),
             }
         };
         self.recently_disconnected.remove(&format!("{ws}/{cid}"));
         Ok(Registered { generation, superseded })
+    }
+
+    /// Registers a peer that lives inside the server (the workspace manager,
+    /// `*/manager-{sid}`): frames routed to `{ws}/{cid}` go into `inbox` (see
+    /// [`LocalInbox`] for the overflow policy). Replaces any previous registration.
+    pub fn register_local(&self, ws: &str, cid: &str, inbox: LocalInbox) -> Generation {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let peer = Peer { generation, sink: Sink::Local(inbox), subscriptions: HashSet::new() };
+        self.peers.entry(ws.to_owned()).or_default().insert(cid.to_owned(), peer);
+        generation
+    }
+
+    /// Pushes a server-made frame (not routed, not stamped) into the inbox of the local
+    /// peer `target` (`{ws}/{cid}`). Returns whether it was queued.
+    pub fn deliver_local(&self, target: &str, frame: Bytes) -> bool {
+        let Some((ws, cid)) = target.split_once('/') else { return false };
+        let Some(clients) = self.peers.get(ws) else { return false };
+        match clients.get(cid).map(|p| &p.sink) {
+            Some(Sink::Local(inbox)) => inbox.send(frame).is_ok(),
+            _ => false,
+        }
     }
 
     /// The disconnect of `{ws}/{cid}` generation `generation` (spec §8). If it is still the
@@ -344,7 +434,7 @@ impl Router {
         clients
             .values()
             .filter(|p| p.subscriptions.contains(kind))
-            .filter(|p| p.outbound.send(OutFrame::Binary(frame.clone())).is_ok())
+            .filter(|p| p.sink.send(frame).is_ok())
             .count()
     }
 
@@ -378,7 +468,26 @@ impl Router {
             Err(e) => return RouteOutcome::Dropped(DropReason::Undecodable(e)),
         };
         match plan {
-            Some(Plan::Deliver { target, kind }) => self.deliver(&target, kind.as_deref(), &stamped),
+            Some(Plan::Deliver { target, kind, session }) => {
+                match self.deliver(&target, kind.as_deref(), &stamped) {
+                    // A full local inbox: tell a caller that waits for an answer.
+                    RouteOutcome::Dropped(DropReason::LocalOverflow(t)) => match session {
+                        Some(session) => match reject_frame(
+                            &session,
+                            Value::from(t.as_str()),
+                            Value::from(sender.address()),
+                            LOCAL_INBOX_FULL,
+                        ) {
+                            Ok(reject) => {
+                                RouteOutcome::Rejected { error: RouteError::LocalInboxFull(t), reject }
+                            }
+                            Err(e) => RouteOutcome::Dropped(DropReason::Undecodable(e)),
+                        },
+                        None => RouteOutcome::Dropped(DropReason::LocalOverflow(t)),
+                    },
+                    other => other,
+                }
+            }
             Some(Plan::Refuse { error, session: Some(session), to, from }) => {
                 match reject_frame(&session, to, from, &error.to_string()) {
                     Ok(reject) => RouteOutcome::Rejected { error, reject },
@@ -425,11 +534,12 @@ impl Router {
         // workspace, so providers treat them as same-workspace calls (rule 4).
         let ws = if sender.workspace == WILDCARD { target_ws } else { sender.workspace.clone() };
         let kind = main.get("type").and_then(Value::as_str).map(str::to_owned);
+        let session = main.get("session").and_then(Value::as_str).map(str::to_owned);
         main.insert("to".into(), Value::from(target.clone()));
         main.insert("ws".into(), Value::from(ws));
         main.insert("from".into(), Value::from(sender.address()));
         main.insert("user".into(), sender.user.clone());
-        Plan::Deliver { target, kind }
+        Plan::Deliver { target, kind, session }
     }
 
     fn deliver(&self, target: &str, kind: Option<&str>, frame: &Bytes) -> RouteOutcome {
@@ -440,15 +550,18 @@ impl Router {
             // Unsubscribed connections get nothing; a frame without a type reaches nobody.
             return RouteOutcome::Delivered(kind.map_or(0, |k| self.deliver_broadcast(ws, k, frame)));
         }
-        let sent = match self.peers.get(ws) {
+        let (sent, local) = match self.peers.get(ws) {
             Some(clients) => match clients.get(cid) {
-                Some(peer) => peer.outbound.send(OutFrame::Binary(frame.clone())),
+                Some(peer) => (peer.sink.send(frame), matches!(peer.sink, Sink::Local(_))),
                 None => return RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned())),
             },
             None => return RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned())),
         };
         match sent {
             Ok(()) => RouteOutcome::Delivered(1),
+            Err(SendError::Overflow) if local => {
+                RouteOutcome::Dropped(DropReason::LocalOverflow(target.to_owned()))
+            }
             Err(e) => RouteOutcome::Dropped(DropReason::TargetUnavailable(target.to_owned(), e)),
         }
     }

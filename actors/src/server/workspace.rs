@@ -9,37 +9,135 @@
 //! * any other workspace must already exist, otherwise the handshake fails with
 //!   `Workspace {ws} does not exist or is not accessible`.
 //!
-//! The workspace manager (`create_workspace`, `delete_workspace`, info records, events)
-//! builds on this table later.
+//! The workspace manager (`create_workspace`, `delete_workspace`, `get_workspace_info`,
+//! environment variables, bookmarks, service types) reads and edits the same records.
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use hypha_core::auth::{self, UserInfo};
+use hypha_core::value::{Map, Value};
 
-/// What the server knows about one workspace.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a workspace is in its life (`status` of the WorkspaceInfo dump, spec §4.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkspaceStatus {
+    /// Ready: `{"ready": true, "errors": null}`.
+    Ready,
+    /// Ready, dumped as upstream dumps anonymous workspaces: `{"ready": true}`.
+    ReadyBare,
+    /// Being prepared: `{"ready": false, "status": "loading"}` (what `create_workspace`
+    /// returns).
+    Loading,
+}
+
+impl WorkspaceStatus {
+    /// The `status` value of the dump.
+    pub fn to_value(self) -> Value {
+        let mut m = Map::new();
+        match self {
+            WorkspaceStatus::Ready => {
+                m.insert("ready".into(), Value::Bool(true));
+                m.insert("errors".into(), Value::Nil);
+            }
+            WorkspaceStatus::ReadyBare => {
+                m.insert("ready".into(), Value::Bool(true));
+            }
+            WorkspaceStatus::Loading => {
+                m.insert("ready".into(), Value::Bool(false));
+                m.insert("status".into(), Value::from("loading"));
+            }
+        }
+        Value::Map(m)
+    }
+}
+
+/// What the server knows about one workspace: upstream's `WorkspaceInfo`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkspaceRecord {
     /// The workspace id.
     pub id: String,
-    /// User ids or emails that get `a` on it when they connect (`Authenticated::admit`).
-    pub owners: Vec<String>,
-    /// `false` for anonymous users' throw-away workspaces, removed with their last client.
+    /// Display name (usually the id).
+    pub name: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// `false` for workspaces removed with their last client (anonymous users' own ones,
+    /// and created ones unless asked otherwise).
     pub persistent: bool,
+    /// User ids or emails that get `a` on it when they connect (`Authenticated::admit`)
+    /// and may mint tokens for it.
+    pub owners: Vec<String>,
+    /// Informational (upstream's storage layers use it).
+    pub read_only: bool,
+    /// `icon`, `covers`, `docs`: kept as given.
+    pub icon: Value,
+    /// See `icon`.
+    pub covers: Value,
+    /// See `icon`.
+    pub docs: Value,
+    /// Registered service types, by id (`register_service_type`).
+    pub service_types: Map,
+    /// Free-form config; the manager keeps `environs` and `bookmarks` here.
+    pub config: Map,
+    /// Its status.
+    pub status: WorkspaceStatus,
 }
 
 impl WorkspaceRecord {
-    /// A persistent workspace owned by `owners`.
+    /// A persistent workspace owned by `owners`, named after its id.
     pub fn new(id: impl Into<String>, owners: Vec<String>) -> Self {
-        WorkspaceRecord { id: id.into(), owners, persistent: true }
+        let id = id.into();
+        WorkspaceRecord {
+            name: id.clone(),
+            id,
+            description: None,
+            persistent: true,
+            owners,
+            read_only: false,
+            icon: Value::Nil,
+            covers: Value::Nil,
+            docs: Value::Nil,
+            service_types: Map::new(),
+            config: Map::new(),
+            status: WorkspaceStatus::Ready,
+        }
     }
 
-    /// The personal workspace of `user` (transient for anonymous users).
+    /// The personal workspace of `user`: anonymous users' are transient, read-only and
+    /// owned by the workspace id (as upstream dumps them); everyone else's persist.
     pub fn personal(user: &UserInfo) -> Self {
-        WorkspaceRecord {
-            id: user.personal_workspace(),
-            owners: vec![user.id.clone()],
-            persistent: !user.is_anonymous,
+        let id = user.personal_workspace();
+        if user.is_anonymous {
+            WorkspaceRecord {
+                description: Some("Anonymous workspace".into()),
+                persistent: false,
+                read_only: true,
+                status: WorkspaceStatus::ReadyBare,
+                ..WorkspaceRecord::new(id.clone(), vec![id])
+            }
+        } else {
+            WorkspaceRecord {
+                description: Some(format!("Workspace for user {}", user.id)),
+                ..WorkspaceRecord::new(id, vec![user.id.clone()])
+            }
         }
+    }
+
+    /// The WorkspaceInfo dump, keys in upstream's order (spec §4.4).
+    pub fn to_value(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("type".into(), Value::from("workspace"));
+        m.insert("id".into(), Value::from(self.id.as_str()));
+        m.insert("name".into(), Value::from(self.name.as_str()));
+        m.insert("description".into(), Value::from(self.description.clone()));
+        m.insert("persistent".into(), Value::Bool(self.persistent));
+        m.insert("owners".into(), Value::List(self.owners.iter().map(|o| Value::from(o.as_str())).collect()));
+        m.insert("read_only".into(), Value::Bool(self.read_only));
+        m.insert("icon".into(), self.icon.clone());
+        m.insert("covers".into(), self.covers.clone());
+        m.insert("docs".into(), self.docs.clone());
+        m.insert("service_types".into(), Value::Map(self.service_types.clone()));
+        m.insert("config".into(), Value::Map(self.config.clone()));
+        m.insert("status".into(), self.status.to_value());
+        Value::Map(m)
     }
 }
 
@@ -60,10 +158,24 @@ impl Workspaces {
     /// all owned by `root`.
     pub fn new() -> Self {
         let table = DashMap::new();
-        for id in
-            [auth::PUBLIC_WORKSPACE, auth::ANONYMOUS_WORKSPACE, &auth::personal_workspace(auth::ROOT_USER_ID)]
-        {
-            table.insert(id.to_owned(), WorkspaceRecord::new(id, vec![auth::ROOT_USER_ID.to_owned()]));
+        let root = || vec![auth::ROOT_USER_ID.to_owned()];
+        let public = WorkspaceRecord {
+            description: Some("Public workspace".into()),
+            read_only: true,
+            ..WorkspaceRecord::new(auth::PUBLIC_WORKSPACE, root())
+        };
+        let anonymous = WorkspaceRecord {
+            name: "Anonymous Workspace".into(),
+            description: Some("Shared workspace for anonymous users".into()),
+            read_only: true,
+            ..WorkspaceRecord::new(auth::ANONYMOUS_WORKSPACE, root())
+        };
+        let root_ws = WorkspaceRecord {
+            description: Some(format!("Workspace for user {}", auth::ROOT_USER_ID)),
+            ..WorkspaceRecord::new(auth::personal_workspace(auth::ROOT_USER_ID), root())
+        };
+        for record in [public, anonymous, root_ws] {
+            table.insert(record.id.clone(), record);
         }
         Workspaces { table }
     }
@@ -84,6 +196,28 @@ impl Workspaces {
             Entry::Occupied(e) => e.get().clone(),
             Entry::Vacant(e) => e.insert(record).clone(),
         }
+    }
+
+    /// Inserts `record`, replacing any workspace of the same id.
+    pub fn put(&self, record: WorkspaceRecord) {
+        self.table.insert(record.id.clone(), record);
+    }
+
+    /// Applies `f` to the record of `id`; `None` if there is no such workspace.
+    pub fn update<R>(&self, id: &str, f: impl FnOnce(&mut WorkspaceRecord) -> R) -> Option<R> {
+        self.table.get_mut(id).map(|mut r| f(&mut r))
+    }
+
+    /// Removes `id` (whatever its kind); returns the record it had.
+    pub fn remove(&self, id: &str) -> Option<WorkspaceRecord> {
+        self.table.remove(id).map(|(_, r)| r)
+    }
+
+    /// Every workspace, sorted by id (a stable order for listings).
+    pub fn list(&self) -> Vec<WorkspaceRecord> {
+        let mut all: Vec<WorkspaceRecord> = self.table.iter().map(|r| r.value().clone()).collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
     }
 
     /// Removes `id` if it is transient (an anonymous user's workspace whose last client
@@ -116,7 +250,11 @@ mod tests {
 
         let alice = UserInfo::new("alice");
         let rec = w.get_or_create(WorkspaceRecord::personal(&alice));
-        assert_eq!(rec, WorkspaceRecord::new("ws-user-alice", vec!["alice".into()]));
+        assert_eq!(
+            (rec.id.as_str(), rec.owners.as_slice(), rec.persistent),
+            ("ws-user-alice", &["alice".to_owned()][..], true)
+        );
+        assert_eq!(rec.description.as_deref(), Some("Workspace for user alice"));
         // A second create keeps the first record.
         let other = WorkspaceRecord::new("ws-user-alice", vec!["mallory".into()]);
         assert_eq!(w.get_or_create(other).owners, ["alice"]);
@@ -131,7 +269,30 @@ mod tests {
         let w = Workspaces::new();
         let anon = auth::anonymous_user(0.0);
         let rec = w.get_or_create(WorkspaceRecord::personal(&anon));
-        assert!(!rec.persistent);
+        assert!(!rec.persistent && rec.read_only);
+        assert_eq!(rec.owners, [anon.personal_workspace()]);
+        let dump = rec.to_value();
+        let dump = dump.as_map().unwrap();
+        let keys: Vec<&str> = dump.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "type",
+                "id",
+                "name",
+                "description",
+                "persistent",
+                "owners",
+                "read_only",
+                "icon",
+                "covers",
+                "docs",
+                "service_types",
+                "config",
+                "status"
+            ]
+        );
+        assert_eq!(dump["status"], WorkspaceStatus::ReadyBare.to_value());
         assert!(w.contains(&anon.personal_workspace()));
         assert!(w.remove_transient(&anon.personal_workspace()));
         assert!(!w.contains(&anon.personal_workspace()));

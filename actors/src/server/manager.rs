@@ -1,0 +1,2171 @@
+//! The workspace manager: the RPC peer inside the server at `*/manager-{sid}` (server spec
+//! §0 item 3, §4).
+//!
+//! Clients reach the manager API as a service: `services.built-in.get_service("default")`
+//! on `*/manager-{sid}` returns the `default` service, whose functions (`register_service`,
+//! `get_service`, `list_services`, `generate_token`, ...) they then call like any other
+//! service. So the manager is a full hypha-rpc peer, callee *and* caller: `get_service`
+//! asks the provider's own `built-in.get_service`, `ping` calls a client's `built-in.ping`.
+//!
+//! **Shape.** One actix actor, [`Manager`], drives a sans-IO [`Endpoint`]:
+//!
+//! ```text
+//!  router ──frame──> LocalInbox (bounded) ──> Manager::handle ──> Endpoint::handle_frame
+//!                                                                      │
+//!   Event::Invoke ──> run the method (sync: reply at once; async: an actor future
+//!                     that awaits the provider's answer, then replies)
+//!   poll_transmit ──> Router::route as sender `*/manager-{sid}` (stamps the target's ws)
+//!   poll_timeout  ──> one actor timer: heartbeats of long calls, call deadlines, sweeps
+//! ```
+//!
+//! The router delivers frames addressed to `*/manager-{sid}` into the manager's
+//! [`LocalInbox`] (overflow policy there: a full inbox drops the frame and rejects the call
+//! at once, the manager is never disconnected). Everything the manager changes lives in
+//! shared tables ([`Registry`](super::registry::Registry), [`Workspaces`](super::Workspaces),
+//! the revocation list) so the connection layer can clean up synchronously when a client
+//! leaves; events go out through [`Router::broadcast_event`](super::Router::broadcast_event).
+//!
+//! **Errors** travel as `"<PythonExceptionType>: <message>"` ([`ManagerError`]), because
+//! clients and upstream tests match substrings of upstream's texts.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use hypha_core::auth::{self, AuthError, Permission, UserInfo};
+use hypha_core::endpoint::{Endpoint, EndpointConfig, Event, ReplyTo};
+use hypha_core::ids::{IdError, ServiceId, ServiceQuery, MANAGER_ALIAS, WILDCARD};
+use hypha_core::message::CLIENT_DISCONNECTED;
+use hypha_core::package;
+use hypha_core::schema::{self, FunctionSchema, Param, ParamType};
+use hypha_core::session::{CallOutcome, SessionConfig, BUILTIN_SERVICE_ID, RINTF_PREFIX};
+use hypha_core::value::{
+    ErrorValue, Handler as FnHandler, LocalFunction, Map, PromiseMode, RemoteMethod, Value,
+};
+use serde_json::{json, Value as Json};
+use tokio::sync::oneshot;
+
+use super::events::{check_subscription, parse_iso, EventLog, EventQuery};
+use super::registry::{Access, Pattern, ServiceRecord, MAX_SERVICES_PER_CLIENT};
+use super::router::{LocalInbox, RouteOutcome, RouteSender, LOCAL_INBOX_FRAMES};
+use super::workspace::{WorkspaceRecord, WorkspaceStatus};
+use super::ServerState;
+
+/// The id of the manager's API service.
+pub const MANAGER_SERVICE_ID: &str = "default";
+/// How long `get_service` waits for the provider's `built-in.get_service` (upstream: 10 s,
+/// overridable with `config.timeout`).
+pub const GET_SERVICE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `ping` and the handshake's "is the old client alive" check wait (upstream: 5 s).
+pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait a caller may ask of `get_service`, `ping` or `cleanup`.
+pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Most workspaces one user may own (upstream `HYPHA_MAX_WORKSPACES_PER_USER`; root exempt).
+pub const MAX_WORKSPACES_PER_USER: usize = 100;
+/// Most environment variables per workspace, and most bookmarks per user.
+pub const MAX_ENV_ENTRIES: usize = 1000;
+/// The system workspaces that are never deleted.
+const PROTECTED_WORKSPACES: [&str; 3] = [auth::PUBLIC_WORKSPACE, auth::ANONYMOUS_WORKSPACE, "ws-user-root"];
+
+/// A manager method failed. `Display` is what the caller's `reject` carries:
+/// `"<PythonExceptionType>: <message>"` (a `KeyError` quotes its message, as Python prints
+/// it), or a provider's error passed on unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManagerError {
+    /// Not allowed.
+    #[error("PermissionError: {0}")]
+    Permission(String),
+    /// Something named does not exist.
+    #[error("KeyError: '{0}'")]
+    Key(String),
+    /// A bad argument value.
+    #[error("ValueError: {0}")]
+    Value(String),
+    /// A violated precondition (upstream asserts).
+    #[error("AssertionError: {0}")]
+    Assertion(String),
+    /// A state that does not allow the operation.
+    #[error("RuntimeError: {0}")]
+    Runtime(String),
+    /// Wrong arguments for the method's signature.
+    #[error("TypeError: {0}")]
+    Type(String),
+    /// A plain `Exception` upstream.
+    #[error("Exception: {0}")]
+    Other(String),
+    /// An error of another class, already formatted (`"{class}: {message}"`), or an error
+    /// a peer sent, passed on as it came.
+    #[error("{0}")]
+    Raw(String),
+}
+
+impl ManagerError {
+    fn from_id(e: IdError) -> Self {
+        match e {
+            IdError::ForeignWorkspace { .. } => ManagerError::Permission(e.to_string()),
+            IdError::InvalidQueryChars(_) => ManagerError::Value(e.to_string()),
+            _ => ManagerError::Assertion(e.to_string()),
+        }
+    }
+
+    fn from_auth(e: AuthError) -> Self {
+        ManagerError::Raw(format!("{}: {e}", e.exception_name()))
+    }
+
+    fn denied(ws: &str) -> Self {
+        ManagerError::Permission(format!("Permission denied for workspace {ws}"))
+    }
+
+    fn to_error_value(&self) -> ErrorValue {
+        ErrorValue { message: self.to_string(), trace: Some(String::new()) }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The API: methods, their signatures and schemas
+// ---------------------------------------------------------------------------------------
+
+/// One function of the `default` service; the endpoint hands it back in
+/// [`Event::Invoke`] as the function's [`Handler`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Echo,
+    Log,
+    LogEvent,
+    GetEventStats,
+    GetEvents,
+    RegisterService,
+    UnregisterService,
+    ListWorkspaces,
+    ListServices,
+    SearchServices,
+    ListClients,
+    RegisterServiceType,
+    GetServiceType,
+    ListServiceTypes,
+    GetServiceInfo,
+    GetService,
+    GenerateToken,
+    RevokeToken,
+    ParseToken,
+    CreateWorkspace,
+    DeleteWorkspace,
+    Bookmark,
+    Unbookmark,
+    GetWorkspaceInfo,
+    GetSummary,
+    Ping,
+    Cleanup,
+    CheckStatus,
+    SetEnv,
+    GetEnv,
+    Subscribe,
+    Unsubscribe,
+}
+
+/// Every method, in upstream's key order (spec §4.2).
+const METHODS: [Method; 32] = [
+    Method::Echo,
+    Method::Log,
+    Method::LogEvent,
+    Method::GetEventStats,
+    Method::GetEvents,
+    Method::RegisterService,
+    Method::UnregisterService,
+    Method::ListWorkspaces,
+    Method::ListServices,
+    Method::SearchServices,
+    Method::ListClients,
+    Method::RegisterServiceType,
+    Method::GetServiceType,
+    Method::ListServiceTypes,
+    Method::GetServiceInfo,
+    Method::GetService,
+    Method::GenerateToken,
+    Method::RevokeToken,
+    Method::ParseToken,
+    Method::CreateWorkspace,
+    Method::DeleteWorkspace,
+    Method::Bookmark,
+    Method::Unbookmark,
+    Method::GetWorkspaceInfo,
+    Method::GetSummary,
+    Method::Ping,
+    Method::Cleanup,
+    Method::CheckStatus,
+    Method::SetEnv,
+    Method::GetEnv,
+    Method::Subscribe,
+    Method::Unsubscribe,
+];
+
+fn opt(t: ParamType) -> ParamType {
+    ParamType::Optional(Box::new(t))
+}
+
+fn p(name: &str, ty: ParamType, description: &str) -> Param {
+    Param::new(name, ty).description(description)
+}
+
+fn p_default(name: &str, ty: ParamType, default: Json, description: &str) -> Param {
+    Param::new(name, ty).default(default).description(description)
+}
+
+/// A method's name, doc and parameters (in call order).
+fn signature(m: Method) -> (&'static str, &'static str, Vec<Param>) {
+    use ParamType::{Any, Boolean, Integer, Number, Object, String as Str};
+    let date = || opt(ParamType::Raw(json!({"format": "date-time", "type": "string"})));
+    let event_filters = || {
+        vec![
+            p_default("event_type", opt(Str), Json::Null, "Event type"),
+            p_default("start_time", date(), Json::Null, "Start time for filtering events"),
+            p_default("end_time", date(), Json::Null, "End time for filtering events"),
+        ]
+    };
+    let event_types = || {
+        ParamType::Raw(json!({"anyOf": [{"type": "string"}, {"items": {"type": "string"}, "type": "array"}]}))
+    };
+    let lookup_config = "Options: mode ('random', 'first', 'last', 'exact', 'min_load', 'native:random' or 'select:criteria:function'), timeout (seconds), case_conversion ('camel' or 'snake')";
+    match m {
+        Method::Echo => ("echo", "Log a app message.", vec![Param::new("data", Any).description("echo an object")]),
+        Method::Log => ("log", "Log a app message.", vec![p("msg", Str, "log a message")]),
+        Method::LogEvent => (
+            "log_event",
+            "Log a new event, checking permissions.",
+            vec![
+                p("event_type", Str, "Event type"),
+                p_default("data", opt(Object(None)), Json::Null, "Additional event data"),
+            ],
+        ),
+        Method::GetEventStats => (
+            "get_event_stats",
+            "Get statistics for specific event types, filtered by workspace, user, and time range.",
+            event_filters(),
+        ),
+        Method::GetEvents => (
+            "get_events",
+            "Search for events with various filters, enforcing workspace and permission checks.",
+            event_filters(),
+        ),
+        Method::RegisterService => (
+            "register_service",
+            "Register a new service.",
+            vec![
+                p("service", Object(None), "Service info"),
+                p_default("config", opt(Object(None)), Json::Null, "Options for registering service"),
+            ],
+        ),
+        Method::UnregisterService => {
+            ("unregister_service", "Unregister a new service.", vec![p("service_id", Str, "Service id")])
+        }
+        Method::ListWorkspaces => (
+            "list_workspaces",
+            "Get all workspaces with pagination.",
+            vec![
+                p_default("match", Object(None), Json::Null, "Match pattern for filtering workspaces"),
+                p_default("offset", Integer, json!(0), "Offset for pagination"),
+                p_default("limit", Integer, json!(256), "Maximum number of workspaces to return"),
+            ],
+        ),
+        Method::ListServices => (
+            "list_services",
+            "Return a list of services based on the query.",
+            vec![
+                p_default(
+                    "query",
+                    opt(ParamType::Raw(json!({"anyOf": [{"additionalProperties": true, "type": "object"}, {"type": "string"}]}))),
+                    Json::Null,
+                    "Query for filtering services: a workspace, 'ws/client:service', or a dict with the keys visibility, workspace, client_id, service_id, type, app_id",
+                ),
+                p_default("include_unlisted", Boolean, json!(false), "Include unlisted services (own workspace only)"),
+                p_default("include_app_services", Boolean, json!(false), "Include services of installed apps"),
+                p_default(
+                    "prioritize_running_services",
+                    Boolean,
+                    json!(false),
+                    "List running services before app services",
+                ),
+            ],
+        ),
+        Method::SearchServices => (
+            "search_services",
+            "Search services with vector similarity (not enabled on this server).",
+            vec![
+                p_default("query", Any, Json::Null, "Text or embedding query"),
+                p_default("filters", opt(Object(None)), Json::Null, "Filters"),
+                p_default("limit", Integer, json!(5), "Maximum number of results"),
+                p_default("offset", Integer, json!(0), "Offset for pagination"),
+                p_default("return_fields", Any, Json::Null, "Fields to return"),
+                p_default("order_by", Any, Json::Null, "Ordering"),
+                p_default("pagination", Boolean, json!(false), "Return a pagination envelope"),
+                p_default("include_unlisted", Boolean, json!(false), "Include unlisted services"),
+            ],
+        ),
+        Method::ListClients => (
+            "list_clients",
+            "List the clients connected to a workspace.",
+            vec![p_default("workspace", opt(Str), Json::Null, "Workspace id (default: the current one)")],
+        ),
+        Method::RegisterServiceType => (
+            "register_service_type",
+            "Register a new service type.",
+            vec![p("type_info", Object(None), "Service type info: id, name, definition, description, config, docs")],
+        ),
+        Method::GetServiceType => {
+            ("get_service_type", "Get a service type by id.", vec![p("type_id", Str, "Service type id")])
+        }
+        Method::ListServiceTypes => (
+            "list_service_types",
+            "List the service types of a workspace.",
+            vec![p_default("workspace", opt(Str), Json::Null, "Workspace id (default: the current one)")],
+        ),
+        Method::GetServiceInfo => (
+            "get_service_info",
+            "Get the service info of a service.",
+            vec![
+                p("service_id", Str, "Service id"),
+                p_default("config", opt(Object(None)), Json::Null, lookup_config),
+            ],
+        ),
+        Method::GetService => (
+            "get_service",
+            "Get a service by id.",
+            vec![
+                p("service_id", Str, "Service id"),
+                p_default("config", opt(Object(None)), Json::Null, lookup_config),
+            ],
+        ),
+        Method::GenerateToken => (
+            "generate_token",
+            "Generate a token for a workspace.",
+            vec![p_default(
+                "config",
+                opt(Object(None)),
+                Json::Null,
+                "Token config: expires_in, workspace, permission ('read', 'read_write', 'admin'), extra_scopes, client_id",
+            )],
+        ),
+        Method::RevokeToken => ("revoke_token", "Revoke a token.", vec![p("token", Str, "The token to revoke")]),
+        Method::ParseToken => ("parse_token", "Parse a token.", vec![p("token", Str, "The token to parse")]),
+        Method::CreateWorkspace => (
+            "create_workspace",
+            "Create a new workspace.",
+            vec![
+                p("config", Object(None), "Workspace info: name (or id), description, owners, persistent, ..."),
+                p_default("overwrite", Boolean, json!(false), "Replace an existing workspace"),
+            ],
+        ),
+        Method::DeleteWorkspace => {
+            ("delete_workspace", "Delete a workspace.", vec![p("workspace", Str, "Workspace id")])
+        }
+        Method::Bookmark => (
+            "bookmark",
+            "Bookmark a workspace or a service.",
+            vec![p("item", Object(None), "{bookmark_type: 'workspace' | 'service', id}")],
+        ),
+        Method::Unbookmark => (
+            "unbookmark",
+            "Remove a bookmark.",
+            vec![p("item", Object(None), "{bookmark_type: 'workspace' | 'service', id}")],
+        ),
+        Method::GetWorkspaceInfo => (
+            "get_workspace_info",
+            "Get the info of a workspace.",
+            vec![p_default("workspace", opt(Str), Json::Null, "Workspace id (default: the current one)")],
+        ),
+        Method::GetSummary => ("get_summary", "Get a summary of the current workspace.", Vec::new()),
+        Method::Ping => (
+            "ping",
+            "Ping a client.",
+            vec![
+                p("client_id", Str, "Client id (bare, or ws/client_id)"),
+                p_default("timeout", Number, json!(5), "Timeout in seconds"),
+            ],
+        ),
+        Method::Cleanup => (
+            "cleanup",
+            "Remove the clients of a workspace that do not answer a ping.",
+            vec![
+                p_default("workspace", opt(Str), Json::Null, "Workspace id (default: the current one)"),
+                p_default("timeout", Number, json!(5), "Ping timeout in seconds"),
+            ],
+        ),
+        Method::CheckStatus => ("check_status", "Check the status of the current workspace.", Vec::new()),
+        Method::SetEnv => (
+            "set_env",
+            "Set an environment variable of the workspace.",
+            vec![p("key", Str, "Variable name"), Param::new("value", Any).description("Value (None deletes)")],
+        ),
+        Method::GetEnv => (
+            "get_env",
+            "Get an environment variable of the workspace, or all of them.",
+            vec![p_default("key", opt(Str), Json::Null, "Variable name")],
+        ),
+        Method::Subscribe => (
+            "subscribe",
+            "Subscribe to event types.",
+            vec![p("event_type", event_types(), "An event type or a list of them")],
+        ),
+        Method::Unsubscribe => (
+            "unsubscribe",
+            "Unsubscribe from event types.",
+            vec![p("event_type", event_types(), "An event type or a list of them")],
+        ),
+    }
+}
+
+fn json_value(j: &Json) -> Value {
+    match j {
+        Json::Null => Value::Nil,
+        Json::Bool(b) => Value::Bool(*b),
+        Json::Number(n) => n.as_i64().map_or_else(|| Value::F64(n.as_f64().unwrap_or(0.0)), Value::Int),
+        Json::String(s) => Value::from(s.as_str()),
+        other => Value::from(other.to_string()),
+    }
+}
+
+/// Maps positional and keyword arguments onto the parameters, with Python's `TypeError`
+/// texts. A `context` keyword is ignored (the server passes the real one).
+fn bind(
+    name: &str,
+    params: &[Param],
+    args: Vec<Value>,
+    kwargs: Option<Map>,
+) -> Result<Vec<Value>, ManagerError> {
+    if args.len() > params.len() {
+        return Err(ManagerError::Type(format!(
+            "{name}() takes {} positional arguments but {} were given",
+            params.len(),
+            args.len()
+        )));
+    }
+    let mut slots: Vec<Option<Value>> = args.into_iter().map(Some).collect();
+    slots.resize(params.len(), None);
+    for (k, v) in kwargs.unwrap_or_default() {
+        if k == "context" {
+            continue;
+        }
+        let Some(i) = params.iter().position(|p| p.name == k) else {
+            return Err(ManagerError::Type(format!("{name}() got an unexpected keyword argument '{k}'")));
+        };
+        if slots[i].is_some() {
+            return Err(ManagerError::Type(format!("{name}() got multiple values for argument '{k}'")));
+        }
+        slots[i] = Some(v);
+    }
+    slots
+        .into_iter()
+        .zip(params)
+        .map(|(slot, param)| match (slot, &param.default) {
+            (Some(v), _) => Ok(v),
+            (None, Some(d)) => Ok(json_value(d)),
+            (None, None) => Err(ManagerError::Type(format!(
+                "{name}() missing 1 required positional argument: '{}'",
+                param.name
+            ))),
+        })
+        .collect()
+}
+
+/// Who called: read from the server-stamped context, never from arguments.
+#[derive(Debug, Clone)]
+struct Caller {
+    /// `context.ws`: the caller's workspace.
+    ws: String,
+    /// `context.from`: `{ws}/{cid}`.
+    from: String,
+    /// The client id part of `from`.
+    client_id: String,
+    /// `context.user`.
+    user: UserInfo,
+}
+
+impl Caller {
+    fn from_context(context: Option<&Map>) -> Result<Caller, ManagerError> {
+        let missing = || ManagerError::Permission("the call carries no server-stamped context".into());
+        let cx = context.ok_or_else(missing)?;
+        let text = |k: &str| cx.get(k).and_then(Value::as_str).map(str::to_owned).ok_or_else(missing);
+        let ws = text("ws")?;
+        let from = text("from")?;
+        let client_id = from.split_once('/').map_or(from.as_str(), |(_, c)| c).to_owned();
+        let user = cx
+            .get("user")
+            .and_then(|u| hypha_core::serde_value::from_value_ref::<UserInfo>(u).ok())
+            .ok_or_else(missing)?;
+        Ok(Caller { ws, from, client_id, user })
+    }
+}
+
+/// Positional access to bound arguments, with typed errors.
+struct Args {
+    name: &'static str,
+    values: Vec<Value>,
+}
+
+impl Args {
+    fn take(&mut self, i: usize) -> Value {
+        self.values.get_mut(i).map(std::mem::take).unwrap_or(Value::Nil)
+    }
+
+    fn string(&mut self, i: usize, what: &str) -> Result<String, ManagerError> {
+        match self.take(i) {
+            Value::Str(s) => Ok(s),
+            other => Err(ManagerError::Type(format!(
+                "{}(): {what} must be a string, got {}",
+                self.name,
+                other.kind()
+            ))),
+        }
+    }
+
+    fn opt_string(&mut self, i: usize, what: &str) -> Result<Option<String>, ManagerError> {
+        match self.take(i) {
+            Value::Nil => Ok(None),
+            Value::Str(s) => Ok(Some(s)),
+            other => Err(ManagerError::Type(format!(
+                "{}(): {what} must be a string or None, got {}",
+                self.name,
+                other.kind()
+            ))),
+        }
+    }
+
+    fn map(&mut self, i: usize, what: &str) -> Result<Map, ManagerError> {
+        match self.take(i) {
+            Value::Map(m) => Ok(m),
+            Value::Nil => Ok(Map::new()),
+            other => Err(ManagerError::Type(format!(
+                "{}(): {what} must be a dict, got {}",
+                self.name,
+                other.kind()
+            ))),
+        }
+    }
+
+    fn bool(&mut self, i: usize) -> bool {
+        match self.take(i) {
+            Value::Bool(b) => b,
+            Value::Nil => false,
+            v => v.as_i64().is_some_and(|n| n != 0),
+        }
+    }
+
+    fn seconds(&mut self, i: usize, default: Duration) -> Duration {
+        let secs = self.take(i).as_f64().unwrap_or(default.as_secs_f64());
+        Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(default).min(MAX_CALL_TIMEOUT)
+    }
+}
+
+fn unix_now() -> f64 {
+    auth::unix_seconds(SystemTime::now())
+}
+
+fn map_get<'a>(m: &'a Map, k: &str) -> Option<&'a Value> {
+    m.get(k).filter(|v| !matches!(v, Value::Nil))
+}
+
+fn string_list(v: &Value) -> Option<Vec<String>> {
+    v.as_list()?.iter().map(|x| x.as_str().map(str::to_owned)).collect()
+}
+
+/// `HelloWorld` / `hello-world` -> `hello_world`.
+fn to_snake(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    let mut prev_lower = false;
+    for ch in key.chars() {
+        if ch.is_uppercase() {
+            if prev_lower {
+                out.push('_');
+            }
+            out.extend(ch.to_lowercase());
+            prev_lower = false;
+        } else if ch == '-' {
+            out.push('_');
+            prev_lower = false;
+        } else {
+            out.push(ch);
+            prev_lower = ch.is_lowercase() || ch.is_ascii_digit();
+        }
+    }
+    out
+}
+
+/// `hello_world` / `HelloWorld` -> `helloWorld`.
+fn to_camel(key: &str) -> String {
+    let snake = to_snake(key);
+    let mut out = String::with_capacity(snake.len());
+    for (i, part) in snake.split('_').filter(|s| !s.is_empty()).enumerate() {
+        if i == 0 {
+            out.push_str(part);
+        } else {
+            let mut cs = part.chars();
+            if let Some(first) = cs.next() {
+                out.extend(first.to_uppercase());
+                out.push_str(cs.as_str());
+            }
+        }
+    }
+    out
+}
+
+/// Applies `case_conversion` to the member keys of a service (not to `config`).
+fn convert_case(v: Value, conv: fn(&str) -> String) -> Value {
+    match v {
+        Value::Map(m) => Value::Map(
+            m.into_iter()
+                .map(|(k, v)| if k == "config" { (k, v) } else { (conv(&k), convert_case(v, conv)) })
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+fn random_index(len: usize) -> usize {
+    if len == 0 {
+        return 0;
+    }
+    let seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    (RandomState::new().hash_one(seed) % len as u64) as usize
+}
+
+/// Picks one of the matching records by `mode` (spec §5.3).
+fn select(mode: &str, mut found: Vec<ServiceRecord>, pattern: &str) -> Result<ServiceRecord, ManagerError> {
+    let pick = match mode {
+        "exact" => {
+            if found.len() > 1 {
+                let ids: Vec<String> = found.iter().take(5).map(|r| format!("'{}'", r.full_id())).collect();
+                return Err(ManagerError::Assertion(format!(
+                    "Multiple services found for {pattern}, e.g. [{}]. You can either specify the mode as 'random', 'first', 'last', 'native:random', or use 'select:criteria:function' format.",
+                    ids.join(", ")
+                )));
+            }
+            0
+        }
+        "first" | "min_load" => 0,
+        "last" => found.len().saturating_sub(1),
+        "random" | "native:random" => random_index(found.len()),
+        other => match other.strip_prefix("select:").map(|r| r.split_once(':')) {
+            Some(Some((criteria, _function))) => {
+                if !matches!(criteria, "min" | "max" | "first_success") {
+                    return Err(ManagerError::Value(format!("Unknown selection criteria: {criteria}")));
+                }
+                // Selecting by a function's value needs a call per candidate; without it the
+                // first candidate is as good as any (upstream falls back the same way when
+                // the function is missing).
+                0
+            }
+            _ => {
+                return Err(ManagerError::Value(format!(
+                    "Invalid mode: {other}. Mode must be 'random', 'first', 'last', 'exact', 'min_load', 'native:random', or 'select:criteria:function' format (e.g., 'select:min:get_load')"
+                )))
+            }
+        },
+    };
+    if pick >= found.len() {
+        return Err(ManagerError::Key(format!("Service not found: {pattern}")));
+    }
+    Ok(found.swap_remove(pick))
+}
+
+/// What a service id named.
+enum Lookup {
+    /// The manager itself (`~`).
+    Manager,
+    /// A registered service, and how the caller may use it.
+    Record(Box<ServiceRecord>, Access),
+}
+
+/// The options of `get_service` / `get_service_info`.
+struct LookupConfig {
+    mode: Option<String>,
+    timeout: Duration,
+    case: Option<fn(&str) -> String>,
+}
+
+impl LookupConfig {
+    fn parse(config: &Value) -> Result<Self, ManagerError> {
+        let empty = Map::new();
+        let m = match config {
+            Value::Map(m) => m,
+            Value::Nil => &empty,
+            other => return Err(ManagerError::Type(format!("config must be a dict, got {}", other.kind()))),
+        };
+        let mode = match map_get(m, "mode") {
+            None => None,
+            Some(Value::Str(s)) => Some(s.clone()),
+            Some(other) => return Err(ManagerError::Value(format!("Invalid mode: {}", other.kind()))),
+        };
+        let timeout = map_get(m, "timeout")
+            .and_then(Value::as_f64)
+            .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok())
+            .unwrap_or(GET_SERVICE_TIMEOUT)
+            .min(MAX_CALL_TIMEOUT);
+        let case: Option<fn(&str) -> String> = match map_get(m, "case_conversion").and_then(Value::as_str) {
+            None => None,
+            Some("camel") => Some(to_camel),
+            Some("snake") => Some(to_snake),
+            Some(other) => {
+                return Err(ManagerError::Value(format!(
+                    "Invalid case conversion: {other}, it must be 'camel' or 'snake'"
+                )))
+            }
+        };
+        Ok(LookupConfig { mode, timeout, case })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The actor
+// ---------------------------------------------------------------------------------------
+
+/// Asks the manager whether client `{workspace}/{client_id}` answers `built-in.ping`
+/// within [`PING_TIMEOUT`] (the handshake's duplicate-client-id rule, spec §2.1 step 7).
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct PingClient {
+    /// The client's workspace.
+    pub workspace: String,
+    /// The client id.
+    pub client_id: String,
+}
+
+/// The workspace manager actor (see the module docs).
+pub struct Manager {
+    state: Arc<ServerState>,
+    endpoint: Endpoint,
+    /// What the router stamps into our frames.
+    sender: RouteSender,
+    /// Our calls in flight, by session: who waits for the outcome.
+    waiting: HashMap<String, oneshot::Sender<CallOutcome>>,
+    /// The armed timer and its deadline.
+    timer: Option<(Instant, SpawnHandle)>,
+    /// Taken by `started`.
+    inbox: Option<tokio::sync::mpsc::Receiver<Bytes>>,
+    /// `log`/`log_event` records.
+    events: EventLog,
+    /// The manager's own info record (`get_service_info("~")`).
+    info: Map,
+}
+
+impl Manager {
+    /// Registers the manager at `*/manager-{sid}` in the router and starts it in the
+    /// current actix arbiter.
+    pub fn start(state: Arc<ServerState>) -> Addr<Manager> {
+        let manager = Manager::new(state);
+        Actor::start(manager)
+    }
+
+    /// [`Manager::start`] in a given arbiter.
+    pub fn start_in(state: Arc<ServerState>, arbiter: &ArbiterHandle) -> Addr<Manager> {
+        let manager = Manager::new(state);
+        Actor::start_in_arbiter(arbiter, move |_| manager)
+    }
+
+    fn new(state: Arc<ServerState>) -> Manager {
+        let manager_id = state.config.manager_id();
+        let (inbox, rx) = LocalInbox::channel(LOCAL_INBOX_FRAMES);
+        state.router.register_local(WILDCARD, &manager_id, inbox);
+        let config = EndpointConfig {
+            session: SessionConfig { method_timeout: Duration::from_secs(30), ..SessionConfig::default() },
+            server_url: Some(state.public_base_url()),
+            ..EndpointConfig::default()
+        };
+        let mut endpoint = Endpoint::new(config, Some(WILDCARD), &manager_id, Instant::now());
+        let api = Self::api(&state);
+        let info = Self::info_record(&api);
+        if let Err(e) = endpoint.register_service(api, true) {
+            // Our own service map; a failure is a bug, logged rather than a panic.
+            tracing::error!(error = %e, "cannot register the manager service");
+        }
+        let sender = RouteSender {
+            workspace: WILDCARD.to_owned(),
+            client_id: manager_id,
+            user: auth::internal_root_user().to_value(),
+            read_only: false,
+        };
+        Manager {
+            state,
+            endpoint,
+            sender,
+            waiting: HashMap::new(),
+            timer: None,
+            inbox: Some(rx),
+            events: EventLog::new(),
+            info,
+        }
+    }
+
+    /// The `default` service map (spec §4.2): `id`, `name`, `description`, `config`, the
+    /// methods in upstream's order; `type` is appended by the endpoint.
+    fn api(state: &ServerState) -> Map {
+        let public = state.public_base_url();
+        let jwt = &state.config.jwt;
+        let mut config = Map::new();
+        config.insert("require_context".into(), Value::Bool(true));
+        config.insert("visibility".into(), Value::from("public"));
+        config.insert("server_id".into(), Value::from(state.config.server_id.as_str()));
+        config.insert("hypha_version".into(), Value::from(state.config.hypha_version.as_str()));
+        config.insert("public_base_url".into(), Value::from(public.as_str()));
+        config.insert("local_base_url".into(), Value::from(state.local_base_url()));
+        config.insert("auth0_client_id".into(), Value::Nil);
+        config.insert("auth0_domain".into(), Value::Nil);
+        config.insert("auth0_audience".into(), Value::from(jwt.audience.as_str()));
+        config.insert("auth0_issuer".into(), Value::from(jwt.issuer.as_str()));
+        config
+            .insert("login_service_url".into(), Value::from(format!("{public}/public/services/hypha-login")));
+        let mut api = Map::new();
+        api.insert("id".into(), Value::from(MANAGER_SERVICE_ID));
+        api.insert("name".into(), Value::from("Default workspace management service"));
+        api.insert("description".into(), Value::from("Services for managing workspace."));
+        api.insert("config".into(), Value::Map(config));
+        for m in METHODS {
+            let (name, doc, params) = signature(m);
+            let mut builder = FunctionSchema::builder(name).description(doc);
+            for param in params {
+                builder = builder.param(param);
+            }
+            let f = LocalFunction {
+                handler: FnHandler::new(m),
+                name: Some(name.to_owned()),
+                doc: Some(doc.to_owned()),
+                schema: Some(Box::new(builder.build().to_value())),
+            };
+            api.insert(name.into(), Value::from(hypha_core::value::Function::Local(f)));
+        }
+        api
+    }
+
+    /// The manager's service info (`get_service_info("~")`, spec §4.2).
+    fn info_record(api: &Map) -> Map {
+        let mut config = Map::new();
+        config.insert("visibility".into(), Value::from("public"));
+        config.insert("require_context".into(), Value::Bool(true));
+        config.insert("workspace".into(), Value::from(WILDCARD));
+        config.insert("flags".into(), Value::List(Vec::new()));
+        config.insert("singleton".into(), Value::Bool(false));
+        config.insert("created_by".into(), Value::Nil);
+        config.insert("service_embedding".into(), Value::Nil);
+        config.insert("authorized_workspaces".into(), Value::Nil);
+        if let Some(Value::Map(c)) = api.get("config") {
+            for (k, v) in c {
+                if !config.contains_key(k) {
+                    config.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let mut info = Map::new();
+        info.insert("config".into(), Value::Map(config));
+        info.insert("id".into(), Value::from(MANAGER_ALIAS));
+        info.insert("name".into(), api.get("name").cloned().unwrap_or(Value::Nil));
+        info.insert("type".into(), Value::from("generic"));
+        info.insert("description".into(), api.get("description").cloned().unwrap_or(Value::Nil));
+        info.insert("docs".into(), Value::Nil);
+        info.insert("app_id".into(), Value::from(WILDCARD));
+        info.insert("service_schema".into(), schema::service_schema_value(&Value::Map(api.clone()), true));
+        info
+    }
+
+    // --- driving the endpoint ------------------------------------------------------------
+
+    /// Sends what the endpoint queued, handles what it reported, re-arms the timer.
+    fn drive(&mut self, ctx: &mut Context<Self>) {
+        loop {
+            let now = Instant::now();
+            let mut busy = false;
+            while let Some(frame) = self.endpoint.poll_transmit() {
+                busy = true;
+                match self.state.router.route(&self.sender, &frame, now) {
+                    // A call of ours the router refused (target just left): settle it now.
+                    RouteOutcome::Rejected { reject, error } => {
+                        tracing::debug!(%error, "manager call refused by the router");
+                        self.endpoint.handle_frame(now, reject);
+                    }
+                    RouteOutcome::Dropped(reason) => tracing::debug!(%reason, "manager frame dropped"),
+                    RouteOutcome::Delivered(_) => {}
+                }
+            }
+            while let Some(event) = self.endpoint.poll_event() {
+                busy = true;
+                self.on_event(ctx, event);
+            }
+            if !busy {
+                break;
+            }
+        }
+        self.arm(ctx);
+    }
+
+    fn arm(&mut self, ctx: &mut Context<Self>) {
+        let Some(deadline) = self.endpoint.poll_timeout() else { return };
+        if let Some((at, handle)) = self.timer {
+            if at <= deadline {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        let after = deadline.saturating_duration_since(Instant::now());
+        let handle = ctx.run_later(after, |act, ctx| {
+            act.timer = None;
+            act.endpoint.handle_timeout(Instant::now());
+            act.drive(ctx);
+        });
+        self.timer = Some((deadline, handle));
+    }
+
+    fn on_event(&mut self, ctx: &mut Context<Self>, event: Event) {
+        match event {
+            Event::Invoke { handler, args, kwargs, context, reply } => {
+                self.invoke(ctx, &handler, args, kwargs, context.as_ref(), reply);
+            }
+            Event::Settled(settled) => {
+                if let Some(tx) = self.waiting.remove(&settled.session) {
+                    let _ = tx.send(settled.outcome);
+                }
+            }
+            Event::GeneratorNext { reply, .. } => {
+                let e = ErrorValue::new("Exception: the manager has no generators");
+                self.endpoint.reply(Instant::now(), reply, Err(e));
+            }
+            Event::Error(e) => tracing::debug!(error = %e, "manager endpoint"),
+            other => tracing::trace!(?other, "manager event ignored"),
+        }
+    }
+
+    fn reply(&mut self, reply: ReplyTo, result: Result<Value, ManagerError>) {
+        if let Err(e) = &result {
+            tracing::debug!(method = reply.method(), caller = reply.caller(), error = %e, "manager call failed");
+        }
+        self.endpoint.reply(Instant::now(), reply, result.map_err(|e| e.to_error_value()));
+    }
+
+    /// Calls `method` on peer `target` with a promise; the receiver gets the outcome
+    /// (the caller must [`Manager::drive`] afterwards to send the call).
+    fn call_peer(
+        &mut self,
+        target: &str,
+        method: &str,
+        args: Vec<Value>,
+        promise: PromiseMode,
+    ) -> Result<oneshot::Receiver<CallOutcome>, ManagerError> {
+        let rm = RemoteMethod {
+            target: target.to_owned(),
+            method: method.to_owned(),
+            promise,
+            ..Default::default()
+        };
+        let session = self
+            .endpoint
+            .call(Instant::now(), &rm, args, None)
+            .map_err(|e| ManagerError::Runtime(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.waiting.insert(session, tx);
+        Ok(rx)
+    }
+
+    /// `built-in.ping("ping")` on `{ws}/{cid}`: resolves to `Ok("pong")` or the reason.
+    fn ping_client(
+        &mut self,
+        ws: &str,
+        cid: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), String>> {
+        let rx = if self.state.router.is_connected(ws, cid) {
+            self.call_peer(
+                &format!("{ws}/{cid}"),
+                "services.built-in.ping",
+                vec![Value::from("ping")],
+                PromiseMode::Compact,
+            )
+            .map_err(|e| e.to_string())
+        } else {
+            Err(String::new())
+        };
+        async move {
+            let rx = rx?;
+            match outcome(rx, timeout).await? {
+                Value::Str(s) if s == "pong" => Ok(()),
+                other => Err(format!("unexpected answer {}", other.kind())),
+            }
+        }
+    }
+
+    // --- dispatch ------------------------------------------------------------------------
+
+    fn invoke(
+        &mut self,
+        ctx: &mut Context<Self>,
+        handler: &FnHandler,
+        args: Vec<Value>,
+        kwargs: Option<Map>,
+        context: Option<&Map>,
+        reply: ReplyTo,
+    ) {
+        let Some(&method) = handler.downcast_ref::<Method>() else {
+            let e = ManagerError::Other(format!("Method not found: {}", reply.method()));
+            return self.reply(reply, Err(e));
+        };
+        let (name, _, params) = signature(method);
+        let prepared =
+            Caller::from_context(context).and_then(|caller| Ok((caller, bind(name, &params, args, kwargs)?)));
+        let (caller, values) = match prepared {
+            Ok(p) => p,
+            Err(e) => return self.reply(reply, Err(e)),
+        };
+        let mut a = Args { name, values };
+        match method {
+            Method::GetService => self.get_service(ctx, &caller, &mut a, reply),
+            Method::Ping => self.ping(ctx, &caller, &mut a, reply),
+            Method::Cleanup => self.cleanup(ctx, &caller, &mut a, reply),
+            _ => {
+                let result = self.call_sync(method, &caller, &mut a);
+                self.reply(reply, result);
+            }
+        }
+    }
+
+    fn call_sync(&mut self, m: Method, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        match m {
+            Method::Echo => {
+                self.require(c, &c.ws, Permission::ReadWrite)?;
+                Ok(a.take(0))
+            }
+            Method::Log => {
+                self.require(c, &c.ws, Permission::ReadWrite)?;
+                let msg = a.take(0);
+                self.log_event(c, "log", msg)
+            }
+            Method::LogEvent => {
+                self.require(c, &c.ws, Permission::ReadWrite)?;
+                let t = a.string(0, "event_type")?;
+                let data = a.take(1);
+                self.log_event(c, &t, data)
+            }
+            Method::GetEvents | Method::GetEventStats => {
+                self.require(c, &c.ws, Permission::Read)?;
+                let t = a.opt_string(0, "event_type")?;
+                let time = |v: Option<String>| -> Result<Option<f64>, ManagerError> {
+                    v.map(|s| {
+                        parse_iso(&s)
+                            .ok_or_else(|| ManagerError::Value(format!("Invalid isoformat string: '{s}'")))
+                    })
+                    .transpose()
+                };
+                let start = time(a.opt_string(1, "start_time")?)?;
+                let end = time(a.opt_string(2, "end_time")?)?;
+                let q = EventQuery {
+                    workspace: &c.ws,
+                    user_id: &c.user.id,
+                    event_type: t.as_deref(),
+                    start,
+                    end,
+                };
+                Ok(Value::List(if m == Method::GetEvents {
+                    self.events.events(&q)
+                } else {
+                    self.events.stats(&q)
+                }))
+            }
+            Method::RegisterService => self.register_service(c, a),
+            Method::UnregisterService => self.unregister_service(c, a),
+            Method::ListWorkspaces => self.list_workspaces(c, a),
+            Method::ListServices => self.list_services(c, a),
+            Method::SearchServices => Err(ManagerError::Runtime("Service search is not enabled.".into())),
+            Method::ListClients => self.list_clients(c, a),
+            Method::RegisterServiceType => self.register_service_type(c, a),
+            Method::GetServiceType => self.get_service_type(c, a),
+            Method::ListServiceTypes => self.list_service_types(c, a),
+            Method::GetServiceInfo => {
+                let id = a.take(0);
+                let config = LookupConfig::parse(&a.take(1))?;
+                match self.lookup(c, &id, &config)? {
+                    Lookup::Manager => Ok(Value::Map(self.info.clone())),
+                    Lookup::Record(r, access) => Ok(r.view(access)),
+                }
+            }
+            Method::GenerateToken => {
+                let config = a.take(0);
+                let is_owner = |u: &UserInfo, ws: &str| {
+                    self.state.workspaces.get(ws).is_some_and(|r| auth::is_workspace_owner(u, ws, &r.owners))
+                        || auth::is_workspace_owner(u, ws, &[])
+                };
+                auth::generate_child_token(
+                    &c.user,
+                    &c.ws,
+                    &config,
+                    &is_owner,
+                    &self.state.config.jwt,
+                    unix_now(),
+                )
+                .map(Value::from)
+                .map_err(ManagerError::from_auth)
+            }
+            Method::RevokeToken => self.revoke_token(c, a),
+            Method::ParseToken => self.parse_token(c, a),
+            Method::CreateWorkspace => self.create_workspace(c, a),
+            Method::DeleteWorkspace => self.delete_workspace(c, a),
+            Method::Bookmark => self.bookmark(c, a, true),
+            Method::Unbookmark => self.bookmark(c, a, false),
+            Method::GetWorkspaceInfo => {
+                self.require(c, &c.ws, Permission::Read)?;
+                let ws = a.opt_string(0, "workspace")?.unwrap_or_else(|| c.ws.clone());
+                Ok(self.workspace(&ws)?.to_value())
+            }
+            Method::GetSummary => self.get_summary(c),
+            Method::CheckStatus => {
+                self.require(c, &c.ws, Permission::Read)?;
+                let perm = self.permission(&c.user, &c.ws);
+                let mut m = Map::new();
+                if self.state.workspaces.contains(&c.ws) {
+                    m.insert("status".into(), Value::from("ready"));
+                    m.insert("errors".into(), Value::Nil);
+                } else {
+                    m.insert("status".into(), Value::from("not_found"));
+                    m.insert("error".into(), Value::from(format!("Workspace {} not found", c.ws)));
+                }
+                m.insert("user_permission".into(), Value::from(perm.map(Permission::as_str)));
+                Ok(Value::Map(m))
+            }
+            Method::SetEnv => self.set_env(c, a),
+            Method::GetEnv => self.get_env(c, a),
+            Method::Subscribe | Method::Unsubscribe => self.subscribe(c, a, m == Method::Subscribe),
+            Method::GetService | Method::Ping | Method::Cleanup => {
+                Err(ManagerError::Runtime("asynchronous method dispatched synchronously".into()))
+            }
+        }
+    }
+
+    // --- permissions -----------------------------------------------------------------------
+
+    /// The user's permission on `ws`: its token scope, or `a` on its own personal
+    /// workspace and on workspaces whose `owners` name it (id or email, spec §6.1).
+    ///
+    /// The "child of the owner" rule of `generate_token` (§6.4) is deliberately not
+    /// applied here: a `read` child of an owner stays read-only.
+    fn permission(&self, user: &UserInfo, ws: &str) -> Option<Permission> {
+        let listed = |r: &WorkspaceRecord| {
+            r.owners.iter().any(|o| *o == user.id || user.email.as_deref() == Some(o.as_str()))
+        };
+        let owner =
+            ws == user.personal_workspace() || self.state.workspaces.get(ws).is_some_and(|r| listed(&r));
+        if owner {
+            Some(Permission::Admin)
+        } else {
+            user.permission(ws)
+        }
+    }
+
+    fn require(&self, c: &Caller, ws: &str, need: Permission) -> Result<(), ManagerError> {
+        if self.permission(&c.user, ws).is_some_and(|p| p.satisfies(need)) {
+            Ok(())
+        } else {
+            Err(ManagerError::denied(ws))
+        }
+    }
+
+    fn workspace(&self, ws: &str) -> Result<WorkspaceRecord, ManagerError> {
+        self.state.workspaces.get(ws).ok_or_else(|| {
+            ManagerError::Key(format!(
+                "Workspace ({ws}) not found and workspace loader not configured (requires s3)."
+            ))
+        })
+    }
+
+    fn emit(&self, ws: &str, kind: &str, data: Value) {
+        let data = match data {
+            Value::Map(m) => m,
+            other => {
+                let mut m = Map::new();
+                m.insert("value".into(), other);
+                m
+            }
+        };
+        self.state.router.broadcast_event(ws, kind, data);
+    }
+
+    fn client_event(&self, kind: &str, ws: &str, id: &str) {
+        let mut data = Map::new();
+        data.insert("id".into(), Value::from(id));
+        data.insert("workspace".into(), Value::from(ws));
+        self.state.router.broadcast_event(ws, kind, data);
+    }
+
+    // --- events ----------------------------------------------------------------------------
+
+    fn log_event(&self, c: &Caller, event_type: &str, data: Value) -> Result<Value, ManagerError> {
+        self.events.log(event_type, &c.ws, &c.user.id, data, unix_now()).map_err(|e| match e {
+            super::events::EventError::SpaceInType => ManagerError::Assertion(e.to_string()),
+            _ => ManagerError::Value(e.to_string()),
+        })?;
+        Ok(Value::Nil)
+    }
+
+    fn subscribe(&self, c: &Caller, a: &mut Args, on: bool) -> Result<Value, ManagerError> {
+        let types = match a.take(0) {
+            Value::Str(s) => vec![s],
+            v @ Value::List(_) => string_list(&v).ok_or_else(|| {
+                ManagerError::Type("event_type must be a string or a list of strings".into())
+            })?,
+            other => {
+                return Err(ManagerError::Type(format!(
+                    "event_type must be a string or a list of strings, got {}",
+                    other.kind()
+                )))
+            }
+        };
+        for t in &types {
+            check_subscription(t, &c.ws).map_err(|e| ManagerError::Value(e.to_string()))?;
+        }
+        let router = &self.state.router;
+        let result = if on {
+            router.subscribe(&c.ws, &c.client_id, types)
+        } else {
+            router.unsubscribe(&c.ws, &c.client_id, types)
+        };
+        result.map_err(|e| match e {
+            super::router::SubscribeError::NotConnected(_) => {
+                ManagerError::Runtime(format!("Connection not found for client {}", c.from))
+            }
+            other => ManagerError::Value(other.to_string()),
+        })?;
+        Ok(Value::Bool(true))
+    }
+
+    // --- services --------------------------------------------------------------------------
+
+    fn register_service(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        self.require(c, &c.ws, Permission::ReadWrite)?;
+        let service = a.map(0, "service")?;
+        let options = a.map(1, "config")?;
+        let _ = options; // upstream's only option (skip_app_id_validation) concerns apps
+        let id = service
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ManagerError::Assertion("Service id info must contain ':'".into()))?;
+        let id = ServiceId::for_registration(id, &c.ws).map_err(ManagerError::from_id)?;
+        let raw_config = service.get("config").and_then(Value::as_map);
+        let local_only =
+            raw_config.and_then(|m| m.get("_local_only")).is_some_and(|v| v.as_bool() == Some(true));
+        if id.service().starts_with(RINTF_PREFIX) || local_only {
+            return Ok(Value::Nil);
+        }
+        if id.client_id() != c.client_id {
+            return Err(ManagerError::Permission(format!(
+                "Cannot register service {} for another client: services are registered by their own client ({})",
+                id.without_app(),
+                c.from
+            )));
+        }
+        let ws = id.workspace().to_owned();
+        let builtin = id.service() == BUILTIN_SERVICE_ID;
+        if !builtin {
+            let exempt = ws == auth::PUBLIC_WORKSPACE || ws == auth::personal_workspace(auth::ROOT_USER_ID);
+            if !exempt && self.state.registry.builtin(&ws, &c.client_id).is_none() {
+                // The client is gone (or never registered itself): nothing to store.
+                return Ok(Value::Nil);
+            }
+            if self.state.registry.get(&ws, &c.client_id, id.service()).is_none()
+                && self.state.registry.client_service_count(&ws, &c.client_id) >= MAX_SERVICES_PER_CLIENT
+            {
+                return Err(ManagerError::Runtime(format!(
+                    "Too many services registered by client {} (at most {MAX_SERVICES_PER_CLIENT})",
+                    c.from
+                )));
+            }
+        }
+        if !self.state.router.is_connected(&ws, &c.client_id) {
+            return Ok(Value::Nil);
+        }
+        let created_by = if builtin {
+            let mut user = c.user.clone();
+            user.current_workspace = Some(ws.clone());
+            user.to_value()
+        } else {
+            let mut m = Map::new();
+            m.insert("id".into(), Value::from(c.user.id.as_str()));
+            Value::Map(m)
+        };
+        let record = ServiceRecord::from_registration(&service, &id, created_by)?;
+        self.check_singleton(&record)?;
+        let added = record.to_value();
+        match self.state.registry.upsert(record) {
+            Some(_) if builtin => self.client_event("client_updated", &ws, &c.from),
+            None if builtin => self.client_event("client_connected", &ws, &c.from),
+            Some(old) => {
+                self.emit(&ws, "service_removed", old.to_value());
+                self.emit(&ws, "service_added", added);
+            }
+            None => self.emit(&ws, "service_added", added),
+        }
+        Ok(Value::Nil)
+    }
+
+    fn check_singleton(&self, record: &ServiceRecord) -> Result<(), ManagerError> {
+        let same_name: Vec<ServiceRecord> = self
+            .state
+            .registry
+            .in_workspace(&record.workspace)
+            .into_iter()
+            .filter(|r| r.name == record.name && r.full_id() != record.full_id())
+            .collect();
+        if same_name.is_empty() {
+            return Ok(());
+        }
+        if record.singleton {
+            return Err(ManagerError::Value(format!(
+                "A singleton service with the same name ({}) already exists in the workspace ({}), please use a different name.",
+                record.name, record.workspace
+            )));
+        }
+        if same_name.iter().any(|r| r.singleton) {
+            return Err(ManagerError::Value(format!(
+                "A singleton service with the same name ({}) has already exists in the workspace ({}).",
+                record.name, record.workspace
+            )));
+        }
+        Ok(())
+    }
+
+    fn unregister_service(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        self.require(c, &c.ws, Permission::ReadWrite)?;
+        let text = a.string(0, "service_id")?;
+        let query = ServiceQuery::parse(&text).map_err(ManagerError::from_id)?;
+        let own_ws = query.workspace.as_deref().is_none_or(|w| w == c.ws);
+        // A bare id means the caller's own service first (two clients may provide the same
+        // name; upstream's exact-mode lookup would refuse that).
+        let own = if own_ws && query.client_id.is_none() {
+            self.state.registry.get(&c.ws, &c.client_id, &query.service)
+        } else {
+            None
+        };
+        let record = match own {
+            Some(r) => r,
+            None => {
+                let config =
+                    LookupConfig { mode: Some("exact".into()), timeout: GET_SERVICE_TIMEOUT, case: None };
+                match self.lookup(c, &Value::from(text.as_str()), &config)? {
+                    Lookup::Record(r, _) => *r,
+                    Lookup::Manager => {
+                        return Err(ManagerError::Permission(
+                            "The manager service cannot be unregistered".into(),
+                        ))
+                    }
+                }
+            }
+        };
+        if record.client_id != c.client_id || record.workspace != c.ws {
+            self.require(c, &record.workspace, Permission::Admin).map_err(|_| {
+                ManagerError::Permission(format!(
+                    "Permission denied: service {} belongs to another client",
+                    record.full_id()
+                ))
+            })?;
+        }
+        if let Some(old) = self.state.registry.remove(&record.workspace, &record.client_id, &record.service) {
+            if old.is_builtin() {
+                self.client_event(CLIENT_DISCONNECTED, &old.workspace, &c.from);
+            } else {
+                self.emit(&old.workspace, "service_removed", old.to_value());
+            }
+        }
+        Ok(Value::Nil)
+    }
+
+    /// Resolves a service id for `get_service` / `get_service_info` / `unregister_service`
+    /// (spec §5.1-5.4).
+    fn lookup(&self, c: &Caller, id: &Value, config: &LookupConfig) -> Result<Lookup, ManagerError> {
+        let text = id
+            .as_str()
+            .ok_or_else(|| ManagerError::Type(format!("service_id must be a string, got {}", id.kind())))?;
+        let query = ServiceQuery::parse(text).map_err(ManagerError::from_id)?;
+        if query.is_manager_alias() {
+            return Ok(Lookup::Manager);
+        }
+        let sid = query.resolve_for_lookup(&c.ws).map_err(ManagerError::from_id)?;
+        // `built-in` alone names the caller's own built-in service.
+        let client = if sid.any_client() && sid.service() == BUILTIN_SERVICE_ID && sid.workspace() == c.ws {
+            c.client_id.as_str()
+        } else {
+            sid.client_id()
+        };
+        let pattern =
+            Pattern { workspace: sid.workspace(), client, service: sid.service(), app: sid.app_id() };
+        let found = self.state.registry.find(&pattern);
+        let shown = format!("{}/{}:{}@{}", sid.workspace(), client, sid.service(), sid.app_id_or_any());
+        if found.is_empty() {
+            return Err(ManagerError::Key(format!("Service not found: {shown}")));
+        }
+        let default_mode = if sid.workspace() == auth::PUBLIC_WORKSPACE { "random" } else { "exact" };
+        let mode = config.mode.as_deref().unwrap_or(default_mode);
+        let pattern_text = format!("{}/{}:{}", sid.workspace(), client, sid.service());
+        let record = select(mode, found, &pattern_text)?;
+        match record.access(&c.user, &c.ws) {
+            Access::Denied => Err(ManagerError::Permission(format!(
+                "Permission denied for non-public service in workspace {}",
+                record.workspace
+            ))),
+            access => Ok(Lookup::Record(Box::new(record), access)),
+        }
+    }
+
+    fn get_service(&mut self, ctx: &mut Context<Self>, c: &Caller, a: &mut Args, reply: ReplyTo) {
+        let id = a.take(0);
+        let prepared = LookupConfig::parse(&a.take(1)).and_then(|config| {
+            if id.as_str() == Some(WILDCARD) {
+                return Err(ManagerError::from_id(IdError::WildcardService));
+            }
+            Ok((self.lookup(c, &id, &config)?, config))
+        });
+        let (record, config) = match prepared {
+            Ok((Lookup::Manager, _)) => {
+                let api = self.endpoint.table().service(MANAGER_SERVICE_ID).map(|s| s.api.clone());
+                let result =
+                    api.map(Value::Map).ok_or_else(|| ManagerError::Runtime("no manager service".into()));
+                return self.reply(reply, result);
+            }
+            Ok((Lookup::Record(r, _), config)) => (*r, config),
+            Err(e) => return self.reply(reply, Err(e)),
+        };
+        let rx = match self.call_peer(
+            &record.provider(),
+            "services.built-in.get_service",
+            vec![Value::from(record.service.as_str())],
+            PromiseMode::Explicit,
+        ) {
+            Ok(rx) => rx,
+            Err(e) => return self.reply(reply, Err(e)),
+        };
+        self.drive(ctx);
+        let url = format!(
+            "{}/{}/services/{}:{}",
+            self.state.public_base_url(),
+            record.workspace,
+            record.client_id,
+            record.service
+        );
+        let case = config.case;
+        let fut = outcome(rx, config.timeout).into_actor(self).map(move |res, act, ctx| {
+            let result = res.map_err(ManagerError::Raw).and_then(|svc| {
+                let Value::Map(mut svc) = svc else {
+                    return Err(ManagerError::Runtime(format!(
+                        "Invalid service returned by {}",
+                        record.provider()
+                    )));
+                };
+                svc.insert("id".into(), Value::from(record.full_id()));
+                if let Value::Map(cfg) =
+                    svc.entry("config".to_owned()).or_insert_with(|| Value::Map(Map::new()))
+                {
+                    cfg.insert("workspace".into(), Value::from(record.workspace.as_str()));
+                    cfg.insert("url".into(), Value::from(url));
+                }
+                Ok(match case {
+                    Some(conv) => convert_case(Value::Map(svc), conv),
+                    None => Value::Map(svc),
+                })
+            });
+            act.reply(reply, result);
+            act.drive(ctx);
+        });
+        ctx.spawn(fut);
+    }
+
+    fn list_services(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        let query = a.take(0);
+        let include_unlisted = a.bool(1);
+        let mut q = ListQuery::parse(&query, &c.ws)?;
+        if q.workspace == WILDCARD {
+            if matches!(q.visibility.as_deref(), Some("protected" | "unlisted")) {
+                return Err(ManagerError::Assertion(
+                    "Cannot list protected or unlisted services in all workspaces.".into(),
+                ));
+            }
+            if include_unlisted {
+                return Err(ManagerError::Permission(
+                    "Cannot include unlisted services when searching all workspaces.".into(),
+                ));
+            }
+        } else if include_unlisted && q.workspace != c.ws {
+            return Err(ManagerError::Permission(format!(
+                "Cannot include unlisted services from workspace {}. Only services from your current workspace ({}) can include unlisted services.",
+                q.workspace, c.ws
+            )));
+        }
+        let records = if q.workspace == WILDCARD {
+            let mut all: Vec<ServiceRecord> = self
+                .state
+                .registry
+                .all()
+                .into_iter()
+                .filter(|r| r.workspace != c.ws && r.visibility == schema::Visibility::Public)
+                .collect();
+            all.extend(self.state.registry.in_workspace(&c.ws));
+            q.workspace = c.ws.clone();
+            all
+        } else {
+            self.state.registry.in_workspace(&q.workspace)
+        };
+        let out = records
+            .into_iter()
+            .filter(|r| q.matches(r))
+            .filter_map(|r| {
+                if r.visibility == schema::Visibility::Unlisted && !include_unlisted {
+                    return None;
+                }
+                match r.access(&c.user, &c.ws) {
+                    Access::Denied => None,
+                    access => Some(r.view(access)),
+                }
+            })
+            .collect();
+        Ok(Value::List(out))
+    }
+
+    fn list_clients(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        let ws = a.opt_string(0, "workspace")?.unwrap_or_else(|| c.ws.clone());
+        self.require(c, &ws, Permission::Read)?;
+        let out = self
+            .state
+            .registry
+            .clients(&ws)
+            .into_iter()
+            .map(|r| {
+                let mut m = Map::new();
+                m.insert("id".into(), Value::from(r.provider()));
+                m.insert("user".into(), r.created_by());
+                Value::Map(m)
+            })
+            .collect();
+        Ok(Value::List(out))
+    }
+
+    fn get_summary(&self, c: &Caller) -> Result<Value, ManagerError> {
+        self.require(c, &c.ws, Permission::Read)?;
+        let ws = self.workspace(&c.ws)?;
+        let records = self.state.registry.in_workspace(&c.ws);
+        let clients: Vec<Value> =
+            records.iter().filter(|r| r.is_builtin()).map(|r| Value::from(r.provider())).collect();
+        let services: Vec<Value> = records
+            .iter()
+            .map(|r| {
+                let mut m = Map::new();
+                for k in ["id", "name", "type", "description", "config"] {
+                    m.insert(k.into(), r.info.get(k).cloned().unwrap_or(Value::Nil));
+                }
+                Value::Map(m)
+            })
+            .collect();
+        let mut m = Map::new();
+        m.insert("name".into(), Value::from(ws.name.as_str()));
+        m.insert("description".into(), Value::from(ws.description.clone()));
+        m.insert("client_count".into(), Value::from(clients.len()));
+        m.insert("clients".into(), Value::List(clients));
+        m.insert("service_count".into(), Value::from(services.len()));
+        m.insert("services".into(), Value::List(services));
+        Ok(Value::Map(m))
+    }
+
+    // --- service types -----------------------------------------------------------------------
+
+    fn register_service_type(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        self.require(c, &c.ws, Permission::ReadWrite)?;
+        let info = a.map(0, "type_info")?;
+        let id = map_get(&info, "id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ManagerError::Value("Service type info must have an id".into()))?;
+        let short = match id.split_once('/') {
+            Some((ws, _)) if ws != c.ws => {
+                return Err(ManagerError::Permission(format!(
+                    "Service type id workspace '{ws}' does not match the current workspace '{}'",
+                    c.ws
+                )))
+            }
+            Some((_, s)) => s.to_owned(),
+            None => id.to_owned(),
+        };
+        let name = map_get(&info, "name").cloned().unwrap_or_else(|| Value::from(short.as_str()));
+        let mut t = Map::new();
+        t.insert("id".into(), Value::from(short.as_str()));
+        t.insert("name".into(), name);
+        t.insert("definition".into(), info.get("definition").cloned().unwrap_or(Value::Map(Map::new())));
+        t.insert("description".into(), info.get("description").cloned().unwrap_or(Value::Nil));
+        t.insert("config".into(), map_get(&info, "config").cloned().unwrap_or(Value::Map(Map::new())));
+        t.insert("docs".into(), info.get("docs").cloned().unwrap_or(Value::Nil));
+        let stored = self.state.workspaces.update(&c.ws, |w| {
+            if w.service_types.contains_key(&short) {
+                return false;
+            }
+            w.service_types.insert(short.clone(), Value::Map(t.clone()));
+            true
+        });
+        match stored {
+            None => Err(self.workspace(&c.ws).err().unwrap_or_else(|| ManagerError::denied(&c.ws))),
+            Some(false) => Err(ManagerError::Key(format!("Service type already exists: {short}"))),
+            Some(true) => Ok(Value::Map(t)),
+        }
+    }
+
+    fn get_service_type(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        let id = a.string(0, "type_id")?;
+        let (ws, short) =
+            id.split_once('/').map_or((c.ws.clone(), id.clone()), |(w, s)| (w.to_owned(), s.to_owned()));
+        let record = self.workspace(&ws)?;
+        let Some(Value::Map(t)) = record.service_types.get(&short) else {
+            return Err(ManagerError::Key(format!("Service type not found: {ws}/{short}")));
+        };
+        let public =
+            t.get("config").and_then(Value::as_map).and_then(|c| c.get("visibility")).and_then(Value::as_str)
+                == Some("public");
+        if !public {
+            self.require(c, &ws, Permission::Read)?;
+        }
+        let mut t = t.clone();
+        t.insert("id".into(), Value::from(format!("{ws}/{short}")));
+        Ok(Value::Map(t))
+    }
+
+    fn list_service_types(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        let ws = a.opt_string(0, "workspace")?.unwrap_or_else(|| c.ws.clone());
+        self.require(c, &ws, Permission::Read)?;
+        Ok(Value::List(self.workspace(&ws)?.service_types.values().cloned().collect()))
+    }
+
+    // --- tokens ------------------------------------------------------------------------------
+
+    fn revoke_token(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        self.require(c, &c.ws, Permission::Admin)?;
+        let token = a.string(0, "token")?;
+        let now = unix_now();
+        let claims = self.state.config.jwt.verify(&token, now).map_err(|e| match e {
+            AuthError::Expired => ManagerError::Value("Token has already expired".into()),
+            other => ManagerError::Value(format!("Invalid token: {other}")),
+        })?;
+        let exp = claims.get("exp").and_then(Json::as_f64).unwrap_or(now + auth::DEFAULT_TOKEN_LIFE_TIME);
+        self.state.revoked.revoke(&token, exp, now).map_err(ManagerError::Runtime)?;
+        Ok(Value::Nil)
+    }
+
+    fn parse_token(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        self.require(c, &c.ws, Permission::Read)?;
+        let token = a.string(0, "token")?;
+        let revoked = |t: &str| self.state.revoked.is_revoked(t);
+        let user = self
+            .state
+            .config
+            .jwt
+            .decode(&token, unix_now(), &revoked)
+            .map_err(|e| ManagerError::Value(format!("Invalid token: {e}")))?;
+        if let Some(wid) = user.scope.current_workspace.as_deref() {
+            if wid != c.ws {
+                return Err(ManagerError::Permission(format!(
+                    "Token is not authorized for workspace '{}'",
+                    c.ws
+                )));
+            }
+        }
+        Ok(user.to_value())
+    }
+
+    // --- workspaces --------------------------------------------------------------------------
+
+    fn create_workspace(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        if c.user.is_anonymous {
+            return Err(ManagerError::Other("Only registered user can create workspace.".into()));
+        }
+        let config = a.map(0, "config")?;
+        let overwrite = a.bool(1);
+        let text = |k: &str| map_get(&config, k).and_then(Value::as_str).map(str::to_owned);
+        let id = text("id")
+            .or_else(|| text("name"))
+            .ok_or_else(|| ManagerError::Value("Workspace config must have a name or an id".into()))?;
+        let is_root = c.user.id == auth::ROOT_USER_ID;
+        if id.is_empty()
+            || !id.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-' || ch == '|')
+        {
+            return Err(ManagerError::Value(format!(
+                "Invalid workspace name: {id}, only lowercase letters, numbers and hyphens are allowed."
+            )));
+        }
+        if !is_root && !id.contains('-') {
+            return Err(ManagerError::Value(
+                "Workspace name must contain at least one hyphen (e.g. my-workspace).".into(),
+            ));
+        }
+        if let Some(existing) = self.state.workspaces.get(&id) {
+            if !overwrite {
+                return Err(ManagerError::Runtime(format!("Workspace already exists: {id}")));
+            }
+            let allowed = is_root
+                || auth::is_workspace_owner(&c.user, &id, &existing.owners)
+                || c.user.check(&id, Permission::Admin);
+            if !allowed {
+                return Err(ManagerError::Permission(format!(
+                    "Permission denied: user {} cannot overwrite workspace {id}",
+                    c.user.id
+                )));
+            }
+        } else if !is_root {
+            let owned = self.state.workspaces.list().iter().filter(|w| w.owners.contains(&c.user.id)).count();
+            if owned >= MAX_WORKSPACES_PER_USER {
+                return Err(ManagerError::Runtime(format!(
+                    "Workspace quota exceeded: user {} already owns {owned} workspaces",
+                    c.user.id
+                )));
+            }
+        }
+        let mut owners = map_get(&config, "owners").and_then(string_list).unwrap_or_default();
+        if !owners.contains(&c.user.id) {
+            owners.push(c.user.id.clone());
+        }
+        let mut record = WorkspaceRecord::new(id.clone(), owners);
+        record.name = text("name").unwrap_or_else(|| id.clone());
+        record.description = text("description");
+        record.persistent = map_get(&config, "persistent").and_then(Value::as_bool).unwrap_or(false);
+        record.read_only = map_get(&config, "read_only").and_then(Value::as_bool).unwrap_or(false);
+        record.icon = config.get("icon").cloned().unwrap_or(Value::Nil);
+        record.covers = config.get("covers").cloned().unwrap_or(Value::Nil);
+        record.docs = config.get("docs").cloned().unwrap_or(Value::Nil);
+        if let Some(Value::Map(m)) = config.get("config") {
+            record.config = m.clone();
+        }
+        let mut dump = record.clone();
+        dump.status = WorkspaceStatus::Loading;
+        self.state.workspaces.put(record.clone());
+        let own = c.user.personal_workspace();
+        self.emit(&own, "workspace_loaded", record.to_value());
+        let mut mark = Map::new();
+        mark.insert("bookmark_type".into(), Value::from("workspace"));
+        mark.insert("id".into(), Value::from(id.as_str()));
+        mark.insert("name".into(), Value::from(id.as_str()));
+        mark.insert("description".into(), Value::from(record.description.clone()));
+        self.edit_bookmarks(&own, |list| {
+            list.retain(|b| bookmark_key(b) != Some(("workspace", id.as_str())));
+            list.push(Value::Map(mark));
+        });
+        Ok(dump.to_value())
+    }
+
+    fn delete_workspace(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        let ws = a.string(0, "workspace")?;
+        let record = self.workspace(&ws)?;
+        if PROTECTED_WORKSPACES.contains(&ws.as_str()) {
+            return Err(ManagerError::Permission(format!("The system workspace {ws} cannot be deleted")));
+        }
+        self.require(c, &ws, Permission::Admin)?;
+        self.state.workspaces.remove(&ws);
+        self.state.registry.remove_workspace(&ws);
+        let own = c.user.personal_workspace();
+        self.emit(&own, "workspace_deleted", record.to_value());
+        self.edit_bookmarks(&own, |list| {
+            list.retain(|b| bookmark_key(b) != Some(("workspace", ws.as_str())))
+        });
+        Ok(Value::Nil)
+    }
+
+    /// Edits `config.bookmarks` of `ws` (a user's own workspace) and announces the change.
+    fn edit_bookmarks(&self, ws: &str, f: impl FnOnce(&mut Vec<Value>)) -> bool {
+        let changed = self.state.workspaces.update(ws, |w| {
+            let mut list = match w.config.shift_remove("bookmarks") {
+                Some(Value::List(l)) => l,
+                _ => Vec::new(),
+            };
+            f(&mut list);
+            list.truncate(MAX_ENV_ENTRIES);
+            w.config.insert("bookmarks".into(), Value::List(list));
+            w.to_value()
+        });
+        match changed {
+            Some(dump) => {
+                self.emit(ws, "workspace_changed", dump);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn bookmark(&self, c: &Caller, a: &mut Args, add: bool) -> Result<Value, ManagerError> {
+        let item = a.map(0, "item")?;
+        let kind = map_get(&item, "bookmark_type").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let id = map_get(&item, "id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ManagerError::Value("A bookmark needs an id".into()))?
+            .to_owned();
+        let own = c.user.personal_workspace();
+        self.workspace(&own)?;
+        let mark = match (add, kind.as_str()) {
+            (false, "workspace" | "service") => None,
+            (true, "workspace") => {
+                let ws = self.workspace(&id)?;
+                let mut m = Map::new();
+                m.insert("bookmark_type".into(), Value::from("workspace"));
+                m.insert("id".into(), Value::from(id.as_str()));
+                m.insert("name".into(), Value::from(ws.name.as_str()));
+                m.insert("description".into(), Value::from(ws.description.clone()));
+                Some(m)
+            }
+            (true, "service") => {
+                let config = LookupConfig { mode: None, timeout: GET_SERVICE_TIMEOUT, case: None };
+                let Lookup::Record(r, _) = self.lookup(c, &Value::from(id.as_str()), &config)? else {
+                    return Err(ManagerError::Value("The manager cannot be bookmarked".into()));
+                };
+                let mut m = Map::new();
+                m.insert("bookmark_type".into(), Value::from("service"));
+                m.insert("id".into(), Value::from(r.full_id()));
+                m.insert("name".into(), Value::from(r.name.as_str()));
+                m.insert("description".into(), r.info.get("description").cloned().unwrap_or(Value::Nil));
+                m.insert("config".into(), r.info.get("config").cloned().unwrap_or(Value::Nil));
+                Some(m)
+            }
+            _ => {
+                return Err(ManagerError::Value(format!(
+                    "Invalid bookmark type: {kind}, it must be 'workspace' or 'service'"
+                )))
+            }
+        };
+        let key_id =
+            mark.as_ref().and_then(|m| m.get("id")).and_then(Value::as_str).unwrap_or(&id).to_owned();
+        self.edit_bookmarks(&own, |list| {
+            list.retain(|b| bookmark_key(b) != Some((kind.as_str(), key_id.as_str())));
+            if let Some(m) = mark {
+                list.push(Value::Map(m));
+            }
+        });
+        Ok(Value::Nil)
+    }
+
+    fn list_workspaces(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        self.require(c, &c.ws, Permission::Read)?;
+        let filter = a.map(0, "match")?;
+        let offset = a.take(1).as_i64().unwrap_or(0);
+        let limit = a.take(2).as_i64().unwrap_or(256);
+        if offset < 0 {
+            return Err(ManagerError::Value("Offset must be a non-negative integer".into()));
+        }
+        if !(1..=256).contains(&limit) {
+            return Err(ManagerError::Value("Limit must be an integer between 1 and 256".into()));
+        }
+        let out = self
+            .state
+            .workspaces
+            .list()
+            .into_iter()
+            .filter(|w| self.permission(&c.user, &w.id).is_some())
+            .map(|w| w.to_value())
+            .filter(|dump| {
+                let m = dump.as_map();
+                filter.iter().all(|(k, v)| m.and_then(|m| m.get(k)) == Some(v))
+            })
+            .skip(offset as usize)
+            .take(limit as usize)
+            .map(|dump| {
+                let mut m = Map::new();
+                if let Value::Map(d) = dump {
+                    for k in ["id", "name", "description", "read_only", "persistent", "owners"] {
+                        m.insert(k.into(), d.get(k).cloned().unwrap_or(Value::Nil));
+                    }
+                }
+                Value::Map(m)
+            })
+            .collect();
+        Ok(Value::List(out))
+    }
+
+    fn set_env(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        self.require(c, &c.ws, Permission::ReadWrite)?;
+        let key = a.string(0, "key")?;
+        let value = a.take(1);
+        let dump = self.state.workspaces.update(&c.ws, |w| {
+            let mut env = match w.config.shift_remove("environs") {
+                Some(Value::Map(m)) => m,
+                _ => Map::new(),
+            };
+            let full = env.len() >= MAX_ENV_ENTRIES && !env.contains_key(&key);
+            if matches!(value, Value::Nil) {
+                env.shift_remove(&key);
+            } else if !full {
+                env.insert(key.clone(), value);
+            }
+            w.config.insert("environs".into(), Value::Map(env));
+            (!full).then(|| w.to_value())
+        });
+        match dump {
+            None => Err(self.workspace(&c.ws).err().unwrap_or_else(|| ManagerError::denied(&c.ws))),
+            Some(None) => Err(ManagerError::Runtime(format!(
+                "Too many environment variables (at most {MAX_ENV_ENTRIES})"
+            ))),
+            Some(Some(dump)) => {
+                self.emit(&c.ws, "workspace_changed", dump);
+                Ok(Value::Nil)
+            }
+        }
+    }
+
+    fn get_env(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+        self.require(c, &c.ws, Permission::ReadWrite)?;
+        let key = a.opt_string(0, "key")?;
+        let ws = self.workspace(&c.ws)?;
+        let env = match ws.config.get("environs") {
+            Some(Value::Map(m)) => m.clone(),
+            _ => Map::new(),
+        };
+        match key {
+            None => Ok(Value::Map(env)),
+            Some(k) => env.get(&k).cloned().ok_or_else(|| {
+                ManagerError::Key(format!("Environment variable '{k}' not found in workspace {}", c.ws))
+            }),
+        }
+    }
+
+    // --- asynchronous methods --------------------------------------------------------------
+
+    fn ping(&mut self, ctx: &mut Context<Self>, c: &Caller, a: &mut Args, reply: ReplyTo) {
+        let id = match a.string(0, "client_id") {
+            Ok(id) => id,
+            Err(e) => return self.reply(reply, Err(e)),
+        };
+        let timeout = a.seconds(1, PING_TIMEOUT);
+        let full = if id.contains('/') { id.clone() } else { format!("{}/{id}", c.ws) };
+        let (ws, cid) =
+            full.split_once('/').map_or((c.ws.clone(), id.clone()), |(w, c)| (w.to_owned(), c.to_owned()));
+        if ws != c.ws {
+            if let Err(e) = self.require(c, &ws, Permission::Read) {
+                let text = e.to_string();
+                let reason = text.strip_prefix("PermissionError: ").unwrap_or(&text);
+                return self.reply(reply, Ok(Value::from(format!("Failed to ping client {full}: {reason}"))));
+            }
+        }
+        let fut = self.ping_client(&ws, &cid, timeout);
+        self.drive(ctx);
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            let answer = match res {
+                Ok(()) => "pong".to_owned(),
+                Err(reason) => format!("Failed to ping client {full}: {reason}"),
+            };
+            act.reply(reply, Ok(Value::from(answer)));
+            act.drive(ctx);
+        }));
+    }
+
+    fn cleanup(&mut self, ctx: &mut Context<Self>, c: &Caller, a: &mut Args, reply: ReplyTo) {
+        let ws = match a.opt_string(0, "workspace") {
+            Ok(ws) => ws.unwrap_or_else(|| c.ws.clone()),
+            Err(e) => return self.reply(reply, Err(e)),
+        };
+        let timeout = a.seconds(1, PING_TIMEOUT);
+        if let Err(e) = self.require(c, &ws, Permission::Admin) {
+            return self.reply(reply, Err(e));
+        }
+        let clients = self.state.registry.clients(&ws);
+        let pings: Vec<_> = clients
+            .iter()
+            .map(|r| {
+                let cid = r.client_id.clone();
+                let fut = self.ping_client(&ws, &cid, timeout);
+                async move { (cid, fut.await) }
+            })
+            .collect();
+        self.drive(ctx);
+        let fut = futures_util::future::join_all(pings).into_actor(self).map(move |results, act, ctx| {
+            let mut removed = Vec::new();
+            for (cid, res) in results {
+                if res.is_err() {
+                    act.state.registry.remove_client(&ws, &cid);
+                    act.client_event(CLIENT_DISCONNECTED, &ws, &cid);
+                    removed.push(Value::from(format!("{ws}/{cid}")));
+                }
+            }
+            let mut m = Map::new();
+            if !removed.is_empty() {
+                m.insert("removed_clients".into(), Value::List(removed));
+            }
+            act.reply(reply, Ok(Value::Map(m)));
+            act.drive(ctx);
+        });
+        ctx.spawn(fut);
+    }
+}
+
+/// `(bookmark_type, id)` of a stored bookmark.
+fn bookmark_key(v: &Value) -> Option<(&str, &str)> {
+    let m = v.as_map()?;
+    Some((m.get("bookmark_type")?.as_str()?, m.get("id")?.as_str()?))
+}
+
+/// Waits for a call's outcome: the result, or the error text (`""` for a timeout, as
+/// upstream's `TimeoutError` prints).
+async fn outcome(rx: oneshot::Receiver<CallOutcome>, timeout: Duration) -> Result<Value, String> {
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(CallOutcome::Resolved(v))) => Ok(v),
+        Ok(Ok(CallOutcome::Rejected(e))) => Err(e.message),
+        Ok(Ok(CallOutcome::Failed(e))) => Err(e.to_string()),
+        Ok(Err(_)) => Err("the call was dropped".into()),
+        Err(_) => Err(String::new()),
+    }
+}
+
+/// A parsed `list_services` query (spec §5.4).
+#[derive(Debug, Default)]
+struct ListQuery {
+    workspace: String,
+    client_id: Option<String>,
+    service_id: Option<String>,
+    visibility: Option<String>,
+    service_type: Option<String>,
+    app_id: Option<String>,
+}
+
+impl ListQuery {
+    fn parse(query: &Value, ctx_ws: &str) -> Result<ListQuery, ManagerError> {
+        let check = |part: &str| hypha_core::ids::check_query_part(part).map_err(ManagerError::from_id);
+        let mut q = ListQuery { workspace: ctx_ws.to_owned(), ..ListQuery::default() };
+        match query {
+            Value::Nil => {}
+            Value::Str(s) => {
+                let (ws, rest) = match s.split_once('/') {
+                    Some((ws, rest)) => (Some(ws), Some(rest)),
+                    None if s.contains(':') => (None, Some(s.as_str())),
+                    None => (Some(s.as_str()), None),
+                };
+                if let Some(ws) = ws {
+                    check(ws)?;
+                    q.workspace = ws.to_owned();
+                }
+                if let Some(rest) = rest {
+                    let (cid, svc) = match rest.split_once(':') {
+                        Some((c, s)) => (Some(c), s),
+                        None => (None, rest),
+                    };
+                    let (svc, app) = match svc.split_once('@') {
+                        Some((s, a)) => (s, Some(a)),
+                        None => (svc, None),
+                    };
+                    for part in [cid, Some(svc), app].into_iter().flatten() {
+                        check(part)?;
+                    }
+                    q.client_id = cid.map(str::to_owned);
+                    q.service_id = Some(svc.to_owned()).filter(|s| !s.is_empty());
+                    q.app_id = app.map(str::to_owned);
+                }
+            }
+            Value::Map(m) => {
+                let allowed = ["visibility", "workspace", "client_id", "service_id", "id", "type", "app_id"];
+                let bad: Vec<String> =
+                    m.keys().filter(|k| !allowed.contains(&k.as_str())).map(|k| format!("'{k}'")).collect();
+                if !bad.is_empty() {
+                    return Err(ManagerError::Value(format!("Invalid query keys: {{{}}}", bad.join(", "))));
+                }
+                if m.contains_key("id") && m.contains_key("service_id") {
+                    return Err(ManagerError::Value(
+                        "Cannot specify both 'id' and 'service_id' in the query".into(),
+                    ));
+                }
+                let text = |k: &str| -> Result<Option<String>, ManagerError> {
+                    match m.get(k) {
+                        None | Some(Value::Nil) => Ok(None),
+                        Some(Value::Str(s)) => {
+                            check(s)?;
+                            Ok(Some(s.clone()))
+                        }
+                        Some(other) => Err(ManagerError::Value(format!(
+                            "Query key {k} must be a string, got {}",
+                            other.kind()
+                        ))),
+                    }
+                };
+                if let Some(ws) = text("workspace")? {
+                    q.workspace = ws;
+                }
+                q.client_id = text("client_id")?;
+                let svc = match m.get("service_id").or_else(|| m.get("id")) {
+                    Some(Value::Str(s)) => Some(s.clone()),
+                    _ => None,
+                };
+                if let Some(svc) = svc {
+                    let (s, app) = match svc.split_once('@') {
+                        Some((s, a)) => (s.to_owned(), Some(a.to_owned())),
+                        None => (svc, None),
+                    };
+                    check(&s)?;
+                    q.service_id = Some(s);
+                    if let Some(a) = app {
+                        check(&a)?;
+                        q.app_id = Some(a);
+                    }
+                }
+                q.visibility = match m.get("visibility") {
+                    Some(Value::Str(s)) => Some(s.clone()),
+                    _ => None,
+                };
+                q.service_type = text("type")?;
+                if let Some(a) = text("app_id")? {
+                    q.app_id = Some(a);
+                }
+            }
+            other => {
+                return Err(ManagerError::Type(format!(
+                    "query must be a string or a dict, got {}",
+                    other.kind()
+                )))
+            }
+        }
+        Ok(q)
+    }
+
+    fn matches(&self, r: &ServiceRecord) -> bool {
+        let wild = |f: &Option<String>, v: &str| f.as_deref().is_none_or(|x| x == WILDCARD || x == v);
+        wild(&self.client_id, &r.client_id)
+            && wild(&self.service_id, &r.service)
+            && wild(&self.app_id, &r.app_id)
+            && wild(&self.service_type, &r.service_type)
+            && self.visibility.as_deref().is_none_or(|v| v == r.visibility.as_str())
+    }
+}
+
+impl Actor for Manager {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(rx) = self.inbox.take() {
+            let frames =
+                futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+            ctx.add_stream(frames);
+        }
+        tracing::info!(manager = %self.endpoint.id(), "workspace manager started");
+    }
+}
+
+impl StreamHandler<Bytes> for Manager {
+    fn handle(&mut self, frame: Bytes, ctx: &mut Context<Self>) {
+        self.endpoint.handle_frame(Instant::now(), frame);
+        self.drive(ctx);
+    }
+}
+
+impl Handler<PingClient> for Manager {
+    type Result = ResponseActFuture<Self, bool>;
+
+    fn handle(&mut self, msg: PingClient, ctx: &mut Context<Self>) -> Self::Result {
+        let fut = self.ping_client(&msg.workspace, &msg.client_id, PING_TIMEOUT);
+        self.drive(ctx);
+        Box::pin(fut.into_actor(self).map(|res, act, ctx| {
+            act.drive(ctx);
+            res.is_ok()
+        }))
+    }
+}
+
+/// The frame that tells the manager's endpoint a client left, so its calls to that client
+/// fail at once (the endpoint handles `client_disconnected` events, spec §4.10).
+pub fn client_left_frame(ws: &str, cid: &str) -> Option<Bytes> {
+    let mut data = Map::new();
+    data.insert("id".into(), Value::from(cid));
+    data.insert("workspace".into(), Value::from(ws));
+    let mut main = Map::new();
+    main.insert("type".into(), Value::from(CLIENT_DISCONNECTED));
+    main.insert("to".into(), Value::from(WILDCARD));
+    main.insert("data".into(), Value::Map(data));
+    package::encode_package(&main, None).ok().map(Bytes::from)
+}
