@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one command that runs every check of the project, on a fresh checkout:
-# it installs what the tests need (the Python venv with the pinned stock client),
+# it installs what the tests need (the Python venv with the pinned stock client, and the
+# pinned stock JS client under tests/js),
 # then runs format, lint, docs and the whole test suite.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,6 +12,13 @@ step() { printf '\n==> %s\n' "$*"; }
 step "python peers (tests/python/requirements.txt)"
 scripts/setup-python.sh
 export HYPHA_PYTHON="${HYPHA_VENV:-$root/.venv}/bin/python"
+
+step "js peers (tests/js/package-lock.json)"
+# The stock JS client for the interop scenarios; reinstalled only when the lock changed.
+if [ ! -d tests/js/node_modules/hypha-rpc ] || [ tests/js/package-lock.json -nt tests/js/node_modules/.package-lock.json ]; then
+  command -v npm >/dev/null || { echo "test.sh: npm not found; install Node >= 20.10 with npm" >&2; exit 1; }
+  (cd tests/js && npm ci --no-audit --no-fund)
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

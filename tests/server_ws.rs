@@ -309,6 +309,45 @@ async fn a_live_client_id_cannot_be_taken_twice() {
     assert_alive(&mut first).await;
 }
 
+/// A registered client (it has a `built-in` record) whose socket stays open but does not
+/// answer the manager's `built-in.ping` is replaced by a new connection with its id (spec
+/// §2.1 step 7); its records go with it.
+#[actix_rt::test]
+async fn a_registered_client_that_does_not_answer_a_ping_is_replaced() {
+    let srv = start(builder());
+    let state = srv.server().state().clone();
+    let alice = token("alice", &[], None);
+    let (mut first, info) = with_token(&srv, "mute", &alice, None).await;
+    let manager = format!("*/{}", info["manager_id"].as_str().unwrap());
+    let builtin =
+        map! {"id" => "mute:built-in", "type" => "built-in", "config" => map! {"visibility" => "public"}};
+    let call = frame(
+        map! {"type" => "method", "to" => manager.as_str(), "method" => "services.default.register_service", "session" => "s1"},
+        Some(map! {"args" => vec![Value::Map(builtin)], "promise" => "*", "t" => 15}),
+    );
+    send_bin(&mut first, call).await;
+    let deadline = Instant::now() + WAIT;
+    while state.registry.builtin("ws-user-alice", "mute").is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(state.registry.builtin("ws-user-alice", "mute").is_some(), "the built-in was not registered");
+
+    let t0 = Instant::now();
+    let mut second = connect(&srv).await;
+    send_text(&mut second, &json!({"client_id": "mute", "token": alice}).to_string()).await;
+    let info = match tokio::time::timeout(Duration::from_secs(10), second.next()).await {
+        Ok(Some(Ok(Frame::Text(t)))) => serde_json::from_slice::<Json>(&t).unwrap(),
+        other => panic!("expected connection_info, got {other:?}"),
+    };
+    assert_eq!(info["type"], "connection_info", "{info}");
+    assert_eq!(info["client_id"], "mute");
+    // It waited for the ping to time out (5 s), and the old client's record is gone.
+    assert!(t0.elapsed() >= Duration::from_secs(4), "{:?}", t0.elapsed());
+    assert!(state.registry.builtin("ws-user-alice", "mute").is_none());
+    assert!(state.router.is_connected("ws-user-alice", "mute"));
+    assert_alive(&mut second).await;
+}
+
 #[actix_rt::test]
 async fn a_reconnection_token_takes_the_address_over() {
     let srv = start(builder());

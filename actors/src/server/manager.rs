@@ -2169,3 +2169,158 @@ pub fn client_left_frame(ws: &str, cid: &str) -> Option<Bytes> {
     main.insert("data".into(), Value::Map(data));
     package::encode_package(&main, None).ok().map(Bytes::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hypha_core::map;
+
+    fn state() -> Arc<ServerState> {
+        ServerState::new(super::super::ServerConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn every_method_schema_is_named_after_its_key_and_hides_context() {
+        let api = Manager::api(&state());
+        let keys: Vec<&str> = api.keys().map(String::as_str).collect();
+        assert_eq!(&keys[..4], ["id", "name", "description", "config"]);
+        assert_eq!(keys[4], "echo");
+        assert_eq!(keys.last(), Some(&"unsubscribe"));
+        assert_eq!(keys.len(), 4 + METHODS.len());
+        for m in METHODS {
+            let (name, _, params) = signature(m);
+            let Some(Value::Function(f)) = api.get(name) else { panic!("{name} missing") };
+            let hypha_core::value::Function::Local(lf) = &**f else { panic!("{name} not local") };
+            let schema = FunctionSchema::from_value(lf.schema.as_deref().unwrap()).unwrap();
+            assert_eq!(schema.name, name);
+            let props = schema.parameters["properties"].as_object().unwrap();
+            assert!(!props.contains_key("context"), "{name}");
+            assert_eq!(props.len(), params.len(), "{name}");
+        }
+        let config = api["config"].as_map().unwrap();
+        let config_keys: Vec<&str> = config.keys().map(String::as_str).collect();
+        assert_eq!(
+            config_keys,
+            [
+                "require_context",
+                "visibility",
+                "server_id",
+                "hypha_version",
+                "public_base_url",
+                "local_base_url",
+                "auth0_client_id",
+                "auth0_domain",
+                "auth0_audience",
+                "auth0_issuer",
+                "login_service_url"
+            ]
+        );
+        assert!(config["login_service_url"].as_str().unwrap().ends_with("/public/services/hypha-login"));
+        let info = Manager::info_record(&api);
+        assert_eq!(info["id"], Value::from("~"));
+        assert!(info["service_schema"].as_map().unwrap().contains_key("get_service"));
+    }
+
+    #[test]
+    fn arguments_bind_like_python() {
+        let (name, _, params) = signature(Method::Ping);
+        let got = bind(name, &params, vec![Value::from("c")], None).unwrap();
+        assert_eq!(got, vec![Value::from("c"), Value::from(5)]);
+        let kw = map! {"timeout" => 1, "client_id" => "c", "context" => "ignored"};
+        assert_eq!(bind(name, &params, vec![], Some(kw)).unwrap(), vec![Value::from("c"), Value::from(1)]);
+        let err = bind(name, &params, vec![], None).unwrap_err();
+        assert_eq!(err.to_string(), "TypeError: ping() missing 1 required positional argument: 'client_id'");
+        let err = bind(name, &params, vec![], Some(map! {"nope" => 1})).unwrap_err();
+        assert_eq!(err.to_string(), "TypeError: ping() got an unexpected keyword argument 'nope'");
+        let err = bind(name, &params, vec![Value::from("c")], Some(map! {"client_id" => "d"})).unwrap_err();
+        assert!(err.to_string().contains("multiple values for argument 'client_id'"));
+        let err = bind(name, &params, vec![Value::Nil, Value::Nil, Value::Nil], None).unwrap_err();
+        assert!(err.to_string().contains("takes 2 positional arguments but 3 were given"));
+    }
+
+    #[test]
+    fn case_conversion_renames_members_not_config() {
+        assert_eq!(to_snake("HelloWorld"), "hello_world");
+        assert_eq!(to_snake("helloWorld2"), "hello_world2");
+        assert_eq!(to_camel("HelloWorld"), "helloWorld");
+        assert_eq!(to_camel("hello_world"), "helloWorld");
+        let svc = Value::Map(map! {"id" => "x", "HelloWorld" => 1, "config" => map! {"some_key" => 1}});
+        let got = convert_case(svc, to_camel);
+        let m = got.as_map().unwrap();
+        assert!(m.contains_key("helloWorld") && m.contains_key("id"));
+        assert!(m["config"].as_map().unwrap().contains_key("some_key"));
+    }
+
+    fn record(cid: &str) -> ServiceRecord {
+        let id = ServiceId::parse(&format!("W/{cid}:m")).unwrap();
+        ServiceRecord::from_registration(&map! {"id" => id.to_string()}, &id, Value::Nil).unwrap()
+    }
+
+    #[test]
+    fn selection_modes() {
+        let two = || vec![record("a"), record("b")];
+        let err = select("exact", two(), "W/*:m").unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("AssertionError: Multiple services found for W/*:m, e.g. ['W/a:m', 'W/b:m']"));
+        assert_eq!(select("first", two(), "p").unwrap().client_id, "a");
+        assert_eq!(select("last", two(), "p").unwrap().client_id, "b");
+        assert!(["a", "b"].contains(&select("random", two(), "p").unwrap().client_id.as_str()));
+        assert_eq!(select("exact", vec![record("a")], "p").unwrap().client_id, "a");
+        let err = select("select:bogus:load", two(), "p").unwrap_err();
+        assert_eq!(err.to_string(), "ValueError: Unknown selection criteria: bogus");
+        assert!(select("bogus", two(), "p")
+            .unwrap_err()
+            .to_string()
+            .starts_with("ValueError: Invalid mode: bogus."));
+    }
+
+    #[test]
+    fn list_queries_parse_every_form() {
+        let q = ListQuery::parse(&Value::Nil, "W").unwrap();
+        assert_eq!(q.workspace, "W");
+        let q = ListQuery::parse(&Value::from("V/c:s@app"), "W").unwrap();
+        assert_eq!(
+            (q.workspace.as_str(), q.client_id.as_deref(), q.service_id.as_deref(), q.app_id.as_deref()),
+            ("V", Some("c"), Some("s"), Some("app"))
+        );
+        let q = ListQuery::parse(&Value::from("c:s"), "W").unwrap();
+        assert_eq!((q.workspace.as_str(), q.client_id.as_deref()), ("W", Some("c")));
+        let q = ListQuery::parse(&Value::from("public"), "W").unwrap();
+        assert_eq!((q.workspace.as_str(), q.service_id), ("public", None));
+        let q = ListQuery::parse(&Value::Map(map! {"type" => "functions", "workspace" => "public"}), "W")
+            .unwrap();
+        assert_eq!(q.service_type.as_deref(), Some("functions"));
+        let err = ListQuery::parse(&Value::Map(map! {"bogus" => 1}), "W").unwrap_err();
+        assert_eq!(err.to_string(), "ValueError: Invalid query keys: {'bogus'}");
+        let err = ListQuery::parse(&Value::Map(map! {"service_id" => "hello.x"}), "W").unwrap_err();
+        assert_eq!(err.to_string(), "ValueError: Invalid characters in query part: hello.x");
+        let r = record("a");
+        assert!(ListQuery::parse(&Value::from("W/a:m"), "W").unwrap().matches(&r));
+        assert!(!ListQuery::parse(&Value::from("W/b:m"), "W").unwrap().matches(&r));
+        assert!(!ListQuery::parse(&Value::Map(map! {"visibility" => "public"}), "W").unwrap().matches(&r));
+    }
+
+    #[test]
+    fn errors_print_as_python_exceptions() {
+        assert_eq!(
+            ManagerError::Key("Service not found: W/*:x@*".into()).to_string(),
+            "KeyError: 'Service not found: W/*:x@*'"
+        );
+        assert_eq!(
+            ManagerError::denied("W").to_string(),
+            "PermissionError: Permission denied for workspace W"
+        );
+        assert_eq!(
+            ManagerError::from_id(IdError::MissingColon).to_string(),
+            "AssertionError: Service id info must contain ':'"
+        );
+        assert_eq!(
+            ManagerError::from_auth(AuthError::OnlyAdmin).to_string(),
+            "PermissionError: Only admin can generate token."
+        );
+        let frame = client_left_frame("W", "c").unwrap();
+        let pkg = package::decode_package(&frame, &hypha_core::msgpack::DecodeLimits::default()).unwrap();
+        assert_eq!(pkg.main["data"], Value::Map(map! {"id" => "c", "workspace" => "W"}));
+    }
+}

@@ -830,4 +830,36 @@ mod tests {
         let pkg = decode_package(&recv(&mut c).await, &DecodeLimits::default()).unwrap();
         assert_eq!((&pkg.main["ws"], &pkg.main["from"]), (&Value::from("W"), &Value::from("*/manager-x")));
     }
+
+    #[actix_rt::test]
+    async fn a_full_local_inbox_rejects_calls_and_drops_the_rest() {
+        let r = Router::new(Duration::from_secs(120));
+        let now = Instant::now();
+        let (inbox, mut rx) = LocalInbox::channel(1);
+        r.register_local("*", "manager-x", inbox);
+        let s = sender("W", "c");
+        let call = frame(map! {"type" => "method", "to" => "*/manager-x", "session" => "s1"}, None);
+        assert_eq!(r.route(&s, &call, now), RouteOutcome::Delivered(1));
+        let RouteOutcome::Rejected { error, reject } = r.route(&s, &call, now) else {
+            panic!("not rejected")
+        };
+        assert_eq!(error, RouteError::LocalInboxFull("*/manager-x".into()));
+        let (main, extra) = reject_of(&reject);
+        assert_eq!(
+            main,
+            map! {"type" => "method", "from" => "*/manager-x", "to" => "W/c", "method" => "s1.reject"}
+        );
+        let err = &extra["args"].as_list().unwrap()[0];
+        assert_eq!(err.as_map().unwrap()["_rvalue"], Value::from(LOCAL_INBOX_FULL));
+        let event = frame(map! {"type" => "e", "to" => "*/manager-x"}, None);
+        assert_eq!(
+            r.route(&s, &event, now),
+            RouteOutcome::Dropped(DropReason::LocalOverflow("*/manager-x".into()))
+        );
+        // The queued frame was stamped; once it is taken there is room again.
+        let got = decode_package(&rx.recv().await.unwrap(), &DecodeLimits::default()).unwrap();
+        assert_eq!(got.main["from"], Value::from("W/c"));
+        assert!(r.deliver_local("*/manager-x", Bytes::from_static(b"x")));
+        assert!(!r.deliver_local("W/c", Bytes::from_static(b"x")));
+    }
 }
