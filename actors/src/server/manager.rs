@@ -50,7 +50,7 @@ use serde_json::{json, Value as Json};
 use tokio::sync::oneshot;
 
 use super::events::{check_subscription, parse_iso, EventLog, EventQuery};
-use super::registry::{Access, Pattern, ServiceRecord, MAX_SERVICES_PER_CLIENT};
+use super::registry::{Access, Pattern, ServiceRecord, MAX_CLIENT_REGISTRY_BYTES, MAX_SERVICES_PER_CLIENT};
 use super::router::{LocalInbox, RouteOutcome, RouteSender, LOCAL_INBOX_FRAMES};
 use super::workspace::{WorkspaceRecord, WorkspaceStatus};
 use super::ServerState;
@@ -68,6 +68,21 @@ pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(300);
 pub const MAX_WORKSPACES_PER_USER: usize = 100;
 /// Most environment variables per workspace, and most bookmarks per user.
 pub const MAX_ENV_ENTRIES: usize = 1000;
+/// Largest value a client may store in a workspace record in one call (an environment
+/// variable, a service type, a workspace config), as msgpack bytes: workspace records live
+/// in memory, so what a client puts there is bounded.
+pub const MAX_STORED_VALUE_BYTES: usize = 64 * 1024;
+/// Most service types per workspace.
+pub const MAX_SERVICE_TYPES: usize = 256;
+
+/// Refuses a value larger than `max` msgpack bytes.
+fn check_size(v: &Value, max: usize, what: &str) -> Result<(), ManagerError> {
+    let len = hypha_core::msgpack::encoded_len(v);
+    if len > max {
+        return Err(ManagerError::Value(format!("{what} is too large: {len} bytes (at most {max})")));
+    }
+    Ok(())
+}
 /// The system workspaces that are never deleted.
 const PROTECTED_WORKSPACES: [&str; 3] = [auth::PUBLIC_WORKSPACE, auth::ANONYMOUS_WORKSPACE, "ws-user-root"];
 
@@ -1289,6 +1304,14 @@ impl Manager {
             Value::Map(m)
         };
         let record = ServiceRecord::from_registration(&service, &id, created_by)?;
+        let registry = &self.state.registry;
+        let replaced = registry.get(&ws, &c.client_id, id.service()).map_or(0, |r| r.size);
+        if registry.client_bytes(&ws, &c.client_id) - replaced + record.size > MAX_CLIENT_REGISTRY_BYTES {
+            return Err(ManagerError::Runtime(format!(
+                "The services of client {} are too large (at most {MAX_CLIENT_REGISTRY_BYTES} bytes in all)",
+                c.from
+            )));
+        }
         self.check_singleton(&record)?;
         let added = record.to_value();
         match self.state.registry.upsert(record) {
@@ -1594,8 +1617,11 @@ impl Manager {
         t.insert("description".into(), info.get("description").cloned().unwrap_or(Value::Nil));
         t.insert("config".into(), map_get(&info, "config").cloned().unwrap_or(Value::Map(Map::new())));
         t.insert("docs".into(), info.get("docs").cloned().unwrap_or(Value::Nil));
+        let t_value = Value::Map(t);
+        check_size(&t_value, MAX_STORED_VALUE_BYTES, "The service type")?;
+        let Value::Map(t) = t_value else { return Err(ManagerError::Runtime("unreachable".into())) };
         let stored = self.state.workspaces.update(&c.ws, |w| {
-            if w.service_types.contains_key(&short) {
+            if w.service_types.contains_key(&short) || w.service_types.len() >= MAX_SERVICE_TYPES {
                 return false;
             }
             w.service_types.insert(short.clone(), Value::Map(t.clone()));
@@ -1603,7 +1629,9 @@ impl Manager {
         });
         match stored {
             None => Err(self.workspace(&c.ws).err().unwrap_or_else(|| ManagerError::denied(&c.ws))),
-            Some(false) => Err(ManagerError::Key(format!("Service type already exists: {short}"))),
+            Some(false) => Err(ManagerError::Key(format!(
+                "Service type already exists: {short} (or the workspace has {MAX_SERVICE_TYPES} types)"
+            ))),
             Some(true) => Ok(Value::Map(t)),
         }
     }
@@ -1676,6 +1704,7 @@ impl Manager {
             return Err(ManagerError::Other("Only registered user can create workspace.".into()));
         }
         let config = a.map(0, "config")?;
+        check_size(&Value::Map(config.clone()), MAX_STORED_VALUE_BYTES, "The workspace config")?;
         let overwrite = a.bool(1);
         let text = |k: &str| map_get(&config, k).and_then(Value::as_str).map(str::to_owned);
         let id = text("id")
@@ -1877,6 +1906,7 @@ impl Manager {
         self.require(c, &c.ws, Permission::ReadWrite)?;
         let key = a.string(0, "key")?;
         let value = a.take(1);
+        check_size(&value, MAX_STORED_VALUE_BYTES, "The environment variable")?;
         let dump = self.state.workspaces.update(&c.ws, |w| {
             let mut env = match w.config.shift_remove("environs") {
                 Some(Value::Map(m)) => m,

@@ -33,6 +33,12 @@ use super::manager::ManagerError;
 /// `HYPHA_MAX_SERVICES_PER_CLIENT` default).
 pub const MAX_SERVICES_PER_CLIENT: usize = 1000;
 
+/// Largest record (its msgpack size) a registration may create.
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// Most bytes of records one client may hold in all: records live in memory for as long
+/// as the client is connected.
+pub const MAX_CLIENT_REGISTRY_BYTES: usize = 16 * 1024 * 1024;
+
 /// The config keys the server writes in its own order (spec §5.5); other keys follow as
 /// the client sent them.
 const KNOWN_CONFIG_KEYS: [&str; 8] = [
@@ -80,6 +86,8 @@ pub struct ServiceRecord {
     pub singleton: bool,
     /// The dump sent to clients (§5.5).
     pub info: Map,
+    /// The msgpack size of `info` (the memory the record accounts for).
+    pub size: usize,
 }
 
 impl ServiceRecord {
@@ -147,6 +155,12 @@ impl ServiceRecord {
         info.insert("docs".into(), Value::from(text("docs")?));
         info.insert("app_id".into(), Value::from(app_id.as_str()));
         info.insert("service_schema".into(), service.get("service_schema").cloned().unwrap_or(Value::Nil));
+        let size = hypha_core::msgpack::encoded_map_len(&info);
+        if size > MAX_RECORD_BYTES {
+            return Err(ManagerError::Value(format!(
+                "Service info too large: {size} bytes (at most {MAX_RECORD_BYTES})"
+            )));
+        }
         Ok(ServiceRecord {
             workspace: id.workspace().to_owned(),
             client_id: id.client_id().to_owned(),
@@ -158,6 +172,7 @@ impl ServiceRecord {
             authorized_workspaces: typed.authorized_workspaces,
             singleton,
             info,
+            size,
         })
     }
 
@@ -321,6 +336,11 @@ impl Registry {
             .map_or(0, |w| w.values().filter(|r| r.client_id == cid && !r.is_builtin()).count())
     }
 
+    /// The total size of the records of `{ws}/{cid}`.
+    pub fn client_bytes(&self, ws: &str, cid: &str) -> usize {
+        self.lock().get(ws).map_or(0, |w| w.values().filter(|r| r.client_id == cid).map(|r| r.size).sum())
+    }
+
     /// The records matching `p`, in registration order.
     pub fn find(&self, p: &Pattern<'_>) -> Vec<ServiceRecord> {
         self.lock()
@@ -406,6 +426,10 @@ mod tests {
         assert_eq!(r.info["id"], Value::from("W/c:s"));
         assert_eq!(r.info["type"], Value::from("generic"));
         assert_eq!(r.info["app_id"], Value::from("*"));
+        assert!(r.size > 100);
+        let huge = map! {"id" => "W/c:s", "docs" => "x".repeat(MAX_RECORD_BYTES)};
+        let err = ServiceRecord::from_registration(&huge, &ServiceId::parse("W/c:s").unwrap(), Value::Nil);
+        assert!(err.unwrap_err().to_string().contains("Service info too large"));
         // Default visibility is protected; bad ones are refused with the recommended text.
         assert_eq!(rec("W", "c", "s", Map::new()).visibility, Visibility::Protected);
         let id = ServiceId::parse("W/c:s").unwrap();
@@ -460,6 +484,8 @@ mod tests {
         assert_eq!(ids, ["W/c:built-in", "W/c:a", "W/d:a"]);
         assert!(reg.builtin("W", "c").is_some() && reg.builtin("W", "d").is_none());
         assert_eq!(reg.client_service_count("W", "c"), 1);
+        let both: usize = reg.in_workspace("W").iter().filter(|r| r.client_id == "c").map(|r| r.size).sum();
+        assert_eq!(reg.client_bytes("W", "c"), both);
         let any_a = Pattern { workspace: "W", client: "*", service: "a", app: None };
         assert_eq!(reg.find(&any_a).len(), 2);
         let other_app = Pattern { app: Some("x"), ..any_a };
