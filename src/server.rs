@@ -24,8 +24,9 @@
 //! ```
 //!
 //! What the server does today: the `/ws` endpoint with the full handshake, routing between
-//! clients, and the health probes. The workspace manager (`*/manager-{id}`) and the
-//! service registry come next.
+//! clients, the health probes, and the workspace manager (`*/manager-{id}`) with the
+//! service registry, so stock Python and JavaScript clients connect, register, look up and
+//! call services. The HTTP service proxy and the login service come next.
 
 use std::io;
 use std::net::SocketAddr;

@@ -10,7 +10,7 @@
 //!
 //! | module | what it holds |
 //! | --- | --- |
-//! | [`server`] | the server's websocket endpoint: connection actor, outbound queues, routing table, workspaces, health probes |
+//! | [`server`] | the server: connection actor, outbound queues, routing table, workspace manager, service registry, workspaces, health probes |
 
 #![warn(missing_docs)]
 

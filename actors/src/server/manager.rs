@@ -1103,9 +1103,15 @@ impl Manager {
             }
             Method::GenerateToken => {
                 let config = a.take(0);
+                // Owners mint tokens for their workspaces, also through a child token of
+                // their own personal workspace (spec §6.4) - but only a read_write one: a
+                // read-only child minting read_write tokens would be an escalation
+                // (upstream allows it, see README "Compatibility notes").
                 let is_owner = |u: &UserInfo, ws: &str| {
-                    self.state.workspaces.get(ws).is_some_and(|r| auth::is_workspace_owner(u, ws, &r.owners))
-                        || auth::is_workspace_owner(u, ws, &[])
+                    let owners = self.state.workspaces.get(ws).map(|r| r.owners).unwrap_or_default();
+                    let listed = owners.iter().any(|o| *o == u.id || u.email.as_deref() == Some(o.as_str()));
+                    let parents = u.parent.as_deref().is_some_and(|p| ws == auth::personal_workspace(p));
+                    listed || ws == u.personal_workspace() || (parents && u.check(ws, Permission::ReadWrite))
                 };
                 auth::generate_child_token(
                     &c.user,
