@@ -26,7 +26,8 @@
 //! What the server does today: the `/ws` endpoint with the full handshake, routing between
 //! clients, the health probes, and the workspace manager (`*/manager-{id}`) with the
 //! service registry, so stock Python and JavaScript clients connect, register, look up and
-//! call services. The HTTP service proxy and the login service come next.
+//! call services, and the HTTP service proxy (`/{ws}/services/...`). The login service
+//! comes next.
 
 use std::io;
 use std::net::SocketAddr;

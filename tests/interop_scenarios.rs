@@ -12,8 +12,8 @@
 //! the other scenarios then run in one server, one after the other (the scenarios time
 //! some answers, so they do not run in parallel).
 //!
-//! Not here yet: `http_proxy` and `login` (they test the HTTP service proxy and the login
-//! service, which later steps add).
+//! Not here yet: `login` (it needs the `public/hypha-login` service, which a later step
+//! adds).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,6 +34,8 @@ const SCENARIOS: &[&str] = &[
     "reconnection",
     "heartbeat",
     "tokens_workspaces",
+    "rpc_conformance",
+    "http_proxy",
     "js_hello_world",
     "js_callback",
     "js_generator",

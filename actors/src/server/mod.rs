@@ -12,6 +12,7 @@
 //! | [`manager`] | the workspace manager: the RPC peer `*/manager-{sid}` serving the `default` service |
 //! | [`registry`] | the service registry and the visibility rules |
 //! | [`events`] | the manager's event log and the event-subscription rule |
+//! | [`proxy`] | the HTTP service proxy (`/{ws}/services/...`), one short-lived RPC peer per request |
 //! | [`limits`] | the token bucket and the inbound frame-size guard |
 //! | [`http`] | `/health/liveness` and `/health/readiness` |
 //!
@@ -30,6 +31,7 @@ pub mod http;
 pub mod limits;
 pub mod manager;
 pub mod outbound;
+pub mod proxy;
 pub mod registry;
 pub mod router;
 pub mod workspace;
@@ -133,11 +135,13 @@ impl ServerState {
         self.started_at
     }
 
-    /// Mounts `/ws`, `/health/liveness` and `/health/readiness`.
+    /// Mounts `/ws`, `/health/liveness`, `/health/readiness` and the HTTP service proxy
+    /// (`/{ws}/services/...`).
     pub fn configure(self: &Arc<Self>, cfg: &mut web::ServiceConfig) {
         let state = self.clone();
         cfg.route("/ws", web::get().to(move |req, body| connection::ws_endpoint(req, body, state.clone())));
         http::configure(self.clone(), cfg);
+        proxy::configure(self.clone(), cfg);
     }
 
     /// The workspace manager's address, starting it (in an arbiter of its own) on first

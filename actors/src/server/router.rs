@@ -315,6 +315,20 @@ impl Router {
         generation
     }
 
+    /// Removes the local peer `{ws}/{cid}` silently (no `client_disconnected`, no
+    /// dead-peer mark): per-request peers come and go without anyone noticing.
+    pub fn remove_local(&self, ws: &str, cid: &str) -> bool {
+        let removed = match self.peers.get_mut(ws) {
+            Some(mut clients) if matches!(clients.get(cid).map(|p| &p.sink), Some(Sink::Local(_))) => {
+                clients.remove(cid);
+                true
+            }
+            _ => false,
+        };
+        self.peers.remove_if(ws, |_, clients| clients.is_empty());
+        removed
+    }
+
     /// Pushes a server-made frame (not routed, not stamped) into the inbox of the local
     /// peer `target` (`{ws}/{cid}`). Returns whether it was queued.
     pub fn deliver_local(&self, target: &str, frame: Bytes) -> bool {
