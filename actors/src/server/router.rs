@@ -392,14 +392,17 @@ impl Router {
         self.peers.get(ws).and_then(|c| c.get(cid).map(|p| p.generation))
     }
 
-    /// Number of live connections in `ws`.
+    /// Number of live websocket connections in `ws` (local peers, such as the HTTP
+    /// proxy's per-request peers, do not count: they do not keep a workspace alive).
     pub fn client_count(&self, ws: &str) -> usize {
-        self.peers.get(ws).map_or(0, |c| c.len())
+        self.peers.get(ws).map_or(0, |c| c.values().filter(|p| matches!(p.sink, Sink::Socket(_))).count())
     }
 
-    /// The client ids connected in `ws`.
+    /// The client ids of the websocket connections in `ws`.
     pub fn clients(&self, ws: &str) -> Vec<String> {
-        self.peers.get(ws).map_or_else(Vec::new, |c| c.keys().cloned().collect())
+        self.peers.get(ws).map_or_else(Vec::new, |c| {
+            c.iter().filter(|(_, p)| matches!(p.sink, Sink::Socket(_))).map(|(k, _)| k.clone()).collect()
+        })
     }
 
     // --- subscriptions ----------------------------------------------------------------
@@ -875,5 +878,10 @@ mod tests {
         assert_eq!(got.main["from"], Value::from("W/c"));
         assert!(r.deliver_local("*/manager-x", Bytes::from_static(b"x")));
         assert!(!r.deliver_local("W/c", Bytes::from_static(b"x")));
+        // Local peers do not count as clients, and leave silently.
+        assert_eq!(r.client_count("*"), 0);
+        assert!(r.remove_local("*", "manager-x"));
+        assert!(!r.is_connected("*", "manager-x"));
+        assert!(!r.recently_disconnected("*/manager-x", now));
     }
 }
