@@ -26,8 +26,8 @@
 //! What the server does today: the `/ws` endpoint with the full handshake, routing between
 //! clients, the health probes, and the workspace manager (`*/manager-{id}`) with the
 //! service registry, so stock Python and JavaScript clients connect, register, look up and
-//! call services, and the HTTP service proxy (`/{ws}/services/...`). The login service
-//! comes next.
+//! call services, the HTTP service proxy (`/{ws}/services/...`) and the login service
+//! (`public/hypha-login`).
 
 use std::io;
 use std::net::SocketAddr;

@@ -12,8 +12,7 @@
 //! the other scenarios then run in one server, one after the other (the scenarios time
 //! some answers, so they do not run in parallel).
 //!
-//! Not here yet: `login` (it needs the `public/hypha-login` service, which a later step
-//! adds).
+//! Every scenario of `tests/interop/` is listed: a new scenario must be added here.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,6 +35,7 @@ const SCENARIOS: &[&str] = &[
     "tokens_workspaces",
     "rpc_conformance",
     "http_proxy",
+    "login",
     "js_hello_world",
     "js_callback",
     "js_generator",

@@ -135,7 +135,8 @@ impl ManagerError {
         ManagerError::Permission(format!("Permission denied for workspace {ws}"))
     }
 
-    fn to_error_value(&self) -> ErrorValue {
+    /// The error value a `reject` carries (no traceback).
+    pub(crate) fn to_error_value(&self) -> ErrorValue {
         ErrorValue { message: self.to_string(), trace: Some(String::new()) }
     }
 }
@@ -218,15 +219,15 @@ const METHODS: [Method; 32] = [
     Method::Unsubscribe,
 ];
 
-fn opt(t: ParamType) -> ParamType {
+pub(crate) fn opt(t: ParamType) -> ParamType {
     ParamType::Optional(Box::new(t))
 }
 
-fn p(name: &str, ty: ParamType, description: &str) -> Param {
+pub(crate) fn p(name: &str, ty: ParamType, description: &str) -> Param {
     Param::new(name, ty).description(description)
 }
 
-fn p_default(name: &str, ty: ParamType, default: Json, description: &str) -> Param {
+pub(crate) fn p_default(name: &str, ty: ParamType, default: Json, description: &str) -> Param {
     Param::new(name, ty).default(default).description(description)
 }
 
@@ -445,7 +446,7 @@ fn json_value(j: &Json) -> Value {
 
 /// Maps positional and keyword arguments onto the parameters, with Python's `TypeError`
 /// texts. A `context` keyword is ignored (the server passes the real one).
-fn bind(
+pub(crate) fn bind(
     name: &str,
     params: &[Param],
     args: Vec<Value>,
@@ -516,17 +517,17 @@ impl Caller {
 }
 
 /// Positional access to bound arguments, with typed errors.
-struct Args {
-    name: &'static str,
-    values: Vec<Value>,
+pub(crate) struct Args {
+    pub(crate) name: &'static str,
+    pub(crate) values: Vec<Value>,
 }
 
 impl Args {
-    fn take(&mut self, i: usize) -> Value {
+    pub(crate) fn take(&mut self, i: usize) -> Value {
         self.values.get_mut(i).map(std::mem::take).unwrap_or(Value::Nil)
     }
 
-    fn string(&mut self, i: usize, what: &str) -> Result<String, ManagerError> {
+    pub(crate) fn string(&mut self, i: usize, what: &str) -> Result<String, ManagerError> {
         match self.take(i) {
             Value::Str(s) => Ok(s),
             other => Err(ManagerError::Type(format!(
@@ -537,7 +538,7 @@ impl Args {
         }
     }
 
-    fn opt_string(&mut self, i: usize, what: &str) -> Result<Option<String>, ManagerError> {
+    pub(crate) fn opt_string(&mut self, i: usize, what: &str) -> Result<Option<String>, ManagerError> {
         match self.take(i) {
             Value::Nil => Ok(None),
             Value::Str(s) => Ok(Some(s)),
@@ -549,7 +550,7 @@ impl Args {
         }
     }
 
-    fn map(&mut self, i: usize, what: &str) -> Result<Map, ManagerError> {
+    pub(crate) fn map(&mut self, i: usize, what: &str) -> Result<Map, ManagerError> {
         match self.take(i) {
             Value::Map(m) => Ok(m),
             Value::Nil => Ok(Map::new()),
@@ -561,7 +562,7 @@ impl Args {
         }
     }
 
-    fn bool(&mut self, i: usize) -> bool {
+    pub(crate) fn bool(&mut self, i: usize) -> bool {
         match self.take(i) {
             Value::Bool(b) => b,
             Value::Nil => false,
@@ -569,13 +570,13 @@ impl Args {
         }
     }
 
-    fn seconds(&mut self, i: usize, default: Duration) -> Duration {
+    pub(crate) fn seconds(&mut self, i: usize, default: Duration) -> Duration {
         let secs = self.take(i).as_f64().unwrap_or(default.as_secs_f64());
         Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(default).min(MAX_CALL_TIMEOUT)
     }
 }
 
-fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     auth::unix_seconds(SystemTime::now())
 }
 

@@ -12,6 +12,7 @@
 //! | [`manager`] | the workspace manager: the RPC peer `*/manager-{sid}` serving the `default` service |
 //! | [`registry`] | the service registry and the visibility rules |
 //! | [`events`] | the manager's event log and the event-subscription rule |
+//! | [`login`] | the login service `public/hypha-login` (a second native peer) and its page |
 //! | [`proxy`] | the HTTP service proxy (`/{ws}/services/...`), one short-lived RPC peer per request |
 //! | [`limits`] | the token bucket and the inbound frame-size guard |
 //! | [`http`] | `/health/liveness` and `/health/readiness` |
@@ -29,6 +30,7 @@ pub mod connection;
 pub mod events;
 pub mod http;
 pub mod limits;
+pub mod login;
 pub mod manager;
 pub mod outbound;
 pub mod proxy;
@@ -141,11 +143,12 @@ impl ServerState {
         let state = self.clone();
         cfg.route("/ws", web::get().to(move |req, body| connection::ws_endpoint(req, body, state.clone())));
         http::configure(self.clone(), cfg);
+        login::configure(self.clone(), cfg);
         proxy::configure(self.clone(), cfg);
     }
 
-    /// The workspace manager's address, starting it (in an arbiter of its own) on first
-    /// use. Call it from inside an actix system, once the listener's URL is known (the
+    /// The workspace manager's address, starting it and the login service (in an arbiter
+    /// of their own) on first use. Call it from inside an actix system, once the listener's URL is known (the
     /// manager advertises it in `_rserver` and `config.url`).
     pub fn manager(self: &Arc<Self>) -> actix::Addr<Manager> {
         self.manager
@@ -153,9 +156,11 @@ impl ServerState {
                 if actix::System::try_current().is_some() {
                     let arbiter = actix::Arbiter::new();
                     let addr = Manager::start_in(self.clone(), &arbiter.handle());
-                    ManagerHandle { addr, arbiter: Some(arbiter) }
+                    let login = login::LoginService::start_in(self.clone(), &arbiter.handle());
+                    ManagerHandle { addr, _login: login, arbiter: Some(arbiter) }
                 } else {
-                    ManagerHandle { addr: Manager::start(self.clone()), arbiter: None }
+                    let addr = Manager::start(self.clone());
+                    ManagerHandle { addr, _login: login::LoginService::start(self.clone()), arbiter: None }
                 }
             })
             .addr
@@ -225,6 +230,8 @@ impl ServerState {
 #[derive(Debug)]
 struct ManagerHandle {
     addr: actix::Addr<Manager>,
+    /// The login service, started with the manager.
+    _login: actix::Addr<login::LoginService>,
     arbiter: Option<actix::Arbiter>,
 }
 
