@@ -330,7 +330,11 @@ impl RunningServer {
 
 /// Turns off Nagle's algorithm on an accepted connection (see [`Server::start`] for why).
 /// Returns whether the connection was a TCP socket that now has `TCP_NODELAY`.
-fn disable_nagle(conn: &dyn std::any::Any) -> bool {
+///
+/// [`Server::start`] does this itself; an application that mounts the server into its own
+/// `HttpServer` should pass it to `on_connect`:
+/// `HttpServer::new(..).on_connect(|conn, _| { hypha_rpc::server::disable_nagle(conn); })`.
+pub fn disable_nagle(conn: &dyn std::any::Any) -> bool {
     let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else { return false };
     match tcp.set_nodelay(true) {
         Ok(()) => true,
