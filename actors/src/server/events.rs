@@ -234,7 +234,11 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 /// Unix seconds as a naive UTC ISO timestamp with microseconds, as Python's
 /// `datetime.isoformat()` prints it (`2026-11-21T06:00:11.983436`; no fraction when zero).
 pub fn iso_timestamp(unix: f64) -> String {
-    let micros = (unix * 1e6).round() as i64;
+    iso_from_micros((unix * 1e6).round() as i64)
+}
+
+/// [`iso_timestamp`] from exact microseconds since the epoch (no float rounding).
+pub fn iso_from_micros(micros: i64) -> String {
     let secs = micros.div_euclid(1_000_000);
     let frac = micros.rem_euclid(1_000_000);
     let (y, mo, d) = civil_from_days(secs.div_euclid(86_400));

@@ -55,34 +55,11 @@ pub fn liveness(state: &ServerState) -> HttpResponse {
     }))
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.ffffff` in UTC, the shape of Python's naive `datetime.isoformat()`.
+/// A naive UTC ISO timestamp as Python's `datetime.isoformat()` prints it (the shape of
+/// upstream's `last_successful_connection`).
 pub fn naive_iso(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, day) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_micros()
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    let micros = t.duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or_default();
+    super::events::iso_from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
@@ -92,13 +69,14 @@ mod tests {
 
     #[test]
     fn iso_times() {
-        assert_eq!(naive_iso(UNIX_EPOCH), "1970-01-01T00:00:00.000000");
+        // Python's isoformat() leaves out a zero fraction.
+        assert_eq!(naive_iso(UNIX_EPOCH), "1970-01-01T00:00:00");
         // 2026-11-21T05:58:50.805893 (a timestamp from the spec's liveness sample).
         let t = UNIX_EPOCH + Duration::from_micros(1_795_240_730_805_893);
         assert_eq!(naive_iso(t), "2026-11-21T05:58:50.805893");
         // Leap day.
         let t = UNIX_EPOCH + Duration::from_secs(951_782_400);
-        assert_eq!(naive_iso(t), "2000-02-29T00:00:00.000000");
+        assert_eq!(naive_iso(t), "2000-02-29T00:00:00");
     }
 
     #[actix_rt::test]

@@ -30,9 +30,9 @@ use bytes::Bytes;
 use hypha_core::auth::{self, Permission};
 use hypha_core::endpoint::{Endpoint, EndpointConfig, Event, ReplyTo};
 use hypha_core::ids::{random_id, ServiceId};
-use hypha_core::schema::{self, FunctionSchema, Param, ParamType};
+use hypha_core::schema::{self, Param, ParamType};
 use hypha_core::session::{SessionConfig, BUILTIN_SERVICE_ID};
-use hypha_core::value::{Function, Handler as FnHandler, LocalFunction, Map, Value};
+use hypha_core::value::{Handler as FnHandler, Map, Value};
 use serde_json::{json, Value as Json};
 
 use super::manager::{bind, opt, p, p_default, unix_now, Args, ManagerError};
@@ -367,20 +367,7 @@ impl LoginService {
         );
         api.insert("type".into(), Value::from("functions"));
         api.insert("config".into(), Value::Map(config));
-        for f in FUNCTIONS {
-            let (name, doc, params) = signature(f);
-            let mut b = FunctionSchema::builder(name).description(doc);
-            for param in params {
-                b = b.param(param);
-            }
-            let lf = LocalFunction {
-                handler: FnHandler::new(f),
-                name: Some(name.to_owned()),
-                doc: Some(doc.to_owned()),
-                schema: Some(Box::new(b.build().to_value())),
-            };
-            api.insert(name.into(), Value::from(Function::Local(lf)));
-        }
+        super::manager::describe_functions(&mut api, &FUNCTIONS, signature);
         api
     }
 
@@ -659,6 +646,8 @@ impl StreamHandler<Bytes> for LoginService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hypha_core::schema::FunctionSchema;
+    use hypha_core::value::Function;
 
     #[test]
     fn the_page_is_rendered_and_the_schemas_are_named() {

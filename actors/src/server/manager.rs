@@ -223,6 +223,28 @@ pub(crate) fn opt(t: ParamType) -> ParamType {
     ParamType::Optional(Box::new(t))
 }
 
+/// Adds each native function to a service map as a local function whose handler is the
+/// function's tag (the driver dispatches on it) and whose `_rschema` is built from its
+/// signature, named after its key, as every stock client expects.
+pub(crate) fn describe_functions<F: Copy + Send + Sync + 'static>(
+    api: &mut Map,
+    functions: &[F],
+    signature: fn(F) -> (&'static str, &'static str, Vec<Param>),
+) {
+    for &f in functions {
+        let (name, doc, params) = signature(f);
+        let schema =
+            params.into_iter().fold(FunctionSchema::builder(name).description(doc), |b, p| b.param(p));
+        let function = LocalFunction {
+            handler: FnHandler::new(f),
+            name: Some(name.to_owned()),
+            doc: Some(doc.to_owned()),
+            schema: Some(Box::new(schema.build().to_value())),
+        };
+        api.insert(name.into(), Value::from(hypha_core::value::Function::Local(function)));
+    }
+}
+
 pub(crate) fn p(name: &str, ty: ParamType, description: &str) -> Param {
     Param::new(name, ty).description(description)
 }
@@ -838,20 +860,7 @@ impl Manager {
         api.insert("name".into(), Value::from("Default workspace management service"));
         api.insert("description".into(), Value::from("Services for managing workspace."));
         api.insert("config".into(), Value::Map(config));
-        for m in METHODS {
-            let (name, doc, params) = signature(m);
-            let mut builder = FunctionSchema::builder(name).description(doc);
-            for param in params {
-                builder = builder.param(param);
-            }
-            let f = LocalFunction {
-                handler: FnHandler::new(m),
-                name: Some(name.to_owned()),
-                doc: Some(doc.to_owned()),
-                schema: Some(Box::new(builder.build().to_value())),
-            };
-            api.insert(name.into(), Value::from(hypha_core::value::Function::Local(f)));
-        }
+        describe_functions(&mut api, &METHODS, signature);
         api
     }
 

@@ -305,19 +305,9 @@ impl Drop for HttpPeer {
 // Values in and out
 // ---------------------------------------------------------------------------------------
 
+/// JSON from an HTTP request as a wire value (canonical ints; core's serde conversion).
 fn json_to_value(j: &Json) -> Value {
-    match j {
-        Json::Null => Value::Nil,
-        Json::Bool(b) => Value::Bool(*b),
-        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
-            (Some(i), _) => Value::Int(i),
-            (None, Some(u)) => Value::UInt(u),
-            _ => Value::F64(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        Json::String(s) => Value::from(s.as_str()),
-        Json::Array(a) => Value::List(a.iter().map(json_to_value).collect()),
-        Json::Object(o) => Value::Map(o.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect()),
-    }
+    hypha_core::serde_value::to_value(j).unwrap_or(Value::Nil)
 }
 
 /// A wire value as JSON: bytes become (lossy UTF-8) strings, non-finite floats `null`.
