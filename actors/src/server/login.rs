@@ -36,8 +36,9 @@ use hypha_core::value::{Handler as FnHandler, Map, Value};
 use serde_json::{json, Value as Json};
 
 use super::manager::{bind, opt, p, p_default, unix_now, Args, ManagerError};
+use super::peer::NativePeer;
 use super::registry::ServiceRecord;
-use super::router::{LocalInbox, RouteOutcome, RouteSender, LOCAL_INBOX_FRAMES};
+use super::router::{LocalInbox, RouteSender, LOCAL_INBOX_FRAMES};
 use super::ServerState;
 
 /// The service id.
@@ -371,51 +372,6 @@ impl LoginService {
         api
     }
 
-    fn drive(&mut self, ctx: &mut Context<Self>) {
-        loop {
-            let now = Instant::now();
-            let mut busy = false;
-            while let Some(frame) = self.endpoint.poll_transmit() {
-                busy = true;
-                if let RouteOutcome::Rejected { reject, .. } =
-                    self.state.router.route(&self.sender, &frame, now)
-                {
-                    self.endpoint.handle_frame(now, reject);
-                }
-            }
-            while let Some(event) = self.endpoint.poll_event() {
-                busy = true;
-                match event {
-                    Event::Invoke { handler, args, kwargs, reply, .. } => {
-                        self.invoke(ctx, &handler, args, kwargs, reply)
-                    }
-                    Event::GeneratorNext { reply, .. } => {
-                        let e = ManagerError::Other("no generators here".into());
-                        self.endpoint.reply(Instant::now(), reply, Err(e.to_error_value()));
-                    }
-                    Event::Error(e) => tracing::debug!(error = %e, "login endpoint"),
-                    _ => {}
-                }
-            }
-            if !busy {
-                break;
-            }
-        }
-        let Some(deadline) = self.endpoint.poll_timeout() else { return };
-        if let Some((at, handle)) = self.timer {
-            if at <= deadline {
-                return;
-            }
-            ctx.cancel_future(handle);
-        }
-        let handle = ctx.run_later(deadline.saturating_duration_since(Instant::now()), |act, ctx| {
-            act.timer = None;
-            act.endpoint.handle_timeout(Instant::now());
-            act.drive(ctx);
-        });
-        self.timer = Some((deadline, handle));
-    }
-
     fn reply(&mut self, reply: ReplyTo, result: Result<Value, ManagerError>) {
         self.endpoint.reply(Instant::now(), reply, result.map_err(|e| e.to_error_value()));
     }
@@ -622,6 +578,32 @@ fn http_result(status: u16, content_type: &str, body: Value) -> Value {
     m.insert("headers".into(), Value::Map(headers));
     m.insert("body".into(), body);
     Value::Map(m)
+}
+
+impl NativePeer for LoginService {
+    const LABEL: &'static str = "hypha-login";
+
+    fn parts(&mut self) -> (&mut Endpoint, &ServerState, &RouteSender) {
+        (&mut self.endpoint, &self.state, &self.sender)
+    }
+
+    fn timer(&mut self) -> &mut Option<(Instant, SpawnHandle)> {
+        &mut self.timer
+    }
+
+    fn on_event(&mut self, ctx: &mut Context<Self>, event: Event) {
+        match event {
+            Event::Invoke { handler, args, kwargs, reply, .. } => {
+                self.invoke(ctx, &handler, args, kwargs, reply)
+            }
+            Event::GeneratorNext { reply, .. } => {
+                let e = ManagerError::Other("no generators here".into());
+                self.endpoint.reply(Instant::now(), reply, Err(e.to_error_value()));
+            }
+            Event::Error(e) => tracing::debug!(error = %e, "login endpoint"),
+            _ => {}
+        }
+    }
 }
 
 impl Actor for LoginService {

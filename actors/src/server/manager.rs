@@ -50,8 +50,9 @@ use serde_json::{json, Value as Json};
 use tokio::sync::oneshot;
 
 use super::events::{check_subscription, parse_iso, EventLog, EventQuery};
+use super::peer::NativePeer;
 use super::registry::{Access, Pattern, ServiceRecord, MAX_CLIENT_REGISTRY_BYTES, MAX_SERVICES_PER_CLIENT};
-use super::router::{LocalInbox, RouteOutcome, RouteSender, LOCAL_INBOX_FRAMES};
+use super::router::{LocalInbox, RouteSender, LOCAL_INBOX_FRAMES};
 use super::workspace::{WorkspaceRecord, WorkspaceStatus};
 use super::ServerState;
 
@@ -894,54 +895,10 @@ impl Manager {
         info
     }
 
-    // --- driving the endpoint ------------------------------------------------------------
+    // --- driving the endpoint (the loop is `NativePeer::drive`) ---------------------------
 
-    /// Sends what the endpoint queued, handles what it reported, re-arms the timer.
-    fn drive(&mut self, ctx: &mut Context<Self>) {
-        loop {
-            let now = Instant::now();
-            let mut busy = false;
-            while let Some(frame) = self.endpoint.poll_transmit() {
-                busy = true;
-                match self.state.router.route(&self.sender, &frame, now) {
-                    // A call of ours the router refused (target just left): settle it now.
-                    RouteOutcome::Rejected { reject, error } => {
-                        tracing::debug!(%error, "manager call refused by the router");
-                        self.endpoint.handle_frame(now, reject);
-                    }
-                    RouteOutcome::Dropped(reason) => tracing::debug!(%reason, "manager frame dropped"),
-                    RouteOutcome::Delivered(_) => {}
-                }
-            }
-            while let Some(event) = self.endpoint.poll_event() {
-                busy = true;
-                self.on_event(ctx, event);
-            }
-            if !busy {
-                break;
-            }
-        }
-        self.arm(ctx);
-    }
-
-    fn arm(&mut self, ctx: &mut Context<Self>) {
-        let Some(deadline) = self.endpoint.poll_timeout() else { return };
-        if let Some((at, handle)) = self.timer {
-            if at <= deadline {
-                return;
-            }
-            ctx.cancel_future(handle);
-        }
-        let after = deadline.saturating_duration_since(Instant::now());
-        let handle = ctx.run_later(after, |act, ctx| {
-            act.timer = None;
-            act.endpoint.handle_timeout(Instant::now());
-            act.drive(ctx);
-        });
-        self.timer = Some((deadline, handle));
-    }
-
-    fn on_event(&mut self, ctx: &mut Context<Self>, event: Event) {
+    /// What the manager does with one endpoint event.
+    fn handle_event(&mut self, ctx: &mut Context<Self>, event: Event) {
         match event {
             Event::Invoke { handler, args, kwargs, context, reply } => {
                 self.invoke(ctx, &handler, args, kwargs, context.as_ref(), reply);
@@ -2167,6 +2124,22 @@ impl ListQuery {
             && wild(&self.app_id, &r.app_id)
             && wild(&self.service_type, &r.service_type)
             && self.visibility.as_deref().is_none_or(|v| v == r.visibility.as_str())
+    }
+}
+
+impl NativePeer for Manager {
+    const LABEL: &'static str = "manager";
+
+    fn parts(&mut self) -> (&mut Endpoint, &ServerState, &RouteSender) {
+        (&mut self.endpoint, &self.state, &self.sender)
+    }
+
+    fn timer(&mut self) -> &mut Option<(Instant, SpawnHandle)> {
+        &mut self.timer
+    }
+
+    fn on_event(&mut self, ctx: &mut Context<Self>, event: Event) {
+        self.handle_event(ctx, event);
     }
 }
 

@@ -33,6 +33,7 @@ pub mod limits;
 pub mod login;
 pub mod manager;
 pub mod outbound;
+mod peer;
 pub mod proxy;
 pub mod registry;
 pub mod router;
