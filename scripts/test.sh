@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command that runs every check of the project, on a fresh checkout:
-# it installs what the tests need (the Python venv with the pinned stock client, and the
-# pinned stock JS client under tests/js),
+# it installs what the tests need (the Python venvs with the pinned stock client and the
+# pinned stock server, and the pinned stock JS client under tests/js),
 # then runs format, lint, docs and the whole test suite.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,6 +12,7 @@ step() { printf '\n==> %s\n' "$*"; }
 step "python peers (tests/python/requirements.txt)"
 scripts/setup-python.sh
 export HYPHA_PYTHON="${HYPHA_VENV:-$root/.venv}/bin/python"
+export HYPHA_SERVER_PYTHON="${HYPHA_SERVER_VENV:-$root/.venv-server}/bin/python"
 
 step "js peers (tests/js/package-lock.json)"
 # The stock JS client for the interop scenarios; reinstalled only when the lock changed.

@@ -298,9 +298,15 @@ def main():
     print("-" * 58)
     checks = sum(r["passed"] + r["failed"] for r in results)
     failed_checks = sum(r["failed"] for r in results)
-    print(f"{len(results)} scenarios, {checks} checks ({failed_checks} failed), {total:.1f}s total; logs in {log_dir}")
+    ok = n_bad == 0 and bool(results)
+    if ok and not args.log_dir:
+        # A green run leaves nothing behind; a red one keeps its logs for reading.
+        shutil.rmtree(log_dir, ignore_errors=True)
+        print(f"{len(results)} scenarios, {checks} checks ({failed_checks} failed), {total:.1f}s total")
+    else:
+        print(f"{len(results)} scenarios, {checks} checks ({failed_checks} failed), {total:.1f}s total; logs in {log_dir}")
     print(f"scenarios: {n_ok} passed, {n_bad} failed")
-    return 0 if n_bad == 0 and results else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
