@@ -26,8 +26,9 @@
 //! What the server does today: the `/ws` endpoint with the full handshake, routing between
 //! clients, the health probes, and the workspace manager (`*/manager-{id}`) with the
 //! service registry, so stock Python and JavaScript clients connect, register, look up and
-//! call services, the HTTP service proxy (`/{ws}/services/...`) and the login service
-//! (`public/hypha-login`).
+//! call services, the HTTP service proxy (`/{ws}/services/...`), the login service
+//! (`public/hypha-login`), `/assets/config.json`, `/{ws}/info`, static mounts, CORS and
+//! the HTTP request-rate limit.
 
 use std::io;
 use std::net::SocketAddr;
@@ -38,7 +39,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 use hypha_actors::server::ServerState;
 
-pub use hypha_actors::server::config::HYPHA_VERSION;
+pub use hypha_actors::server::config::{parse_origins, HttpRateLimits, StaticMount, HYPHA_VERSION};
 pub use hypha_actors::server::{ConfigError, ServerConfig};
 
 /// Why a server could not be built or started.
@@ -169,6 +170,31 @@ impl ServerBuilder {
         self
     }
 
+    /// CORS origins allowed to read responses (`--allow-origins`; default `*`, any origin,
+    /// echoed because credentials are allowed).
+    pub fn allow_origins<I, S>(mut self, origins: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.allow_origins = origins.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The HTTP request-rate limits (upstream's 100/s, burst 500 per IP; 1000/s, burst
+    /// 5000 per token identity); `None` turns them off.
+    pub fn http_rate_limits(mut self, limits: Option<HttpRateLimits>) -> Self {
+        self.config.http_rate_limits = limits;
+        self
+    }
+
+    /// Serves the files of `dir` at `{path}/...` (`--static-mounts {path}:{dir}`); `path`
+    /// is one top-level segment such as `/docs`. Checked by [`ServerBuilder::build`].
+    pub fn static_mount(mut self, path: impl Into<String>, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.config.static_mounts.push(StaticMount::new(path, dir));
+        self
+    }
+
     /// HTTP worker threads for [`Server::start`] (default: one per physical core).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = Some(workers.max(1));
@@ -195,7 +221,8 @@ impl Server {
         ServerBuilder::default()
     }
 
-    /// Mounts `/ws`, `/health/liveness` and `/health/readiness` into an actix-web app:
+    /// Mounts the server's routes (`/ws`, the health probes, `/assets/config.json`, static
+    /// mounts, `/{ws}/info`, the login page, the service proxy) into an actix-web app:
     /// `App::new().configure(|cfg| server.configure(cfg))`. Call
     /// [`Server::set_local_base_url`] once the app's port is known, and
     /// [`Server::shutdown`] before stopping the app.
@@ -232,7 +259,9 @@ impl Server {
         let timeout = self.state.config.shutdown_timeout.as_secs_f64().ceil() as u64;
         let mut http = HttpServer::new(move || {
             let s = app_server.clone();
-            App::new().configure(move |cfg| s.configure(cfg))
+            App::new()
+                .configure(move |cfg| s.configure(cfg))
+                .default_service(web::to(|| async { hypha_actors::server::static_files::not_found() }))
         })
         // RPC traffic is many small frames (a call, a heartbeat, a resolve) whose answers
         // the peer waits for: with Nagle's algorithm on, a small write after another one

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use hypha_rpc::server::Server;
+use hypha_rpc::server::{HttpRateLimits, Server, StaticMount};
 use tracing_subscriber::EnvFilter;
 
 /// Command-line arguments.
@@ -54,6 +54,28 @@ struct Args {
     /// Seconds a graceful shutdown waits for open connections.
     #[arg(long, env = "HYPHA_SHUTDOWN_TIMEOUT", value_parser = seconds)]
     shutdown_timeout: Option<Duration>,
+    /// CORS origins, comma separated (`*`: any origin).
+    #[arg(long, env = "ALLOW_ORIGINS", default_value = "*")]
+    allow_origins: String,
+    /// Directories served as static files, each `/mountpath:./localdir` (space separated
+    /// after one flag, or the flag repeated).
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append, value_name = "MOUNT")]
+    static_mounts: Vec<String>,
+    /// Requests per second per client IP for callers without a valid token.
+    #[arg(long, env = "HYPHA_HTTP_RATE_LIMIT")]
+    http_rate_limit: Option<f64>,
+    /// Burst of requests per client IP.
+    #[arg(long, env = "HYPHA_HTTP_BURST_LIMIT")]
+    http_burst_limit: Option<u32>,
+    /// Requests per second per token identity.
+    #[arg(long, env = "HYPHA_HTTP_AUTHENTICATED_RATE_LIMIT")]
+    http_authenticated_rate_limit: Option<f64>,
+    /// Burst of requests per token identity.
+    #[arg(long, env = "HYPHA_HTTP_AUTHENTICATED_BURST_LIMIT")]
+    http_authenticated_burst_limit: Option<u32>,
+    /// Turns the HTTP request-rate limit off (e.g. behind a proxy that limits).
+    #[arg(long, env = "HYPHA_DISABLE_HTTP_RATE_LIMIT")]
+    disable_http_rate_limit: bool,
     /// HTTP worker threads (default: one per physical core).
     #[arg(long, env = "HYPHA_WORKERS")]
     workers: Option<usize>,
@@ -125,6 +147,23 @@ fn build(args: Args) -> Result<Server, Box<dyn std::error::Error>> {
     if let Some(v) = args.workers {
         b = b.workers(v);
     }
+    b = b.allow_origins(hypha_rpc::server::parse_origins(&args.allow_origins));
+    for spec in &args.static_mounts {
+        let mount = StaticMount::parse(spec)?;
+        b = b.static_mount(mount.path, mount.dir);
+    }
+    let limits = if args.disable_http_rate_limit {
+        None
+    } else {
+        let d = HttpRateLimits::default();
+        Some(HttpRateLimits {
+            anonymous_rate: args.http_rate_limit.unwrap_or(d.anonymous_rate),
+            anonymous_burst: args.http_burst_limit.unwrap_or(d.anonymous_burst),
+            authenticated_rate: args.http_authenticated_rate_limit.unwrap_or(d.authenticated_rate),
+            authenticated_burst: args.http_authenticated_burst_limit.unwrap_or(d.authenticated_burst),
+        })
+    };
+    b = b.http_rate_limits(limits);
     Ok(b.build()?)
 }
 

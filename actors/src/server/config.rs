@@ -6,6 +6,7 @@
 //! environment), and [`ServerConfig::from_env`] from the real one.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use hypha_core::auth::{self, JwtConfig};
@@ -36,7 +37,7 @@ pub enum ConfigError {
     #[error("max frame size {0} is below the minimum of {MIN_MAX_FRAME_SIZE} bytes")]
     FrameSizeTooSmall(usize),
     /// The message rate is not a finite positive number.
-    #[error("message rate limit must be a finite number > 0, got {0}")]
+    #[error("rate limit must be a finite number > 0, got {0}")]
     InvalidRate(f64),
     /// A queue or burst size of zero would refuse every frame.
     #[error("{0} must be at least 1")]
@@ -44,6 +45,71 @@ pub enum ConfigError {
     /// The `--root-token` is too short or weak (`hypha_core::auth::check_root_token_strength`).
     #[error(transparent)]
     RootToken(#[from] auth::AuthError),
+    /// A `--static-mounts` entry is malformed, clashes with a route, or names no directory.
+    #[error("invalid static mount {mount:?}: {reason}")]
+    StaticMount {
+        /// The entry as given (`/path:./dir`).
+        mount: String,
+        /// Why it was refused (upstream's wording where it has one).
+        reason: String,
+    },
+    /// An `--allow-origins` entry is empty or not a valid header value.
+    #[error("invalid CORS origin {0:?}")]
+    InvalidOrigin(String),
+}
+
+/// One `--static-mounts` entry: the files under `dir` are served at `{path}/...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticMount {
+    /// The URL prefix, a single top-level segment with its leading `/` (`/docs`).
+    pub path: String,
+    /// The directory served (checked to exist when the server is built).
+    pub dir: PathBuf,
+}
+
+impl StaticMount {
+    /// A mount of `dir` at `path`.
+    pub fn new(path: impl Into<String>, dir: impl Into<PathBuf>) -> Self {
+        StaticMount { path: path.into(), dir: dir.into() }
+    }
+
+    /// Parses upstream's `--static-mounts` syntax, `/path:./dir` (split at the first `:`).
+    pub fn parse(spec: &str) -> Result<Self, ConfigError> {
+        match spec.split_once(':') {
+            Some((path, dir)) if !dir.is_empty() => Ok(StaticMount::new(path, dir)),
+            _ => Err(ConfigError::StaticMount {
+                mount: spec.to_owned(),
+                reason: "expected <mountpath>:<localdir>, e.g. /mystatic:./static/".into(),
+            }),
+        }
+    }
+}
+
+/// The HTTP request-rate limits (server spec §1.2): token buckets per client IP for
+/// callers without a valid token, per token identity for the others. Upstream's
+/// defaults, which also apply to loopback clients (upstream does not exempt them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HttpRateLimits {
+    /// Sustained requests per second per IP (`HYPHA_HTTP_RATE_LIMIT`, 100).
+    pub anonymous_rate: f64,
+    /// Burst per IP (`HYPHA_HTTP_BURST_LIMIT`, 500).
+    pub anonymous_burst: u32,
+    /// Sustained requests per second per token identity
+    /// (`HYPHA_HTTP_AUTHENTICATED_RATE_LIMIT`, 1000).
+    pub authenticated_rate: f64,
+    /// Burst per token identity (`HYPHA_HTTP_AUTHENTICATED_BURST_LIMIT`, 5000).
+    pub authenticated_burst: u32,
+}
+
+impl Default for HttpRateLimits {
+    fn default() -> Self {
+        HttpRateLimits {
+            anonymous_rate: 100.0,
+            anonymous_burst: 500,
+            authenticated_rate: 1000.0,
+            authenticated_burst: 5000,
+        }
+    }
 }
 
 /// Everything the websocket server needs to know that is not per connection.
@@ -99,6 +165,13 @@ pub struct ServerConfig {
     pub close_timeout: Duration,
     /// How long a graceful shutdown waits for connections to finish after closing them.
     pub shutdown_timeout: Duration,
+    /// CORS origins (`--allow-origins` / `ALLOW_ORIGINS`); `["*"]` allows any origin, which
+    /// is then echoed because credentials are allowed (upstream's patched CORS layer).
+    pub allow_origins: Vec<String>,
+    /// HTTP request-rate limits; `None` turns them off (e.g. behind a proxy that limits).
+    pub http_rate_limits: Option<HttpRateLimits>,
+    /// `--static-mounts`: directories served as static files.
+    pub static_mounts: Vec<StaticMount>,
 }
 
 impl Default for ServerConfig {
@@ -121,6 +194,9 @@ impl Default for ServerConfig {
             reconnection_token_life_time: Duration::from_secs_f64(auth::RECONNECTION_TOKEN_LIFE_TIME),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            allow_origins: vec!["*".to_owned()],
+            http_rate_limits: Some(HttpRateLimits::default()),
+            static_mounts: Vec::new(),
         }
     }
 }
@@ -146,12 +222,15 @@ impl fmt::Debug for ServerConfig {
             .field("reconnection_token_life_time", &self.reconnection_token_life_time)
             .field("close_timeout", &self.close_timeout)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("allow_origins", &self.allow_origins)
+            .field("http_rate_limits", &self.http_rate_limits)
+            .field("static_mounts", &self.static_mounts)
             .finish()
     }
 }
 
 /// Environment variables [`ServerConfig::apply_env`] reads, with the field each sets.
-pub const ENV_VARS: [(&str, &str); 8] = [
+pub const ENV_VARS: [(&str, &str); 13] = [
     ("HYPHA_WS_IDLE_TIMEOUT", "idle_timeout (seconds)"),
     ("HYPHA_WS_MSG_RATE_LIMIT", "msg_rate_limit (frames per second)"),
     ("HYPHA_WS_MSG_BURST_LIMIT", "msg_burst_limit (frames)"),
@@ -160,7 +239,18 @@ pub const ENV_VARS: [(&str, &str); 8] = [
     ("RECONNECTION_TOKEN_LIFE_TIME", "reconnection_token_life_time (seconds)"),
     ("HYPHA_SERVER_ID", "server_id"),
     ("HYPHA_JWT_SECRET / JWT_SECRET", "jwt secret"),
+    ("ALLOW_ORIGINS", "allow_origins (comma separated)"),
+    ("HYPHA_HTTP_RATE_LIMIT", "http_rate_limits.anonymous_rate (requests per second)"),
+    ("HYPHA_HTTP_BURST_LIMIT", "http_rate_limits.anonymous_burst (requests)"),
+    ("HYPHA_HTTP_AUTHENTICATED_RATE_LIMIT", "http_rate_limits.authenticated_rate (requests per second)"),
+    ("HYPHA_HTTP_AUTHENTICATED_BURST_LIMIT", "http_rate_limits.authenticated_burst (requests)"),
 ];
+
+/// Splits upstream's comma-separated `--allow-origins` value (entries trimmed, empty ones
+/// dropped).
+pub fn parse_origins(value: &str) -> Vec<String> {
+    value.split(',').map(str::trim).filter(|o| !o.is_empty()).map(str::to_owned).collect()
+}
 
 fn parse_secs(name: &'static str, value: &str) -> Result<Duration, ConfigError> {
     value
@@ -209,6 +299,24 @@ impl ServerConfig {
         if let Some(v) = lookup("HYPHA_SERVER_ID").filter(|v| !v.is_empty()) {
             self.server_id = v;
         }
+        if let Some(v) = lookup("ALLOW_ORIGINS").filter(|v| !v.trim().is_empty()) {
+            self.allow_origins = parse_origins(&v);
+        }
+        if let Some(limits) = &mut self.http_rate_limits {
+            if let Some(v) = lookup("HYPHA_HTTP_RATE_LIMIT") {
+                limits.anonymous_rate = parse_num("HYPHA_HTTP_RATE_LIMIT", &v, "a number")?;
+            }
+            if let Some(v) = lookup("HYPHA_HTTP_BURST_LIMIT") {
+                limits.anonymous_burst = parse_num("HYPHA_HTTP_BURST_LIMIT", &v, "an integer")?;
+            }
+            if let Some(v) = lookup("HYPHA_HTTP_AUTHENTICATED_RATE_LIMIT") {
+                limits.authenticated_rate = parse_num("HYPHA_HTTP_AUTHENTICATED_RATE_LIMIT", &v, "a number")?;
+            }
+            if let Some(v) = lookup("HYPHA_HTTP_AUTHENTICATED_BURST_LIMIT") {
+                limits.authenticated_burst =
+                    parse_num("HYPHA_HTTP_AUTHENTICATED_BURST_LIMIT", &v, "an integer")?;
+            }
+        }
         if let Some(secret) =
             lookup("HYPHA_JWT_SECRET").or_else(|| lookup("JWT_SECRET")).filter(|s| !s.is_empty())
         {
@@ -248,6 +356,25 @@ impl ServerConfig {
         if let Some(token) = &self.root_token {
             auth::check_root_token_strength(token)?;
         }
+        if let Some(l) = &self.http_rate_limits {
+            for rate in [l.anonymous_rate, l.authenticated_rate] {
+                if !(rate.is_finite() && rate > 0.0) {
+                    return Err(ConfigError::InvalidRate(rate));
+                }
+            }
+            if l.anonymous_burst == 0 {
+                return Err(ConfigError::ZeroLimit("http_rate_limits.anonymous_burst"));
+            }
+            if l.authenticated_burst == 0 {
+                return Err(ConfigError::ZeroLimit("http_rate_limits.authenticated_burst"));
+            }
+        }
+        for origin in &self.allow_origins {
+            if origin.trim().is_empty() || actix_web::http::header::HeaderValue::from_str(origin).is_err() {
+                return Err(ConfigError::InvalidOrigin(origin.clone()));
+            }
+        }
+        super::static_files::check_mounts(&self.static_mounts)?;
         Ok(())
     }
 }

@@ -1,5 +1,10 @@
-//! Health probes (server spec §1.1, §1.6): `GET /health/liveness` and
-//! `GET /health/readiness`, with the Python server's bodies.
+//! Health, info and config routes (server spec §1.1, §1.6):
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `GET /health/liveness`, `GET /health/readiness` | the probes, with the Python server's bodies |
+//! | `GET /assets/config.json` | the caller's identity plus the server's URLs and version |
+//! | `GET /{ws}/info` | the WorkspaceInfo dump, for callers with read permission on `ws` |
 //!
 //! Upstream's probes report its store, Redis, event bus and pub/sub. This server keeps that
 //! state in process (as upstream does with its default in-process fakeredis, which also
@@ -9,16 +14,91 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use actix_web::{web, HttpResponse};
-use serde_json::json;
+use actix_web::{web, HttpRequest, HttpResponse};
+use hypha_core::auth::Permission;
+use serde_json::{json, Value as Json};
 
+use super::layer::HttpLayer;
+use super::login::LOGIN_SERVICE_ID;
+use super::proxy::identify;
 use super::ServerState;
 
-/// Mounts the probes.
-pub fn configure(state: Arc<ServerState>, cfg: &mut web::ServiceConfig) {
-    let live = state.clone();
-    cfg.route("/health/liveness", web::get().to(move || std::future::ready(liveness(&live))));
-    cfg.route("/health/readiness", web::get().to(move || std::future::ready(readiness(&state))));
+/// Mounts the probes and `/assets/config.json`.
+pub fn configure(state: Arc<ServerState>, layer: &HttpLayer, cfg: &mut web::ServiceConfig) {
+    let data = web::Data::from(state);
+    cfg.service(
+        web::resource("/health/liveness")
+            .wrap(layer.clone())
+            .app_data(data.clone())
+            .route(web::get().to(|s: web::Data<ServerState>| async move { liveness(&s) })),
+    );
+    cfg.service(
+        web::resource("/health/readiness")
+            .wrap(layer.clone())
+            .app_data(data.clone())
+            .route(web::get().to(|s: web::Data<ServerState>| async move { readiness(&s) })),
+    );
+    cfg.service(web::resource("/assets/config.json").wrap(layer.clone()).app_data(data).route(
+        web::get().to(|req: HttpRequest, s: web::Data<ServerState>| async move { config_json(&s, &req) }),
+    ));
+}
+
+/// Mounts `/{ws}/info` (after the static mounts, which take precedence as upstream).
+pub fn configure_workspace_routes(state: Arc<ServerState>, layer: &HttpLayer, cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/{ws}/info").wrap(layer.clone()).app_data(web::Data::from(state)).route(
+        web::get().to(|req: HttpRequest, ws: web::Path<String>, s: web::Data<ServerState>| async move {
+            workspace_info(&s, &req, &ws)
+        }),
+    ));
+}
+
+/// `GET /assets/config.json`: `{"user": <caller's UserInfo dump>, "server_id",
+/// "hypha_version", "public_base_url", "local_base_url", "auth0_client_id", "auth0_domain",
+/// "auth0_audience", "auth0_issuer", "login_service_url"}` (upstream's keys and order).
+/// This server has no Auth0 integration: `auth0_client_id` and `auth0_domain` are null,
+/// audience and issuer are the ones its own tokens carry. A bad token is a 401.
+pub fn config_json(state: &ServerState, req: &HttpRequest) -> HttpResponse {
+    let caller = match identify(state, req) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let public = state.public_base_url();
+    HttpResponse::Ok().json(json!({
+        "user": caller.user.to_json(),
+        "server_id": state.config.server_id,
+        "hypha_version": state.config.hypha_version,
+        "public_base_url": public,
+        "local_base_url": state.local_base_url(),
+        "auth0_client_id": null,
+        "auth0_domain": null,
+        "auth0_audience": state.config.jwt.audience,
+        "auth0_issuer": state.config.jwt.issuer,
+        "login_service_url": format!("{public}/public/services/{LOGIN_SERVICE_ID}"),
+    }))
+}
+
+/// `GET /{ws}/info`: read permission first (so an unknown workspace is a 403 for callers
+/// without a wildcard scope, as upstream), then existence (404), then the dump.
+pub fn workspace_info(state: &ServerState, req: &HttpRequest, ws: &str) -> HttpResponse {
+    let caller = match identify(state, req) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    if !caller.user.check(ws, Permission::Read) {
+        return HttpResponse::Forbidden().json(json!({
+            "success": false,
+            "detail": format!("{} has no permission to access {ws}", caller.user.id),
+        }));
+    }
+    match state.workspaces.get(ws) {
+        Some(record) => {
+            let dump =
+                hypha_core::serde_value::from_value_ref::<Json>(&record.to_value()).unwrap_or(Json::Null);
+            HttpResponse::Ok().json(dump)
+        }
+        None => HttpResponse::NotFound()
+            .json(json!({"success": false, "detail": format!("Workspace '{ws}' not found")})),
+    }
 }
 
 fn down(detail: &str) -> HttpResponse {

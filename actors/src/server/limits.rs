@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::error::PayloadError;
 use bytes::Bytes;
@@ -33,15 +33,33 @@ impl TokenBucket {
 
     /// Takes one token if there is one; `false` means the limit is exceeded.
     pub fn try_take(&mut self, now: Instant) -> bool {
+        self.take_or_wait(now).is_ok()
+    }
+
+    /// Takes one token if there is one; otherwise how long until one is back (what
+    /// upstream's HTTP limiter sends, rounded up, as `Retry-After`).
+    pub fn take_or_wait(&mut self, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::try_from_secs_f64((1.0 - self.tokens) / self.rate)
+                .unwrap_or(Duration::from_secs(1)))
+        }
+    }
+
+    /// Whether the bucket has refilled completely by `now`: it is then indistinguishable
+    /// from a new one, so a table of buckets can drop it.
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
+    }
+
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now.max(self.last);
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
     }
 }
 

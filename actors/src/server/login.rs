@@ -233,27 +233,26 @@ document.getElementById("login").addEventListener("submit", async (e) => {
 "#;
 
 /// The page's routes: `/public/apps/hypha-login/[index]` (the page), `.../profile`
-/// (302 to the page), `/public/apps/hypha-login` and `/login` (307 to the page).
-pub fn configure(state: Arc<ServerState>, cfg: &mut web::ServiceConfig) {
+/// (302 to the page), `/public/apps/hypha-login` and `/login` (307 to the page), each
+/// wrapped in the HTTP layer (`layer`; the page itself gets the rate limit only).
+pub fn configure(state: Arc<ServerState>, layer: &super::layer::HttpLayer, cfg: &mut web::ServiceConfig) {
     let page_path = format!("/public/apps/{LOGIN_SERVICE_ID}/");
     let redirect_to = page_path.clone();
-    cfg.route(
-        "/login",
-        web::get().to(move || {
-            let to = redirect_to.clone();
-            async move { HttpResponse::TemporaryRedirect().insert_header((header::LOCATION, to)).finish() }
-        }),
-    );
+    cfg.service(web::resource("/login").wrap(layer.clone()).route(web::get().to(move || {
+        let to = redirect_to.clone();
+        async move { HttpResponse::TemporaryRedirect().insert_header((header::LOCATION, to)).finish() }
+    })));
     let redirect_to = page_path.clone();
-    cfg.route(
-        &format!("/public/apps/{LOGIN_SERVICE_ID}"),
+    cfg.service(web::resource(format!("/public/apps/{LOGIN_SERVICE_ID}")).wrap(layer.clone()).route(
         web::get().to(move || {
             let to = redirect_to.clone();
             async move { HttpResponse::TemporaryRedirect().insert_header((header::LOCATION, to)).finish() }
         }),
-    );
-    cfg.route(
-        &format!("/public/apps/{LOGIN_SERVICE_ID}/{{path:.*}}"),
+    ));
+    // The page is a "functions" app: upstream's apps middleware answers it outside the CORS
+    // layer, with the five CORS headers below instead.
+    let app_layer = super::layer::HttpLayer::rate_limit_only(&state);
+    cfg.service(web::resource(format!("/public/apps/{LOGIN_SERVICE_ID}/{{path:.*}}")).wrap(app_layer).route(
         web::get().to(move |req: HttpRequest, path: web::Path<String>| {
             let state = state.clone();
             async move {
@@ -286,7 +285,7 @@ pub fn configure(state: Arc<ServerState>, cfg: &mut web::ServiceConfig) {
                 resp
             }
         }),
-    );
+    ));
 }
 
 /// The login service actor (see the module docs).

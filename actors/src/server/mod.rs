@@ -15,7 +15,9 @@
 //! | [`login`] | the login service `public/hypha-login` (a second native peer) and its page |
 //! | [`proxy`] | the HTTP service proxy (`/{ws}/services/...`), one short-lived RPC peer per request |
 //! | [`limits`] | the token bucket and the inbound frame-size guard |
-//! | [`http`] | `/health/liveness` and `/health/readiness` |
+//! | [`http`] | `/health/liveness`, `/health/readiness`, `/assets/config.json`, `/{ws}/info` |
+//! | [`layer`] | the HTTP middleware on every HTTP route: request-rate limit, then CORS |
+//! | [`static_files`] | `--static-mounts` directories and `/static/...` |
 //!
 //! A frame's path: the client's socket -> [`limits::FrameSizeGuard`] -> actix-ws decoder ->
 //! the sender's [`WsConnection`] (rate limit, [`router::Router::route`]: stamp and look
@@ -29,6 +31,7 @@ pub mod config;
 pub mod connection;
 pub mod events;
 pub mod http;
+pub mod layer;
 pub mod limits;
 pub mod login;
 pub mod manager;
@@ -37,6 +40,7 @@ mod peer;
 pub mod proxy;
 pub mod registry;
 pub mod router;
+pub mod static_files;
 pub mod workspace;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -85,6 +89,8 @@ pub struct ServerState {
     shutting_down: AtomicBool,
     /// When the server started (reported by the liveness probe).
     started_at: SystemTime,
+    /// The HTTP request-rate buckets (`None` when the limits are off).
+    http_limiter: Option<layer::HttpRateLimiter>,
 }
 
 fn strip_slash(url: &str) -> String {
@@ -109,6 +115,7 @@ impl ServerState {
             next_connection: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
             started_at: SystemTime::now(),
+            http_limiter: config.http_rate_limits.map(layer::HttpRateLimiter::new),
             config,
         }))
     }
@@ -138,14 +145,24 @@ impl ServerState {
         self.started_at
     }
 
-    /// Mounts `/ws`, `/health/liveness`, `/health/readiness` and the HTTP service proxy
-    /// (`/{ws}/services/...`).
+    /// The HTTP request-rate buckets, unless the limits are off.
+    pub fn http_limiter(&self) -> Option<&layer::HttpRateLimiter> {
+        self.http_limiter.as_ref()
+    }
+
+    /// Mounts `/ws`, the health probes, `/assets/config.json`, the static mounts,
+    /// `/{ws}/info`, the login page and the HTTP service proxy (`/{ws}/services/...`).
+    /// Every HTTP route is wrapped in [`layer::HttpLayer`] (rate limit, CORS); the order
+    /// is upstream's precedence (static mounts shadow the workspace routes).
     pub fn configure(self: &Arc<Self>, cfg: &mut web::ServiceConfig) {
         let state = self.clone();
         cfg.route("/ws", web::get().to(move |req, body| connection::ws_endpoint(req, body, state.clone())));
-        http::configure(self.clone(), cfg);
-        login::configure(self.clone(), cfg);
-        proxy::configure(self.clone(), cfg);
+        let layer = layer::HttpLayer::new(self);
+        http::configure(self.clone(), &layer, cfg);
+        static_files::configure(&self.config.static_mounts, &layer, cfg);
+        http::configure_workspace_routes(self.clone(), &layer, cfg);
+        login::configure(self.clone(), &layer, cfg);
+        proxy::configure(self.clone(), &layer, cfg);
     }
 
     /// The workspace manager's address, starting it and the login service (in an arbiter

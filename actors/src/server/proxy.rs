@@ -59,68 +59,49 @@ const PEER_INBOX_FRAMES: usize = 1024;
 /// Query and body keys that never reach the function (upstream strips them).
 const RESERVED_KEYS: [&str; 4] = ["workspace", "service_id", "function_key", "_mode"];
 
-/// Mounts the proxy routes (after the fixed routes, which take precedence).
-pub fn configure(state: Arc<ServerState>, cfg: &mut web::ServiceConfig) {
+/// Mounts the proxy routes (after the fixed routes, which take precedence), each wrapped
+/// in the HTTP layer (rate limit, CORS).
+pub fn configure(state: Arc<ServerState>, layer: &super::layer::HttpLayer, cfg: &mut web::ServiceConfig) {
     let s1 = state.clone();
     let s2 = state.clone();
     let s3 = state;
-    cfg.route(
-        "/{ws}/services",
-        web::get().to(|path: web::Path<String>| async move {
+    cfg.service(web::resource("/{ws}/services").wrap(layer.clone()).route(web::get().to(
+        |path: web::Path<String>| async move {
             let ws = path.into_inner();
             HttpResponse::TemporaryRedirect()
                 .insert_header((header::LOCATION, format!("/{ws}/services/")))
                 .finish()
-        }),
-    );
-    cfg.route(
-        "/{ws}/services/",
-        web::get().to(move |req: HttpRequest, path: web::Path<String>| {
+        },
+    )));
+    cfg.service(web::resource("/{ws}/services/").wrap(layer.clone()).route(web::get().to(
+        move |req: HttpRequest, path: web::Path<String>| {
             let state = s1.clone();
-            async move { cors(&req, list_services(&state, &req, &path.into_inner()).await) }
-        }),
-    );
-    cfg.route(
-        "/{ws}/services/{service_id}",
-        web::get().to(move |req: HttpRequest, path: web::Path<(String, String)>| {
+            async move { list_services(&state, &req, &path.into_inner()).await }
+        },
+    )));
+    cfg.service(web::resource("/{ws}/services/{service_id}").wrap(layer.clone()).route(web::get().to(
+        move |req: HttpRequest, path: web::Path<(String, String)>| {
             let state = s2.clone();
             async move {
                 let (ws, id) = path.into_inner();
-                cors(&req, service_info(&state, &req, &ws, &id).await)
+                service_info(&state, &req, &ws, &id).await
             }
-        }),
-    );
+        },
+    )));
     let call = move |req: HttpRequest, path: web::Path<(String, String, String)>, body: web::Bytes| {
         let state = s3.clone();
         async move {
             let (ws, id, key) = path.into_inner();
-            cors(&req, call_function(&state, &req, &ws, &id, &key, body).await)
+            call_function(&state, &req, &ws, &id, &key, body).await
         }
     };
     cfg.service(
         web::resource("/{ws}/services/{service_id}/{function_key:.*}")
+            .wrap(layer.clone())
             .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
             .route(web::get().to(call.clone()))
             .route(web::post().to(call)),
     );
-}
-
-/// Echoes the request `Origin` (credentials allowed, as upstream's CORS layer does).
-fn cors(req: &HttpRequest, mut resp: HttpResponse) -> HttpResponse {
-    let origin = req.headers().get(header::ORIGIN).cloned();
-    let headers = resp.headers_mut();
-    match origin {
-        Some(o) => {
-            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
-            headers
-                .insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, header::HeaderValue::from_static("true"));
-            headers.insert(header::VARY, header::HeaderValue::from_static("Origin"));
-        }
-        None => {
-            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, header::HeaderValue::from_static("*"));
-        }
-    }
-    resp
 }
 
 fn failure(status: u16, detail: &str) -> HttpResponse {
@@ -162,7 +143,7 @@ fn remote_failure(text: &str) -> HttpResponse {
 // The error is the finished HTTP answer, returned once per request: its size does not
 // matter, and boxing it would only add an allocation.
 #[allow(clippy::result_large_err)]
-fn identify(state: &ServerState, req: &HttpRequest) -> Result<HttpCaller, HttpResponse> {
+pub(crate) fn identify(state: &ServerState, req: &HttpRequest) -> Result<HttpCaller, HttpResponse> {
     let revoked = |t: &str| state.revoked.is_revoked(t);
     let cx = AuthContext {
         jwt: &state.config.jwt,
@@ -621,6 +602,10 @@ async fn stream_generator(
         HttpResponse::Ok()
             .content_type("text/event-stream; charset=utf-8")
             .insert_header((header::CACHE_CONTROL, "no-cache"))
+            // Upstream's streaming answer sets these itself (the CORS layer then echoes a
+            // request Origin over the `*`).
+            .insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"))
+            .insert_header((header::ACCESS_CONTROL_ALLOW_HEADERS, "Cache-Control"))
             .body(body)
     }
 }
