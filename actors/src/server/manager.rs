@@ -1504,9 +1504,8 @@ impl Manager {
     /// Resolves a service id for `get_service` / `get_service_info` / `unregister_service`
     /// (spec §5.1-5.3): the manager, one record, or candidates still to be asked.
     fn resolve(&self, c: &Caller, id: &Value, config: &LookupConfig) -> Result<Resolution, ManagerError> {
-        let text = id
-            .as_str()
-            .ok_or_else(|| ManagerError::Type(format!("service_id must be a string, got {}", id.kind())))?;
+        let text =
+            id.as_str().ok_or_else(|| ManagerError::Assertion("Service ID must be a string.".into()))?;
         let query = ServiceQuery::parse(text).map_err(ManagerError::from_id)?;
         if query.is_manager_alias() {
             return Ok(Resolution::Manager);
