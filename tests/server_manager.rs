@@ -351,3 +351,159 @@ async fn registering_a_default_service_runs_its_setup() {
     plain.serve_for(Duration::from_millis(200)).await;
     assert_eq!(plain.calls.len(), 1);
 }
+
+// --- server-side parts of the hypha-rpc conformance list (rpc-protocol §12) ---------------
+
+/// #16, #30, #35: whatever close code a client uses, the server cleans it up (records
+/// gone, `client_disconnected` to subscribers), and the client's reconnection token brings
+/// it back under the same address, where it re-registers its services.
+#[actix_rt::test]
+async fn clients_closing_with_any_code_can_reconnect_and_reregister() {
+    use futures_util::SinkExt;
+    let srv = start(builder());
+    let state = srv.server().state().clone();
+    let alice = token("alice", &[], None);
+    let mut watcher = Raw::connect(&srv, "watcher", Some(&alice), None).await;
+    let ok = watcher.call("subscribe", vec![Value::from("client_disconnected")]).await;
+    assert_eq!(ok, Ok(Value::Bool(true)));
+    let mut consumer = Raw::connect(&srv, "consumer", Some(&alice), None).await;
+    let mut provider = Raw::registered(&srv, "prov", Some(&alice), None).await;
+    provider.register("svc", Map::new(), &[]).await.unwrap();
+    for code in [1000u16, 1001, 1002, 1003, 1011] {
+        let reconnect = provider.info["reconnection_token"].as_str().unwrap().to_owned();
+        let reason = awc::ws::CloseReason { code: awc::ws::CloseCode::from(code), description: None };
+        provider.ws.send(awc::ws::Message::Close(Some(reason))).await.unwrap();
+        let _ = until_close(&mut provider.ws, WAIT).await;
+        watcher.serve_for(Duration::from_millis(200)).await;
+        let last = watcher.events.pop().unwrap_or_else(|| panic!("no event after close {code}"));
+        assert_eq!(last["data"], Value::Map(map! {"id" => "prov", "workspace" => "ws-user-alice"}), "{code}");
+        assert!(state.registry.get("ws-user-alice", "prov", "svc").is_none(), "{code}");
+        let err = info_id(&mut consumer, "svc", Value::Nil).await.unwrap_err();
+        assert_eq!(err, "KeyError: 'Service not found: ws-user-alice/*:svc@*'");
+
+        let mut sock = connect(&srv).await;
+        let auth = serde_json::json!({"client_id": "prov", "reconnection_token": reconnect});
+        sock.send(awc::ws::Message::Text(auth.to_string().into())).await.unwrap();
+        let info = next_json(&mut sock).await;
+        assert_eq!(
+            (info["workspace"].as_str(), info["client_id"].as_str()),
+            (Some("ws-user-alice"), Some("prov"))
+        );
+        provider.ws = sock;
+        provider.info = info;
+        provider.register_builtin().await;
+        provider.register("svc", Map::new(), &[]).await.unwrap();
+        assert_eq!(
+            info_id(&mut consumer, "svc", Value::Nil).await.unwrap(),
+            "ws-user-alice/prov:svc",
+            "{code}"
+        );
+    }
+}
+
+/// #34, #37, #40: a reconnection token is self-contained, so after a server restart (same
+/// secret, new server id and so a new `manager_id`) the client comes back to its address.
+#[actix_rt::test]
+async fn a_reconnection_token_survives_a_server_restart() {
+    use futures_util::SinkExt;
+    let first = start(builder().server_id("first-server"));
+    let alice = token("alice", &[], None);
+    let old = Raw::registered(&first, "prov", Some(&alice), None).await;
+    let reconnect = old.info["reconnection_token"].as_str().unwrap().to_owned();
+    first.stop().await.unwrap();
+
+    let second = start(builder().server_id("second-server"));
+    let mut sock = connect(&second).await;
+    let auth = serde_json::json!({"client_id": "prov", "reconnection_token": reconnect});
+    sock.send(awc::ws::Message::Text(auth.to_string().into())).await.unwrap();
+    let info = next_json(&mut sock).await;
+    assert_eq!(info["type"], "connection_info", "{info}");
+    assert_eq!(
+        (info["workspace"].as_str(), info["client_id"].as_str()),
+        (Some("ws-user-alice"), Some("prov"))
+    );
+    assert_eq!(info["manager_id"], "manager-second-server");
+    assert_ne!(info["manager_id"], old.info["manager_id"]);
+}
+
+/// #25, #62: nested calls across clients (A calls B, B calls A back while A waits) are
+/// routed both ways.
+#[actix_rt::test]
+async fn nested_cross_client_calls_are_routed_both_ways() {
+    let srv = start(builder());
+    let alice = token("alice", &[], None);
+    let mut a = Raw::registered(&srv, "a", Some(&alice), None).await;
+    let mut b = Raw::registered(&srv, "b", Some(&alice), None).await;
+    a.answers.insert("services.svc.inner".into(), Answer::Value(Value::from(71)));
+    // A calls b's outer(); B, while handling it, calls a's inner() and answers with that.
+    a.send(
+        map! {"type" => "method", "to" => "b", "method" => "services.svc.outer", "session" => "outer1"},
+        Some(map! {"args" => Vec::<Value>::new(), "promise" => "*", "t" => 15}),
+    )
+    .await;
+    let frame = loop {
+        match next_within(&mut b.ws, WAIT).await {
+            Some(awc::ws::Frame::Binary(f)) => break f,
+            Some(_) => continue,
+            None => panic!("b's socket ended"),
+        }
+    };
+    let pkg = hypha_rpc::core::package::decode_package(&frame, &Default::default()).unwrap();
+    assert_eq!(pkg.main["method"], Value::from("services.svc.outer"));
+    assert_eq!(pkg.main["from"], Value::from("ws-user-alice/a"));
+    b.send(
+        map! {"type" => "method", "to" => "a", "method" => "services.svc.inner", "session" => "inner1"},
+        Some(map! {"args" => Vec::<Value>::new(), "promise" => "*", "t" => 15}),
+    )
+    .await;
+    // a answers inner() while waiting for outer().
+    let (inner, outer) = tokio::join!(b.wait_for("inner1", WAIT), async {
+        a.serve_for(Duration::from_millis(300)).await;
+    });
+    let _ = outer;
+    assert_eq!(inner, Ok(Value::from(71)));
+    b.send(
+        map! {"type" => "method", "to" => "a", "method" => "outer1.resolve"},
+        Some(map! {"args" => vec![Value::from(71)]}),
+    )
+    .await;
+    assert_eq!(a.wait_for("outer1", WAIT).await, Ok(Value::from(71)));
+    assert_eq!(a.calls, ["services.svc.inner"]);
+}
+
+/// #29, #66: the manager stores `service_schema` as sent and hands the provider's function
+/// descriptors to consumers untouched (an encryption key `_renc_pub` included), adding only
+/// `id` and `config.workspace` / `config.url`.
+#[actix_rt::test]
+async fn get_service_passes_schemas_and_descriptors_through() {
+    let srv = start(builder());
+    let alice = token("alice", &[], None);
+    let mut p = Raw::registered(&srv, "p", Some(&alice), None).await;
+    let schema = map! {"add" => map! {"type" => "function", "function" => map! {"name" => "add",
+    "description" => "Add.", "parameters" => map! {"type" => "object",
+    "properties" => map! {"a" => map! {"type" => "integer"}, "b" => map! {"type" => "number", "default" => 3.14}},
+    "required" => vec![Value::from("a")]}}}};
+    let service = map! {"id" => "p:calc", "name" => "calc", "service_schema" => schema.clone()};
+    assert_eq!(p.call("register_service", vec![Value::Map(service)]).await, Ok(Value::Nil));
+    let mut c = Raw::connect(&srv, "c", Some(&alice), None).await;
+    let info = c.call("get_service_info", vec![Value::from("calc")]).await.unwrap();
+    assert_eq!(info.as_map().unwrap()["service_schema"], Value::Map(schema));
+
+    let key = Value::Bytes(bytes::Bytes::from(vec![7u8; 32]));
+    let add = map! {"_rtype" => "method", "_rtarget" => "p", "_rmethod" => "services.calc.add",
+    "_rpromise" => "*", "_renc_pub" => key.clone(), "_rschema" => map! {"name" => "add"}};
+    let api =
+        map! {"id" => "calc", "name" => "calc", "config" => map! {"visibility" => "protected"}, "add" => add};
+    p.answers.insert("services.built-in.get_service".into(), Answer::Value(Value::Map(api)));
+    let (got, _) =
+        tokio::join!(c.call("get_service", vec![Value::from("calc")]), p.serve_for(Duration::from_secs(1)));
+    let got = got.unwrap();
+    let got = got.as_map().unwrap();
+    assert_eq!(got["id"], Value::from("ws-user-alice/p:calc"));
+    let add = got["add"].as_map().unwrap();
+    assert_eq!(add["_renc_pub"], key);
+    assert_eq!(add["_rmethod"], Value::from("services.calc.add"));
+    let config = got["config"].as_map().unwrap();
+    assert_eq!(config["workspace"], Value::from("ws-user-alice"));
+    assert!(config["url"].as_str().unwrap().ends_with("/ws-user-alice/services/p:calc"));
+}
