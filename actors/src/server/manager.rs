@@ -693,7 +693,7 @@ enum Criteria {
 #[derive(Debug)]
 enum Choice {
     /// One record, chosen without asking anyone.
-    Pick(ServiceRecord),
+    Pick(Box<ServiceRecord>),
     /// Call `function()` on every candidate and pick by `criteria`.
     ByFunction { candidates: Vec<ServiceRecord>, criteria: Criteria, function: String },
 }
@@ -761,7 +761,7 @@ fn select(
             )))
         }
     };
-    Ok(Choice::Pick(found.swap_remove(pick)))
+    Ok(Choice::Pick(Box::new(found.swap_remove(pick))))
 }
 
 /// Picks among `candidates` by the answers of their `function()` (`None`: the call failed
@@ -1530,7 +1530,7 @@ impl Manager {
         let now = Instant::now();
         let load = |r: &ServiceRecord| self.state.registry.load(&r.workspace, &r.client_id, now);
         Ok(match select(mode, found, &pattern_text, load)? {
-            Choice::Pick(record) => Resolution::Record(Box::new(record)),
+            Choice::Pick(record) => Resolution::Record(record),
             Choice::ByFunction { candidates, criteria, function } => {
                 Resolution::Select { candidates, criteria, function }
             }
