@@ -138,6 +138,25 @@ impl ServerBuilder {
         self
     }
 
+    /// Most handshakes in their auth/setup phase at once (10); the others wait for a slot.
+    pub fn max_concurrent_handshakes(mut self, handshakes: usize) -> Self {
+        self.config.max_concurrent_handshakes = handshakes;
+        self
+    }
+
+    /// How long a handshake waits for a slot before it is closed with 1013 `Server busy,
+    /// please retry` (30 s).
+    pub fn handshake_admission_timeout(mut self, wait: Duration) -> Self {
+        self.config.handshake_admission_timeout = wait;
+        self
+    }
+
+    /// Most services one client may register besides its `built-in` (1000).
+    pub fn max_services_per_client(mut self, services: usize) -> Self {
+        self.config.max_services_per_client = services;
+        self
+    }
+
     /// Bounds of each client's outbound queue (1024 frames, 64 MiB).
     pub fn outbound_queue(mut self, frames: usize, bytes: usize) -> Self {
         self.config.outbound_queue_frames = frames;

@@ -33,6 +33,7 @@ const SCENARIOS: &[&str] = &[
     "reconnection",
     "heartbeat",
     "tokens_workspaces",
+    "manager_modes",
     "rpc_conformance",
     "http_proxy",
     "login",

@@ -48,6 +48,12 @@ struct Args {
     /// Largest inbound websocket frame, in bytes (at least 1 MiB).
     #[arg(long, env = "HYPHA_WS_MAX_FRAME_SIZE")]
     ws_max_frame_size: Option<usize>,
+    /// Most websocket handshakes in their auth/setup phase at once; others wait.
+    #[arg(long, env = "HYPHA_MAX_CONCURRENT_CONNECTIONS")]
+    max_concurrent_connections: Option<usize>,
+    /// Most services one client may register (besides its built-in service).
+    #[arg(long, env = "HYPHA_MAX_SERVICES_PER_CLIENT")]
+    max_services_per_client: Option<usize>,
     /// Lifetime of reconnection tokens, in seconds.
     #[arg(long, env = "RECONNECTION_TOKEN_LIFE_TIME", value_parser = seconds)]
     reconnection_token_life_time: Option<Duration>,
@@ -137,6 +143,12 @@ fn build(args: Args) -> Result<Server, Box<dyn std::error::Error>> {
     }
     if let Some(v) = args.ws_max_frame_size {
         b = b.max_frame_size(v);
+    }
+    if let Some(v) = args.max_concurrent_connections {
+        b = b.max_concurrent_handshakes(v);
+    }
+    if let Some(v) = args.max_services_per_client {
+        b = b.max_services_per_client(v);
     }
     if let Some(v) = args.reconnection_token_life_time {
         b = b.reconnection_token_life_time(v);

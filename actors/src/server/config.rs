@@ -172,6 +172,15 @@ pub struct ServerConfig {
     pub http_rate_limits: Option<HttpRateLimits>,
     /// `--static-mounts`: directories served as static files.
     pub static_mounts: Vec<StaticMount>,
+    /// Most handshakes in their auth/setup phase at once (`HYPHA_MAX_CONCURRENT_CONNECTIONS`,
+    /// 10); the others wait for a slot (spec §2.1 step 4).
+    pub max_concurrent_handshakes: usize,
+    /// How long a handshake waits for a slot before it is closed with 1013 `Server busy,
+    /// please retry` (upstream: 30 s).
+    pub handshake_admission_timeout: Duration,
+    /// Most services one client may register besides its `built-in`
+    /// (`HYPHA_MAX_SERVICES_PER_CLIENT`, 1000): registry records live in memory.
+    pub max_services_per_client: usize,
 }
 
 impl Default for ServerConfig {
@@ -197,6 +206,9 @@ impl Default for ServerConfig {
             allow_origins: vec!["*".to_owned()],
             http_rate_limits: Some(HttpRateLimits::default()),
             static_mounts: Vec::new(),
+            max_concurrent_handshakes: 10,
+            handshake_admission_timeout: Duration::from_secs(30),
+            max_services_per_client: 1000,
         }
     }
 }
@@ -225,17 +237,22 @@ impl fmt::Debug for ServerConfig {
             .field("allow_origins", &self.allow_origins)
             .field("http_rate_limits", &self.http_rate_limits)
             .field("static_mounts", &self.static_mounts)
+            .field("max_concurrent_handshakes", &self.max_concurrent_handshakes)
+            .field("handshake_admission_timeout", &self.handshake_admission_timeout)
+            .field("max_services_per_client", &self.max_services_per_client)
             .finish()
     }
 }
 
 /// Environment variables [`ServerConfig::apply_env`] reads, with the field each sets.
-pub const ENV_VARS: [(&str, &str); 13] = [
+pub const ENV_VARS: [(&str, &str); 15] = [
     ("HYPHA_WS_IDLE_TIMEOUT", "idle_timeout (seconds)"),
     ("HYPHA_WS_MSG_RATE_LIMIT", "msg_rate_limit (frames per second)"),
     ("HYPHA_WS_MSG_BURST_LIMIT", "msg_burst_limit (frames)"),
     ("HYPHA_WS_MAX_FRAME_SIZE", "max_frame_size (bytes)"),
     ("HYPHA_WS_AUTH_TIMEOUT", "auth_timeout (seconds)"),
+    ("HYPHA_MAX_CONCURRENT_CONNECTIONS", "max_concurrent_handshakes (handshakes)"),
+    ("HYPHA_MAX_SERVICES_PER_CLIENT", "max_services_per_client (services)"),
     ("RECONNECTION_TOKEN_LIFE_TIME", "reconnection_token_life_time (seconds)"),
     ("HYPHA_SERVER_ID", "server_id"),
     ("HYPHA_JWT_SECRET / JWT_SECRET", "jwt secret"),
@@ -292,6 +309,12 @@ impl ServerConfig {
         }
         if let Some(v) = lookup("HYPHA_WS_MAX_FRAME_SIZE") {
             self.max_frame_size = parse_num("HYPHA_WS_MAX_FRAME_SIZE", &v, "bytes")?;
+        }
+        if let Some(v) = lookup("HYPHA_MAX_CONCURRENT_CONNECTIONS") {
+            self.max_concurrent_handshakes = parse_num("HYPHA_MAX_CONCURRENT_CONNECTIONS", &v, "an integer")?;
+        }
+        if let Some(v) = lookup("HYPHA_MAX_SERVICES_PER_CLIENT") {
+            self.max_services_per_client = parse_num("HYPHA_MAX_SERVICES_PER_CLIENT", &v, "an integer")?;
         }
         if let Some(v) = lookup("RECONNECTION_TOKEN_LIFE_TIME") {
             self.reconnection_token_life_time = parse_secs("RECONNECTION_TOKEN_LIFE_TIME", &v)?;
@@ -353,6 +376,9 @@ impl ServerConfig {
         if self.outbound_queue_bytes == 0 {
             return Err(ConfigError::ZeroLimit("outbound_queue_bytes"));
         }
+        if self.max_concurrent_handshakes == 0 {
+            return Err(ConfigError::ZeroLimit("max_concurrent_handshakes"));
+        }
         if let Some(token) = &self.root_token {
             auth::check_root_token_strength(token)?;
         }
@@ -398,6 +424,9 @@ mod tests {
         assert_eq!(c.max_frame_size, 16 * 1024 * 1024);
         assert_eq!(c.dead_peer_ttl, Duration::from_secs(120));
         assert_eq!(c.reconnection_token_life_time, Duration::from_secs(172_800));
+        assert_eq!(c.max_concurrent_handshakes, 10);
+        assert_eq!(c.handshake_admission_timeout, Duration::from_secs(30));
+        assert_eq!(c.max_services_per_client, 1000);
         assert_eq!(c.manager_id(), format!("manager-{}", c.server_id));
         c.validate().unwrap();
         // Two defaults get different ids and secrets (tokens of one never verify on the other).
@@ -415,6 +444,8 @@ mod tests {
             ("HYPHA_WS_MAX_FRAME_SIZE", "2097152"),
             ("RECONNECTION_TOKEN_LIFE_TIME", "60"),
             ("HYPHA_SERVER_ID", "my-server"),
+            ("HYPHA_MAX_CONCURRENT_CONNECTIONS", "3"),
+            ("HYPHA_MAX_SERVICES_PER_CLIENT", "7"),
             ("JWT_SECRET", "low"),
             ("HYPHA_JWT_SECRET", "high"),
         ]))
@@ -425,6 +456,7 @@ mod tests {
         assert_eq!(c.max_frame_size, 2 * 1024 * 1024);
         assert_eq!(c.reconnection_token_life_time, Duration::from_secs(60));
         assert_eq!(c.manager_id(), "manager-my-server");
+        assert_eq!((c.max_concurrent_handshakes, c.max_services_per_client), (3, 7));
         assert_eq!(c.jwt, JwtConfig::new("high"));
         let mut c = ServerConfig::default();
         c.apply_env(env(&[("JWT_SECRET", "low")])).unwrap();

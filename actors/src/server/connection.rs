@@ -41,7 +41,7 @@ use hypha_core::auth::{self, Admitted, AuthContext, AuthPayload, HandshakeError,
 use serde_json::{json, Map as JsonMap, Value as Json};
 use tracing::field;
 
-use super::limits::{FrameSizeGuard, TokenBucket};
+use super::limits::{AdmissionSlot, FrameSizeGuard, TokenBucket, SERVER_BUSY_REASON};
 use super::outbound::{self, CloseCmd, OutFrame, Outbound, OutboundRx};
 use super::router::{Generation, Registration, RouteOutcome, RouteSender};
 use super::workspace::WorkspaceRecord;
@@ -126,12 +126,16 @@ struct Open {
     bucket: TokenBucket,
     /// Last text or binary data frame (protocol pings do not count).
     last_activity: Instant,
+    /// Whether this client's frames count towards its load (`min_load`, spec §5.3).
+    load_balanced: bool,
 }
 
 #[derive(Debug)]
 enum Phase {
     /// Waiting for the auth frame.
     AwaitingAuth,
+    /// The auth frame arrived; waiting for an admission slot (spec §2.1 step 4).
+    Queued,
     /// Authenticated; waiting for the manager to say whether the live holder of this
     /// client id still answers a ping (spec §2.1 step 7).
     Admitting,
@@ -164,6 +168,8 @@ pub struct WsConnection {
     fragments: Option<Fragments>,
     /// A close was requested: inbound frames are ignored until the actor stops.
     closing: bool,
+    /// The admission slot held from the auth frame to the end of the handshake.
+    slot: Option<AdmissionSlot>,
     /// `workspace`, `client` and `generation` are recorded when the handshake succeeds.
     span: tracing::Span,
 }
@@ -190,6 +196,7 @@ impl WsConnection {
             oversize,
             fragments: None,
             closing: false,
+            slot: None,
             span,
         }
     }
@@ -210,6 +217,7 @@ impl WsConnection {
     }
 
     fn fail_handshake(&mut self, ctx: &mut Context<Self>, e: &HandshakeError) {
+        self.slot = None;
         tracing::info!(error = %e, code = e.close_code(), "handshake refused");
         let cmd = CloseCmd {
             error_message: e.sends_error_frame().then(|| e.to_string()),
@@ -220,7 +228,37 @@ impl WsConnection {
 
     // --- handshake -------------------------------------------------------------------------
 
+    /// The auth frame: take an admission slot (waiting for one if all are taken), then
+    /// run the handshake.
     fn on_auth_frame(&mut self, ctx: &mut Context<Self>, text: &str) {
+        if let Some(slot) = self.state.admission.try_enter() {
+            self.slot = Some(slot);
+            return self.admitted(ctx, text);
+        }
+        tracing::debug!("all handshake slots taken: waiting for one");
+        self.phase = Phase::Queued;
+        let text = text.to_owned();
+        let wait = self.state.admission.enter();
+        ctx.spawn(actix::fut::wrap_future(wait).map(move |slot, act: &mut Self, ctx| {
+            if act.closing {
+                return;
+            }
+            let _enter = act.span.clone().entered();
+            match slot {
+                Some(slot) => {
+                    act.slot = Some(slot);
+                    act.admitted(ctx, &text);
+                }
+                None => {
+                    tracing::warn!("no handshake slot freed up in time: server busy");
+                    act.close(ctx, CloseCmd::error(1013, SERVER_BUSY_REASON));
+                }
+            }
+        }));
+    }
+
+    /// The handshake proper, holding an admission slot.
+    fn admitted(&mut self, ctx: &mut Context<Self>, text: &str) {
         let prepared = match self.prepare(text) {
             Ok(p) => p,
             Err(e) => return self.fail_handshake(ctx, &e),
@@ -263,6 +301,7 @@ impl WsConnection {
     }
 
     fn opened(&mut self, ctx: &mut Context<Self>, open: Box<Open>) {
+        self.slot = None;
         self.span.record("workspace", open.workspace.as_str());
         self.span.record("client", open.client_id.as_str());
         self.span.record("generation", open.generation);
@@ -346,7 +385,9 @@ impl WsConnection {
             read_only,
         };
         let now = Instant::now();
+        let load_balanced = admitted.client_id.ends_with(super::registry::LOAD_BALANCED_SUFFIX);
         Ok(Box::new(Open {
+            load_balanced,
             workspace: admitted.workspace,
             client_id: admitted.client_id,
             generation: registered.generation,
@@ -417,6 +458,9 @@ impl WsConnection {
             self.close(ctx, CloseCmd::error(1008, RATE_LIMIT_MESSAGE));
             return;
         }
+        if open.load_balanced {
+            self.state.registry.record_frame(&open.workspace, &open.client_id, now);
+        }
         match self.state.router.route(&open.sender, &frame, now) {
             RouteOutcome::Delivered(n) => tracing::trace!(len = frame.len(), delivered = n, "routed"),
             RouteOutcome::Rejected { error, reject } => {
@@ -465,7 +509,7 @@ impl WsConnection {
                 Err(_) => self.close(ctx, CloseCmd::close(1007, "invalid UTF-8 in a text frame")),
             },
             (Phase::Open(_), false) => self.on_binary(ctx, data),
-            (Phase::Admitting, _) => tracing::debug!("frame before connection_info ignored"),
+            (Phase::Admitting | Phase::Queued, _) => tracing::debug!("frame before connection_info ignored"),
             (Phase::Closed, _) => {}
         }
     }

@@ -1,8 +1,9 @@
-//! Per-connection limits that do not depend on actix: the message-rate token bucket and the
-//! inbound frame-size guard (server spec §2.5).
+//! Limits that do not depend on actix: the message-rate token bucket and the inbound
+//! frame-size guard (server spec §2.5), handshake admission control (§2.1 step 4) and the
+//! message-rate load meter of load-balanced clients (§5.3 `min_load`).
 //!
-//! Both are plain state machines driven by their caller (time comes in as `now`), so they
-//! are unit-tested here without sockets.
+//! The bucket, the guard and the meter are plain state machines driven by their caller
+//! (time comes in as `now`), so they are unit-tested here without sockets.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +61,86 @@ impl TokenBucket {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now.max(self.last);
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+    }
+}
+
+/// The close reason (code 1013) of a handshake that waited too long for an admission slot;
+/// upstream's text.
+pub const SERVER_BUSY_REASON: &str = "Server busy, please retry";
+
+/// Admission control for handshakes (spec §2.1 step 4): at most `slots` connections are
+/// in their auth/setup phase at once. The others wait for a slot, at most for the
+/// configured time, so that a reconnect storm cannot pile up setup work (upstream's
+/// `HYPHA_MAX_CONCURRENT_CONNECTIONS`, 10, with a 30 s wait). The long-lived connection
+/// holds no slot: a slot is held from the auth frame until `connection_info` or the refusal.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    slots: Arc<tokio::sync::Semaphore>,
+    wait: Duration,
+}
+
+/// A held admission slot; dropping it frees the slot.
+pub type AdmissionSlot = tokio::sync::OwnedSemaphorePermit;
+
+impl Admission {
+    /// `slots` concurrent handshakes (at least one), waiting at most `wait` for a slot.
+    pub fn new(slots: usize, wait: Duration) -> Self {
+        let slots = slots.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        Admission { slots: Arc::new(tokio::sync::Semaphore::new(slots)), wait }
+    }
+
+    /// A slot at once, if one is free.
+    pub fn try_enter(&self) -> Option<AdmissionSlot> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for a slot; `None` when none freed up within the configured wait.
+    pub fn enter(&self) -> impl std::future::Future<Output = Option<AdmissionSlot>> + 'static {
+        let (slots, wait) = (self.slots.clone(), self.wait);
+        async move { tokio::time::timeout(wait, slots.acquire_owned()).await.ok().and_then(Result::ok) }
+    }
+
+    /// Free slots right now.
+    pub fn available(&self) -> usize {
+        self.slots.available_permits()
+    }
+}
+
+/// The load of a load-balanced client (one whose id ends with `__rlb`), as upstream
+/// measures it: the frames it sent per minute over the current window, the window
+/// restarting once it is a minute old (spec §5.3 `min_load`).
+#[derive(Debug, Clone, Copy)]
+pub struct LoadMeter {
+    window_start: Instant,
+    frames: u64,
+}
+
+/// The length of a load-measuring window.
+pub const LOAD_WINDOW: Duration = Duration::from_secs(60);
+
+impl LoadMeter {
+    /// A meter whose window starts at `now`.
+    pub fn new(now: Instant) -> Self {
+        LoadMeter { window_start: now, frames: 0 }
+    }
+
+    /// Counts one frame sent at `now`.
+    pub fn record(&mut self, now: Instant) {
+        self.frames = self.frames.saturating_add(1);
+        if now.saturating_duration_since(self.window_start) >= LOAD_WINDOW {
+            self.window_start = now;
+            self.frames = 0;
+        }
+    }
+
+    /// Frames per minute in the current window (0 before any time has passed).
+    pub fn per_minute(&self, now: Instant) -> f64 {
+        let minutes = now.saturating_duration_since(self.window_start).as_secs_f64() / 60.0;
+        if minutes > 0.0 {
+            self.frames as f64 / minutes
+        } else {
+            0.0
+        }
     }
 }
 
@@ -210,6 +291,32 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_is_frames_per_minute_of_the_current_window() {
+        let t0 = Instant::now();
+        let mut m = LoadMeter::new(t0);
+        assert_eq!(m.per_minute(t0), 0.0);
+        for _ in 0..30 {
+            m.record(t0 + Duration::from_secs(1));
+        }
+        assert!((m.per_minute(t0 + Duration::from_secs(30)) - 60.0).abs() < 1e-9);
+        // A frame a minute later starts a new window.
+        m.record(t0 + Duration::from_secs(61));
+        assert_eq!(m.per_minute(t0 + Duration::from_secs(61)), 0.0);
+    }
+
+    #[actix_rt::test]
+    async fn admission_slots_are_bounded_and_waiting_times_out() {
+        let a = Admission::new(1, Duration::from_millis(50));
+        let held = a.try_enter().expect("a free slot");
+        assert!(a.try_enter().is_none());
+        assert!(a.enter().await.is_none(), "no slot frees up: the wait times out");
+        let waiter = a.enter();
+        drop(held);
+        assert!(waiter.await.is_some(), "a freed slot goes to the waiter");
+        assert_eq!(a.available(), 1);
+    }
     use futures_util::{stream, StreamExt};
     use std::time::Duration;
 

@@ -44,14 +44,14 @@ use hypha_core::package;
 use hypha_core::schema::{self, FunctionSchema, Param, ParamType};
 use hypha_core::session::{CallOutcome, SessionConfig, BUILTIN_SERVICE_ID, RINTF_PREFIX};
 use hypha_core::value::{
-    ErrorValue, Handler as FnHandler, LocalFunction, Map, PromiseMode, RemoteMethod, Value,
+    ErrorValue, Function, Handler as FnHandler, LocalFunction, Map, PromiseMode, RemoteMethod, Value,
 };
 use serde_json::{json, Value as Json};
 use tokio::sync::oneshot;
 
 use super::events::{check_subscription, parse_iso, EventLog, EventQuery};
 use super::peer::NativePeer;
-use super::registry::{Access, Pattern, ServiceRecord, MAX_CLIENT_REGISTRY_BYTES, MAX_SERVICES_PER_CLIENT};
+use super::registry::{Access, Pattern, ServiceRecord, MAX_CLIENT_REGISTRY_BYTES};
 use super::router::{LocalInbox, RouteSender, LOCAL_INBOX_FRAMES};
 use super::workspace::{WorkspaceRecord, WorkspaceStatus};
 use super::ServerState;
@@ -63,6 +63,13 @@ pub const MANAGER_SERVICE_ID: &str = "default";
 pub const GET_SERVICE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `ping` and the handshake's "is the old client alive" check wait (upstream: 5 s).
 pub const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long each candidate of a `select:{criteria}:{function}` lookup has to answer its
+/// `function()` (upstream's `select_timeout` default, 2 s).
+pub const SELECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the manager waits for a `default` service's `setup()` (spec §4.5 step 11).
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The close reason of a client `cleanup` removed.
+pub const CLIENT_DELETED_REASON: &str = "Client deleted by admin";
 /// Longest wait a caller may ask of `get_service`, `ping` or `cleanup`.
 pub const MAX_CALL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Most workspaces one user may own (upstream `HYPHA_MAX_WORKSPACES_PER_USER`; root exempt).
@@ -671,8 +678,37 @@ fn random_index(len: usize) -> usize {
     (RandomState::new().hash_one(seed) % len as u64) as usize
 }
 
-/// Picks one of the matching records by `mode` (spec §5.3).
-fn select(mode: &str, mut found: Vec<ServiceRecord>, pattern: &str) -> Result<ServiceRecord, ManagerError> {
+/// How `select:{criteria}:{function}` compares the candidates' answers (spec §5.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Criteria {
+    /// The smallest number.
+    Min,
+    /// The largest number.
+    Max,
+    /// The first candidate (in registry order) whose call succeeded.
+    FirstSuccess,
+}
+
+/// What `mode` made of the matching records.
+#[derive(Debug)]
+enum Choice {
+    /// One record, chosen without asking anyone.
+    Pick(Box<ServiceRecord>),
+    /// Call `function()` on every candidate and pick by `criteria`.
+    ByFunction { candidates: Vec<ServiceRecord>, criteria: Criteria, function: String },
+}
+
+/// Picks one of the matching records (`found`, non-empty, in registry order) by `mode`
+/// (spec §5.3); `load` gives a record's provider load for `min_load`.
+fn select(
+    mode: &str,
+    mut found: Vec<ServiceRecord>,
+    pattern: &str,
+    load: impl Fn(&ServiceRecord) -> f64,
+) -> Result<Choice, ManagerError> {
+    if found.is_empty() {
+        return Err(ManagerError::Key(format!("Service not found: {pattern}")));
+    }
     let pick = match mode {
         "exact" => {
             if found.len() > 1 {
@@ -684,30 +720,93 @@ fn select(mode: &str, mut found: Vec<ServiceRecord>, pattern: &str) -> Result<Se
             }
             0
         }
-        "first" | "min_load" => 0,
-        "last" => found.len().saturating_sub(1),
+        "first" => 0,
+        "last" => found.len() - 1,
+        // Every provider of this server is connected to it ("native"), so native:random
+        // is random among all, as upstream does on a single replica.
         "random" | "native:random" => random_index(found.len()),
-        other => match other.strip_prefix("select:").map(|r| r.split_once(':')) {
-            Some(Some((criteria, _function))) => {
-                if !matches!(criteria, "min" | "max" | "first_success") {
-                    return Err(ManagerError::Value(format!("Unknown selection criteria: {criteria}")));
+        // The first of the least loaded (only `__rlb` clients have a load; the rest is 0).
+        "min_load" => {
+            let loads: Vec<f64> = found.iter().map(&load).collect();
+            let mut best = 0;
+            for (i, l) in loads.iter().enumerate() {
+                if *l < loads[best] {
+                    best = i;
                 }
-                // Selecting by a function's value needs a call per candidate; without it the
-                // first candidate is as good as any (upstream falls back the same way when
-                // the function is missing).
-                0
             }
-            _ => {
+            best
+        }
+        other if other.starts_with("select:") => {
+            let parts: Vec<&str> = other.split(':').collect();
+            let [_, criteria, function] = parts[..] else {
                 return Err(ManagerError::Value(format!(
-                    "Invalid mode: {other}. Mode must be 'random', 'first', 'last', 'exact', 'min_load', 'native:random', or 'select:criteria:function' format (e.g., 'select:min:get_load')"
-                )))
+                    "Invalid select mode format: {other}. Expected 'select:criteria:function'"
+                )));
+            };
+            if found.len() == 1 {
+                0
+            } else {
+                let criteria = match criteria {
+                    "min" => Criteria::Min,
+                    "max" => Criteria::Max,
+                    "first_success" => Criteria::FirstSuccess,
+                    bad => return Err(ManagerError::Value(format!("Unknown selection criteria: {bad}"))),
+                };
+                return Ok(Choice::ByFunction { candidates: found, criteria, function: function.to_owned() });
             }
-        },
+        }
+        other => {
+            return Err(ManagerError::Value(format!(
+                "Invalid mode: {other}. Mode must be 'random', 'first', 'last', 'exact', 'min_load', 'native:random', or 'select:criteria:function' format (e.g., 'select:min:get_load')"
+            )))
+        }
     };
-    if pick >= found.len() {
-        return Err(ManagerError::Key(format!("Service not found: {pattern}")));
+    Ok(Choice::Pick(Box::new(found.swap_remove(pick))))
+}
+
+/// Picks among `candidates` by the answers of their `function()` (`None`: the call failed
+/// or gave no number, for `min`/`max`). No usable answer: a random candidate (upstream's
+/// fallback). Ties go to the earlier candidate.
+fn pick_by_answers(criteria: Criteria, answers: &[Option<Value>]) -> usize {
+    let numbers: Vec<Option<f64>> = answers.iter().map(|a| a.as_ref().and_then(number)).collect();
+    let best = match criteria {
+        Criteria::FirstSuccess => answers.iter().position(Option::is_some),
+        Criteria::Min | Criteria::Max => {
+            let mut best: Option<(usize, f64)> = None;
+            for (i, n) in numbers.iter().enumerate() {
+                let Some(n) = *n else { continue };
+                let better = match best {
+                    None => true,
+                    Some((_, b)) if criteria == Criteria::Min => n < b,
+                    Some((_, b)) => n > b,
+                };
+                if better {
+                    best = Some((i, n));
+                }
+            }
+            best.map(|(i, _)| i)
+        }
+    };
+    best.unwrap_or_else(|| random_index(answers.len()))
+}
+
+/// A number as Python's `float()` reads it (numbers, booleans, numeric strings).
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Bool(b) => Some(f64::from(u8::from(*b))),
+        Value::Str(s) => s.trim().parse().ok(),
+        other => other.as_f64(),
     }
-    Ok(found.swap_remove(pick))
+}
+
+/// What a service id resolved to, before the visibility check.
+enum Resolution {
+    /// The manager itself (`~`).
+    Manager,
+    /// One record.
+    Record(Box<ServiceRecord>),
+    /// A `select:` mode: the candidates must be asked first.
+    Select { candidates: Vec<ServiceRecord>, criteria: Criteria, function: String },
 }
 
 /// What a service id named.
@@ -723,6 +822,14 @@ struct LookupConfig {
     mode: Option<String>,
     timeout: Duration,
     case: Option<fn(&str) -> String>,
+    /// How long each candidate of a `select:` mode has to answer (upstream: 2 s).
+    select_timeout: Duration,
+}
+
+impl Default for LookupConfig {
+    fn default() -> Self {
+        LookupConfig { mode: None, timeout: GET_SERVICE_TIMEOUT, case: None, select_timeout: SELECT_TIMEOUT }
+    }
 }
 
 impl LookupConfig {
@@ -743,6 +850,11 @@ impl LookupConfig {
             .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok())
             .unwrap_or(GET_SERVICE_TIMEOUT)
             .min(MAX_CALL_TIMEOUT);
+        let select_timeout = map_get(m, "select_timeout")
+            .and_then(Value::as_f64)
+            .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok())
+            .unwrap_or(SELECT_TIMEOUT)
+            .min(MAX_CALL_TIMEOUT);
         let case: Option<fn(&str) -> String> = match map_get(m, "case_conversion").and_then(Value::as_str) {
             None => None,
             Some("camel") => Some(to_camel),
@@ -753,7 +865,7 @@ impl LookupConfig {
                 )))
             }
         };
-        Ok(LookupConfig { mode, timeout, case })
+        Ok(LookupConfig { mode, timeout, case, select_timeout })
     }
 }
 
@@ -939,9 +1051,18 @@ impl Manager {
             promise,
             ..Default::default()
         };
+        self.call_remote(&rm, args)
+    }
+
+    /// Calls a method descriptor a peer gave us (same contract as [`Manager::call_peer`]).
+    fn call_remote(
+        &mut self,
+        rm: &RemoteMethod,
+        args: Vec<Value>,
+    ) -> Result<oneshot::Receiver<CallOutcome>, ManagerError> {
         let session = self
             .endpoint
-            .call(Instant::now(), &rm, args, None)
+            .call(Instant::now(), rm, args, None)
             .map_err(|e| ManagerError::Runtime(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
         self.waiting.insert(session, tx);
@@ -1000,6 +1121,18 @@ impl Manager {
         let mut a = Args { name, values };
         match method {
             Method::GetService => self.get_service(ctx, &caller, &mut a, reply),
+            Method::GetServiceInfo => self.get_service_info(ctx, &caller, &mut a, reply),
+            Method::RegisterService => {
+                let result = self.register_service(&caller, &mut a);
+                let setup = match &result {
+                    Ok(Some(r)) if r.service == MANAGER_SERVICE_ID => Some(r.clone()),
+                    _ => None,
+                };
+                self.reply(reply, result.map(|_| Value::Nil));
+                if let Some(record) = setup {
+                    self.run_setup(ctx, record);
+                }
+            }
             Method::Ping => self.ping(ctx, &caller, &mut a, reply),
             Method::Cleanup => self.cleanup(ctx, &caller, &mut a, reply),
             _ => {
@@ -1051,7 +1184,6 @@ impl Manager {
                     self.events.stats(&q)
                 }))
             }
-            Method::RegisterService => self.register_service(c, a),
             Method::UnregisterService => self.unregister_service(c, a),
             Method::ListWorkspaces => self.list_workspaces(c, a),
             Method::ListServices => self.list_services(c, a),
@@ -1060,14 +1192,6 @@ impl Manager {
             Method::RegisterServiceType => self.register_service_type(c, a),
             Method::GetServiceType => self.get_service_type(c, a),
             Method::ListServiceTypes => self.list_service_types(c, a),
-            Method::GetServiceInfo => {
-                let id = a.take(0);
-                let config = LookupConfig::parse(&a.take(1))?;
-                match self.lookup(c, &id, &config)? {
-                    Lookup::Manager => Ok(Value::Map(self.info.clone())),
-                    Lookup::Record(r, access) => Ok(r.view(access)),
-                }
-            }
             Method::GenerateToken => {
                 let config = a.take(0);
                 // Owners mint tokens for their workspaces, also through a child token of
@@ -1120,7 +1244,11 @@ impl Manager {
             Method::SetEnv => self.set_env(c, a),
             Method::GetEnv => self.get_env(c, a),
             Method::Subscribe | Method::Unsubscribe => self.subscribe(c, a, m == Method::Subscribe),
-            Method::GetService | Method::Ping | Method::Cleanup => {
+            Method::GetService
+            | Method::GetServiceInfo
+            | Method::RegisterService
+            | Method::Ping
+            | Method::Cleanup => {
                 Err(ManagerError::Runtime("asynchronous method dispatched synchronously".into()))
             }
         }
@@ -1224,7 +1352,8 @@ impl Manager {
 
     // --- services --------------------------------------------------------------------------
 
-    fn register_service(&self, c: &Caller, a: &mut Args) -> Result<Value, ManagerError> {
+    /// `register_service` (spec §4.5); returns the record it stored, if it stored one.
+    fn register_service(&self, c: &Caller, a: &mut Args) -> Result<Option<ServiceRecord>, ManagerError> {
         self.require(c, &c.ws, Permission::ReadWrite)?;
         let service = a.map(0, "service")?;
         let options = a.map(1, "config")?;
@@ -1238,7 +1367,7 @@ impl Manager {
         let local_only =
             raw_config.and_then(|m| m.get("_local_only")).is_some_and(|v| v.as_bool() == Some(true));
         if id.service().starts_with(RINTF_PREFIX) || local_only {
-            return Ok(Value::Nil);
+            return Ok(None);
         }
         if id.client_id() != c.client_id {
             return Err(ManagerError::Permission(format!(
@@ -1253,19 +1382,21 @@ impl Manager {
             let exempt = ws == auth::PUBLIC_WORKSPACE || ws == auth::personal_workspace(auth::ROOT_USER_ID);
             if !exempt && self.state.registry.builtin(&ws, &c.client_id).is_none() {
                 // The client is gone (or never registered itself): nothing to store.
-                return Ok(Value::Nil);
+                return Ok(None);
             }
-            if self.state.registry.get(&ws, &c.client_id, id.service()).is_none()
-                && self.state.registry.client_service_count(&ws, &c.client_id) >= MAX_SERVICES_PER_CLIENT
-            {
-                return Err(ManagerError::Runtime(format!(
-                    "Too many services registered by client {} (at most {MAX_SERVICES_PER_CLIENT})",
-                    c.from
-                )));
+            let max = self.state.config.max_services_per_client;
+            if self.state.registry.get(&ws, &c.client_id, id.service()).is_none() {
+                let count = self.state.registry.client_service_count(&ws, &c.client_id);
+                if count >= max {
+                    return Err(ManagerError::Runtime(format!(
+                        "Service quota exceeded: client {} already has {count} services (max {max}). Remove unused services before registering new ones.",
+                        c.from
+                    )));
+                }
             }
         }
         if !self.state.router.is_connected(&ws, &c.client_id) {
-            return Ok(Value::Nil);
+            return Ok(None);
         }
         let created_by = if builtin {
             let mut user = c.user.clone();
@@ -1287,7 +1418,16 @@ impl Manager {
         }
         self.check_singleton(&record)?;
         let added = record.to_value();
-        match self.state.registry.upsert(record) {
+        let stored = record.clone();
+        let previous = self.state.registry.upsert(record);
+        // The connection may have closed between the check above and the insert: its
+        // cleanup (router first, then registry) has then already run and would never see
+        // this record. Checking again after the insert closes that window.
+        if !self.state.router.is_connected(&ws, &c.client_id) {
+            self.state.registry.remove(&ws, &c.client_id, id.service());
+            return Ok(None);
+        }
+        match previous {
             Some(_) if builtin => self.client_event("client_updated", &ws, &c.from),
             None if builtin => self.client_event("client_connected", &ws, &c.from),
             Some(old) => {
@@ -1296,7 +1436,7 @@ impl Manager {
             }
             None => self.emit(&ws, "service_added", added),
         }
-        Ok(Value::Nil)
+        Ok(Some(stored))
     }
 
     fn check_singleton(&self, record: &ServiceRecord) -> Result<(), ManagerError> {
@@ -1340,8 +1480,7 @@ impl Manager {
         let record = match own {
             Some(r) => r,
             None => {
-                let config =
-                    LookupConfig { mode: Some("exact".into()), timeout: GET_SERVICE_TIMEOUT, case: None };
+                let config = LookupConfig { mode: Some("exact".into()), ..LookupConfig::default() };
                 match self.lookup(c, &Value::from(text.as_str()), &config)? {
                     Lookup::Record(r, _) => *r,
                     Lookup::Manager => {
@@ -1371,14 +1510,13 @@ impl Manager {
     }
 
     /// Resolves a service id for `get_service` / `get_service_info` / `unregister_service`
-    /// (spec §5.1-5.4).
-    fn lookup(&self, c: &Caller, id: &Value, config: &LookupConfig) -> Result<Lookup, ManagerError> {
-        let text = id
-            .as_str()
-            .ok_or_else(|| ManagerError::Type(format!("service_id must be a string, got {}", id.kind())))?;
+    /// (spec §5.1-5.3): the manager, one record, or candidates still to be asked.
+    fn resolve(&self, c: &Caller, id: &Value, config: &LookupConfig) -> Result<Resolution, ManagerError> {
+        let text =
+            id.as_str().ok_or_else(|| ManagerError::Assertion("Service ID must be a string.".into()))?;
         let query = ServiceQuery::parse(text).map_err(ManagerError::from_id)?;
         if query.is_manager_alias() {
-            return Ok(Lookup::Manager);
+            return Ok(Resolution::Manager);
         }
         let sid = query.resolve_for_lookup(&c.ws).map_err(ManagerError::from_id)?;
         // `built-in` alone names the caller's own built-in service.
@@ -1397,7 +1535,18 @@ impl Manager {
         let default_mode = if sid.workspace() == auth::PUBLIC_WORKSPACE { "random" } else { "exact" };
         let mode = config.mode.as_deref().unwrap_or(default_mode);
         let pattern_text = format!("{}/{}:{}", sid.workspace(), client, sid.service());
-        let record = select(mode, found, &pattern_text)?;
+        let now = Instant::now();
+        let load = |r: &ServiceRecord| self.state.registry.load(&r.workspace, &r.client_id, now);
+        Ok(match select(mode, found, &pattern_text, load)? {
+            Choice::Pick(record) => Resolution::Record(record),
+            Choice::ByFunction { candidates, criteria, function } => {
+                Resolution::Select { candidates, criteria, function }
+            }
+        })
+    }
+
+    /// The visibility check of a chosen record (spec §5.4).
+    fn grant(c: &Caller, record: ServiceRecord) -> Result<Lookup, ManagerError> {
         match record.access(&c.user, &c.ws) {
             Access::Denied => Err(ManagerError::Permission(format!(
                 "Permission denied for non-public service in workspace {}",
@@ -1407,24 +1556,108 @@ impl Manager {
         }
     }
 
+    /// [`Manager::resolve`] for callers that cannot wait: a `select:` mode takes the first
+    /// candidate (only `get_service` and `get_service_info` accept a caller's mode).
+    fn lookup(&self, c: &Caller, id: &Value, config: &LookupConfig) -> Result<Lookup, ManagerError> {
+        match self.resolve(c, id, config)? {
+            Resolution::Manager => Ok(Lookup::Manager),
+            Resolution::Record(r) => Self::grant(c, *r),
+            Resolution::Select { mut candidates, .. } => Self::grant(c, candidates.swap_remove(0)),
+        }
+    }
+
+    /// Resolves `id` and then runs `then` with the outcome: at once, or once the
+    /// candidates of a `select:` mode have answered their `function()`.
+    fn resolve_then(
+        &mut self,
+        ctx: &mut Context<Self>,
+        c: &Caller,
+        id: &Value,
+        config: &LookupConfig,
+        then: impl FnOnce(&mut Self, &mut Context<Self>, Result<Lookup, ManagerError>) + 'static,
+    ) {
+        let (candidates, criteria, function) = match self.resolve(c, id, config) {
+            Ok(Resolution::Manager) => return then(self, ctx, Ok(Lookup::Manager)),
+            Ok(Resolution::Record(r)) => return then(self, ctx, Self::grant(c, *r)),
+            Err(e) => return then(self, ctx, Err(e)),
+            Ok(Resolution::Select { candidates, criteria, function }) => (candidates, criteria, function),
+        };
+        let timeout = config.select_timeout;
+        let calls: Vec<_> = candidates
+            .iter()
+            .map(|r| {
+                let method = format!("services.{}.{function}", r.service);
+                let rx = self.call_peer(&r.provider(), &method, Vec::new(), PromiseMode::Compact);
+                async move {
+                    match rx {
+                        Ok(rx) => outcome(rx, timeout).await.ok(),
+                        Err(_) => None,
+                    }
+                }
+            })
+            .collect();
+        self.drive(ctx);
+        let caller = c.clone();
+        let fut = futures_util::future::join_all(calls).into_actor(self).map(move |answers, act, ctx| {
+            let mut candidates = candidates;
+            let i = pick_by_answers(criteria, &answers);
+            tracing::debug!(chosen = %candidates[i].full_id(), %function, "service selected by its answer");
+            then(act, ctx, Self::grant(&caller, candidates.swap_remove(i)));
+            act.drive(ctx);
+        });
+        ctx.spawn(fut);
+    }
+
+    fn get_service_info(&mut self, ctx: &mut Context<Self>, c: &Caller, a: &mut Args, reply: ReplyTo) {
+        let id = a.take(0);
+        let config = match LookupConfig::parse(&a.take(1)) {
+            Ok(config) => config,
+            Err(e) => return self.reply(reply, Err(e)),
+        };
+        self.resolve_then(ctx, c, &id, &config, move |act, _ctx, found| {
+            let result = found.map(|l| match l {
+                Lookup::Manager => Value::Map(act.info.clone()),
+                Lookup::Record(r, access) => r.view(access),
+            });
+            act.reply(reply, result);
+        });
+    }
+
     fn get_service(&mut self, ctx: &mut Context<Self>, c: &Caller, a: &mut Args, reply: ReplyTo) {
         let id = a.take(0);
-        let prepared = LookupConfig::parse(&a.take(1)).and_then(|config| {
+        let config = LookupConfig::parse(&a.take(1)).and_then(|config| {
             if id.as_str() == Some(WILDCARD) {
                 return Err(ManagerError::from_id(IdError::WildcardService));
             }
-            Ok((self.lookup(c, &id, &config)?, config))
+            Ok(config)
         });
-        let (record, config) = match prepared {
-            Ok((Lookup::Manager, _)) => {
-                let api = self.endpoint.table().service(MANAGER_SERVICE_ID).map(|s| s.api.clone());
-                let result =
-                    api.map(Value::Map).ok_or_else(|| ManagerError::Runtime("no manager service".into()));
-                return self.reply(reply, result);
-            }
-            Ok((Lookup::Record(r, _), config)) => (*r, config),
+        let config = match config {
+            Ok(config) => config,
             Err(e) => return self.reply(reply, Err(e)),
         };
+        let (timeout, case) = (config.timeout, config.case);
+        self.resolve_then(ctx, c, &id, &config, move |act, ctx, found| match found {
+            Ok(Lookup::Manager) => {
+                let api = act.endpoint.table().service(MANAGER_SERVICE_ID).map(|s| s.api.clone());
+                let result =
+                    api.map(Value::Map).ok_or_else(|| ManagerError::Runtime("no manager service".into()));
+                act.reply(reply, result);
+            }
+            Ok(Lookup::Record(r, _)) => act.fetch_service(ctx, *r, timeout, case, reply),
+            Err(e) => act.reply(reply, Err(e)),
+        });
+    }
+
+    /// Asks the provider of `record` for its service (`built-in.get_service`) and answers
+    /// `get_service` with it (spec §4.3).
+    fn fetch_service(
+        &mut self,
+        ctx: &mut Context<Self>,
+        record: ServiceRecord,
+        timeout: Duration,
+        case: Option<fn(&str) -> String>,
+        reply: ReplyTo,
+    ) {
         let rx = match self.call_peer(
             &record.provider(),
             "services.built-in.get_service",
@@ -1442,8 +1675,7 @@ impl Manager {
             record.client_id,
             record.service
         );
-        let case = config.case;
-        let fut = outcome(rx, config.timeout).into_actor(self).map(move |res, act, ctx| {
+        let fut = outcome(rx, timeout).into_actor(self).map(move |res, act, ctx| {
             let result = res.map_err(ManagerError::Raw).and_then(|svc| {
                 let Value::Map(mut svc) = svc else {
                     return Err(ManagerError::Runtime(format!(
@@ -1465,6 +1697,64 @@ impl Manager {
             });
             act.reply(reply, result);
             act.drive(ctx);
+        });
+        ctx.spawn(fut);
+    }
+
+    /// A `default` service was registered (spec §4.5 step 11): fetch it from its provider
+    /// and call its `setup()` if it has one. Failures are only logged, as upstream does.
+    fn run_setup(&mut self, ctx: &mut Context<Self>, record: ServiceRecord) {
+        let rx = match self.call_peer(
+            &record.provider(),
+            "services.built-in.get_service",
+            vec![Value::from(record.service.as_str())],
+            PromiseMode::Explicit,
+        ) {
+            Ok(rx) => rx,
+            Err(e) => {
+                tracing::warn!(service = %record.full_id(), error = %e, "cannot fetch the default service for setup");
+                return;
+            }
+        };
+        self.drive(ctx);
+        let id = record.full_id();
+        let fut = outcome(rx, GET_SERVICE_TIMEOUT).into_actor(self).map(move |res, act, ctx| {
+            let setup = match res {
+                Ok(Value::Map(svc)) => match svc.get("setup") {
+                    Some(Value::Function(f)) => match &**f {
+                        Function::Remote(rm) => Some(rm.clone()),
+                        Function::Local(_) => None,
+                    },
+                    _ => None,
+                },
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(service = %id, error = %e, "cannot fetch the default service for setup");
+                    None
+                }
+            };
+            let Some(setup) = setup else {
+                tracing::debug!(service = %id, "default service without setup()");
+                return;
+            };
+            let rx = match act.call_remote(&setup, Vec::new()) {
+                Ok(rx) => rx,
+                Err(e) => {
+                    tracing::warn!(service = %id, error = %e, "cannot call setup() of the default service");
+                    return;
+                }
+            };
+            act.drive(ctx);
+            let done = outcome(rx, SETUP_TIMEOUT).into_actor(act).map(move |res, act, ctx| {
+                match res {
+                    Ok(_) => tracing::debug!(service = %id, "setup() of the default service done"),
+                    Err(e) => {
+                        tracing::warn!(service = %id, error = %e, "setup() of the default service failed")
+                    }
+                }
+                act.drive(ctx);
+            });
+            ctx.spawn(done);
         });
         ctx.spawn(fut);
     }
@@ -1757,14 +2047,20 @@ impl Manager {
             return Err(ManagerError::Permission(format!("The system workspace {ws} cannot be deleted")));
         }
         self.require(c, &ws, Permission::Admin)?;
-        self.state.workspaces.remove(&ws);
-        self.state.registry.remove_workspace(&ws);
+        self.remove_workspace(c, &record);
+        Ok(Value::Nil)
+    }
+
+    /// Deletes workspace `record` for `c` (`delete_workspace`, and `cleanup` of an empty
+    /// one): record and services go, `workspace_deleted` to the caller's own workspace,
+    /// the caller's bookmark of it too.
+    fn remove_workspace(&self, c: &Caller, record: &WorkspaceRecord) {
+        let ws = record.id.as_str();
+        self.state.workspaces.remove(ws);
+        self.state.registry.remove_workspace(ws);
         let own = c.user.personal_workspace();
         self.emit(&own, "workspace_deleted", record.to_value());
-        self.edit_bookmarks(&own, |list| {
-            list.retain(|b| bookmark_key(b) != Some(("workspace", ws.as_str())))
-        });
-        Ok(Value::Nil)
+        self.edit_bookmarks(&own, |list| list.retain(|b| bookmark_key(b) != Some(("workspace", ws))));
     }
 
     /// Edits `config.bookmarks` of `ws` (a user's own workspace) and announces the change.
@@ -1809,7 +2105,7 @@ impl Manager {
                 Some(m)
             }
             (true, "service") => {
-                let config = LookupConfig { mode: None, timeout: GET_SERVICE_TIMEOUT, case: None };
+                let config = LookupConfig::default();
                 let Lookup::Record(r, _) = self.lookup(c, &Value::from(id.as_str()), &config)? else {
                     return Err(ManagerError::Value("The manager cannot be bookmarked".into()));
                 };
@@ -1952,16 +2248,36 @@ impl Manager {
         }));
     }
 
+    /// `cleanup(workspace=None, timeout=5)` (spec §4.3, §8): pings every registered client
+    /// of the workspace and removes those that do not answer; an empty non-persistent
+    /// workspace is deleted.
     fn cleanup(&mut self, ctx: &mut Context<Self>, c: &Caller, a: &mut Args, reply: ReplyTo) {
-        let ws = match a.opt_string(0, "workspace") {
-            Ok(ws) => ws.unwrap_or_else(|| c.ws.clone()),
+        let prepared = (|| {
+            self.require(c, &c.ws, Permission::Admin)?;
+            let ws = a.opt_string(0, "workspace")?.unwrap_or_else(|| c.ws.clone());
+            let timeout = a.seconds(1, PING_TIMEOUT);
+            let record = self.workspace(&ws)?;
+            if !self.permission(&c.user, &ws).is_some_and(|p| p.satisfies(Permission::Admin)) {
+                return Err(ManagerError::Permission(format!(
+                    "Permission denied for workspace {ws}, user: {}",
+                    c.user.id
+                )));
+            }
+            Ok((ws, timeout, record))
+        })();
+        let (ws, timeout, record) = match prepared {
+            Ok(p) => p,
             Err(e) => return self.reply(reply, Err(e)),
         };
-        let timeout = a.seconds(1, PING_TIMEOUT);
-        if let Err(e) = self.require(c, &ws, Permission::Admin) {
-            return self.reply(reply, Err(e));
-        }
         let clients = self.state.registry.clients(&ws);
+        if clients.is_empty() && !record.persistent && !PROTECTED_WORKSPACES.contains(&ws.as_str()) {
+            tracing::info!(workspace = %ws, "cleanup: empty workspace deleted");
+            self.remove_workspace(c, &record);
+            let mut m = Map::new();
+            m.insert("removed_workspace".into(), Value::from(ws.as_str()));
+            m.insert("removed_clients".into(), Value::List(Vec::new()));
+            return self.reply(reply, Ok(Value::Map(m)));
+        }
         let pings: Vec<_> = clients
             .iter()
             .map(|r| {
@@ -1974,11 +2290,14 @@ impl Manager {
         let fut = futures_util::future::join_all(pings).into_actor(self).map(move |results, act, ctx| {
             let mut removed = Vec::new();
             for (cid, res) in results {
-                if res.is_err() {
-                    act.state.registry.remove_client(&ws, &cid);
-                    act.client_event(CLIENT_DISCONNECTED, &ws, &cid);
+                if let Err(reason) = res {
+                    tracing::info!(workspace = %ws, client = %cid, %reason, "cleanup: client does not answer, removed");
+                    act.remove_client(&ws, &cid);
                     removed.push(Value::from(format!("{ws}/{cid}")));
                 }
+            }
+            if !removed.is_empty() && !record.persistent {
+                act.unload_if_empty(&ws);
             }
             let mut m = Map::new();
             if !removed.is_empty() {
@@ -1988,6 +2307,35 @@ impl Manager {
             act.drive(ctx);
         });
         ctx.spawn(fut);
+    }
+
+    /// Removes client `{ws}/{cid}` from the server side (spec §8, upstream's
+    /// `delete_client`): its records, its connection (closed 1001 `Client deleted by
+    /// admin`, without an error frame so a live-but-slow client reconnects), and
+    /// `client_disconnected` (bare id) to the workspace.
+    fn remove_client(&self, ws: &str, cid: &str) {
+        self.state.registry.remove_client(ws, cid);
+        let close = super::outbound::CloseCmd::close(1001, CLIENT_DELETED_REASON);
+        if !self.state.router.disconnect(ws, cid, close, Instant::now()) {
+            // No connection (or a local peer): the event still tells the workspace.
+            self.client_event(CLIENT_DISCONNECTED, ws, cid);
+        }
+        self.state.notify_client_left(ws, cid);
+    }
+
+    /// Unloads a non-persistent workspace that has no registered client left (spec §4.4
+    /// "Unload"): its record and services go, `workspace_unloaded` goes to whoever is still
+    /// subscribed there. The system workspaces are never unloaded.
+    fn unload_if_empty(&self, ws: &str) {
+        if PROTECTED_WORKSPACES.contains(&ws) || !self.state.registry.clients(ws).is_empty() {
+            return;
+        }
+        let Some(mut record) = self.state.workspaces.get(ws).filter(|r| !r.persistent) else { return };
+        self.state.workspaces.remove(ws);
+        self.state.registry.remove_workspace(ws);
+        record.status = WorkspaceStatus::Unloaded;
+        tracing::info!(workspace = %ws, "workspace unloaded");
+        self.emit(ws, "workspace_unloaded", record.to_value());
     }
 }
 
@@ -2275,23 +2623,63 @@ mod tests {
         ServiceRecord::from_registration(&map! {"id" => id.to_string()}, &id, Value::Nil).unwrap()
     }
 
+    fn picked(c: Result<Choice, ManagerError>) -> String {
+        match c.unwrap() {
+            Choice::Pick(r) => r.client_id,
+            other => panic!("expected a pick, got {other:?}"),
+        }
+    }
+
     #[test]
     fn selection_modes() {
         let two = || vec![record("a"), record("b")];
-        let err = select("exact", two(), "W/*:m").unwrap_err();
+        let zero = |_: &ServiceRecord| 0.0;
+        let err = select("exact", two(), "W/*:m", zero).unwrap_err();
         assert!(err
             .to_string()
             .starts_with("AssertionError: Multiple services found for W/*:m, e.g. ['W/a:m', 'W/b:m']"));
-        assert_eq!(select("first", two(), "p").unwrap().client_id, "a");
-        assert_eq!(select("last", two(), "p").unwrap().client_id, "b");
-        assert!(["a", "b"].contains(&select("random", two(), "p").unwrap().client_id.as_str()));
-        assert_eq!(select("exact", vec![record("a")], "p").unwrap().client_id, "a");
-        let err = select("select:bogus:load", two(), "p").unwrap_err();
+        assert_eq!(picked(select("first", two(), "p", zero)), "a");
+        assert_eq!(picked(select("last", two(), "p", zero)), "b");
+        assert!(["a", "b"].contains(&picked(select("random", two(), "p", zero)).as_str()));
+        assert!(["a", "b"].contains(&picked(select("native:random", two(), "p", zero)).as_str()));
+        assert_eq!(picked(select("exact", vec![record("a")], "p", zero)), "a");
+        // min_load: the first of the least loaded.
+        assert_eq!(picked(select("min_load", two(), "p", zero)), "a");
+        let b_idle = |r: &ServiceRecord| if r.client_id == "a" { 5.0 } else { 1.0 };
+        assert_eq!(picked(select("min_load", two(), "p", b_idle)), "b");
+        // select: one candidate needs no call, several do.
+        assert_eq!(picked(select("select:bogus:load", vec![record("a")], "p", zero)), "a");
+        match select("select:max:load", two(), "p", zero).unwrap() {
+            Choice::ByFunction { candidates, criteria, function } => {
+                assert_eq!((candidates.len(), criteria, function.as_str()), (2, Criteria::Max, "load"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = select("select:bogus:load", two(), "p", zero).unwrap_err();
         assert_eq!(err.to_string(), "ValueError: Unknown selection criteria: bogus");
-        assert!(select("bogus", two(), "p")
+        let err = select("select:min", two(), "p", zero).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "ValueError: Invalid select mode format: select:min. Expected 'select:criteria:function'"
+        );
+        assert!(select("bogus", two(), "p", zero)
             .unwrap_err()
             .to_string()
             .starts_with("ValueError: Invalid mode: bogus."));
+    }
+
+    #[test]
+    fn answers_pick_by_criteria() {
+        let answers = [Some(Value::from(5)), None, Some(Value::F64(2.0)), Some(Value::from("x"))];
+        assert_eq!(pick_by_answers(Criteria::Min, &answers), 2);
+        assert_eq!(pick_by_answers(Criteria::Max, &answers), 0);
+        assert_eq!(
+            pick_by_answers(Criteria::FirstSuccess, &[None, Some(Value::Nil), Some(Value::from(1))]),
+            1
+        );
+        // Ties go to the earlier candidate; numeric strings count, as float() reads them.
+        assert_eq!(pick_by_answers(Criteria::Min, &[Some(Value::from("3")), Some(Value::from(3))]), 0);
+        assert!(pick_by_answers(Criteria::Min, &[None, None]) < 2);
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub struct ServerState {
     pub registry: Registry,
     /// Tokens revoked with the manager's `revoke_token`, consulted by every handshake.
     pub revoked: RevokedTokens,
+    /// Handshake admission control (spec §2.1 step 4).
+    pub admission: limits::Admission,
     /// The workspace manager, started with the first websocket (or by `Server::start`).
     manager: OnceLock<ManagerHandle>,
     /// `(public, local)` base URLs, filled in when the listener is bound.
@@ -109,6 +111,10 @@ impl ServerState {
             workspaces: Workspaces::new(),
             registry: Registry::new(),
             revoked: RevokedTokens::default(),
+            admission: limits::Admission::new(
+                config.max_concurrent_handshakes,
+                config.handshake_admission_timeout,
+            ),
             manager: OnceLock::new(),
             base_urls: RwLock::new((public, local)),
             connections: DashMap::new(),

@@ -27,11 +27,8 @@ use hypha_core::session::BUILTIN_SERVICE_ID;
 use hypha_core::value::{Map, Value};
 use indexmap::IndexMap;
 
+use super::limits::LoadMeter;
 use super::manager::ManagerError;
-
-/// Most services one client may register besides its `built-in` (upstream's
-/// `HYPHA_MAX_SERVICES_PER_CLIENT` default).
-pub const MAX_SERVICES_PER_CLIENT: usize = 1000;
 
 /// Largest record (its msgpack size) a registration may create.
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
@@ -259,10 +256,16 @@ fn key(cid: &str, svc: &str) -> String {
     format!("{cid}:{svc}")
 }
 
+/// The suffix of the client ids whose load is measured (upstream's "`__rlb`" clients, spec
+/// §5.3 `min_load`); every other client has load 0.
+pub const LOAD_BALANCED_SUFFIX: &str = "__rlb";
+
 /// The registry. See the module docs.
 #[derive(Debug, Default)]
 pub struct Registry {
     inner: Mutex<HashMap<String, Workspace>>,
+    /// The load meters of the connected load-balanced clients, by `{ws}/{cid}`.
+    loads: Mutex<HashMap<String, LoadMeter>>,
 }
 
 impl Registry {
@@ -295,8 +298,31 @@ impl Registry {
         removed
     }
 
+    fn loads(&self) -> MutexGuard<'_, HashMap<String, LoadMeter>> {
+        self.loads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a frame sent by `{ws}/{cid}` at `now` towards its load, if it is a
+    /// load-balanced client (its id ends with [`LOAD_BALANCED_SUFFIX`]).
+    pub fn record_frame(&self, ws: &str, cid: &str, now: std::time::Instant) {
+        if cid.ends_with(LOAD_BALANCED_SUFFIX) {
+            self.loads().entry(format!("{ws}/{cid}")).or_insert_with(|| LoadMeter::new(now)).record(now);
+        }
+    }
+
+    /// The load of `{ws}/{cid}`: frames per minute for a load-balanced client, else 0.
+    pub fn load(&self, ws: &str, cid: &str, now: std::time::Instant) -> f64 {
+        if !cid.ends_with(LOAD_BALANCED_SUFFIX) {
+            return 0.0;
+        }
+        self.loads().get(&format!("{ws}/{cid}")).map_or(0.0, |m| m.per_minute(now))
+    }
+
     /// Removes every record of client `{ws}/{cid}` (spec §8 step 3); returns them.
     pub fn remove_client(&self, ws: &str, cid: &str) -> Vec<ServiceRecord> {
+        if cid.ends_with(LOAD_BALANCED_SUFFIX) {
+            self.loads().remove(&format!("{ws}/{cid}"));
+        }
         let mut all = self.lock();
         let Some(w) = all.get_mut(ws) else { return Vec::new() };
         let mut removed = Vec::new();

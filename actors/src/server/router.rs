@@ -364,6 +364,24 @@ impl Router {
         true
     }
 
+    /// Disconnects the websocket client `{ws}/{cid}` from the server side (the manager's
+    /// `cleanup` removing a client that does not answer): like [`Router::remove_client`]
+    /// for its current registration, then its socket is closed with `close`. The
+    /// connection's own cleanup later finds its generation gone and changes nothing.
+    /// Returns whether such a client was registered.
+    pub fn disconnect(&self, ws: &str, cid: &str, close: super::outbound::CloseCmd, now: Instant) -> bool {
+        let outbound = self.peers.get(ws).and_then(|c| {
+            c.get(cid).and_then(|p| match &p.sink {
+                Sink::Socket(o) => Some((p.generation, o.clone())),
+                Sink::Local(_) => None,
+            })
+        });
+        let Some((generation, outbound)) = outbound else { return false };
+        let removed = self.remove_client(ws, cid, generation, now);
+        outbound.close(close);
+        removed
+    }
+
     fn mark_disconnected(&self, key: String, now: Instant) {
         self.recently_disconnected.insert(key, now);
         if self.inserts_since_prune.fetch_add(1, Ordering::Relaxed) + 1 >= PRUNE_EVERY {

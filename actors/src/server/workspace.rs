@@ -27,6 +27,8 @@ pub enum WorkspaceStatus {
     /// Being prepared: `{"ready": false, "status": "loading"}` (what `create_workspace`
     /// returns).
     Loading,
+    /// Unloaded: `null` (the dump `workspace_unloaded` carries).
+    Unloaded,
 }
 
 impl WorkspaceStatus {
@@ -34,6 +36,7 @@ impl WorkspaceStatus {
     pub fn to_value(self) -> Value {
         let mut m = Map::new();
         match self {
+            WorkspaceStatus::Unloaded => return Value::Nil,
             WorkspaceStatus::Ready => {
                 m.insert("ready".into(), Value::Bool(true));
                 m.insert("errors".into(), Value::Nil);
