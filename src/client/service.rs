@@ -143,6 +143,10 @@ impl FromArg for Context {
 pub struct Binding {
     name: Arc<str>,
     params: Arc<[String]>,
+    /// Declared defaults, as values, by parameter.
+    defaults: Arc<[Option<Value>]>,
+    /// Whether the names were declared (or made up as `arg0`, ...).
+    declared: bool,
 }
 
 /// An async Rust function that can be exposed to peers. Implemented for closures and fns
@@ -216,11 +220,13 @@ fn prepare(binding: &Binding, arity: usize, inv: Invocation) -> Result<ArgCursor
     let Invocation { args, kwargs, context, registry } = inv;
     let kwargs = kwargs.filter(|k| !k.is_empty());
     let args = match kwargs {
-        // A one-parameter function called with unknown keywords only takes the map.
-        Some(k) if arity == 1 && args.is_empty() && !k.keys().all(|key| binding.params.contains(key)) => {
-            vec![Value::Map(k)]
-        }
-        kwargs => codec::bind_arguments(&binding.name, &binding.params, args, kwargs)?,
+        // Undeclared names: a one-parameter function called with keywords only takes the
+        // single keyword's value (`hello(name="x")`), or the whole map (a struct).
+        Some(mut k) if !binding.declared && arity == 1 && args.is_empty() => match k.len() {
+            1 => vec![k.swap_remove_index(0).map(|(_, v)| v).unwrap_or_default()],
+            _ => vec![Value::Map(k)],
+        },
+        kwargs => codec::bind_arguments(&binding.name, &binding.params, &binding.defaults, args, kwargs)?,
     };
     Ok(ArgCursor { function: binding.name.clone(), args: args.into_iter(), taken: 0, context, registry })
 }
@@ -293,8 +299,14 @@ impl FunctionDef {
     /// actor, or (without a service) a session callback.
     fn into_value(self, service: Option<String>) -> Value {
         let schema = self.schema().to_value();
-        let params: Arc<[String]> = self.declared_params().into_iter().map(|p| p.name).collect();
-        let func = (self.make)(Binding { name: self.name.as_str().into(), params });
+        let declared = !self.params.is_empty();
+        let params = self.declared_params();
+        let defaults = params
+            .iter()
+            .map(|p| p.default.as_ref().and_then(|j| hypha_core::serde_value::to_value(j).ok()))
+            .collect();
+        let params = params.into_iter().map(|p| p.name).collect();
+        let func = (self.make)(Binding { name: self.name.as_str().into(), params, defaults, declared });
         LocalHandler { service, func }.into_value(Some(self.name), self.description, Some(schema))
     }
 }

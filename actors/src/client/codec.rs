@@ -47,24 +47,30 @@ pub fn from_value<T: DeserializeOwned + 'static>(v: Value) -> Result<T, Error> {
 }
 
 /// Merges keyword arguments into positional ones by parameter name, as a Python callee
-/// binds them (and as the JS callee maps them to its parameter list, spec §5.8).
+/// binds them (and as the JS callee maps them to its parameter list, spec §5.8), and
+/// fills missing arguments from the declared defaults.
 ///
 /// * positional arguments fill the first parameters;
 /// * each keyword fills the parameter of that name; a name that is not a parameter, or
 ///   one that is also given positionally, is an error with Python's `TypeError` text;
-/// * parameters left unfilled before the last filled one become `Nil` (a missing
-///   required argument then fails its conversion with a clear message); unfilled
-///   trailing ones are left out, so optional parameters see "absent".
+/// * a parameter left unfilled takes its default (`defaults[i]`) if it has one;
+///   otherwise it is `Nil` when a later parameter is filled (a missing required argument
+///   then fails its conversion with a clear message), and left out at the end (so an
+///   `Option` parameter sees "absent").
 ///
 /// `function` names the function in the messages.
 pub fn bind_arguments(
     function: &str,
     params: &[String],
-    mut args: Vec<Value>,
+    defaults: &[Option<Value>],
+    args: Vec<Value>,
     kwargs: Option<Map>,
 ) -> Result<Vec<Value>, Error> {
-    let Some(kwargs) = kwargs.filter(|k| !k.is_empty()) else { return Ok(args) };
-    if args.len() > params.len() {
+    let kwargs = kwargs.filter(|k| !k.is_empty());
+    if kwargs.is_none() && args.len() >= params.len() {
+        return Ok(args);
+    }
+    if kwargs.is_some() && args.len() > params.len() {
         return Err(Error::Arguments(format!(
             "{function}() takes {} positional arguments but {} were given",
             params.len(),
@@ -73,10 +79,10 @@ pub fn bind_arguments(
     }
     let mut slots: Vec<Option<Value>> = params.iter().map(|_| None).collect();
     let given = args.len();
-    for (slot, v) in slots.iter_mut().zip(args.drain(..)) {
+    for (slot, v) in slots.iter_mut().zip(args) {
         *slot = Some(v);
     }
-    for (name, value) in kwargs {
+    for (name, value) in kwargs.unwrap_or_default() {
         let Some(i) = params.iter().position(|p| *p == name) else {
             return Err(Error::Arguments(format!(
                 "{function}() got an unexpected keyword argument '{name}'"
@@ -86,6 +92,11 @@ pub fn bind_arguments(
             return Err(Error::Arguments(format!("{function}() got multiple values for argument '{name}'")));
         }
         slots[i] = Some(value);
+    }
+    for (slot, default) in slots.iter_mut().zip(defaults) {
+        if slot.is_none() {
+            slot.clone_from(default);
+        }
     }
     let filled = slots.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
     Ok(slots.into_iter().take(filled).map(Option::unwrap_or_default).collect())
@@ -112,13 +123,24 @@ mod tests {
     #[test]
     fn kwargs_bind_by_name() {
         let p = names(&["a", "b", "c"]);
-        let out = bind_arguments("f", &p, vec![Value::from(1)], Some(map! {"c" => 3})).unwrap();
+        let none = [None, None, None];
+        let out = bind_arguments("f", &p, &none, vec![Value::from(1)], Some(map! {"c" => 3})).unwrap();
         assert_eq!(out, vec![Value::from(1), Value::Nil, Value::from(3)]);
-        let out = bind_arguments("f", &p, vec![], Some(map! {"a" => 1})).unwrap();
+        let out = bind_arguments("f", &p, &none, vec![], Some(map! {"a" => 1})).unwrap();
         assert_eq!(out, vec![Value::from(1)]);
-        let err = bind_arguments("f", &p, vec![], Some(map! {"z" => 1})).unwrap_err();
+        let err = bind_arguments("f", &p, &none, vec![], Some(map! {"z" => 1})).unwrap_err();
         assert_eq!(err.to_string(), "f() got an unexpected keyword argument 'z'");
-        let err = bind_arguments("f", &p, vec![Value::from(1)], Some(map! {"a" => 1})).unwrap_err();
+        let err = bind_arguments("f", &p, &none, vec![Value::from(1)], Some(map! {"a" => 1})).unwrap_err();
         assert_eq!(err.to_string(), "f() got multiple values for argument 'a'");
+    }
+
+    #[test]
+    fn defaults_fill_missing_arguments() {
+        let p = names(&["a", "b", "c"]);
+        let d = [None, Some(Value::from(2)), Some(Value::from(3))];
+        let out = bind_arguments("f", &p, &d, vec![Value::from(1)], None).unwrap();
+        assert_eq!(out, vec![Value::from(1), Value::from(2), Value::from(3)]);
+        let out = bind_arguments("f", &p, &d, vec![], Some(map! {"a" => 9, "c" => 7})).unwrap();
+        assert_eq!(out, vec![Value::from(9), Value::from(2), Value::from(7)]);
     }
 }
