@@ -420,6 +420,75 @@ async fn ours_rust_calls_python_service() {
     rust_calls_python_service(&srv.url()).await;
 }
 
+/// Many calls, each with a callback, 50 at a time: every session and running call is
+/// gone afterwards on both sides (the callbacks die with their calls).
+#[actix_rt::test]
+async fn ours_many_calls_with_callbacks_leave_nothing_behind() {
+    // 1000 calls with callbacks are ~3000 frames per client: above the default rate
+    // limit (200/s, burst 2000), which would close the socket with 1008.
+    let srv = Server::builder()
+        .jwt_secret(SECRET)
+        .workers(1)
+        .message_rate_limit(100_000.0)
+        .message_burst_limit(100_000)
+        .build()
+        .expect("valid config")
+        .start("127.0.0.1", 0)
+        .expect("bind");
+    let url = srv.url();
+    let provider = connect(&url).await;
+    let info = provider.register_service(demo_service()).await.expect("register");
+    let consumer = connect(&url).await;
+    let svc = consumer.get_service(&info.id).await.expect("get_service");
+    for round in 0..20_i64 {
+        let calls = (0..50_i64).map(|i| {
+            let svc = svc.clone();
+            async move {
+                let cb = callback(|x: i64| async move { Ok::<_, Error>(x * 2) });
+                svc.call("apply", vec![cb, Value::from(i)]).await
+            }
+        });
+        let results = futures_util::future::join_all(calls).await;
+        for (i, r) in results.into_iter().enumerate() {
+            assert_eq!(r.expect("apply"), Value::from(i as i64 * 2 + 1), "round {round}");
+        }
+    }
+    let c = consumer.stats().await.expect("stats");
+    assert_eq!((c.pending, c.running, c.endpoint.sessions, c.endpoint.pending_calls), (0, 0, 0, 0), "{c:?}");
+    let p = provider.stats().await.expect("stats");
+    assert_eq!((p.pending, p.running, p.endpoint.running_calls), (0, 0, 0), "{p:?}");
+    consumer.disconnect().await.expect("disconnect");
+    provider.disconnect().await.expect("disconnect");
+}
+
+/// Reconnection is not enabled yet: when the server goes away, a pending call fails fast
+/// with upstream's "Connection lost: ..." instead of waiting for its timeout, and later
+/// calls fail the same way.
+#[actix_rt::test]
+async fn ours_connection_loss_rejects_pending_calls() {
+    let srv = our_server();
+    let url = srv.url();
+    let provider = connect(&url).await;
+    let never = Service::builder("slow")
+        .visibility(Visibility::Public)
+        .function("never", || std::future::pending::<Result<(), Error>>())
+        .build();
+    let info = provider.register_service(never).await.expect("register");
+    let consumer = connect(&url).await;
+    let svc = consumer.get_service(&info.id).await.expect("get_service");
+    let started = Instant::now();
+    let pending = actix_rt::spawn(async move { svc.call("never", vec![]).await });
+    actix_rt::time::sleep(Duration::from_millis(200)).await;
+    srv.stop().await.expect("stop the server");
+    let err = pending.await.expect("join").expect_err("the call fails");
+    assert!(matches!(&err, Error::Call(_)) && err.to_string().starts_with("Connection lost: "), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "failed fast, not by timeout");
+    let err = consumer.echo(Value::Nil).await.expect_err("no connection");
+    assert!(err.to_string().starts_with("Connection lost: "), "{err:?}");
+    consumer.disconnect().await.expect("disconnect");
+    provider.disconnect().await.expect("disconnect");
+}
+
 #[actix_rt::test]
 async fn handshake_errors_are_typed() {
     let srv = our_server();

@@ -1,5 +1,5 @@
 //! The session registry: the actor that owns the client's sans-IO
-//! [`Endpoint`](hypha_core::endpoint::Endpoint).
+//! [`Endpoint`].
 //!
 //! It is the only place protocol state lives on the client: pending calls (session id ->
 //! the caller's oneshot), the incoming calls being run (call id -> the endpoint's reply
@@ -12,7 +12,7 @@
 //! wait in `Addr::send` when the registry is busy. Outbound frames that do not fit the
 //! connection's channel stay in the endpoint's queue, in order, until the writer frees a
 //! slot. A service actor whose mailbox is full gets no more calls: they are rejected with
-//! "<service> is overloaded".
+//! "service ID is overloaded".
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
