@@ -471,7 +471,7 @@ async fn ours_connection_loss_rejects_pending_calls() {
     let provider = connect(&url).await;
     let never = Service::builder("slow")
         .visibility(Visibility::Public)
-        .function("never", || std::future::pending::<Result<(), Error>>())
+        .function("never", std::future::pending::<Result<(), Error>>)
         .build();
     let info = provider.register_service(never).await.expect("register");
     let consumer = connect(&url).await;
