@@ -316,3 +316,25 @@ fn short_service_id(id: &str) -> &str {
     let id = id.rsplit_once(':').map_or(id, |(_, s)| s);
     id.split_once('@').map_or(id, |(s, _)| s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The handles cross threads (a blocking wrapper, a worker pool): they must stay
+    /// `Send + Sync`; the actors behind them stay on their arbiter.
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<Client>();
+        check::<RemoteService>();
+        check::<RemoteFunction>();
+        check::<ClientConfig>();
+    }
+
+    #[test]
+    fn short_service_ids() {
+        assert_eq!(short_service_id("ws/c:svc@app"), "svc");
+        assert_eq!(short_service_id("svc"), "svc");
+    }
+}
