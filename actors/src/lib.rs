@@ -10,8 +10,10 @@
 //!
 //! | module | what it holds |
 //! | --- | --- |
+//! | [`client`] | the client runtime: connection actor (awc websocket, handshake, generations), session registry (owns the sans-IO endpoint), service actors, serde conversion |
 //! | [`server`] | the server: connection actor, outbound queues, routing table, workspace manager, service registry, workspaces, health probes |
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod server;

@@ -1,0 +1,613 @@
+//! The connection actor: one websocket to the server (awc, inside the actix System), the
+//! handshake, frames in and out, the application ping, and close handling.
+//!
+//! A *generation* is one websocket's life: the socket, its reader and writer tasks and
+//! the two bounded channels that connect it to the session registry. Every message about
+//! a socket carries its [`Generation`], so that when reconnection replaces a socket, what
+//! the old one still reports (a late close, a late frame) is recognised as superseded and
+//! reaped instead of tearing down the new one. Today the actor runs one generation and
+//! reports its loss; reconnection with backoff adds a loop around [`open`] here and
+//! sends a new [`Attach`] with the next generation.
+//!
+//! Queues and their overflow policy:
+//! * inbound (socket -> registry): a bounded channel of [`ConnectOptions::inbound_capacity`]
+//!   frames. When the registry falls behind, the reader stops reading the socket, so TCP
+//!   flow control pushes back on the server instead of memory growing here.
+//! * outbound (registry -> socket): a bounded channel of
+//!   [`ConnectOptions::outbound_capacity`] frames. When it is full, the registry keeps the
+//!   frames in the endpoint's queue and resumes when the writer frees a slot; the
+//!   connection's own control frames (ping) are skipped when it is full, since the next
+//!   one follows.
+//!
+//! TCP_NODELAY is set on the socket before the upgrade: without it a small frame after a
+//! small frame waits for the peer's delayed ACK (40 ms per item on Linux), which the
+//! server already ran into.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_rt::net::TcpStream;
+use actix_service::Service;
+use actix_tls::connect::{
+    ConnectError as TcpConnectError, ConnectInfo, Connection as TcpConnection, ConnectorService,
+};
+use actix_ws::Item;
+use awc::http::Uri;
+use awc::ws::{CloseCode, CloseReason, Codec, Frame, Message};
+use awc::BoxedSocket;
+use bytes::{Bytes, BytesMut};
+use futures_util::future::LocalBoxFuture;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Map as JsonMap, Value as Json};
+use tokio::sync::mpsc;
+
+use super::session_registry::SessionRegistry;
+use super::Error;
+
+/// The websocket of one generation.
+pub type Socket = actix_codec::Framed<BoxedSocket, Codec>;
+
+/// The number of a websocket's life within one client (starts at 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Generation(pub u64);
+
+impl fmt::Display for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "gen{}", self.0)
+    }
+}
+
+/// How to reach and authenticate with the server. Every timeout is a `Duration`.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// `http(s)://host:port` or `ws(s)://host:port/ws` (see [`ws_url`]).
+    pub server_url: String,
+    /// Our client id (always set: the caller generates one if the user did not).
+    pub client_id: String,
+    /// The workspace to join; `None` lets the server pick (token or personal workspace).
+    pub workspace: Option<String>,
+    /// A login or `generate_token` token; `None` connects anonymously.
+    pub token: Option<String>,
+    /// How long to wait for the socket and for `connection_info` (Python uses
+    /// `method_timeout`).
+    pub handshake_timeout: Duration,
+    /// Application ping period (`{"type":"ping"}`); `None` disables it. Python: 20 s.
+    pub ping_interval: Option<Duration>,
+    /// Period of `{"type":"refresh_token"}` (Python: 7200 s, clamped to
+    /// `reconnection_token_life_time / 1.5`).
+    pub token_refresh_interval: Duration,
+    /// Largest frame we accept. Peers chunk at 256 KiB, but the manager's own replies and
+    /// other servers may send more.
+    pub max_frame_size: usize,
+    /// Frames buffered from the socket towards the registry.
+    pub inbound_capacity: usize,
+    /// Frames buffered from the registry towards the socket.
+    pub outbound_capacity: usize,
+}
+
+impl ConnectOptions {
+    /// Options with Python's defaults for everything but the address and id.
+    pub fn new(server_url: impl Into<String>, client_id: impl Into<String>) -> Self {
+        Self {
+            server_url: server_url.into(),
+            client_id: client_id.into(),
+            workspace: None,
+            token: None,
+            handshake_timeout: Duration::from_secs(30),
+            ping_interval: Some(Duration::from_secs(20)),
+            token_refresh_interval: Duration::from_secs(7200),
+            max_frame_size: 64 << 20,
+            inbound_capacity: 1024,
+            outbound_capacity: 1024,
+        }
+    }
+}
+
+/// The server's `connection_info` (spec §1.3), the fields the client uses plus the raw
+/// map (the workspace-manager proxy exposes all of it as its config).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionInfo {
+    /// The workspace we are in.
+    pub workspace: String,
+    /// Our client id, as the server confirmed it.
+    pub client_id: String,
+    /// The manager's client id (`*/<manager_id>` is its address).
+    pub manager_id: String,
+    /// `_rserver` of our descriptors.
+    pub public_base_url: Option<String>,
+    /// The server's version string.
+    pub hypha_version: Option<String>,
+    /// The token that restores this identity on reconnect.
+    pub reconnection_token: Option<String>,
+    /// Its lifetime, when the server said.
+    pub reconnection_token_life_time: Option<Duration>,
+    /// `user`: who the server thinks we are.
+    pub user: Json,
+    /// Everything the server sent.
+    pub raw: JsonMap<String, Json>,
+}
+
+impl ConnectionInfo {
+    /// Reads a `connection_info` object.
+    pub fn from_json(raw: JsonMap<String, Json>) -> Result<Self, Error> {
+        let text = |k: &str| raw.get(k).and_then(Json::as_str).map(str::to_owned);
+        let need =
+            |k: &str| text(k).ok_or_else(|| Error::UnexpectedMessage(format!("connection_info without {k}")));
+        Ok(Self {
+            workspace: need("workspace")?,
+            client_id: need("client_id")?,
+            manager_id: need("manager_id")?,
+            public_base_url: text("public_base_url"),
+            hypha_version: text("hypha_version"),
+            reconnection_token: text("reconnection_token"),
+            reconnection_token_life_time: raw
+                .get("reconnection_token_life_time")
+                .and_then(Json::as_f64)
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(Duration::from_secs_f64),
+            user: raw.get("user").cloned().unwrap_or(Json::Null),
+            raw,
+        })
+    }
+}
+
+/// The websocket URL for a server URL (spec §1.1): `http(s)://` becomes `ws(s)://` with
+/// `/ws` appended (after stripping a trailing `/`); `ws(s)://` URLs are used unchanged.
+pub fn ws_url(server_url: &str) -> Result<String, Error> {
+    let url = server_url.trim();
+    let bad = || Error::Config(format!("server_url must start with http(s):// or ws(s)://: {url:?}"));
+    if url.starts_with("ws://") || url.starts_with("wss://") {
+        return Ok(url.to_owned());
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .map(|r| ("ws://", r))
+        .or_else(|| url.strip_prefix("https://").map(|r| ("wss://", r)));
+    match rest {
+        Some((scheme, r)) if !r.is_empty() => Ok(format!("{scheme}{}/ws", r.trim_end_matches('/'))),
+        _ => Err(bad()),
+    }
+}
+
+/// A TCP connector that sets TCP_NODELAY on every socket it opens.
+#[derive(Clone, Default)]
+struct NoDelayConnector {
+    inner: ConnectorService,
+}
+
+impl Service<ConnectInfo<Uri>> for NoDelayConnector {
+    type Response = TcpConnection<Uri, TcpStream>;
+    type Error = TcpConnectError;
+    type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    actix_service::always_ready!();
+
+    fn call(&self, req: ConnectInfo<Uri>) -> Self::Future {
+        let connect = self.inner.call(req);
+        Box::pin(async move {
+            let conn = connect.await?;
+            if let Err(e) = conn.io_ref().set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY on the client socket");
+            }
+            Ok(conn)
+        })
+    }
+}
+
+/// Opens a websocket and runs the handshake (spec §1.3): sends the auth frame, skips
+/// binary frames, and reads the first text frame, which must be `connection_info`.
+pub async fn open(
+    opts: &ConnectOptions,
+    reconnection_token: Option<&str>,
+) -> Result<(Socket, ConnectionInfo), Error> {
+    let url = ws_url(&opts.server_url)?;
+    let connect_error = |message: String| Error::Connect { url: url.clone(), message };
+    let client = awc::Client::builder()
+        .connector(awc::Connector::new().connector(NoDelayConnector::default()))
+        .timeout(opts.handshake_timeout)
+        .finish();
+    let (_, mut ws) = client
+        .ws(url.as_str())
+        .max_frame_size(opts.max_frame_size)
+        .connect()
+        .await
+        .map_err(|e| connect_error(e.to_string()))?;
+    // Python sends all four keys, null when unset.
+    let auth = json!({
+        "client_id": opts.client_id,
+        "workspace": opts.workspace,
+        "token": opts.token,
+        "reconnection_token": reconnection_token,
+    });
+    ws.send(Message::Text(auth.to_string().into())).await.map_err(|e| connect_error(e.to_string()))?;
+    let first = tokio::time::timeout(opts.handshake_timeout, first_text(&mut ws))
+        .await
+        .map_err(|_| Error::HandshakeTimeout(opts.handshake_timeout))??;
+    let parsed: Json = serde_json::from_str(&first).map_err(|_| Error::UnexpectedMessage(first.clone()))?;
+    let Json::Object(obj) = parsed else { return Err(Error::UnexpectedMessage(first)) };
+    match obj.get("type").and_then(Json::as_str) {
+        Some("connection_info") => {}
+        Some("error") => {
+            let message = obj.get("message").and_then(Json::as_str).unwrap_or("unknown error");
+            return Err(Error::ConnectionAborted(message.to_owned()));
+        }
+        _ => return Err(Error::UnexpectedMessage(first)),
+    }
+    let info = ConnectionInfo::from_json(obj)?;
+    if let Some(requested) = opts.workspace.as_deref().filter(|w| *w != info.workspace) {
+        return Err(Error::WrongWorkspace { requested: requested.to_owned(), actual: info.workspace });
+    }
+    if let Some(announcement) = info.raw.get("announcement").and_then(Json::as_str) {
+        tracing::info!(%announcement, "server announcement");
+    }
+    Ok((ws, info))
+}
+
+/// The first text frame; binary frames before it are skipped (a reconnect may flush
+/// buffered messages first), pings answered.
+async fn first_text(ws: &mut Socket) -> Result<String, Error> {
+    let closed =
+        |why: String| Error::ConnectionAborted(format!("connection closed during the handshake: {why}"));
+    loop {
+        match ws.next().await {
+            Some(Ok(Frame::Text(t))) => {
+                return String::from_utf8(t.to_vec())
+                    .map_err(|_| Error::UnexpectedMessage("<invalid utf-8>".into()))
+            }
+            Some(Ok(Frame::Ping(p))) => {
+                let _ = ws.send(Message::Pong(p)).await;
+            }
+            Some(Ok(Frame::Close(reason))) => return Err(closed(format!("{reason:?}"))),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(closed(e.to_string())),
+            None => return Err(closed("end of stream".into())),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The actor
+// ---------------------------------------------------------------------------------------
+
+/// A frame for the writer task.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// An RPC package.
+    Binary(Bytes),
+    /// A control message (ping, refresh_token).
+    Text(String),
+    /// The answer to a protocol PING.
+    Pong(Bytes),
+    /// Close the socket with this reason, then stop writing.
+    Close(CloseReason),
+}
+
+/// A generation is up: the registry sends through `outbound` and reads `inbound`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Attach {
+    /// The new generation.
+    pub generation: Generation,
+    /// Its outbound channel.
+    pub outbound: mpsc::Sender<Outgoing>,
+    /// Its inbound channel.
+    pub inbound: mpsc::Receiver<Bytes>,
+    /// The connection actor, to close it.
+    pub connection: Addr<ConnectionActor>,
+    /// The handshake result of this generation.
+    pub info: ConnectionInfo,
+}
+
+/// A generation ended. `by_user` when it was closed on request (no reconnection).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Detached {
+    /// Which one.
+    pub generation: Generation,
+    /// The close reason or error.
+    pub reason: String,
+    /// Whether we closed it ourselves.
+    pub by_user: bool,
+}
+
+/// Close the socket with 1000 and stop (user disconnect). The answer resolves when the
+/// actor has stopped (its socket is closed or the close timed out).
+#[derive(Message)]
+#[rtype(result = "Closing")]
+pub struct Close;
+
+/// Resolves when the connection actor has stopped.
+#[derive(MessageResponse)]
+pub struct Closing(pub tokio::sync::oneshot::Receiver<()>);
+
+/// A text frame after the handshake.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Control(String);
+
+/// The socket's reader ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ReaderEnded {
+    generation: Generation,
+    reason: String,
+}
+
+/// Owns the websocket of the current generation. See the module documentation.
+pub struct ConnectionActor {
+    /// How we connected (kept for reconnection).
+    options: ConnectOptions,
+    /// Where frames and generation changes go.
+    registry: Addr<SessionRegistry>,
+    /// The socket waiting to be attached in `started`, with its handshake.
+    fresh: Option<(Socket, ConnectionInfo)>,
+    /// The current generation (0 before the first attach).
+    generation: Generation,
+    /// The writer's channel of the current generation; `None` once closed.
+    outbound: Option<mpsc::Sender<Outgoing>>,
+    /// The latest reconnection token (refreshed by the server).
+    reconnection_token: Option<String>,
+    /// When the current generation's handshake finished (flap detection will use it).
+    connected_at: Option<Instant>,
+    /// `disconnect()` was asked for: the end of the socket is not a loss.
+    closing: bool,
+    /// Told when the actor stops.
+    on_stopped: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ConnectionActor {
+    /// An actor for a socket that finished its handshake.
+    pub fn new(
+        options: ConnectOptions,
+        registry: Addr<SessionRegistry>,
+        socket: Socket,
+        info: ConnectionInfo,
+    ) -> Self {
+        Self {
+            reconnection_token: info.reconnection_token.clone(),
+            options,
+            registry,
+            fresh: Some((socket, info)),
+            generation: Generation(0),
+            outbound: None,
+            connected_at: None,
+            closing: false,
+            on_stopped: Vec::new(),
+        }
+    }
+
+    /// Starts the reader and writer of a new generation and hands its channels to the
+    /// registry.
+    fn attach(&mut self, ctx: &mut Context<Self>, socket: Socket, info: ConnectionInfo) {
+        self.generation = Generation(self.generation.0 + 1);
+        let generation = self.generation;
+        let (sink, stream) = socket.split();
+        let (out_tx, out_rx) = mpsc::channel(self.options.outbound_capacity.max(1));
+        let (in_tx, in_rx) = mpsc::channel(self.options.inbound_capacity.max(1));
+        ctx.spawn(writer(sink, out_rx).into_actor(self));
+        let me = ctx.address();
+        let pong = out_tx.clone();
+        ctx.spawn(
+            reader(stream, in_tx, pong, me)
+                .into_actor(self)
+                .map(move |reason, _, ctx| ctx.notify(ReaderEnded { generation, reason })),
+        );
+        self.outbound = Some(out_tx.clone());
+        self.connected_at = Some(Instant::now());
+        tracing::debug!(%generation, workspace = %info.workspace, client_id = %info.client_id, "connected");
+        self.registry.do_send(Attach {
+            generation,
+            outbound: out_tx,
+            inbound: in_rx,
+            connection: ctx.address(),
+            info,
+        });
+    }
+
+    /// Sends a control frame if there is room (skipped otherwise: the next one follows).
+    fn send_control(&self, text: &str) {
+        if let Some(tx) = &self.outbound {
+            let _ = tx.try_send(Outgoing::Text(text.to_owned()));
+        }
+    }
+}
+
+impl Actor for ConnectionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Control messages, not data: mailbox of the default size is enough.
+        if let Some((socket, info)) = self.fresh.take() {
+            let mut refresh = self.options.token_refresh_interval;
+            if let Some(life) = info.reconnection_token_life_time {
+                refresh = refresh.min(life.div_f64(1.5));
+            }
+            self.attach(ctx, socket, info);
+            if let Some(every) = self.options.ping_interval.filter(|d| !d.is_zero()) {
+                ctx.run_interval(every, |act, _| act.send_control(r#"{"type":"ping"}"#));
+            }
+            if !refresh.is_zero() {
+                ctx.run_interval(refresh, |act, _| act.send_control(r#"{"type":"refresh_token"}"#));
+            }
+        }
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        for tx in self.on_stopped.drain(..) {
+            let _ = tx.send(());
+        }
+        tracing::debug!(generation = %self.generation, "connection actor stopped");
+    }
+}
+
+impl Handler<Close> for ConnectionActor {
+    type Result = Closing;
+
+    fn handle(&mut self, _: Close, ctx: &mut Context<Self>) -> Closing {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.on_stopped.push(tx);
+        if self.closing {
+            return Closing(rx);
+        }
+        self.closing = true;
+        // The server answers our close; if it does not, stop anyway.
+        ctx.run_later(self.options.handshake_timeout.min(Duration::from_secs(5)), |_, ctx| ctx.stop());
+        if self.outbound.is_none() {
+            ctx.stop();
+        }
+        if let Some(tx) = self.outbound.take() {
+            let reason = CloseReason { code: CloseCode::Normal, description: None };
+            // The writer may be full: closing must not be lost, so wait for a slot.
+            actix::spawn(async move {
+                let _ = tx.send(Outgoing::Close(reason)).await;
+            });
+        }
+        Closing(rx)
+    }
+}
+
+impl Handler<Control> for ConnectionActor {
+    type Result = ();
+
+    fn handle(&mut self, Control(text): Control, _: &mut Context<Self>) {
+        let Ok(Json::Object(obj)) = serde_json::from_str::<Json>(&text) else {
+            tracing::debug!(len = text.len(), "ignoring a text frame that is not a JSON object");
+            return;
+        };
+        match obj.get("type").and_then(Json::as_str) {
+            Some("pong") => {}
+            Some("reconnection_token") => {
+                if let Some(t) = obj.get("reconnection_token").and_then(Json::as_str) {
+                    self.reconnection_token = Some(t.to_owned());
+                }
+            }
+            Some("error") => {
+                let message = obj.get("message").and_then(Json::as_str).unwrap_or_default();
+                tracing::warn!(%message, "error message from the server");
+            }
+            other => tracing::debug!(kind = ?other, "ignoring an unknown text message"),
+        }
+    }
+}
+
+impl Handler<ReaderEnded> for ConnectionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReaderEnded, ctx: &mut Context<Self>) {
+        if msg.generation != self.generation {
+            // A superseded generation's reader: nothing to do, it is reaped.
+            return;
+        }
+        let lived = self.connected_at.map(|t| t.elapsed()).unwrap_or_default();
+        if self.closing {
+            tracing::debug!(generation = %msg.generation, "connection closed");
+        } else {
+            tracing::info!(generation = %msg.generation, reason = %msg.reason, ?lived, "connection lost");
+        }
+        self.outbound = None;
+        self.registry.do_send(Detached {
+            generation: msg.generation,
+            reason: msg.reason,
+            by_user: self.closing,
+        });
+        ctx.stop();
+    }
+}
+
+/// Writes frames until the channel closes or a `Close` was written. Frames that are
+/// already queued are written together and flushed once.
+async fn writer(mut sink: SplitSink<Socket, Message>, mut rx: mpsc::Receiver<Outgoing>) {
+    let to_message = |o: Outgoing| match o {
+        Outgoing::Binary(b) => (Message::Binary(b), false),
+        Outgoing::Text(t) => (Message::Text(t.into()), false),
+        Outgoing::Pong(p) => (Message::Pong(p), false),
+        Outgoing::Close(r) => (Message::Close(Some(r)), true),
+    };
+    'outer: while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            let (message, last) = to_message(out);
+            if let Err(e) = sink.feed(message).await {
+                tracing::debug!(error = %e, "websocket write failed");
+                break 'outer;
+            }
+            if last {
+                let _ = sink.flush().await;
+                break 'outer;
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = sink.flush().await {
+            tracing::debug!(error = %e, "websocket flush failed");
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Reads frames until the socket ends; returns why it ended. Binary messages (also
+/// fragmented ones) go to the registry through the bounded `inbound` channel.
+async fn reader(
+    mut stream: SplitStream<Socket>,
+    inbound: mpsc::Sender<Bytes>,
+    pong: mpsc::Sender<Outgoing>,
+    me: Addr<ConnectionActor>,
+) -> String {
+    let mut partial: Option<BytesMut> = None;
+    loop {
+        let frame = match stream.next().await {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return format!("protocol error: {e}"),
+            None => return "Connection closed".to_owned(),
+        };
+        let complete = match frame {
+            Frame::Binary(b) => Some(b),
+            Frame::Text(t) => {
+                me.do_send(Control(String::from_utf8_lossy(&t).into_owned()));
+                None
+            }
+            Frame::Ping(p) => {
+                let _ = pong.try_send(Outgoing::Pong(p));
+                None
+            }
+            Frame::Pong(_) => None,
+            Frame::Close(reason) => {
+                return match reason {
+                    Some(r) => format!(
+                        "closed by the server ({}){}",
+                        u16::from(r.code),
+                        r.description.map(|d| format!(": {d}")).unwrap_or_default()
+                    ),
+                    None => "closed by the server".to_owned(),
+                }
+            }
+            Frame::Continuation(item) => match item {
+                Item::FirstBinary(b) => {
+                    partial = Some(BytesMut::from(&b[..]));
+                    None
+                }
+                Item::FirstText(_) => {
+                    partial = None;
+                    None
+                }
+                Item::Continue(b) => {
+                    if let Some(p) = partial.as_mut() {
+                        p.extend_from_slice(&b);
+                    }
+                    None
+                }
+                Item::Last(b) => partial.take().map(|mut p| {
+                    p.extend_from_slice(&b);
+                    p.freeze()
+                }),
+            },
+        };
+        if let Some(frame) = complete {
+            if inbound.send(frame).await.is_err() {
+                return "the session registry stopped".to_owned();
+            }
+        }
+    }
+}

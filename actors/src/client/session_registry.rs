@@ -1,0 +1,544 @@
+//! The session registry: the actor that owns the client's sans-IO
+//! [`Endpoint`].
+//!
+//! It is the only place protocol state lives on the client: pending calls (session id ->
+//! the caller's oneshot), the incoming calls being run (call id -> the endpoint's reply
+//! handle), the service actors (service id -> address), and one timer armed at the
+//! endpoint's next deadline (call timeouts, heartbeats of long calls, chunk-cache
+//! eviction, session sweeps). After every input it drains the endpoint: frames go to the
+//! current generation's outbound channel, events are dispatched.
+//!
+//! Overflow policy: the mailbox is bounded ([`RegistryOptions::mailbox`]), so callers
+//! wait in `Addr::send` when the registry is busy. Outbound frames that do not fit the
+//! connection's channel stay in the endpoint's queue, in order, until the writer frees a
+//! slot. A service actor whose mailbox is full gets no more calls: they are rejected with
+//! "service ID is overloaded".
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use hypha_core::endpoint::{Endpoint, EndpointConfig, EndpointStats, Event};
+use hypha_core::schema::ServiceInfo;
+use hypha_core::session::{CallError, CallOutcome, RemovedService, SessionConfig};
+use hypha_core::{ErrorValue, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::connection::{Attach, Close, ConnectionActor, ConnectionInfo, Detached, Generation, Outgoing};
+use super::service::{run_guarded, Invocation, LocalHandler, Run, ServiceActor, Stop};
+use super::{
+    Abandon, AddService, Call, CallManager, CallResult, Disconnect, Error, GetStats, LocalServiceInfo,
+    RemoveService, Reply,
+};
+
+/// Sizes and timeouts of the registry. Every timeout is a `Duration`.
+#[derive(Clone, Debug)]
+pub struct RegistryOptions {
+    /// Deadline of a call after it was sent, pushed back by heartbeats (Python
+    /// `method_timeout`, 30 s).
+    pub method_timeout: Duration,
+    /// Messages waiting in the registry's mailbox before senders wait.
+    pub mailbox: usize,
+    /// Mailbox of each service actor.
+    pub service_mailbox: usize,
+    /// Calls one service runs at once before it rejects more.
+    pub service_max_running: usize,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        Self {
+            method_timeout: Duration::from_secs(30),
+            mailbox: 1024,
+            service_mailbox: 1024,
+            service_max_running: 10_000,
+        }
+    }
+}
+
+/// What the registry holds (tests: "nothing left behind", memory checks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, MessageResponse)]
+pub struct RegistryStats {
+    /// The endpoint's counters.
+    pub endpoint: EndpointStats,
+    /// Callers waiting for a result.
+    pub pending: usize,
+    /// Incoming calls being run by handlers.
+    pub running: usize,
+    /// Live service actors.
+    pub service_actors: usize,
+    /// Local services in the endpoint, the built-in one included.
+    pub local_services: usize,
+}
+
+/// The current socket.
+struct Link {
+    generation: Generation,
+    outbound: mpsc::Sender<Outgoing>,
+    connection: Addr<ConnectionActor>,
+}
+
+/// A binary frame of one generation.
+struct InboundFrame(Generation, Bytes);
+
+/// Owns the endpoint. See the module documentation.
+pub struct SessionRegistry {
+    options: RegistryOptions,
+    endpoint: Endpoint,
+    /// The armed timer: its deadline and handle.
+    timer: Option<(Instant, SpawnHandle)>,
+    /// Our calls waiting for their outcome, by session.
+    pending: HashMap<String, oneshot::Sender<CallResult>>,
+    /// Incoming calls handed to a handler, by call id.
+    running: HashMap<u64, hypha_core::endpoint::ReplyTo>,
+    next_call_id: u64,
+    /// One actor per local service (the built-in one is run by the endpoint itself).
+    services: HashMap<String, Addr<ServiceActor>>,
+    /// The socket of the current generation; `None` while there is none.
+    link: Option<Link>,
+    /// A frame the outbound channel had no room for (sent first when room frees).
+    held: Option<Bytes>,
+    /// A task waits for room in the outbound channel.
+    waiting_for_room: bool,
+    /// `*/<manager_id>`.
+    manager: String,
+    /// Our workspace and client id (for service infos).
+    workspace: String,
+    client_id: String,
+    /// The connection is gone and will not come back: new calls fail with this.
+    lost: Option<String>,
+    /// `disconnect()` ran.
+    closed: bool,
+}
+
+impl SessionRegistry {
+    /// A registry for a client that completed its handshake with `info`.
+    pub fn new(options: RegistryOptions, info: &ConnectionInfo) -> Self {
+        let config = EndpointConfig {
+            session: SessionConfig { method_timeout: options.method_timeout, ..SessionConfig::default() },
+            server_url: info.public_base_url.clone(),
+            ..EndpointConfig::default()
+        };
+        let mut endpoint = Endpoint::new(config, Some(&info.workspace), &info.client_id, Instant::now());
+        endpoint.set_manager_id(Some(info.manager_id.clone()));
+        Self {
+            options,
+            endpoint,
+            timer: None,
+            pending: HashMap::new(),
+            running: HashMap::new(),
+            next_call_id: 0,
+            services: HashMap::new(),
+            link: None,
+            held: None,
+            waiting_for_room: false,
+            manager: format!("*/{}", info.manager_id),
+            workspace: info.workspace.clone(),
+            client_id: info.client_id.clone(),
+            lost: None,
+            closed: false,
+        }
+    }
+
+    /// Why a new call cannot start, if it cannot.
+    fn refuse(&self) -> Option<Error> {
+        if self.closed {
+            return Some(Error::Closed);
+        }
+        self.lost.as_ref().map(|r| Error::Call(CallError::ConnectionLost(r.clone())))
+    }
+
+    /// Sends, dispatches and re-arms until the endpoint has nothing left to do now.
+    fn drive(&mut self, ctx: &mut Context<Self>) {
+        loop {
+            let mut busy = self.flush(ctx);
+            while let Some(event) = self.endpoint.poll_event() {
+                busy = true;
+                self.on_event(ctx, event);
+            }
+            if !busy {
+                break;
+            }
+        }
+        self.arm(ctx);
+    }
+
+    /// Moves frames from the endpoint to the outbound channel while it has room.
+    /// Returns whether anything moved.
+    fn flush(&mut self, ctx: &mut Context<Self>) -> bool {
+        let mut moved = false;
+        loop {
+            if self.waiting_for_room {
+                return moved;
+            }
+            if self.link.is_none() && self.lost.is_none() && !self.closed {
+                // Not attached yet (or, later, reconnecting): the frames wait in the
+                // endpoint's queue, in order, while the calls' timers run.
+                return moved;
+            }
+            let Some(frame) = self.held.take().or_else(|| self.endpoint.poll_transmit()) else {
+                return moved;
+            };
+            moved = true;
+            let Some(link) = &self.link else {
+                // No socket: the calls in these frames settle through connection loss.
+                tracing::debug!(len = frame.len(), "no connection: frame dropped");
+                continue;
+            };
+            match link.outbound.try_send(Outgoing::Binary(frame)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(Outgoing::Binary(frame))) => {
+                    self.held = Some(frame);
+                    self.waiting_for_room = true;
+                    let tx = link.outbound.clone();
+                    ctx.spawn(
+                        async move {
+                            // A slot frees: take it and give it straight back.
+                            let _ = tx.reserve().await;
+                        }
+                        .into_actor(self)
+                        .map(|_, act, ctx| {
+                            act.waiting_for_room = false;
+                            act.drive(ctx);
+                        }),
+                    );
+                    return moved;
+                }
+                Err(_) => tracing::debug!("connection writer gone: frame dropped"),
+            }
+        }
+    }
+
+    /// Keeps one timer at the endpoint's earliest deadline.
+    fn arm(&mut self, ctx: &mut Context<Self>) {
+        let Some(deadline) = self.endpoint.poll_timeout() else { return };
+        if let Some((at, handle)) = self.timer {
+            if at <= deadline {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        let after = deadline.saturating_duration_since(Instant::now());
+        let handle = ctx.run_later(after, |act, ctx| {
+            act.timer = None;
+            act.endpoint.handle_timeout(Instant::now());
+            act.drive(ctx);
+        });
+        self.timer = Some((deadline, handle));
+    }
+
+    fn on_event(&mut self, ctx: &mut Context<Self>, event: Event) {
+        match event {
+            Event::Invoke { handler, args, kwargs, context, reply } => {
+                let Some(local) = handler.downcast_ref::<LocalHandler>() else {
+                    let error = ErrorValue::new("the function has no Rust handler");
+                    self.endpoint.reply(Instant::now(), reply, Err(error));
+                    return;
+                };
+                self.next_call_id += 1;
+                let call_id = self.next_call_id;
+                self.running.insert(call_id, reply);
+                let invocation = Invocation { args, kwargs, context, registry: ctx.address() };
+                let func = local.func.clone();
+                match local.service.as_ref().and_then(|s| self.services.get(s)) {
+                    Some(actor) => {
+                        if let Err(e) = actor.try_send(Run { call_id, func, invocation }) {
+                            let error = match e {
+                                SendError::Full(_) => Error::Overloaded(format!(
+                                    "service {}",
+                                    local.service.as_deref().unwrap_or_default()
+                                )),
+                                SendError::Closed(_) => Error::Closed,
+                            };
+                            self.finish(call_id, Err(error.to_error_value()));
+                        }
+                    }
+                    None => {
+                        ctx.spawn(run_guarded(func, invocation).into_actor(self).map(
+                            move |result, act, ctx| {
+                                act.finish(call_id, result);
+                                act.drive(ctx);
+                            },
+                        ));
+                    }
+                }
+            }
+            Event::GeneratorNext { reply, .. } => {
+                let error = ErrorValue::new("generators are not supported by the Rust client yet");
+                self.endpoint.reply(Instant::now(), reply, Err(error));
+            }
+            Event::GeneratorClose { .. } => {}
+            Event::Settled(s) => {
+                let Some(tx) = self.pending.remove(&s.session) else { return };
+                let result = match s.outcome {
+                    CallOutcome::Resolved(v) => Ok(v),
+                    CallOutcome::Rejected(e) => Err(Error::from(e)),
+                    CallOutcome::Failed(e) => Err(Error::Call(e)),
+                };
+                // The caller may have given up waiting: nothing to do then.
+                let _ = tx.send(result);
+            }
+            Event::Message(m) => {
+                let kind = m.get("type").and_then(Value::as_str).unwrap_or_default();
+                tracing::debug!(%kind, "event message");
+            }
+            Event::RemoteClientDisconnected { client_id, sessions_cleaned, .. } => {
+                tracing::debug!(%client_id, sessions_cleaned, "remote client disconnected");
+            }
+            Event::InterfaceDisposed { service_id } => tracing::debug!(%service_id, "interface disposed"),
+            Event::Error(e) => tracing::warn!(error = %e, "protocol error"),
+        }
+    }
+
+    /// Answers a running call (no-op if it was abandoned meanwhile).
+    fn finish(&mut self, call_id: u64, result: Result<Value, ErrorValue>) {
+        if let Some(reply) = self.running.remove(&call_id) {
+            self.endpoint.reply(Instant::now(), reply, result);
+        }
+    }
+
+    fn start_call(
+        &mut self,
+        ctx: &mut Context<Self>,
+        reply: oneshot::Sender<CallResult>,
+        start: impl FnOnce(&mut Endpoint, Instant) -> Result<String, hypha_core::endpoint::EndpointError>,
+    ) {
+        if let Some(e) = self.refuse() {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        match start(&mut self.endpoint, Instant::now()) {
+            Ok(session) => {
+                self.pending.insert(session, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(Error::Protocol(e.to_string())));
+            }
+        }
+        self.drive(ctx);
+    }
+
+    fn stop_service(&mut self, id: &str) {
+        if let Some(actor) = self.services.remove(id) {
+            actor.do_send(Stop);
+        }
+    }
+}
+
+impl Actor for SessionRegistry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.options.mailbox);
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        for (_, actor) in self.services.drain() {
+            actor.do_send(Stop);
+        }
+        if let Some(link) = self.link.take() {
+            link.connection.do_send(Close);
+        }
+        tracing::debug!(client_id = %self.client_id, "session registry stopped");
+    }
+}
+
+impl Handler<Attach> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Attach, ctx: &mut Context<Self>) {
+        let Attach { generation, outbound, inbound, connection, info } = msg;
+        if self.link.as_ref().is_some_and(|l| l.generation >= generation) {
+            tracing::debug!(%generation, "stale attach ignored");
+            return;
+        }
+        self.manager = format!("*/{}", info.manager_id);
+        self.link = Some(Link { generation, outbound, connection });
+        let frames = futures_util::stream::unfold(inbound, move |mut rx| async move {
+            rx.recv().await.map(|frame| (InboundFrame(generation, frame), rx))
+        });
+        ctx.add_stream(frames);
+        self.drive(ctx);
+    }
+}
+
+impl StreamHandler<InboundFrame> for SessionRegistry {
+    fn handle(&mut self, InboundFrame(generation, frame): InboundFrame, ctx: &mut Context<Self>) {
+        if self.closed {
+            return;
+        }
+        if self.link.as_ref().is_some_and(|l| l.generation > generation) {
+            tracing::debug!(%generation, "frame of a superseded generation dropped");
+            return;
+        }
+        self.endpoint.handle_frame(Instant::now(), frame);
+        self.drive(ctx);
+    }
+
+    /// A generation's frames ended: the connection actor reports the loss itself
+    /// ([`Detached`]); the registry lives on.
+    fn finished(&mut self, _: &mut Context<Self>) {}
+}
+
+impl Handler<Detached> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Detached, ctx: &mut Context<Self>) {
+        if self.link.as_ref().is_none_or(|l| l.generation != msg.generation) {
+            return; // a superseded generation: reaped already
+        }
+        self.link = None;
+        self.held = None;
+        if self.closed || msg.by_user {
+            return;
+        }
+        // Reconnection is not enabled yet: the loss is final.
+        self.lost = Some(msg.reason.clone());
+        self.endpoint.handle_connection_lost(Instant::now(), &msg.reason, false);
+        self.drive(ctx);
+    }
+}
+
+impl Handler<Call> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Call, ctx: &mut Context<Self>) {
+        let Call { method, args, kwargs, reply } = msg;
+        self.start_call(ctx, reply, |ep, now| ep.call(now, &method, args, kwargs));
+    }
+}
+
+impl Handler<CallManager> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: CallManager, ctx: &mut Context<Self>) {
+        let CallManager { method, args, kwargs, reply } = msg;
+        let target = self.manager.clone();
+        let path = format!("services.default.{method}");
+        self.start_call(ctx, reply, |ep, now| ep.call_method(now, &target, &path, args, kwargs));
+    }
+}
+
+impl Handler<AddService> for SessionRegistry {
+    type Result = Result<ServiceInfo, Error>;
+
+    fn handle(&mut self, msg: AddService, ctx: &mut Context<Self>) -> Self::Result {
+        if let Some(e) = self.refuse() {
+            return Err(e);
+        }
+        let api = self
+            .endpoint
+            .register_service(msg.api, msg.overwrite)
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        let info = ServiceInfo::from_service(api, &self.workspace, &self.client_id, "*")
+            .map_err(|e| Error::Protocol(e.to_string()));
+        let id = api.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let info = match info {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = self.endpoint.unregister_service(&id);
+                return Err(e);
+            }
+        };
+        // An overwritten service's old handlers go with their actor.
+        self.stop_service(&id);
+        let actor = ServiceActor::new(
+            id.clone(),
+            ctx.address(),
+            self.options.service_max_running,
+            self.options.service_mailbox,
+        )
+        .start();
+        self.services.insert(id, actor);
+        Ok(info)
+    }
+}
+
+impl Handler<RemoveService> for SessionRegistry {
+    type Result = Result<RemovedService, Error>;
+
+    fn handle(&mut self, msg: RemoveService, _: &mut Context<Self>) -> Self::Result {
+        let removed =
+            self.endpoint.unregister_service(&msg.id).map_err(|e| Error::Protocol(e.to_string()))?;
+        self.stop_service(&removed.id);
+        Ok(removed)
+    }
+}
+
+impl Handler<LocalServiceInfo> for SessionRegistry {
+    type Result = Result<ServiceInfo, Error>;
+
+    fn handle(&mut self, msg: LocalServiceInfo, _: &mut Context<Self>) -> Self::Result {
+        let service = self
+            .endpoint
+            .table()
+            .service(&msg.id)
+            .ok_or_else(|| Error::NotFound(format!("Service not found: {}", msg.id)))?;
+        ServiceInfo::from_service(&service.api, &self.workspace, &self.client_id, "*")
+            .map_err(|e| Error::Protocol(e.to_string()))
+    }
+}
+
+impl Handler<Reply> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reply, ctx: &mut Context<Self>) {
+        self.finish(msg.call_id, msg.result);
+        self.drive(ctx);
+    }
+}
+
+impl Handler<Abandon> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Abandon, ctx: &mut Context<Self>) {
+        for id in msg.call_ids {
+            if let Some(reply) = self.running.remove(&id) {
+                self.endpoint.abandon(reply);
+            }
+        }
+        self.drive(ctx);
+    }
+}
+
+impl Handler<Disconnect> for SessionRegistry {
+    type Result = Option<Addr<ConnectionActor>>;
+
+    fn handle(&mut self, _: Disconnect, ctx: &mut Context<Self>) -> Self::Result {
+        if self.closed {
+            return None;
+        }
+        self.closed = true;
+        self.endpoint.close(Instant::now());
+        // Reject the pending calls ("RPC connection closed").
+        while let Some(event) = self.endpoint.poll_event() {
+            self.on_event(ctx, event);
+        }
+        self.pending.clear();
+        self.running.clear();
+        for (_, actor) in self.services.drain() {
+            actor.do_send(Stop);
+        }
+        if let Some((_, handle)) = self.timer.take() {
+            ctx.cancel_future(handle);
+        }
+        let connection = self.link.take().map(|l| l.connection);
+        ctx.stop();
+        connection
+    }
+}
+
+impl Handler<GetStats> for SessionRegistry {
+    type Result = RegistryStats;
+
+    fn handle(&mut self, _: GetStats, _: &mut Context<Self>) -> RegistryStats {
+        RegistryStats {
+            endpoint: self.endpoint.stats(),
+            pending: self.pending.len(),
+            running: self.running.len(),
+            service_actors: self.services.len(),
+            local_services: self.endpoint.table().service_count(),
+        }
+    }
+}

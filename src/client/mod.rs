@@ -1,0 +1,340 @@
+//! The Rust client: connect to a Hypha server, register services, call other clients'
+//! services.
+//!
+//! ```no_run
+//! use hypha_rpc::client::{connect_to_server, ClientConfig, Error, Service};
+//! use hypha_rpc::core::schema::Visibility;
+//!
+//! # async fn run() -> Result<(), Error> {
+//! let client = connect_to_server(ClientConfig::new("http://127.0.0.1:9527")).await?;
+//! let service = Service::builder("hello-world")
+//!     .visibility(Visibility::Public)
+//!     .function("hello", |name: String| async move { Ok::<_, Error>(format!("Hello {name}")) })
+//!     .build();
+//! let info = client.register_service(service).await?;
+//!
+//! let svc = client.get_service(&info.id).await?;
+//! let greeting: String = svc.call_typed("hello", ("John",)).await?;
+//! assert_eq!(greeting, "Hello John");
+//! client.disconnect().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The client runs inside an actix `System` (`#[actix_rt::main]`, `#[actix_rt::test]`,
+//! or an actix-web server): its websocket is awc, which needs one. [`Client`] itself is
+//! `Send` and cheap to clone; the actors behind it (see `hypha_actors::client`) live on
+//! the arbiter that called [`connect_to_server`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::{Actor, Addr};
+use hypha_actors::client::connection::{self, ConnectOptions, ConnectionActor, ConnectionInfo};
+use hypha_actors::client::session_registry::RegistryOptions;
+use hypha_actors::client::{
+    AddService, CallManager, Disconnect, GetStats, LocalServiceInfo, RegistryStats, RemoveService,
+    SessionRegistry,
+};
+use hypha_core::schema::ServiceInfo;
+use hypha_core::session::BUILTIN_SERVICE_ID;
+use hypha_core::{Map, Value};
+use tokio::sync::oneshot;
+
+mod remote;
+mod service;
+
+pub use hypha_actors::client::Error;
+pub use hypha_core::schema::{Param, ParamType, Visibility};
+pub use remote::{IntoArgs, RemoteFunction, RemoteService};
+pub use service::{
+    callback, callback_def, ArgCursor, Binding, Context, FromArg, FunctionDef, IntoFunction, Service,
+    ServiceBuilder,
+};
+
+/// How to connect. The keys of the Python client's `connect_to_server` config that make
+/// sense in Rust; every timeout is a `Duration`.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `http(s)://host:port` (the websocket is `/ws` below it) or a `ws(s)://` URL.
+    pub server_url: String,
+    /// The workspace to join; `None`: the token's, or a personal one for anonymous users.
+    pub workspace: Option<String>,
+    /// A token from `login()` or `generate_token`; `None` connects anonymously.
+    pub token: Option<String>,
+    /// Our client id; `None` generates a random 22-character one (as Python does).
+    pub client_id: Option<String>,
+    /// A display name for this client (kept locally, as Python's `name`).
+    pub name: Option<String>,
+    /// How long a call may go without a result or heartbeat, and how long the handshake
+    /// may take (Python's `method_timeout`, 30 s).
+    pub method_timeout: Duration,
+    /// Application ping period; `None` disables it (Python: 20 s).
+    pub ping_interval: Option<Duration>,
+    /// Largest frame accepted from the server.
+    pub max_frame_size: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            server_url: "http://127.0.0.1:9527".into(),
+            workspace: None,
+            token: None,
+            client_id: None,
+            name: None,
+            method_timeout: Duration::from_secs(30),
+            ping_interval: Some(Duration::from_secs(20)),
+            max_frame_size: 64 << 20,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// The defaults, for `server_url`.
+    pub fn new(server_url: impl Into<String>) -> Self {
+        Self { server_url: server_url.into(), ..Self::default() }
+    }
+
+    /// Sets the workspace.
+    pub fn workspace(mut self, ws: impl Into<String>) -> Self {
+        self.workspace = Some(ws.into());
+        self
+    }
+
+    /// Sets the token.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Sets the client id.
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// Sets the display name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets the method timeout.
+    pub fn method_timeout(mut self, t: Duration) -> Self {
+        self.method_timeout = t;
+        self
+    }
+}
+
+/// Connects, registers the built-in service and subscribes to `client_disconnected`
+/// (spec §1.8), and returns the client. Must run inside an actix `System`.
+pub async fn connect_to_server(config: ClientConfig) -> Result<Client, Error> {
+    if actix_rt::System::try_current().is_none() {
+        return Err(Error::Config(
+            "connect_to_server must run inside an actix System (#[actix_rt::main] or #[actix_rt::test])"
+                .into(),
+        ));
+    }
+    let client_id = config.client_id.clone().unwrap_or_else(hypha_core::ids::random_id);
+    let mut options = ConnectOptions::new(config.server_url.clone(), client_id);
+    options.workspace = config.workspace.clone();
+    options.token = config.token.clone();
+    options.handshake_timeout = config.method_timeout;
+    options.ping_interval = config.ping_interval;
+    options.max_frame_size = config.max_frame_size;
+    let (socket, info) = connection::open(&options, None).await?;
+    let registry_options =
+        RegistryOptions { method_timeout: config.method_timeout, ..RegistryOptions::default() };
+    let registry = SessionRegistry::new(registry_options, &info).start();
+    let connection = ConnectionActor::new(options, registry.clone(), socket, info.clone()).start();
+    let client = Client { inner: Arc::new(Inner { config, info, registry, connection }) };
+    // Bootstrap: the built-in service first (the server refuses others before it).
+    let builtin = client.inner.registry.send(LocalServiceInfo { id: BUILTIN_SERVICE_ID.into() }).await??;
+    client.call("register_service", vec![builtin.to_value()]).await?;
+    client.call("subscribe", vec![Value::List(vec![Value::from("client_disconnected")])]).await?;
+    Ok(client)
+}
+
+struct Inner {
+    config: ClientConfig,
+    info: ConnectionInfo,
+    registry: Addr<SessionRegistry>,
+    connection: Addr<ConnectionActor>,
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: nobody can use the connection any more, so end it (the
+    /// registry stops its service actors and closes the socket).
+    fn drop(&mut self) {
+        self.registry.do_send(Disconnect);
+    }
+}
+
+/// A connected client: the workspace manager's functions plus local service management.
+/// Cheap to clone and `Send`; dropping the last clone disconnects.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("workspace", &self.workspace())
+            .field("client_id", &self.client_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// The configuration it was connected with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// The workspace the server put us in.
+    pub fn workspace(&self) -> &str {
+        &self.inner.info.workspace
+    }
+
+    /// Our client id.
+    pub fn client_id(&self) -> &str {
+        &self.inner.info.client_id
+    }
+
+    /// The server's `connection_info`.
+    pub fn connection_info(&self) -> &ConnectionInfo {
+        &self.inner.info
+    }
+
+    /// Calls a workspace-manager function (`echo`, `list_clients`, `get_workspace_info`,
+    /// ...) with positional arguments.
+    pub async fn call(&self, method: &str, args: Vec<Value>) -> Result<Value, Error> {
+        self.call_with_kwargs(method, args, None).await
+    }
+
+    /// Calls a workspace-manager function with keyword arguments too.
+    pub async fn call_with_kwargs(
+        &self,
+        method: &str,
+        args: Vec<Value>,
+        kwargs: Option<Map>,
+    ) -> Result<Value, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.registry.send(CallManager { method: method.to_owned(), args, kwargs, reply }).await?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// The manager's `echo`: returns what it was given (a round trip through the server).
+    pub async fn echo(&self, value: Value) -> Result<Value, Error> {
+        self.call("echo", vec![value]).await
+    }
+
+    /// Registers a local service (spec §7.2): stores it, then tells the manager. Returns
+    /// the service info with the full id `ws/client:id`. With the service's `overwrite`
+    /// unset, an id that is already registered here fails with "Service already exists".
+    pub async fn register_service(&self, service: Service) -> Result<ServiceInfo, Error> {
+        let info =
+            self.inner.registry.send(AddService { api: service.api, overwrite: service.overwrite }).await??;
+        if let Err(e) = self.call("register_service", vec![info.to_value()]).await {
+            let short = short_service_id(&info.id).to_owned();
+            let _ = self.inner.registry.send(RemoveService { id: short }).await;
+            return Err(e);
+        }
+        Ok(info)
+    }
+
+    /// Unregisters a local service (spec §7.8); `id` may be short or full. Later calls to
+    /// its functions get "Method expired or not found".
+    pub async fn unregister_service(&self, id: &str) -> Result<(), Error> {
+        let removed = self.inner.registry.send(RemoveService { id: id.to_owned() }).await??;
+        if removed.notify_server {
+            self.call("unregister_service", vec![Value::from(removed.id)]).await?;
+        }
+        Ok(())
+    }
+
+    /// Fetches a service through the manager (`ws/client:svc`, `client:svc`, `svc`, with
+    /// an optional `@app`), as a proxy whose functions call the provider directly.
+    pub async fn get_service(&self, id: &str) -> Result<RemoteService, Error> {
+        let mut kwargs = Map::new();
+        kwargs.insert("config".into(), Value::Map(Map::new()));
+        let value = self.call_with_kwargs("get_service", vec![Value::from(id)], Some(kwargs)).await?;
+        match value {
+            Value::Map(api) => Ok(RemoteService::new(api, self.inner.registry.clone())),
+            other => Err(Error::Convert(format!("get_service returned a {}, not a service", other.kind()))),
+        }
+    }
+
+    /// Lists the services visible to us (the manager's `list_services`); `query` as
+    /// upstream takes it (`None`: this workspace's services).
+    pub async fn list_services(&self, query: Option<Value>) -> Result<Vec<Map>, Error> {
+        let args = query.into_iter().collect();
+        match self.call("list_services", args).await? {
+            Value::List(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::Map(m) => Ok(m),
+                    other => Err(Error::Convert(format!("list_services item is a {}", other.kind()))),
+                })
+                .collect(),
+            other => Err(Error::Convert(format!("list_services returned a {}", other.kind()))),
+        }
+    }
+
+    /// Generates a token for this workspace (the manager's `generate_token`); `config`
+    /// as upstream takes it (`expires_in`, `permission`, `workspace`, ...).
+    pub async fn generate_token(&self, config: Map) -> Result<String, Error> {
+        match self.call("generate_token", vec![Value::Map(config)]).await? {
+            Value::Str(token) => Ok(token),
+            other => Err(Error::Convert(format!("generate_token returned a {}", other.kind()))),
+        }
+    }
+
+    /// What the session registry holds (pending calls, sessions, services).
+    pub async fn stats(&self) -> Result<RegistryStats, Error> {
+        Ok(self.inner.registry.send(GetStats).await?)
+    }
+
+    /// Disconnects (spec §1.7): pending calls fail with "RPC connection closed", every
+    /// service actor stops, the socket closes with 1000. Returns once the connection
+    /// actor has stopped; later calls fail with "Connection is closed".
+    pub async fn disconnect(&self) -> Result<(), Error> {
+        let connection = match self.inner.registry.send(Disconnect).await {
+            Ok(c) => c.unwrap_or_else(|| self.inner.connection.clone()),
+            Err(_) => self.inner.connection.clone(),
+        };
+        if let Ok(closing) = connection.send(connection::Close).await {
+            let _ = closing.0.await;
+        }
+        Ok(())
+    }
+}
+
+/// `ws/client:svc@app` -> `svc`.
+fn short_service_id(id: &str) -> &str {
+    let id = id.rsplit_once(':').map_or(id, |(_, s)| s);
+    id.split_once('@').map_or(id, |(s, _)| s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The handles cross threads (a blocking wrapper, a worker pool): they must stay
+    /// `Send + Sync`; the actors behind them stay on their arbiter.
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<Client>();
+        check::<RemoteService>();
+        check::<RemoteFunction>();
+        check::<ClientConfig>();
+    }
+
+    #[test]
+    fn short_service_ids() {
+        assert_eq!(short_service_id("ws/c:svc@app"), "svc");
+        assert_eq!(short_service_id("svc"), "svc");
+    }
+}
