@@ -40,16 +40,23 @@ use hypha_core::session::BUILTIN_SERVICE_ID;
 use hypha_core::{Map, Value};
 use tokio::sync::oneshot;
 
+mod events;
+mod interface;
 mod remote;
 mod service;
+mod stream;
 
+pub use events::{EventStream, EventSubscription};
 pub use hypha_actors::client::Error;
+pub use hypha_actors::client::DEFAULT_EVENT_BUFFER;
 pub use hypha_core::schema::{Param, ParamType, Visibility};
+pub use interface::{Interface, InterfaceBuilder, RemoteInterface};
 pub use remote::{IntoArgs, RemoteFunction, RemoteService};
 pub use service::{
     callback, callback_def, ArgCursor, Binding, Context, FromArg, FunctionDef, IntoFunction, Service,
     ServiceBuilder,
 };
+pub use stream::{generator, RemoteGenerator, TypedGenerator};
 
 /// How to connect. The keys of the Python client's `connect_to_server` config that make
 /// sense in Rust; every timeout is a `Duration`.
@@ -143,11 +150,15 @@ pub async fn connect_to_server(config: ClientConfig) -> Result<Client, Error> {
     options.ping_interval = config.ping_interval;
     options.max_frame_size = config.max_frame_size;
     let (socket, info) = connection::open(&options, None).await?;
-    let registry_options =
-        RegistryOptions { method_timeout: config.method_timeout, ..RegistryOptions::default() };
+    let events = hypha_actors::client::EventHub::default();
+    let registry_options = RegistryOptions {
+        method_timeout: config.method_timeout,
+        events: events.clone(),
+        ..RegistryOptions::default()
+    };
     let registry = SessionRegistry::new(registry_options, &info).start();
     let connection = ConnectionActor::new(options, registry.clone(), socket, info.clone()).start();
-    let client = Client { inner: Arc::new(Inner { config, info, registry, connection }) };
+    let client = Client { inner: Arc::new(Inner { config, info, registry, connection, events }) };
     // Bootstrap: the built-in service first (the server refuses others before it).
     let builtin = client.inner.registry.send(LocalServiceInfo { id: BUILTIN_SERVICE_ID.into() }).await??;
     client.call("register_service", vec![builtin.to_value()]).await?;
@@ -160,6 +171,8 @@ struct Inner {
     info: ConnectionInfo,
     registry: Addr<SessionRegistry>,
     connection: Addr<ConnectionActor>,
+    /// The event subscribers (the registry delivers into it).
+    events: hypha_actors::client::EventHub,
 }
 
 impl Drop for Inner {
@@ -289,6 +302,28 @@ impl Client {
             Value::Str(token) => Ok(token),
             other => Err(Error::Convert(format!("generate_token returned a {}", other.kind()))),
         }
+    }
+
+    /// The session registry (the generator, interface and event modules).
+    pub(crate) fn registry(&self) -> &Addr<SessionRegistry> {
+        &self.inner.registry
+    }
+
+    /// A received value holding a function (a callback, a function in a result) as a
+    /// callable [`RemoteFunction`].
+    pub fn remote_function(&self, value: Value) -> Result<RemoteFunction, Error> {
+        match value {
+            Value::Function(f) => match *f {
+                hypha_core::Function::Remote(m) => Ok(RemoteFunction::new(m, self.inner.registry.clone())),
+                hypha_core::Function::Local(_) => Err(Error::Convert("the value is a local function".into())),
+            },
+            other => Err(Error::Convert(format!("expected a function, got {}", other.kind()))),
+        }
+    }
+
+    /// A received value holding a remote generator as a [`RemoteGenerator`] stream.
+    pub fn remote_generator(&self, value: Value) -> Result<RemoteGenerator, Error> {
+        RemoteGenerator::from_value(value, self.inner.registry.clone())
     }
 
     /// What the session registry holds (pending calls, sessions, services).

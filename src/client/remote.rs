@@ -9,6 +9,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use super::stream::RemoteGenerator;
+
 /// Sends a call through the registry and waits for its outcome.
 pub(crate) async fn call_remote(
     registry: &Addr<SessionRegistry>,
@@ -97,6 +99,12 @@ impl RemoteFunction {
         let value = self.call(args.into_args()?).await?;
         codec::from_value(value)
     }
+
+    /// Calls a function that returns a generator, and returns it as a stream.
+    pub async fn call_generator(&self, args: Vec<Value>) -> Result<RemoteGenerator, Error> {
+        let value = self.call(args).await?;
+        RemoteGenerator::from_value(value, self.registry.clone())
+    }
 }
 
 /// A service of another client (or of the server), as `get_service` returned it: its
@@ -174,6 +182,11 @@ impl RemoteService {
     /// Calls function `name` with positional and keyword arguments.
     pub async fn call_with_kwargs(&self, name: &str, args: Vec<Value>, kwargs: Map) -> Result<Value, Error> {
         self.function(name)?.call_with_kwargs(args, kwargs).await
+    }
+
+    /// Calls function `name`, which returns a generator, and returns it as a stream.
+    pub async fn call_generator(&self, name: &str, args: Vec<Value>) -> Result<RemoteGenerator, Error> {
+        self.function(name)?.call_generator(args).await
     }
 
     /// Calls function `name` with typed arguments and converts the result:

@@ -61,7 +61,7 @@ impl ArgCursor {
         &self.registry
     }
 
-    fn error(&self, message: impl Display) -> Error {
+    pub(crate) fn error(&self, message: impl Display) -> Error {
         Error::Arguments(format!("{}(): argument {}: {message}", self.function, self.taken))
     }
 }
@@ -298,6 +298,16 @@ impl FunctionDef {
     /// The function as a value: a local function whose handler runs on `service`'s
     /// actor, or (without a service) a session callback.
     fn into_value(self, service: Option<String>) -> Value {
+        let erased = self.erase();
+        LocalHandler { service, func: erased.func }.into_value(
+            Some(erased.name),
+            erased.description,
+            Some(erased.schema),
+        )
+    }
+
+    /// The function with its types erased, and its metadata.
+    pub(crate) fn erase(self) -> ErasedFunction {
         let schema = self.schema().to_value();
         let declared = !self.params.is_empty();
         let params = self.declared_params();
@@ -307,8 +317,16 @@ impl FunctionDef {
             .collect();
         let params = params.into_iter().map(|p| p.name).collect();
         let func = (self.make)(Binding { name: self.name.as_str().into(), params, defaults, declared });
-        LocalHandler { service, func }.into_value(Some(self.name), self.description, Some(schema))
+        ErasedFunction { name: self.name, description: self.description, schema, func }
     }
+}
+
+/// A [`FunctionDef`] with its types erased.
+pub(crate) struct ErasedFunction {
+    pub(crate) name: String,
+    pub(crate) description: Option<String>,
+    pub(crate) schema: Value,
+    pub(crate) func: DynFunction,
 }
 
 /// A Rust closure as an argument of a remote call: the peer receives a session-scoped

@@ -20,6 +20,8 @@ use hypha_rpc::core::value::{Map, Value};
 use hypha_rpc::server::{RunningServer, Server, ServerBuilder};
 use serde_json::{json, Value as Json};
 
+pub mod servers;
+
 pub type Ws = Framed<BoxedSocket, Codec>;
 
 pub const SECRET: &str = "test-secret-for-the-manager-tests";

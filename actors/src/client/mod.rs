@@ -1,12 +1,15 @@
 //! The client runtime's actors and the typed messages between them.
 //!
-//! One client connection is four kinds of actor, each with one owner and one end of life:
+//! One client connection is a handful of kinds of actor, each with one owner and one end of life:
 //!
 //! | file | actor | owns | ends when |
 //! | --- | --- | --- | --- |
 //! | [`connection`] | [`ConnectionActor`] | the awc websocket of one *generation*, its reader and writer tasks, the app-level ping | the socket closes or the registry tells it to close |
 //! | [`session_registry`] | [`SessionRegistry`] | the sans-IO [`Endpoint`](hypha_core::endpoint::Endpoint): pending calls, timers, callbacks; the service actors | `disconnect`, or the connection is lost for good |
 //! | [`service`] | [`ServiceActor`] | the running handler futures of one registered service | the service is unregistered or the registry stops |
+//! | [`generator`] | [`GeneratorActor`] | one local `Stream` exported to a peer as a remote generator | exhausted, closed by the peer, or its session entries are gone (caller left, session collected, disconnect) |
+//! | [`interface`] | [`InterfaceActor`] | the running member calls of one `_rintf` object | its `_rintf_` services are gone (`_dispose`, the peer left, unregistered, disconnect) and the user dropped it |
+//! | [`events`] | (a shared hub) | per-subscriber bounded queues of event messages | `disconnect` |
 //! | [`codec`] | (functions) | serde <-> [`Value`] conversion and argument binding | |
 //!
 //! Data path of a call: the user's task converts its arguments with [`codec`], sends
@@ -30,10 +33,16 @@ use tokio::sync::oneshot;
 
 pub mod codec;
 pub mod connection;
+pub mod events;
+pub mod generator;
+pub mod interface;
 pub mod service;
 pub mod session_registry;
 
 pub use connection::{ConnectOptions, ConnectionActor, ConnectionInfo, Generation};
+pub use events::{EventHub, DEFAULT_EVENT_BUFFER};
+pub use generator::{GeneratorActor, ItemStream};
+pub use interface::InterfaceActor;
 pub use service::{DynFunction, Invocation, LocalHandler, ServiceActor};
 pub use session_registry::{RegistryStats, SessionRegistry};
 

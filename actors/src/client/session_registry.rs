@@ -26,6 +26,8 @@ use hypha_core::{ErrorValue, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::connection::{Attach, Close, ConnectionActor, ConnectionInfo, Detached, Generation, Outgoing};
+use super::events::EventHub;
+use super::generator;
 use super::service::{run_guarded, Invocation, LocalHandler, Run, ServiceActor, Stop};
 use super::{
     Abandon, AddService, Call, CallManager, CallResult, Disconnect, Error, GetStats, LocalServiceInfo,
@@ -44,6 +46,8 @@ pub struct RegistryOptions {
     pub service_mailbox: usize,
     /// Calls one service runs at once before it rejects more.
     pub service_max_running: usize,
+    /// Where event messages (spec §2.4) go: the client's subscribers.
+    pub events: EventHub,
 }
 
 impl Default for RegistryOptions {
@@ -53,6 +57,7 @@ impl Default for RegistryOptions {
             mailbox: 1024,
             service_mailbox: 1024,
             service_max_running: 10_000,
+            events: EventHub::default(),
         }
     }
 }
@@ -142,15 +147,32 @@ impl SessionRegistry {
     }
 
     /// Why a new call cannot start, if it cannot.
-    fn refuse(&self) -> Option<Error> {
+    pub(super) fn refuse(&self) -> Option<Error> {
         if self.closed {
             return Some(Error::Closed);
         }
         self.lost.as_ref().map(|r| Error::Call(CallError::ConnectionLost(r.clone())))
     }
 
+    /// The endpoint (the generator, interface and event modules' handlers).
+    pub(super) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The endpoint, to command it; call [`Self::drive`] afterwards.
+    pub(super) fn endpoint_mut(&mut self) -> &mut Endpoint {
+        &mut self.endpoint
+    }
+
+    /// Keeps an incoming call's reply handle until [`Self::finish`]; returns its id.
+    pub(super) fn track_running(&mut self, reply: hypha_core::endpoint::ReplyTo) -> u64 {
+        self.next_call_id += 1;
+        self.running.insert(self.next_call_id, reply);
+        self.next_call_id
+    }
+
     /// Sends, dispatches and re-arms until the endpoint has nothing left to do now.
-    fn drive(&mut self, ctx: &mut Context<Self>) {
+    pub(super) fn drive(&mut self, ctx: &mut Context<Self>) {
         loop {
             let mut busy = self.flush(ctx);
             while let Some(event) = self.endpoint.poll_event() {
@@ -264,11 +286,8 @@ impl SessionRegistry {
                     }
                 }
             }
-            Event::GeneratorNext { reply, .. } => {
-                let error = ErrorValue::new("generators are not supported by the Rust client yet");
-                self.endpoint.reply(Instant::now(), reply, Err(error));
-            }
-            Event::GeneratorClose { .. } => {}
+            Event::GeneratorNext { handler, reply } => generator::on_next(self, ctx, handler, reply),
+            Event::GeneratorClose { handler } => generator::on_close(&handler),
             Event::Settled(s) => {
                 let Some(tx) = self.pending.remove(&s.session) else { return };
                 let result = match s.outcome {
@@ -282,6 +301,7 @@ impl SessionRegistry {
             Event::Message(m) => {
                 let kind = m.get("type").and_then(Value::as_str).unwrap_or_default();
                 tracing::debug!(%kind, "event message");
+                self.options.events.dispatch(&m);
             }
             Event::RemoteClientDisconnected { client_id, sessions_cleaned, .. } => {
                 tracing::debug!(%client_id, sessions_cleaned, "remote client disconnected");
@@ -292,7 +312,7 @@ impl SessionRegistry {
     }
 
     /// Answers a running call (no-op if it was abandoned meanwhile).
-    fn finish(&mut self, call_id: u64, result: Result<Value, ErrorValue>) {
+    pub(super) fn finish(&mut self, call_id: u64, result: Result<Value, ErrorValue>) {
         if let Some(reply) = self.running.remove(&call_id) {
             self.endpoint.reply(Instant::now(), reply, result);
         }
@@ -334,6 +354,7 @@ impl Actor for SessionRegistry {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        self.options.events.close();
         for (_, actor) in self.services.drain() {
             actor.do_send(Stop);
         }

@@ -1,0 +1,113 @@
+//! The servers of the client tests (tests/client*.rs): ours in-process on an ephemeral
+//! port, and the stock Python server `hypha` 0.21.137 (`$HYPHA_SERVER_PYTHON -m
+//! hypha.server`), plus where the stock Python client lives (`$HYPHA_PYTHON`). A missing
+//! interpreter or server package is a failure, not a skip.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hypha_rpc::server::{RunningServer, Server};
+
+/// The JWT secret of both servers in the client tests.
+pub const CLIENT_SECRET: &str = "test-secret-for-the-client-tests";
+
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn python_client() -> PathBuf {
+    std::env::var_os("HYPHA_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
+}
+
+pub fn python_server_interpreter() -> PathBuf {
+    std::env::var_os("HYPHA_SERVER_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv-server/bin/python"))
+}
+
+pub fn our_server() -> RunningServer {
+    Server::builder()
+        .jwt_secret(CLIENT_SECRET)
+        .server_id("client-test")
+        .workers(1)
+        .build()
+        .expect("valid config")
+        .start("127.0.0.1", 0)
+        .expect("bind")
+}
+
+/// The stock Python server on a free port, killed on drop. Its scratch files (upstream
+/// keeps a SQLite event log in the temp dir and leaves it behind) and its log go to a
+/// directory of its own, removed on drop; the log's tail is shown if it fails to start.
+pub struct PythonServer {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+    dir: PathBuf,
+}
+
+impl PythonServer {
+    /// Starts it and waits (up to 90 s) until it is ready.
+    pub fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let python = python_server_interpreter();
+        let dir = std::env::temp_dir().join(format!("hypha-py-server-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let log = std::fs::File::create(dir.join("server.log")).expect("server log");
+        let child = Command::new(&python)
+            .args(["-m", "hypha.server", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .env("JWT_SECRET", CLIENT_SECRET)
+            .env("TMPDIR", &dir)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("server log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the Python server with {}: {e}", python.display()));
+        let mut server = PythonServer { child, url: format!("http://127.0.0.1:{port}"), dir };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !ready(port) {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("the Python server exited during start-up: {status}\n{}", server.log_tail());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Python server was not ready within 90 s\n{}",
+                server.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        server
+    }
+
+    /// The last 30 lines of its log.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for PythonServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `GET /health/readiness` answers 200.
+pub fn ready(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let req =
+        format!("GET /health/readiness HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+}
