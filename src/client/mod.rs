@@ -365,6 +365,13 @@ mod tests {
         check::<RemoteService>();
         check::<RemoteFunction>();
         check::<ClientConfig>();
+        check::<Interface>();
+        check::<RemoteInterface>();
+        check::<EventSubscription>();
+        fn check_send<T: Send>() {}
+        check_send::<RemoteGenerator>();
+        check_send::<TypedGenerator<i64>>();
+        check_send::<EventStream>();
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!
 //! Every subscriber has its own bounded queue (its capacity is chosen at subscription).
 //! The registry never waits for a subscriber: when a queue is full the new event is
-//! **dropped for that subscriber only**, its drop counter ([`Subscription::dropped`])
+//! **dropped for that subscriber only**, its drop counter ([`Counters::dropped`])
 //! grows, and a warning is logged on the first drop of a run of drops. Slow handlers thus
 //! lose events instead of stalling RPC traffic or growing memory without bound; other
 //! subscribers and calls are unaffected. Order is preserved for the events a subscriber

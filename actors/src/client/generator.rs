@@ -23,8 +23,8 @@
 //!
 //! * **exhausted**: the stream ends; the actor answers `stop_iteration`, the endpoint
 //!   removes both session entries, and the actor stops;
-//! * **closed by the peer**: `S.oid:close` arrives ([`Event::GeneratorClose`]
-//!   (hypha_core::endpoint::Event::GeneratorClose)); the endpoint has already answered
+//! * **closed by the peer**: `S.oid:close` arrives
+//!   ([`Event::GeneratorClose`](hypha_core::endpoint::Event::GeneratorClose)); the endpoint has already answered
 //!   and removed the entries, the registry sends [`CloseGenerator`];
 //! * **caller gone, session collected, connection closed**: the endpoint drops the session
 //!   entries (the peer's `client_disconnected`, the session sweep, `disconnect()`), which
