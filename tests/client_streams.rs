@@ -75,6 +75,14 @@ fn streams_service(dropped: Arc<AtomicUsize>) -> Service {
                 }))
             }
         })
+        .function("explode", || async move {
+            generator(stream::iter(0_i64..3).map(|i| {
+                if i == 1 {
+                    panic!("stream kaboom");
+                }
+                Ok::<_, Error>(i)
+            }))
+        })
         .function("words", |text: String| async move {
             let words: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
             generator(stream::iter(words.into_iter().map(Ok::<_, Error>)))
@@ -211,6 +219,13 @@ async fn rust_generator_consumed_by_rust(url: &str) {
     assert_eq!(got, vec![0, 1, 2]);
     assert!(err.remote_message().is_some_and(|m| m.contains("rust stream failed")), "{err:?}");
     assert!(g.next().await.is_none(), "the stream ends after its error");
+
+    // A stream that panics: its item becomes an error, the provider keeps serving.
+    let mut g = svc.call_generator("explode", vec![]).await.expect("explode");
+    assert_eq!(g.next().await.expect("first").expect("ok"), Value::from(0));
+    let err = g.next().await.expect("the panic").expect_err("an error");
+    assert!(err.to_string().contains("stream kaboom"), "{err}");
+    assert!(g.next().await.is_none());
 
     // Closed early with close(), and by drop: the producer's stream is dropped both times.
     let mut g = svc.call_generator("endless", vec![]).await.expect("endless");

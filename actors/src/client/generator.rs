@@ -214,3 +214,49 @@ pub(super) fn on_close(handler: &CoreHandler) {
         handle.addr.do_send(CloseGenerator);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    struct DropFlag(Arc<AtomicUsize>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The endpoint dropping a generator's entries (caller gone, session collected,
+    /// disconnect) drops the last handle: the actor stops and the stream is dropped.
+    #[actix_rt::test]
+    async fn dropping_the_last_handle_drops_the_stream() {
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let guard = DropFlag(dropped.clone());
+        let stream = futures_util::stream::iter(0..).map(move |i: i64| {
+            let _held = &guard;
+            Ok::<_, Error>(Value::from(i))
+        });
+        let value = local_generator(stream.boxed_local()).expect("generator");
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(dropped.load(Ordering::SeqCst), 0, "alive while the value exists");
+        drop(value);
+        for _ in 0..100 {
+            if dropped.load(Ordering::SeqCst) == 1 {
+                return;
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the stream was not dropped");
+    }
+
+    #[test]
+    fn no_arbiter_is_an_error() {
+        let err = local_generator(futures_util::stream::empty().boxed_local()).expect_err("no arbiter");
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+    }
+}

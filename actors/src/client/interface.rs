@@ -147,3 +147,31 @@ impl Handler<UnregisterInterface> for SessionRegistry {
 pub fn member_handler(actor: &Addr<InterfaceActor>, func: DynFunction) -> LocalHandler {
     LocalHandler { service: None, func: forwarding(actor.clone(), func) }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The actor lives while a forwarder (the `_rintf_` service's member, or the user's
+    /// object) holds it, and stops when the last one goes.
+    #[actix_rt::test]
+    async fn actor_stops_with_its_last_member() {
+        let actor = InterfaceActor::new("test").start();
+        let weak = actor.downgrade();
+        let func: DynFunction = Arc::new(|_inv: Invocation| Box::pin(async { Ok(Value::Nil) }));
+        let member = member_handler(&actor, func);
+        drop(actor);
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+        assert!(weak.upgrade().is_some(), "alive while a member holds it");
+        drop(member);
+        for _ in 0..100 {
+            if weak.upgrade().is_none() {
+                return;
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the interface actor did not stop");
+    }
+}
