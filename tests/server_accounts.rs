@@ -609,3 +609,222 @@ async fn the_stock_python_login_gets_a_token_through_the_page_endpoints() {
     assert!(seen["login_url"].as_str().unwrap().starts_with(&format!("{url}/public/apps/hypha-login/?key=")));
     srv.stop().await.unwrap();
 }
+
+// --- a real browser -------------------------------------------------------------------------
+
+/// A headless Chromium driven over the W3C WebDriver protocol (Debian's `chromium` and
+/// `chromium-driver`; `scripts/test.sh` installs them). `HYPHA_CHROMEDRIVER` and
+/// `HYPHA_CHROMIUM` override the binaries.
+struct Browser {
+    driver: std::process::Child,
+    base: String,
+    session: String,
+    _profile: TempDir,
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    async fn start() -> Browser {
+        let driver_bin = std::env::var("HYPHA_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+        let chromium = std::env::var("HYPHA_CHROMIUM").unwrap_or_else(|_| {
+            ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+                .into_iter()
+                .find(|p| std::path::Path::new(p).exists())
+                .unwrap_or("chromium")
+                .to_owned()
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let driver = Command::new(&driver_bin)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {driver_bin} ({e}): install Debian's chromium and chromium-driver \
+                     (scripts/test.sh does it as root) or set HYPHA_CHROMEDRIVER"
+                )
+            });
+        let base = format!("http://127.0.0.1:{port}");
+        let profile = TempDir::new();
+        let mut browser = Browser { driver, base, session: String::new(), _profile: profile };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while awc::Client::new().get(format!("{}/status", browser.base)).send().await.is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not come up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         format!("--user-data-dir={}", browser._profile.0.display())],
+            },
+        }}});
+        let r = browser.cmd("POST", "/session", Some(caps)).await;
+        browser.session =
+            r["sessionId"].as_str().unwrap_or_else(|| panic!("no WebDriver session: {r}")).to_owned();
+        browser
+    }
+
+    async fn cmd(&self, method: &str, path: &str, body: Option<Json>) -> Json {
+        let url = if path == "/session" {
+            format!("{}/session", self.base)
+        } else {
+            format!("{}/session/{}{path}", self.base, self.session)
+        };
+        let r = send(method, &url, None, body).await;
+        let v = r.json();
+        assert_eq!(r.status, 200, "WebDriver {method} {path}: {v}");
+        v["value"].clone()
+    }
+
+    /// Ends the session (closing Chromium) before the driver is stopped.
+    async fn quit(mut self) {
+        self.cmd("DELETE", "", None).await;
+        self.session.clear();
+    }
+
+    async fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", Some(json!({"url": url}))).await;
+    }
+
+    async fn js(&self, script: &str) -> Json {
+        self.cmd("POST", "/execute/sync", Some(json!({"script": script, "args": []}))).await
+    }
+
+    async fn element(&self, css: &str) -> String {
+        let v = self.cmd("POST", "/element", Some(json!({"using": "css selector", "value": css}))).await;
+        v[ELEMENT].as_str().unwrap_or_else(|| panic!("no element {css}: {v}")).to_owned()
+    }
+
+    async fn click(&self, css: &str) {
+        let e = self.element(css).await;
+        self.cmd("POST", &format!("/element/{e}/click"), Some(json!({}))).await;
+    }
+
+    async fn fill(&self, css: &str, text: &str) {
+        let e = self.element(css).await;
+        self.cmd("POST", &format!("/element/{e}/clear"), Some(json!({}))).await;
+        self.cmd("POST", &format!("/element/{e}/value"), Some(json!({"text": text}))).await;
+    }
+
+    /// Polls `script` until it returns a truthy value (or panics after 20 s).
+    async fn wait_for(&self, what: &str, script: &str) -> Json {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = self.js(script).await;
+            if !(v.is_null() || v == json!(false) || v == json!("")) {
+                return v;
+            }
+            let status = self.js("return document.getElementById('status') && document.getElementById('status').textContent").await;
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; status: {status}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if !self.session.is_empty() {
+            let _ = std::process::Command::new("curl")
+                .args(["-s", "-X", "DELETE", &format!("{}/session/{}", self.base, self.session)])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn spawn_check(url: &str, key: &str) -> actix_rt::task::JoinHandle<Resp> {
+    let (url, key) = (url.to_owned(), key.to_owned());
+    actix_rt::spawn(async move { login_fn(&url, "check", json!({"key": key, "timeout": 60})).await })
+}
+
+#[actix_rt::test]
+async fn a_headless_chromium_signs_up_and_logs_in_on_the_served_page() {
+    let srv = start(builder());
+    let url = srv.url();
+    let browser = Browser::start().await;
+
+    // Sign-up for a key from start; the waiting check gets the token.
+    let started = login_fn(&url, "start", json!({})).await.json();
+    let check = spawn_check(&url, started["key"].as_str().unwrap());
+    browser.goto(started["login_url"].as_str().unwrap()).await;
+    let title = browser.cmd("GET", "/title", None).await;
+    assert!(title.as_str().unwrap().contains("Hypha Account"), "{title}");
+    browser.click("#tab-signup").await;
+    browser.fill("#signup-name", "Browser User").await;
+    browser.fill("#signup-email", "browser@example.com").await;
+    browser.fill("#signup-password", PASSWORD).await;
+    browser.click("#signup-submit").await;
+    let r = check.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let token = r.json().as_str().unwrap().to_owned();
+    let c = claims(&token);
+    assert_eq!(c["https://amun.ai/email"], json!("browser@example.com"));
+    let user_id = c["sub"].as_str().unwrap().to_owned();
+    browser
+        .wait_for("the logged-in status", "return document.getElementById('status').textContent.includes('Logged in as browser@example.com')")
+        .await;
+    let cookie = browser.js("return document.cookie").await;
+    assert!(cookie.as_str().unwrap().contains(&format!("access_token={token}")), "cookie: {cookie}");
+    assert_eq!(browser.js("return document.getElementById('profile-id').textContent").await, json!(user_id));
+
+    // Token generation on the page.
+    browser.fill("#gen-expires", "120").await;
+    browser.click("#generate-submit").await;
+    let generated = browser
+        .wait_for("a generated token", "return document.getElementById('generated-token').value")
+        .await;
+    let g = claims(generated.as_str().unwrap());
+    assert_eq!(g["https://amun.ai/parent"], json!(user_id));
+    assert_eq!(g["scope"], json!(format!("ws:ws-user-{user_id}#rw wid:ws-user-{user_id}")));
+    assert_eq!(g["exp"].as_i64().unwrap() - g["iat"].as_i64().unwrap(), 120);
+
+    // The token from check calls a protected service in the user's workspace.
+    let provider = connect_to_server(ClientConfig::new(&url).token(&token)).await.expect("connect");
+    provider.register_service(guarded_service("browser@example.com".into())).await.expect("register");
+    let call = format!("{url}/ws-user-{user_id}/services/guarded/whoami");
+    let r = send("GET", &call, Some(&token), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A second login for another key, with redirect: log out, a wrong password, then the
+    // right one; the browser ends at the redirect, which sees the cookie.
+    let started = login_fn(&url, "start", json!({})).await.json();
+    let check = spawn_check(&url, started["key"].as_str().unwrap());
+    let redirect = format!("{url}/assets/config.json");
+    browser
+        .goto(&format!("{}&redirect={}", started["login_url"].as_str().unwrap(), percent(&redirect)))
+        .await;
+    browser
+        .wait_for(
+            "continue as the cookie's user",
+            "return !document.getElementById('continue').classList.contains('hidden')",
+        )
+        .await;
+    browser.click("#logout").await;
+    assert_eq!(browser.js("return document.cookie.includes('access_token=')").await, json!(false));
+    browser.fill("#login-email", "browser@example.com").await;
+    browser.fill("#login-password", "not the password").await;
+    browser.click("#login-submit").await;
+    browser
+        .wait_for("the login error", "return document.getElementById('status').textContent.includes('Login failed: Invalid email or password')")
+        .await;
+    browser.fill("#login-password", PASSWORD).await;
+    browser.click("#login-submit").await;
+    let r = check.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(claims(r.json().as_str().unwrap())["sub"], json!(user_id));
+    browser.wait_for("the redirect", &format!("return window.location.href === {}", json!(redirect))).await;
+    let seen = browser.wait_for("the config", "return document.body.innerText").await;
+    let seen: Json = serde_json::from_str(seen.as_str().unwrap()).expect("config.json in the browser");
+    assert_eq!(seen["user"]["id"], json!(user_id), "the cookie identifies the user on HTTP routes");
+
+    browser.quit().await;
+    provider.disconnect().await.unwrap();
+    srv.stop().await.unwrap();
+}
