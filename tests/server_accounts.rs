@@ -265,6 +265,35 @@ async fn the_curl_flow_logs_a_user_in_and_authorizes_a_protected_service() {
     .await;
     assert_eq!(r.status, 403, "{}", r.text());
 
+    // 6. a workspace the user creates is hers: she mints tokens for it, bob cannot, and a
+    // client with her token for it joins it.
+    let ws = format!("alice-project-{}", &user_id[user_id.len() - 4..]);
+    provider
+        .call("create_workspace", vec![Value::Map(map! {"name" => ws.clone(), "description" => "alice's"})])
+        .await
+        .expect("create_workspace");
+    let gen = |t: Option<String>, ws: String| {
+        let url = url.clone();
+        async move {
+            send(
+                "POST",
+                &format!("{url}/public/services/ws/generate_token"),
+                t.as_deref(),
+                Some(json!({"config": {"workspace": ws}})),
+            )
+            .await
+        }
+    };
+    let r = gen(Some(token.clone()), ws.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ws_token = r.json().as_str().unwrap().to_owned();
+    assert_eq!(claims(&ws_token)["scope"], json!(format!("ws:{ws}#rw wid:{ws}")));
+    let member = connect_to_server(ClientConfig::new(&url).token(&ws_token)).await.expect("join");
+    assert_eq!(member.workspace(), ws);
+    member.disconnect().await.expect("disconnect");
+    let r = gen(bob["token"].as_str().map(str::to_owned), ws.clone()).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+
     provider.disconnect().await.expect("disconnect");
     srv.stop().await.expect("stop");
 }
