@@ -21,6 +21,19 @@ if [ ! -d tests/js/node_modules/hypha-rpc ] || [ tests/js/package-lock.json -nt 
   (cd tests/js && npm ci --no-audit --no-fund)
 fi
 
+step "headless chromium (Debian chromium + chromium-driver) for the login-page test"
+# tests/server_accounts.rs drives the served login page in a real browser over WebDriver.
+if ! command -v chromedriver >/dev/null || ! { command -v chromium >/dev/null || [ -n "${HYPHA_CHROMIUM:-}" ]; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+  else
+    echo "test.sh: chromium and chromedriver are missing; install them as root:" \
+         "apt-get install -y chromium chromium-driver (or set HYPHA_CHROMEDRIVER/HYPHA_CHROMIUM)" >&2
+    exit 1
+  fi
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

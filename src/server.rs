@@ -39,6 +39,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 use hypha_actors::server::ServerState;
 
+pub use hypha_actors::server::accounts::{Account, AccountError, AccountStore, NewAccount};
 pub use hypha_actors::server::config::{parse_origins, HttpRateLimits, StaticMount, HYPHA_VERSION};
 pub use hypha_actors::server::{ConfigError, ServerConfig};
 
@@ -211,6 +212,40 @@ impl ServerBuilder {
     /// is one top-level segment such as `/docs`. Checked by [`ServerBuilder::build`].
     pub fn static_mount(mut self, path: impl Into<String>, dir: impl Into<std::path::PathBuf>) -> Self {
         self.config.static_mounts.push(StaticMount::new(path, dir));
+        self
+    }
+
+    /// Keeps the server's files (the account database `accounts.sqlite3`) in `dir`,
+    /// created on first use (`--data-dir`). Without it accounts live in memory and die
+    /// with the process.
+    pub fn data_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.config.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Keeps accounts in memory only (the default; undoes [`ServerBuilder::data_dir`]).
+    pub fn in_memory_accounts(mut self) -> Self {
+        self.config.data_dir = None;
+        self
+    }
+
+    /// Whether the login page lets anyone create an account (default: yes; the binary's
+    /// `--no-signup` turns it off).
+    pub fn allow_signup(mut self, allow: bool) -> Self {
+        self.config.allow_signup = allow;
+        self
+    }
+
+    /// How long a login session of `hypha-login` waits for the browser (180 s, upstream's
+    /// `MAXIMUM_LOGIN_TIME`).
+    pub fn max_login_time(mut self, ttl: Duration) -> Self {
+        self.config.max_login_time = ttl;
+        self
+    }
+
+    /// Lifetime of the tokens a password login on the login page issues (24 h).
+    pub fn login_token_life_time(mut self, life: Duration) -> Self {
+        self.config.login_token_life_time = life;
         self
     }
 

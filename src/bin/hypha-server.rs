@@ -6,18 +6,34 @@
 //! `RUST_LOG` (tracing filter syntax) or `HYPHA_LOGLEVEL` (`DEBUG`, `INFO`, `WARNING`,
 //! `ERROR`); the default shows warnings plus this binary's start and stop lines.
 //! SIGTERM or SIGINT shut down gracefully: clients get close code 1001 and reconnect.
+//!
+//! Local accounts (the login page's) live in `--data-dir` (default `./hypha-data`);
+//! `hypha-server user add --email E --password-stdin [--name N] [--admin]` and
+//! `hypha-server user list` manage them, also while a server runs on the same directory.
 
+use std::io::Read;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
-use hypha_rpc::server::{HttpRateLimits, Server, StaticMount};
+use clap::{Parser, Subcommand};
+use hypha_rpc::server::{AccountStore, HttpRateLimits, NewAccount, Server, StaticMount};
 use tracing_subscriber::EnvFilter;
 
 /// Command-line arguments.
 #[derive(Debug, Parser)]
 #[command(name = "hypha-server", version, about = "Hypha RPC server (wire-compatible with hypha 0.21)")]
 struct Args {
+    /// What to do (default: run the server).
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Directory for the server's files (the account database `accounts.sqlite3`),
+    /// created on first run.
+    #[arg(long, env = "HYPHA_DATA_DIR", default_value = "./hypha-data", global = true)]
+    data_dir: PathBuf,
+    /// Closes sign-up on the login page: only `hypha-server user add` creates accounts.
+    #[arg(long, env = "HYPHA_NO_SIGNUP")]
+    no_signup: bool,
     /// Address to bind.
     #[arg(long, env = "HYPHA_HOST", default_value = "127.0.0.1")]
     host: String,
@@ -87,6 +103,85 @@ struct Args {
     workers: Option<usize>,
 }
 
+/// Subcommands besides running the server.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage the local user accounts in --data-dir.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+/// `hypha-server user ...`.
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Create an account; the password is read from standard input (never from the
+    /// command line, where other users could see it).
+    Add {
+        /// Login email.
+        #[arg(long)]
+        email: String,
+        /// Read the password from standard input (required).
+        #[arg(long)]
+        password_stdin: bool,
+        /// Display name (default: the email's local part).
+        #[arg(long)]
+        name: Option<String>,
+        /// Give the account the `admin` role (admin of every workspace).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List the accounts (id, email, name, roles).
+    List {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a `user` subcommand against the store in `data_dir`.
+fn user_command(data_dir: &std::path::Path, cmd: UserCommand) -> Result<(), Box<dyn std::error::Error>> {
+    let store = AccountStore::open(data_dir)?;
+    match cmd {
+        UserCommand::Add { email, password_stdin, name, admin } => {
+            if !password_stdin {
+                return Err("give the password on standard input with --password-stdin \
+                            (it is never taken from the command line)"
+                    .into());
+            }
+            let mut password = String::new();
+            std::io::stdin().read_to_string(&mut password)?;
+            let password = password.trim_end_matches(['\n', '\r']).to_owned();
+            let account = store.create(&NewAccount { email, password, name, admin })?;
+            println!(
+                "created user {} <{}>{} (workspace {})",
+                account.id,
+                account.email,
+                if account.is_admin() { " with role admin" } else { "" },
+                account.workspace()
+            );
+        }
+        UserCommand::List { json } => {
+            let accounts = store.list()?;
+            if json {
+                let rows: Vec<serde_json::Value> = accounts
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({"id": a.id, "email": a.email, "name": a.name,
+                                           "roles": a.roles, "created_at": a.created_at})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!("id\temail\tname\troles");
+                for a in accounts {
+                    println!("{}\t{}\t{}\t{}", a.id, a.email, a.name, a.roles.join(","));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.trim().parse().map_err(|e| format!("not a number of seconds: {e}"))?;
     Duration::try_from_secs_f64(secs).map_err(|e| format!("not a valid duration: {e}"))
@@ -113,7 +208,7 @@ fn log_filter() -> EnvFilter {
 }
 
 fn build(args: Args) -> Result<Server, Box<dyn std::error::Error>> {
-    let mut b = Server::builder();
+    let mut b = Server::builder().data_dir(args.data_dir).allow_signup(!args.no_signup);
     if let Some(secret) = std::env::var("HYPHA_JWT_SECRET").ok().or_else(|| std::env::var("JWT_SECRET").ok())
     {
         if !secret.is_empty() {
@@ -180,8 +275,17 @@ fn build(args: Args) -> Result<Server, Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     tracing_subscriber::fmt().with_env_filter(log_filter()).with_writer(std::io::stderr).init();
+    if let Some(Command::User(cmd)) = args.command.take() {
+        return match user_command(&args.data_dir, cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (host, port) = (args.host.clone(), args.port);
     let server = match build(args) {
         Ok(s) => s,

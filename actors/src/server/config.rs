@@ -53,6 +53,9 @@ pub enum ConfigError {
         /// Why it was refused (upstream's wording where it has one).
         reason: String,
     },
+    /// The account database cannot be opened.
+    #[error(transparent)]
+    Accounts(#[from] super::accounts::AccountError),
     /// An `--allow-origins` entry is empty or not a valid header value.
     #[error("invalid CORS origin {0:?}")]
     InvalidOrigin(String),
@@ -181,6 +184,21 @@ pub struct ServerConfig {
     /// Most services one client may register besides its `built-in`
     /// (`HYPHA_MAX_SERVICES_PER_CLIENT`, 1000): registry records live in memory.
     pub max_services_per_client: usize,
+    /// Where the server keeps its files (`--data-dir`): the account database
+    /// `accounts.sqlite3` lives here. `None` keeps accounts in memory (they die with the
+    /// process): the library default, so tests and embedders leave no files behind; the
+    /// `hypha-server` binary defaults to `./hypha-data`.
+    pub data_dir: Option<PathBuf>,
+    /// Whether anyone may create an account on the login page (`--no-signup` turns it
+    /// off; administrators then add users with `hypha-server user add`). Open by default,
+    /// as upstream's hosted login is.
+    pub allow_signup: bool,
+    /// Lifetime of the tokens the login page issues on a password login (24 h, as
+    /// upstream's local auth).
+    pub login_token_life_time: Duration,
+    /// How long a login session (`start`'s key) waits for its report, and how long a
+    /// reported one waits for `check` (upstream's `MAXIMUM_LOGIN_TIME`, 180 s).
+    pub max_login_time: Duration,
 }
 
 impl Default for ServerConfig {
@@ -209,6 +227,10 @@ impl Default for ServerConfig {
             max_concurrent_handshakes: 10,
             handshake_admission_timeout: Duration::from_secs(30),
             max_services_per_client: 1000,
+            data_dir: None,
+            allow_signup: true,
+            login_token_life_time: Duration::from_secs(24 * 3600),
+            max_login_time: Duration::from_secs(180),
         }
     }
 }
@@ -240,6 +262,10 @@ impl fmt::Debug for ServerConfig {
             .field("max_concurrent_handshakes", &self.max_concurrent_handshakes)
             .field("handshake_admission_timeout", &self.handshake_admission_timeout)
             .field("max_services_per_client", &self.max_services_per_client)
+            .field("data_dir", &self.data_dir)
+            .field("allow_signup", &self.allow_signup)
+            .field("login_token_life_time", &self.login_token_life_time)
+            .field("max_login_time", &self.max_login_time)
             .finish()
     }
 }

@@ -8,16 +8,19 @@
 //!
 //! * `start(workspace=None, expires_in=None)` opens a login session (a random key, kept
 //!   [`MAXIMUM_LOGIN_TIME`]) and returns the URLs of the page and of `report`/`check`;
-//! * the page (`/public/apps/hypha-login/?key=K`) lets the user hand over a token, which it
-//!   sends to `report(key, token, ...)`; `report` only accepts tokens this server can
-//!   verify (and re-signs one for `workspace` when asked);
+//! * the page (`/public/apps/hypha-login/?key=K`) signs the user up or in with a local
+//!   account ([`super::accounts`], through this service's `signup` and `login`, the two
+//!   functions upstream's `--enable-local-auth` adds), then sends the user's token to
+//!   `report(key, token, ...)` as upstream's page does, keeps it in the `access_token`
+//!   cookie, follows `redirect` and generates tokens; `report` only accepts tokens this
+//!   server can verify (and re-signs one for `workspace` when asked);
 //! * `check(key, timeout=180, profile=False)` waits for the report and returns the token
 //!   (or the whole record). The endpoint heartbeats the caller while it waits, so a long
 //!   `check` outlives the caller's own method timeout.
 //!
-//! The page is a plain form (no identity provider is wired in): paste a token issued by
-//! this server, e.g. one from `generate_token`. Login sessions live in memory, bounded in
-//! number ([`MAX_LOGIN_SESSIONS`]).
+//! The page is plain HTML with a small inline script that only calls this server's HTTP
+//! routes (no CDN). Login sessions live in memory, bounded in number
+//! ([`MAX_LOGIN_SESSIONS`]); accounts live in the account store.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +38,7 @@ use hypha_core::session::{SessionConfig, BUILTIN_SERVICE_ID};
 use hypha_core::value::{Handler as FnHandler, Map, Value};
 use serde_json::{json, Value as Json};
 
+use super::accounts::{Account, AccountError, NewAccount};
 use super::manager::{bind, opt, p, p_default, unix_now, Args, ManagerError};
 use super::peer::NativePeer;
 use super::registry::ServiceRecord;
@@ -43,7 +47,8 @@ use super::ServerState;
 
 /// The service id.
 pub const LOGIN_SERVICE_ID: &str = "hypha-login";
-/// How long a login session waits for its report (upstream `MAXIMUM_LOGIN_TIME`).
+/// How long a login session waits for its report (upstream `MAXIMUM_LOGIN_TIME`; the
+/// default of `ServerConfig::max_login_time`), and `check`'s default timeout.
 pub const MAXIMUM_LOGIN_TIME: Duration = Duration::from_secs(180);
 /// Most login sessions open at once.
 pub const MAX_LOGIN_SESSIONS: usize = 10_000;
@@ -108,10 +113,20 @@ enum LoginFn {
     Index,
     Profile,
     Logout,
+    Signup,
+    Login,
 }
 
-const FUNCTIONS: [LoginFn; 6] =
-    [LoginFn::Start, LoginFn::Check, LoginFn::Report, LoginFn::Index, LoginFn::Profile, LoginFn::Logout];
+const FUNCTIONS: [LoginFn; 8] = [
+    LoginFn::Start,
+    LoginFn::Check,
+    LoginFn::Report,
+    LoginFn::Index,
+    LoginFn::Profile,
+    LoginFn::Logout,
+    LoginFn::Signup,
+    LoginFn::Login,
+];
 
 fn signature(f: LoginFn) -> (&'static str, &'static str, Vec<Param>) {
     use ParamType::{Any, Boolean, Number, Object, String as Str};
@@ -165,6 +180,24 @@ fn signature(f: LoginFn) -> (&'static str, &'static str, Vec<Param>) {
             "The URL that logs the browser out.",
             vec![p_default("config", opt(Object(None)), Json::Null, "Options")],
         ),
+        LoginFn::Signup => (
+            "signup",
+            "Create a local account (unless the server runs with --no-signup).",
+            vec![
+                text("name", "Display name (default: the email's local part)"),
+                p("email", Str, "Login email"),
+                p("password", Str, "Password (at least 8 characters)"),
+            ],
+        ),
+        LoginFn::Login => (
+            "login",
+            "Log in with a local account; returns a token for the user.",
+            vec![
+                p("email", Str, "Login email"),
+                p("password", Str, "Password"),
+                p_default("expires_in", opt(Number), Json::Null, "Token lifetime in seconds (default 24 h)"),
+            ],
+        ),
     }
 }
 
@@ -176,10 +209,19 @@ fn given(v: Value) -> Value {
     }
 }
 
-/// The login page: a form that sends a token to `report` (placeholders filled in).
-pub fn login_page(public_url: &str) -> String {
-    let report = format!("{public_url}/public/services/{LOGIN_SERVICE_ID}/report");
-    LOGIN_PAGE.replace("__REPORT_URL__", &report)
+/// The login page (placeholders filled in): sign up and log in with a local account,
+/// report the token to a waiting `check`, keep it in the `access_token` cookie, follow
+/// `redirect`, and generate tokens. Plain HTML and a small inline script that only talks
+/// to this server's own HTTP endpoints (no CDN); every value that comes from a user is
+/// put into the page with `textContent`, never as HTML.
+pub fn login_page(public_url: &str, allow_signup: bool) -> String {
+    // As JS string literals: the URL is configuration, but it must not be able to end the
+    // string or the script.
+    let js = |s: String| Json::String(s).to_string().replace("</", "<\\/");
+    LOGIN_PAGE
+        .replace("__SERVICE_URL__", &js(format!("{public_url}/public/services/{LOGIN_SERVICE_ID}")))
+        .replace("__GENERATE_URL__", &js(format!("{public_url}/public/services/ws/generate_token")))
+        .replace("__SIGNUP__", if allow_signup { "true" } else { "false" })
 }
 
 const LOGIN_PAGE: &str = r#"<!DOCTYPE html>
@@ -189,44 +231,297 @@ const LOGIN_PAGE: &str = r#"<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Hypha Account</title>
 <style>
-body { font-family: sans-serif; max-width: 36em; margin: 3em auto; padding: 0 1em; }
-textarea { width: 100%; height: 8em; }
-#status { margin-top: 1em; }
+body { font-family: system-ui, sans-serif; max-width: 36em; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; }
+fieldset { border: 1px solid #ccc; border-radius: 6px; margin: 1em 0; padding: 1em; }
+label { display: block; margin: .5em 0; }
+input, select { width: 100%; padding: .4em; box-sizing: border-box; }
+button { padding: .5em 1.2em; margin-top: .5em; cursor: pointer; }
+textarea { width: 100%; height: 7em; box-sizing: border-box; font-family: monospace; font-size: .8em; }
+.tabs button { margin-right: .5em; }
+.tabs button.active { font-weight: bold; }
+#status { margin: 1em 0; padding: .6em; border-radius: 4px; display: none; }
+#status.ok { display: block; background: #e6f4ea; }
+#status.error { display: block; background: #fde8e8; }
+.hidden { display: none; }
+dt { font-weight: bold; } dd { margin: 0 0 .5em 0; word-break: break-all; }
 </style>
 </head>
 <body>
 <h1>Hypha Account</h1>
-<p>Paste a token issued by this server (for example one made with <code>generate_token()</code>)
-to complete the login of the waiting client.</p>
-<form id="login">
-<textarea id="token" placeholder="token" required></textarea>
-<p><label>Email (optional) <input id="email" type="email"></label></p>
-<button type="submit">Log in</button>
-</form>
-<div id="status"></div>
+<div id="status" role="status"></div>
+
+<div id="auth">
+  <div class="tabs">
+    <button id="tab-login" class="active" type="button">Log in</button>
+    <button id="tab-signup" type="button">Sign up</button>
+  </div>
+  <form id="login-form">
+    <fieldset>
+      <legend>Log in</legend>
+      <label>Email <input id="login-email" type="email" autocomplete="username" required></label>
+      <label>Password <input id="login-password" type="password" autocomplete="current-password" required></label>
+      <button id="login-submit" type="submit">Log in</button>
+    </fieldset>
+  </form>
+  <form id="signup-form" class="hidden">
+    <fieldset>
+      <legend>Create an account</legend>
+      <label>Name <input id="signup-name" type="text" autocomplete="name"></label>
+      <label>Email <input id="signup-email" type="email" autocomplete="username" required></label>
+      <label>Password (at least 8 characters)
+        <input id="signup-password" type="password" autocomplete="new-password" minlength="8" required></label>
+      <button id="signup-submit" type="submit">Sign up</button>
+    </fieldset>
+  </form>
+  <p id="signup-closed" class="hidden">Sign-up is disabled on this server: ask an administrator for an account.</p>
+</div>
+
+<div id="profile" class="hidden">
+  <fieldset>
+    <legend>Logged in</legend>
+    <dl>
+      <dt>Name</dt><dd id="profile-name"></dd>
+      <dt>Email</dt><dd id="profile-email"></dd>
+      <dt>User id</dt><dd id="profile-id"></dd>
+      <dt>Workspace</dt><dd id="profile-workspace"></dd>
+    </dl>
+    <button id="continue" type="button" class="hidden">Continue</button>
+    <button id="logout" type="button">Log out</button>
+  </fieldset>
+  <form id="generate-form">
+    <fieldset>
+      <legend>Generate a token</legend>
+      <label>Workspace <input id="gen-workspace" type="text"></label>
+      <label>Expires in (seconds) <input id="gen-expires" type="number" min="1" value="3600"></label>
+      <label>Permission
+        <select id="gen-permission">
+          <option value="read">read</option>
+          <option value="read_write" selected>read_write</option>
+          <option value="admin">admin</option>
+        </select></label>
+      <button id="generate-submit" type="submit">Generate token</button>
+      <label>Token <textarea id="generated-token" readonly></textarea></label>
+    </fieldset>
+  </form>
+</div>
+
 <script>
-const params = new URLSearchParams(window.location.search);
-const key = params.get("key");
-const status = document.getElementById("status");
-if (!key) { status.textContent = "This page needs a login key (?key=...)."; }
-document.getElementById("login").addEventListener("submit", async (e) => {
-  e.preventDefault();
-  const q = new URLSearchParams({
-    key: key || "",
-    token: document.getElementById("token").value.trim(),
-    workspace: params.get("workspace") || "",
-    expires_in: params.get("expires_in") || "",
-    email: document.getElementById("email").value.trim(),
-  });
-  const r = await fetch("__REPORT_URL__?" + q.toString());
-  if (r.ok) {
-    status.textContent = "Logged in: you can close this window.";
-    if (params.get("redirect")) { window.location = params.get("redirect"); }
-  } else {
-    const body = await r.json().catch(() => ({}));
-    status.textContent = "Login failed: " + (body.detail || r.status);
+(function () {
+  "use strict";
+  const SERVICE_URL = __SERVICE_URL__;
+  const GENERATE_URL = __GENERATE_URL__;
+  const SIGNUP_OPEN = __SIGNUP__;
+  const params = new URLSearchParams(window.location.search);
+  const key = params.get("key");
+  const $ = (id) => document.getElementById(id);
+  let session = null; // {token, user_id, email, name, workspace}
+
+  function show(text, ok) {
+    const s = $("status");
+    s.textContent = text;
+    s.className = ok ? "ok" : "error";
   }
-});
+
+  // "RemoteException: PermissionError: Invalid email or password" -> the message.
+  function reason(body, status) {
+    const d = body && body.detail;
+    if (typeof d !== "string") return "HTTP " + status;
+    return d.replace(/^RemoteException: /, "").replace(/^[A-Za-z]*Error: /, "");
+  }
+
+  async function post(fn, args) {
+    const r = await fetch(SERVICE_URL + "/" + fn, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(args),
+    });
+    const body = await r.json().catch(() => null);
+    if (!r.ok) throw new Error(reason(body, r.status));
+    return body;
+  }
+
+  function claims(token) {
+    try {
+      const b = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+      return JSON.parse(decodeURIComponent(Array.from(atob(b), (c) =>
+        "%" + ("00" + c.charCodeAt(0).toString(16)).slice(-2)).join("")));
+    } catch (e) { return null; }
+  }
+
+  function readCookie() {
+    const m = document.cookie.split(";").map((c) => c.trim()).find((c) => c.startsWith("access_token="));
+    return m ? m.substring("access_token=".length) : null;
+  }
+
+  function setCookie(token) {
+    const c = claims(token);
+    const maxAge = c && c.exp ? Math.max(0, c.exp - Math.floor(Date.now() / 1000)) : 3600;
+    document.cookie = "access_token=" + token + "; path=/; max-age=" + maxAge + "; samesite=lax";
+  }
+
+  function clearCookie() {
+    document.cookie = "access_token=; path=/; max-age=0; samesite=lax";
+  }
+
+  // Only http(s) URLs and same-site paths: never a javascript: URL.
+  function safeRedirect() {
+    const r = params.get("redirect");
+    if (!r) return null;
+    try {
+      const u = new URL(r, window.location.href);
+      return u.protocol === "http:" || u.protocol === "https:" ? u.href : null;
+    } catch (e) { return null; }
+  }
+
+  function showProfile() {
+    $("auth").classList.add("hidden");
+    $("profile").classList.remove("hidden");
+    $("profile-name").textContent = session.name || "";
+    $("profile-email").textContent = session.email || "";
+    $("profile-id").textContent = session.user_id || "";
+    $("profile-workspace").textContent = session.workspace || "";
+    $("gen-workspace").value = session.workspace || "";
+  }
+
+  async function generate(config) {
+    const r = await fetch(GENERATE_URL, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "Authorization": "Bearer " + session.token },
+      body: JSON.stringify({ config: config }),
+    });
+    const body = await r.json().catch(() => null);
+    if (!r.ok) throw new Error(reason(body, r.status));
+    return body;
+  }
+
+  // Hands the token to the client waiting in check(key), as upstream's page does.
+  async function report() {
+    let token = session.token;
+    const ws = params.get("workspace") || "";
+    const expiresIn = params.get("expires_in") || "";
+    if (ws) {
+      // The HTTP proxy does not pass `workspace` on, so ask for a token bound to it here.
+      const config = { workspace: ws };
+      if (expiresIn) config.expires_in = Number(expiresIn);
+      token = await generate(config);
+    }
+    const q = new URLSearchParams({
+      key: key, token: token, workspace: ws, expires_in: expiresIn,
+      email: session.email || "", email_verified: "", name: session.name || "",
+      nickname: session.name || "", user_id: session.user_id || "", picture: "",
+    });
+    const r = await fetch(SERVICE_URL + "/report?" + q.toString());
+    if (!r.ok) {
+      const body = await r.json().catch(() => null);
+      throw new Error("Failed to report the login: " + reason(body, r.status));
+    }
+  }
+
+  async function finish() {
+    showProfile();
+    if (key) {
+      await report();
+      show("Logged in as " + session.email + ": the waiting client has its token. You can close this window.", true);
+    } else {
+      show("Logged in as " + session.email + ".", true);
+    }
+    const to = safeRedirect();
+    if (to) {
+      setTimeout(() => { window.location.href = to; }, 500);
+    } else if (key) {
+      setTimeout(() => { window.close(); }, 1500);
+    }
+  }
+
+  async function logIn(email, password) {
+    const res = await post("login", { email: email, password: password });
+    session = res;
+    setCookie(res.token);
+    await finish();
+  }
+
+  function selectTab(signup) {
+    $("login-form").classList.toggle("hidden", signup);
+    $("signup-form").classList.toggle("hidden", !signup || !SIGNUP_OPEN);
+    $("signup-closed").classList.toggle("hidden", !signup || SIGNUP_OPEN);
+    $("tab-login").classList.toggle("active", !signup);
+    $("tab-signup").classList.toggle("active", signup);
+  }
+  $("tab-login").addEventListener("click", () => selectTab(false));
+  $("tab-signup").addEventListener("click", () => selectTab(true));
+  if (!SIGNUP_OPEN) $("tab-signup").textContent = "Sign up (closed)";
+
+  $("login-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    show("Logging in...", true);
+    try {
+      await logIn($("login-email").value.trim(), $("login-password").value);
+    } catch (err) {
+      show("Login failed: " + err.message, false);
+    }
+  });
+
+  $("signup-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const email = $("signup-email").value.trim();
+    const password = $("signup-password").value;
+    show("Creating the account...", true);
+    try {
+      await post("signup", { name: $("signup-name").value.trim() || null, email: email, password: password });
+      await logIn(email, password);
+    } catch (err) {
+      show("Sign-up failed: " + err.message, false);
+    }
+  });
+
+  $("generate-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const config = {
+      workspace: $("gen-workspace").value.trim() || undefined,
+      expires_in: Number($("gen-expires").value) || 3600,
+      permission: $("gen-permission").value,
+    };
+    try {
+      $("generated-token").value = await generate(config);
+      show("New token generated.", true);
+    } catch (err) {
+      show("Failed to generate a token: " + err.message, false);
+    }
+  });
+
+  $("continue").addEventListener("click", async () => {
+    try { await finish(); } catch (err) { show(err.message, false); }
+  });
+
+  $("logout").addEventListener("click", () => {
+    clearCookie();
+    session = null;
+    $("profile").classList.add("hidden");
+    $("auth").classList.remove("hidden");
+    show("Logged out.", true);
+  });
+
+  if (params.get("logout") === "true") {
+    clearCookie();
+    show("Logged out.", true);
+    if (params.get("close") === "true") setTimeout(() => { window.close(); }, 500);
+  } else {
+    // Already logged in (cookie): offer to continue as that user.
+    const token = readCookie();
+    const c = token && claims(token);
+    if (c && c.exp > Date.now() / 1000 && !(c["https://amun.ai/roles"] || []).includes("anonymous")) {
+      session = { token: token, user_id: c.sub, email: c["https://amun.ai/email"] || "",
+                  name: "", workspace: "ws-user-" + c.sub };
+      showProfile();
+      if (key) {
+        $("continue").textContent = "Continue as " + (session.email || session.user_id);
+        $("continue").classList.remove("hidden");
+      }
+    }
+  }
+  if (!key) show("No login session: log in to see your account and generate tokens.", true);
+})();
 </script>
 </body>
 </html>
@@ -260,7 +555,9 @@ pub fn configure(state: Arc<ServerState>, layer: &super::layer::HttpLayer, cfg: 
                 let origin =
                     req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()).unwrap_or("*").to_owned();
                 let resp = match path.trim_matches('/') {
-                    "" | "index" => HttpResponse::Ok().content_type("text/html").body(login_page(&public)),
+                    "" | "index" => HttpResponse::Ok()
+                        .content_type("text/html")
+                        .body(login_page(&public, state.config.allow_signup)),
                     "profile" => HttpResponse::Found()
                         .insert_header((header::LOCATION, format!("{public}/public/apps/{LOGIN_SERVICE_ID}")))
                         .body("Redirecting to profile page..."),
@@ -397,7 +694,11 @@ impl LoginService {
         let result = match f {
             LoginFn::Start => self.start_session(&mut a, &public),
             LoginFn::Report => self.report(&mut a),
-            LoginFn::Index => Ok(http_result(200, "text/html", Value::from(login_page(&public)))),
+            LoginFn::Index => Ok(http_result(
+                200,
+                "text/html",
+                Value::from(login_page(&public, self.state.config.allow_signup)),
+            )),
             LoginFn::Profile => {
                 let mut r = http_result(302, "text/plain", Value::from("Redirecting to profile page..."));
                 if let Some(Value::Map(h)) = r.as_map_mut().and_then(|m| m.get_mut("headers")) {
@@ -413,6 +714,8 @@ impl LoginService {
                 Ok(Value::Map([("logout_url".to_owned(), Value::from(url))].into_iter().collect()))
             }
             LoginFn::Check => return self.check(ctx, &mut a, reply),
+            LoginFn::Signup => return self.signup(ctx, &mut a, reply),
+            LoginFn::Login => return self.password_login(ctx, &mut a, reply),
         };
         self.reply(reply, result);
     }
@@ -421,14 +724,12 @@ impl LoginService {
         let workspace = a.opt_string(0, "workspace")?.filter(|w| !w.is_empty());
         let expires_in = given(a.take(1)).as_f64();
         let key = random_id();
+        let ttl = self.state.config.max_login_time;
         let stored = self.sessions.with(|m| {
             if m.len() >= MAX_LOGIN_SESSIONS {
                 return false;
             }
-            m.insert(
-                key.clone(),
-                LoginSession { expires: Instant::now() + MAXIMUM_LOGIN_TIME, record: None },
-            );
+            m.insert(key.clone(), LoginSession { expires: Instant::now() + ttl, record: None });
             true
         });
         if !stored {
@@ -508,7 +809,7 @@ impl LoginService {
         let stored = self.sessions.with(|m| match m.get_mut(&key) {
             Some(s) => {
                 s.record = Some(record);
-                s.expires = Instant::now() + MAXIMUM_LOGIN_TIME;
+                s.expires = Instant::now() + self.state.config.max_login_time;
                 true
             }
             None => false,
@@ -517,6 +818,75 @@ impl LoginService {
             return Err(ManagerError::Assertion("Invalid key, key does not exist or expired".into()));
         }
         Ok(Value::Nil)
+    }
+
+    /// `signup(name=None, email, password)`: creates a local account (hashing runs off
+    /// this actor; see [`super::accounts`]).
+    fn signup(&mut self, ctx: &mut Context<Self>, a: &mut Args, reply: ReplyTo) {
+        if !self.state.config.allow_signup {
+            return self.reply(reply, Err(ManagerError::Permission(SIGNUP_CLOSED.into())));
+        }
+        let parsed = (|| {
+            let name = a.opt_string(0, "name")?.filter(|n| !n.trim().is_empty());
+            Ok::<_, ManagerError>((name, a.string(1, "email")?, a.string(2, "password")?))
+        })();
+        let (name, email, password) = match parsed {
+            Ok(v) => v,
+            Err(e) => return self.reply(reply, Err(e)),
+        };
+        let accounts = self.state.accounts.clone();
+        let fut = async move { accounts.create(NewAccount { email, password, name, admin: false }).await };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            let result = res.map_err(account_error).map(|acc| {
+                tracing::info!(user = %acc.id, "account created on the login page");
+                let mut m = account_map(&acc);
+                m.shift_remove("token");
+                Value::Map(m)
+            });
+            act.reply(reply, result);
+            act.drive(ctx);
+        }));
+    }
+
+    /// `login(email, password, expires_in=None)`: checks the password and returns
+    /// `{success, token, user_id, email, name, workspace, expires_in}`; the token is a
+    /// generic one for the user (own workspace `ws-user-{id}` with `a`, no `wid`), like the
+    /// tokens of upstream's identity provider.
+    fn password_login(&mut self, ctx: &mut Context<Self>, a: &mut Args, reply: ReplyTo) {
+        let parsed = (|| Ok::<_, ManagerError>((a.string(0, "email")?, a.string(1, "password")?)))();
+        let (email, password) = match parsed {
+            Ok(v) => v,
+            Err(e) => return self.reply(reply, Err(e)),
+        };
+        let life = match given(a.take(2)) {
+            Value::Nil => self.state.config.login_token_life_time.as_secs_f64(),
+            v => match v.as_f64() {
+                Some(s) if s.is_finite() && s > 0.0 => s,
+                _ => {
+                    let e = ManagerError::Value("login(): expires_in must be a number of seconds > 0".into());
+                    return self.reply(reply, Err(e));
+                }
+            },
+        };
+        let accounts = self.state.accounts.clone();
+        let fut = async move { accounts.verify_password(email, password).await };
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            let result = res.map_err(account_error).and_then(|acc| {
+                let token = act
+                    .state
+                    .config
+                    .jwt
+                    .encode(&account_user(&acc), life, unix_now())
+                    .map_err(|e| ManagerError::Runtime(e.to_string()))?;
+                tracing::debug!(user = %acc.id, "password login");
+                let mut m = account_map(&acc);
+                m.insert("token".into(), Value::from(token));
+                m.insert("expires_in".into(), Value::from(life));
+                Ok(Value::Map(m))
+            });
+            act.reply(reply, result);
+            act.drive(ctx);
+        }));
     }
 
     fn check(&mut self, ctx: &mut Context<Self>, a: &mut Args, reply: ReplyTo) {
@@ -565,6 +935,52 @@ impl LoginService {
             act.reply(reply, res.map(result));
             act.drive(ctx);
         }));
+    }
+}
+
+/// What `signup` answers when the server runs with `--no-signup`.
+pub const SIGNUP_CLOSED: &str =
+    "Sign-up is disabled on this server; ask an administrator to create your account";
+
+/// The identity of an account's tokens: its id, roles and email, and `a` on its own
+/// workspace (the `admin` role adds `"*": "a"` when the token is parsed).
+pub fn account_user(acc: &Account) -> auth::UserInfo {
+    let mut user = auth::UserInfo::new(acc.id.clone());
+    user.roles = acc.roles.clone();
+    user.email = Some(acc.email.clone());
+    user.scope.workspaces.insert(acc.workspace(), Permission::Admin);
+    user
+}
+
+/// `{success: true, token: null, user_id, email, name, workspace}` (the shape of
+/// upstream's local-auth `login`; `token` is filled in by the caller).
+fn account_map(acc: &Account) -> Map {
+    let mut m = Map::new();
+    m.insert("success".into(), Value::Bool(true));
+    m.insert("token".into(), Value::Nil);
+    m.insert("user_id".into(), Value::from(acc.id.clone()));
+    m.insert("email".into(), Value::from(acc.email.clone()));
+    m.insert("name".into(), Value::from(acc.name.clone()));
+    m.insert("workspace".into(), Value::from(acc.workspace()));
+    m
+}
+
+/// The remote error for an account failure: bad input is a `ValueError`, bad credentials
+/// and closed sign-up a `PermissionError`; store faults are logged here and reported
+/// without their details.
+fn account_error(e: AccountError) -> ManagerError {
+    match e {
+        AccountError::InvalidCredentials => ManagerError::Permission(e.to_string()),
+        AccountError::EmailTaken
+        | AccountError::InvalidEmail
+        | AccountError::PasswordTooShort
+        | AccountError::PasswordTooLong
+        | AccountError::InvalidName => ManagerError::Value(e.to_string()),
+        AccountError::Busy => ManagerError::Runtime(e.to_string()),
+        AccountError::Open { .. } | AccountError::Database(_) | AccountError::Hash(_) => {
+            tracing::error!(error = %e, "account store failure");
+            ManagerError::Runtime("Internal error in the account store (see the server log)".into())
+        }
     }
 }
 
@@ -632,10 +1048,16 @@ mod tests {
 
     #[test]
     fn the_page_is_rendered_and_the_schemas_are_named() {
-        let page = login_page("http://h:1");
-        assert!(page.contains("Hypha Account"));
-        assert!(page.contains("http://h:1/public/services/hypha-login/report"));
-        assert!(!page.contains("__REPORT_URL__") && !page.contains("{{"));
+        let page = login_page("http://h:1", true);
+        assert!(page.contains("<title>Hypha Account</title>"));
+        assert!(page.contains(r#"SERVICE_URL = "http://h:1/public/services/hypha-login""#));
+        assert!(page.contains(r#"GENERATE_URL = "http://h:1/public/services/ws/generate_token""#));
+        assert!(page.contains("SIGNUP_OPEN = true;"));
+        assert!(login_page("http://h:1", false).contains("SIGNUP_OPEN = false;"));
+        assert!(!page.contains("__") && !page.contains("{{"), "no unrendered placeholders");
+        let evil = login_page("http://h\"</script><script>alert(1)//", true);
+        assert!(!evil.contains("</script><script>alert") && evil.contains(r#"http://h\"<\/script>"#));
+        assert!(!page.contains("src=\"http") && !page.contains("href=\"http"), "no external resources");
         let api = LoginService::api();
         for f in FUNCTIONS {
             let (name, _, _) = signature(f);

@@ -13,6 +13,7 @@
 //! | [`registry`] | the service registry and the visibility rules |
 //! | [`events`] | the manager's event log and the event-subscription rule |
 //! | [`login`] | the login service `public/hypha-login` (a second native peer) and its page |
+//! | [`accounts`] | local user accounts (SQLite under `--data-dir`, argon2id hashes) behind the login page |
 //! | [`proxy`] | the HTTP service proxy (`/{ws}/services/...`), one short-lived RPC peer per request |
 //! | [`limits`] | the token bucket and the inbound frame-size guard |
 //! | [`http`] | `/health/liveness`, `/health/readiness`, `/assets/config.json`, `/{ws}/info` |
@@ -27,6 +28,7 @@
 //! Everything shared lives in one [`ServerState`] behind an `Arc`; [`ServerState::configure`]
 //! mounts the routes into any actix-web `App`.
 
+pub mod accounts;
 pub mod config;
 pub mod connection;
 pub mod events;
@@ -81,6 +83,8 @@ pub struct ServerState {
     pub revoked: RevokedTokens,
     /// Handshake admission control (spec §2.1 step 4).
     pub admission: limits::Admission,
+    /// The local user accounts the login page signs users up and in with.
+    pub accounts: accounts::Accounts,
     /// The workspace manager, started with the first websocket (or by `Server::start`).
     manager: OnceLock<ManagerHandle>,
     /// `(public, local)` base URLs, filled in when the listener is bound.
@@ -106,7 +110,12 @@ impl ServerState {
         let local =
             config.local_base_url.as_deref().map_or_else(|| DEFAULT_LOCAL_BASE_URL.to_owned(), strip_slash);
         let public = config.public_base_url.as_deref().map_or_else(|| local.clone(), strip_slash);
+        let store = match &config.data_dir {
+            Some(dir) => accounts::AccountStore::open(dir)?,
+            None => accounts::AccountStore::in_memory()?,
+        };
         Ok(Arc::new(ServerState {
+            accounts: accounts::Accounts::new(store),
             router: Router::new(config.dead_peer_ttl),
             workspaces: Workspaces::new(),
             registry: Registry::new(),
