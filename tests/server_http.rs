@@ -612,6 +612,7 @@ async fn the_binary_serves_static_mounts_and_cors_flags() {
     let mounts = [format!("/one:{}", one.dir().display()), format!("/two:{}", two.dir().display())];
     let child = Command::new(env!("CARGO_BIN_EXE_hypha-server"))
         .args(["--port", &port.to_string(), "--workers", "1", "--allow-origins", "https://app.example"])
+        .env("HYPHA_DATA_DIR", one.base.join("data"))
         // Space-separated after one flag, as upstream's `nargs="*"`.
         .arg("--static-mounts")
         .args(&mounts)
@@ -653,6 +654,7 @@ fn the_binary_refuses_a_bad_static_mount_with_a_clear_error() {
     ] {
         let child = Command::new(env!("CARGO_BIN_EXE_hypha-server"))
             .args(["--port", "0", "--static-mounts", &mount])
+            .env("HYPHA_DATA_DIR", tree.base.join("data"))
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

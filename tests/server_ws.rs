@@ -722,8 +722,11 @@ impl Drop for KillOnDrop {
 #[actix_rt::test]
 async fn the_hypha_server_binary_serves_and_shuts_down_on_sigterm() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // The binary keeps its accounts in `--data-dir`: a scratch one, removed at the end.
+    let data_dir = std::env::temp_dir().join(format!("hypha-ws-bin-test-{}-{port}", std::process::id()));
     let child = Command::new(env!("CARGO_BIN_EXE_hypha-server"))
         .args(["--port", &port.to_string(), "--server-id", "bin-test", "--workers", "1"])
+        .env("HYPHA_DATA_DIR", &data_dir)
         .env("JWT_SECRET", SECRET)
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
@@ -763,5 +766,6 @@ async fn the_hypha_server_binary_serves_and_shuts_down_on_sigterm() {
         assert!(Instant::now() < deadline, "server did not exit after SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let _ = std::fs::remove_dir_all(&data_dir);
     assert!(exit.success(), "{exit:?}");
 }

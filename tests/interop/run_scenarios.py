@@ -84,8 +84,13 @@ class Server:
         shown = self.cmd.replace(self.root_token, "<root-token>") if self.root_token else self.cmd
         print(f"starting server: {shown}", flush=True)
         self.log = open(self.log_path, "wb")
+        # Whatever the server writes (our accounts database, upstream's SQLite event log in
+        # the temp dir) goes under the log dir, so a green run leaves nothing behind.
+        scratch = os.path.join(os.path.dirname(self.log_path), "server-data")
+        os.makedirs(scratch, exist_ok=True)
+        env = dict(os.environ, HYPHA_DATA_DIR=scratch, TMPDIR=scratch)
         self.proc = subprocess.Popen(self.cmd, shell=True, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         t0 = time.monotonic()
         while time.monotonic() - t0 < self.startup_timeout:
             if self.proc.poll() is not None:
