@@ -29,10 +29,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Addr};
-use hypha_actors::client::connection::{self, ConnectOptions, ConnectionActor, ConnectionInfo};
+use hypha_actors::client::connection::{
+    self, ConnectOptions, ConnectionActor, ConnectionInfo, GetConnectionStats,
+};
 use hypha_actors::client::session_registry::RegistryOptions;
 use hypha_actors::client::{
-    AddService, CallManager, Disconnect, GetStats, LocalServiceInfo, RegistryStats, RemoveService,
+    AddService, CallManager, Disconnect, GetState, GetStats, LocalServiceInfo, RegistryStats, RemoveService,
     SessionRegistry,
 };
 use hypha_core::schema::ServiceInfo;
@@ -43,7 +45,8 @@ use tokio::sync::oneshot;
 mod remote;
 mod service;
 
-pub use hypha_actors::client::Error;
+pub use hypha_actors::client::backoff::BackoffConfig as ReconnectConfig;
+pub use hypha_actors::client::{ConnectionState, ConnectionStats, Error};
 pub use hypha_core::schema::{Param, ParamType, Visibility};
 pub use remote::{IntoArgs, RemoteFunction, RemoteService};
 pub use service::{
@@ -72,6 +75,11 @@ pub struct ClientConfig {
     pub ping_interval: Option<Duration>,
     /// Largest frame accepted from the server.
     pub max_frame_size: usize,
+    /// Reconnection after an unexpected close: exponential backoff with jitter, flap
+    /// control and an attempt limit, upstream's defaults ([`ReconnectConfig::disabled`]
+    /// makes a lost connection final). The client keeps its workspace and id (the
+    /// server's reconnection token) and registers its services again.
+    pub reconnect: ReconnectConfig,
 }
 
 impl Default for ClientConfig {
@@ -85,6 +93,7 @@ impl Default for ClientConfig {
             method_timeout: Duration::from_secs(30),
             ping_interval: Some(Duration::from_secs(20)),
             max_frame_size: 64 << 20,
+            reconnect: ReconnectConfig::default(),
         }
     }
 }
@@ -124,6 +133,12 @@ impl ClientConfig {
         self.method_timeout = t;
         self
     }
+
+    /// Sets the reconnection policy.
+    pub fn reconnect(mut self, reconnect: ReconnectConfig) -> Self {
+        self.reconnect = reconnect;
+        self
+    }
 }
 
 /// Connects, registers the built-in service and subscribes to `client_disconnected`
@@ -142,6 +157,7 @@ pub async fn connect_to_server(config: ClientConfig) -> Result<Client, Error> {
     options.handshake_timeout = config.method_timeout;
     options.ping_interval = config.ping_interval;
     options.max_frame_size = config.max_frame_size;
+    options.reconnect = config.reconnect.clone();
     let (socket, info) = connection::open(&options, None).await?;
     let registry_options =
         RegistryOptions { method_timeout: config.method_timeout, ..RegistryOptions::default() };
@@ -289,6 +305,37 @@ impl Client {
             Value::Str(token) => Ok(token),
             other => Err(Error::Convert(format!("generate_token returned a {}", other.kind()))),
         }
+    }
+
+    /// The connection state now and its changes (connected, reconnecting, lost, closed).
+    pub async fn state(&self) -> Result<tokio::sync::watch::Receiver<ConnectionState>, Error> {
+        Ok(self.inner.registry.send(GetState).await?)
+    }
+
+    /// Waits until the client is connected (after a reconnection: with its services
+    /// registered again), or fails with the reason it never will be, or after `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), Error> {
+        let mut state = self.state().await?;
+        let wait =
+            state.wait_for(|s| !matches!(s, ConnectionState::Reconnecting(_) | ConnectionState::Connecting));
+        let outcome = match actix_rt::time::timeout(timeout, wait).await {
+            Err(_) => return Err(Error::Protocol(format!("not reconnected within {timeout:?}"))),
+            Ok(Err(_)) => return Err(Error::Closed),
+            Ok(Ok(s)) => s.clone(),
+        };
+        match outcome {
+            ConnectionState::Connected(_) => Ok(()),
+            ConnectionState::Lost(reason) => {
+                Err(Error::Call(hypha_core::session::CallError::ConnectionLost(reason)))
+            }
+            _ => Err(Error::Closed),
+        }
+    }
+
+    /// What the connection actor is doing (generation, live reader/writer tasks,
+    /// reconnection attempts); `None` once it has stopped.
+    pub async fn connection_stats(&self) -> Option<ConnectionStats> {
+        self.inner.connection.send(GetConnectionStats).await.ok()
     }
 
     /// What the session registry holds (pending calls, sessions, services).
