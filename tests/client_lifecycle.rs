@@ -130,7 +130,11 @@ impl PythonServer {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("the Python server exited during start-up: {status}\n{}", self.log_tail());
             }
-            assert!(Instant::now() < deadline, "the Python server was not ready within 90 s\n{}", self.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "the Python server was not ready within 90 s\n{}",
+                self.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -209,7 +213,8 @@ impl Proxy {
                 let _ = up.set_nodelay(true);
                 let _ = down.set_nodelay(true);
                 for (from, to) in [(&down, &up), (&up, &down)] {
-                    let (mut from, mut to) = (from.try_clone().expect("clone"), to.try_clone().expect("clone"));
+                    let (mut from, mut to) =
+                        (from.try_clone().expect("clone"), to.try_clone().expect("clone"));
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut from, &mut to);
                         let _ = to.shutdown(Shutdown::Both);
@@ -428,7 +433,8 @@ async fn rust_peer_disconnected_mid_call(url: &str) {
 /// the leaving client's workspace) and the call fails within 2 s.
 async fn provider_leaves_mid_call(c: &Client, url: &str) {
     let token = c.generate_token(Map::new()).await.expect("token");
-    let provider = connect_to_server(config(url).token(token).workspace(c.workspace())).await.expect("connect");
+    let provider =
+        connect_to_server(config(url).token(token).workspace(c.workspace())).await.expect("connect");
     let info = provider.register_service(lifecycle_service()).await.expect("register");
     let svc = c.get_service(&info.id).await.expect("get_service");
     let call = actix_rt::spawn(async move { svc.call("never", vec![]).await });
@@ -687,7 +693,10 @@ async fn ours_100k_calls_with_callbacks_do_not_grow_memory() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "the memory child failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("1 passed"), "the child ran the test:\n{stdout}\n{stderr}");
-    eprintln!("{}", stderr.lines().filter(|l| l.contains("calls with callbacks")).collect::<Vec<_>>().join("\n"));
+    eprintln!(
+        "{}",
+        stderr.lines().filter(|l| l.contains("calls with callbacks")).collect::<Vec<_>>().join("\n")
+    );
 }
 
 /// The body of the memory test; ignored unless run by it.
@@ -697,7 +706,9 @@ async fn memory_child() {
     if std::env::var_os("HYPHA_LIFECYCLE_MEMORY_CHILD").is_none() {
         return;
     }
-    const TOTAL: usize = 100_000;
+    // Overridable for profiling; the test runs 100,000.
+    let total: usize =
+        std::env::var("HYPHA_LIFECYCLE_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     const WARMUP: usize = 10_000;
     const IN_FLIGHT: usize = 200;
     let srv = our_server_on(0, SECRET);
@@ -712,7 +723,7 @@ async fn memory_child() {
     let started = Instant::now();
     let mut warm_rss = 0;
     let mut done = 0;
-    while done < TOTAL {
+    while done < total {
         let calls = (0..IN_FLIGHT).map(|i| {
             let svc = svc.clone();
             async move {
@@ -735,13 +746,13 @@ async fn memory_child() {
     assert_eq!(c, consumer_base, "the consumer's registry is back to its baseline");
     assert_eq!(p, provider_base, "the provider's registry is back to its baseline");
     eprintln!(
-        "{TOTAL} calls with callbacks in {elapsed:?}; RSS after warm-up {} KiB, at the end {} KiB",
+        "{total} calls with callbacks in {elapsed:?}; RSS after warm-up {} KiB, at the end {} KiB",
         warm_rss / 1024,
         end_rss / 1024
     );
     assert!(warm_rss > 0, "RSS measured");
     let growth = end_rss.saturating_sub(warm_rss);
-    assert!(growth < 8 << 20, "RSS grew by {} KiB over {} calls", growth / 1024, TOTAL - WARMUP);
+    assert!(growth < 8 << 20, "RSS grew by {} KiB over {} calls", growth / 1024, total - WARMUP);
     consumer.disconnect().await.expect("disconnect");
     provider.disconnect().await.expect("disconnect");
 }
@@ -759,7 +770,9 @@ async fn python_server_lifecycle() {
     slow_and_silent_peers(&url).await;
     let server = srv.clone();
     services_come_back_after_restart(&url, || async move {
-        actix_rt::task::spawn_blocking(move || server.lock().expect("lock").restart()).await.expect("restart");
+        actix_rt::task::spawn_blocking(move || server.lock().expect("lock").restart())
+            .await
+            .expect("restart");
     })
     .await;
     // A second restart, with a subscription to check: `client_disconnected` again.
@@ -770,4 +783,3 @@ async fn python_server_lifecycle() {
     provider_leaves_mid_call(&c, &url).await;
     c.disconnect().await.expect("disconnect");
 }
-
