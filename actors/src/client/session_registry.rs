@@ -19,7 +19,7 @@
 //! wait in a bounded backlog ([`RegistryOptions::backlog`] frames; when it is full the
 //! oldest frame is dropped, and frames older than the method timeout are dropped when the
 //! socket is back: their calls have timed out). When the next generation attaches, the
-//! registry fails the calls to a replaced manager ("Client disconnected: */<old id>"),
+//! registry fails the calls to a replaced manager (`Client disconnected: */<old id>`),
 //! re-registers every local service in registration order (`built-in` first, `_rintf`
 //! interfaces skipped: they are local-only), subscribes again to the events it was
 //! subscribed to, and answers [`Restored`] to the connection actor. When reconnection
