@@ -380,9 +380,9 @@ async fn ours_many_calls_with_callbacks_leave_nothing_behind() {
     provider.disconnect().await.expect("disconnect");
 }
 
-/// Reconnection is not enabled yet: when the server goes away, a pending call fails fast
-/// with upstream's "Connection lost: ..." instead of waiting for its timeout, and later
-/// calls fail the same way.
+/// With reconnection disabled, when the server goes away a pending call fails fast with
+/// upstream's "Connection lost: ..." instead of waiting for its timeout, and later calls
+/// fail the same way (reconnection itself: tests/client_lifecycle.rs).
 #[actix_rt::test]
 async fn ours_connection_loss_rejects_pending_calls() {
     let srv = our_server();
@@ -393,7 +393,8 @@ async fn ours_connection_loss_rejects_pending_calls() {
         .function("never", std::future::pending::<Result<(), Error>>)
         .build();
     let info = provider.register_service(never).await.expect("register");
-    let consumer = connect(&url).await;
+    let config = ClientConfig::new(&url).reconnect(hypha_rpc::client::ReconnectConfig::disabled());
+    let consumer = connect_to_server(config).await.expect("connect");
     let svc = consumer.get_service(&info.id).await.expect("get_service");
     let started = Instant::now();
     let pending = actix_rt::spawn(async move { svc.call("never", vec![]).await });

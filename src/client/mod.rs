@@ -29,10 +29,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::{Actor, Addr};
-use hypha_actors::client::connection::{self, ConnectOptions, ConnectionActor, ConnectionInfo};
+use hypha_actors::client::connection::{
+    self, ConnectOptions, ConnectionActor, ConnectionInfo, GetConnectionStats,
+};
 use hypha_actors::client::session_registry::RegistryOptions;
 use hypha_actors::client::{
-    AddService, CallManager, Disconnect, GetStats, LocalServiceInfo, RegistryStats, RemoveService,
+    AddService, CallManager, Disconnect, GetState, GetStats, LocalServiceInfo, RegistryStats, RemoveService,
     SessionRegistry,
 };
 use hypha_core::schema::ServiceInfo;
@@ -47,8 +49,9 @@ mod service;
 mod stream;
 
 pub use events::{EventStream, EventSubscription};
-pub use hypha_actors::client::Error;
+pub use hypha_actors::client::backoff::BackoffConfig as ReconnectConfig;
 pub use hypha_actors::client::DEFAULT_EVENT_BUFFER;
+pub use hypha_actors::client::{ConnectionState, ConnectionStats, Error};
 pub use hypha_core::schema::{Param, ParamType, Visibility};
 pub use interface::{Interface, InterfaceBuilder, RemoteInterface};
 pub use remote::{IntoArgs, RemoteFunction, RemoteService};
@@ -79,6 +82,11 @@ pub struct ClientConfig {
     pub ping_interval: Option<Duration>,
     /// Largest frame accepted from the server.
     pub max_frame_size: usize,
+    /// Reconnection after an unexpected close: exponential backoff with jitter, flap
+    /// control and an attempt limit, upstream's defaults ([`ReconnectConfig::disabled`]
+    /// makes a lost connection final). The client keeps its workspace and id (the
+    /// server's reconnection token) and registers its services again.
+    pub reconnect: ReconnectConfig,
 }
 
 impl Default for ClientConfig {
@@ -92,6 +100,7 @@ impl Default for ClientConfig {
             method_timeout: Duration::from_secs(30),
             ping_interval: Some(Duration::from_secs(20)),
             max_frame_size: 64 << 20,
+            reconnect: ReconnectConfig::default(),
         }
     }
 }
@@ -131,6 +140,12 @@ impl ClientConfig {
         self.method_timeout = t;
         self
     }
+
+    /// Sets the reconnection policy.
+    pub fn reconnect(mut self, reconnect: ReconnectConfig) -> Self {
+        self.reconnect = reconnect;
+        self
+    }
 }
 
 /// Connects, registers the built-in service and subscribes to `client_disconnected`
@@ -149,6 +164,7 @@ pub async fn connect_to_server(config: ClientConfig) -> Result<Client, Error> {
     options.handshake_timeout = config.method_timeout;
     options.ping_interval = config.ping_interval;
     options.max_frame_size = config.max_frame_size;
+    options.reconnect = config.reconnect.clone();
     let (socket, info) = connection::open(&options, None).await?;
     let events = hypha_actors::client::EventHub::default();
     let registry_options = RegistryOptions {
@@ -324,6 +340,37 @@ impl Client {
     /// A received value holding a remote generator as a [`RemoteGenerator`] stream.
     pub fn remote_generator(&self, value: Value) -> Result<RemoteGenerator, Error> {
         RemoteGenerator::from_value(value, self.inner.registry.clone())
+    }
+
+    /// The connection state now and its changes (connected, reconnecting, lost, closed).
+    pub async fn state(&self) -> Result<tokio::sync::watch::Receiver<ConnectionState>, Error> {
+        Ok(self.inner.registry.send(GetState).await?)
+    }
+
+    /// Waits until the client is connected (after a reconnection: with its services
+    /// registered again), or fails with the reason it never will be, or after `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), Error> {
+        let mut state = self.state().await?;
+        let wait =
+            state.wait_for(|s| !matches!(s, ConnectionState::Reconnecting(_) | ConnectionState::Connecting));
+        let outcome = match actix_rt::time::timeout(timeout, wait).await {
+            Err(_) => return Err(Error::Protocol(format!("not reconnected within {timeout:?}"))),
+            Ok(Err(_)) => return Err(Error::Closed),
+            Ok(Ok(s)) => s.clone(),
+        };
+        match outcome {
+            ConnectionState::Connected(_) => Ok(()),
+            ConnectionState::Lost(reason) => {
+                Err(Error::Call(hypha_core::session::CallError::ConnectionLost(reason)))
+            }
+            _ => Err(Error::Closed),
+        }
+    }
+
+    /// What the connection actor is doing (generation, live reader/writer tasks,
+    /// reconnection attempts); `None` once it has stopped.
+    pub async fn connection_stats(&self) -> Option<ConnectionStats> {
+        self.inner.connection.send(GetConnectionStats).await.ok()
     }
 
     /// What the session registry holds (pending calls, sessions, services).

@@ -5,9 +5,18 @@
 //! the two bounded channels that connect it to the session registry. Every message about
 //! a socket carries its [`Generation`], so that when reconnection replaces a socket, what
 //! the old one still reports (a late close, a late frame) is recognised as superseded and
-//! reaped instead of tearing down the new one. Today the actor runs one generation and
-//! reports its loss; reconnection with backoff adds a loop around [`open`] here and
-//! sends a new [`Attach`] with the next generation.
+//! reaped instead of tearing down the new one.
+//!
+//! Reconnection (spec rpc-protocol.md §1.6): when a generation ends and the user did not
+//! close it, whatever the close code (the stock clients reconnect on 1000 and 1001 too:
+//! a server restart or a rolling upgrade closes that way), the actor asks its [`Backoff`]
+//! how long to wait, runs [`open`] again with the latest reconnection token (same client
+//! id, workspace and token), and attaches the next generation. The registry then
+//! re-registers the services and subscriptions and answers [`Restored`]; a failed
+//! re-registration counts as a failed attempt. The actor gives up for good when the
+//! server answers a reconnect handshake with an `error` frame (upstream's "Server refused
+//! reconnection"), or when the backoff's attempt limit is reached ("Max reconnection
+//! attempts exceeded"); it then sends [`ReconnectFailed`] and stops.
 //!
 //! Queues and their overflow policy:
 //! * inbound (socket -> registry): a bounded channel of [`ConnectOptions::inbound_capacity`]
@@ -24,6 +33,8 @@
 //! server already ran into.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -43,6 +54,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Map as JsonMap, Value as Json};
 use tokio::sync::mpsc;
 
+use super::backoff::{Backoff, BackoffConfig, Next};
 use super::session_registry::SessionRegistry;
 use super::Error;
 
@@ -85,6 +97,9 @@ pub struct ConnectOptions {
     pub inbound_capacity: usize,
     /// Frames buffered from the registry towards the socket.
     pub outbound_capacity: usize,
+    /// When and how often to reconnect after an unexpected close
+    /// ([`BackoffConfig::disabled`]: a lost connection is final).
+    pub reconnect: BackoffConfig,
 }
 
 impl ConnectOptions {
@@ -101,6 +116,7 @@ impl ConnectOptions {
             max_frame_size: 64 << 20,
             inbound_capacity: 1024,
             outbound_capacity: 1024,
+            reconnect: BackoffConfig::default(),
         }
     }
 }
@@ -224,7 +240,11 @@ pub async fn open(
     ws.send(Message::Text(auth.to_string().into())).await.map_err(|e| connect_error(e.to_string()))?;
     let first = tokio::time::timeout(opts.handshake_timeout, first_text(&mut ws))
         .await
-        .map_err(|_| Error::HandshakeTimeout(opts.handshake_timeout))??;
+        .map_err(|_| Error::HandshakeTimeout(opts.handshake_timeout))?
+        .map_err(|e| match e {
+            Error::Connect { message, .. } => connect_error(message),
+            other => other,
+        })?;
     let parsed: Json = serde_json::from_str(&first).map_err(|_| Error::UnexpectedMessage(first.clone()))?;
     let Json::Object(obj) = parsed else { return Err(Error::UnexpectedMessage(first)) };
     match obj.get("type").and_then(Json::as_str) {
@@ -246,10 +266,14 @@ pub async fn open(
 }
 
 /// The first text frame; binary frames before it are skipped (a reconnect may flush
-/// buffered messages first), pings answered.
+/// buffered messages first), pings answered. A socket that closes before any text frame is
+/// a connection failure (retried on reconnect, as upstream does), not a refusal: the
+/// server refuses with an `error` frame.
 async fn first_text(ws: &mut Socket) -> Result<String, Error> {
-    let closed =
-        |why: String| Error::ConnectionAborted(format!("connection closed during the handshake: {why}"));
+    let closed = |why: String| Error::Connect {
+        url: String::new(),
+        message: format!("connection closed during the handshake: {why}"),
+    };
     loop {
         match ws.next().await {
             Some(Ok(Frame::Text(t))) => {
@@ -285,6 +309,8 @@ pub enum Outgoing {
 }
 
 /// A generation is up: the registry sends through `outbound` and reads `inbound`.
+/// Generations after the first are reconnections: the registry re-registers the services
+/// and answers [`Restored`].
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Attach {
@@ -300,7 +326,7 @@ pub struct Attach {
     pub info: ConnectionInfo,
 }
 
-/// A generation ended. `by_user` when it was closed on request (no reconnection).
+/// A generation ended.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Detached {
@@ -308,12 +334,40 @@ pub struct Detached {
     pub generation: Generation,
     /// The close reason or error.
     pub reason: String,
-    /// Whether we closed it ourselves.
+    /// Whether we closed it ourselves (user disconnect: no reconnection).
     pub by_user: bool,
+    /// Whether a reconnection follows: pending calls keep their timers (spec §1.6 step 1).
+    /// When `false` and not `by_user`, the loss is final.
+    pub reconnecting: bool,
+}
+
+/// Reconnection gave up for good (refused by the server, or the attempt limit was
+/// reached). The connection actor stops after sending it; `reason` is upstream's text
+/// ("Server refused reconnection: ...", "Max reconnection attempts exceeded"), which
+/// pending calls get as `Connection lost: <reason>`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReconnectFailed {
+    /// Why.
+    pub reason: String,
+}
+
+/// The registry finished re-registering after the reconnection that attached
+/// `generation`. An error makes the attempt count as failed: the generation is retired
+/// and the backoff decides about the next one (as upstream retries when a service could
+/// not be registered again).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Restored {
+    /// The generation that was restored.
+    pub generation: Generation,
+    /// `Err` with what failed.
+    pub result: Result<(), String>,
 }
 
 /// Close the socket with 1000 and stop (user disconnect). The answer resolves when the
-/// actor has stopped (its socket is closed or the close timed out).
+/// actor has stopped (its socket is closed or the close timed out). A reconnection in
+/// progress is cancelled.
 #[derive(Message)]
 #[rtype(result = "Closing")]
 pub struct Close;
@@ -321,6 +375,27 @@ pub struct Close;
 /// Resolves when the connection actor has stopped.
 #[derive(MessageResponse)]
 pub struct Closing(pub tokio::sync::oneshot::Receiver<()>);
+
+/// What the connection actor is doing (tests: superseded generations are reaped).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, MessageResponse)]
+pub struct ConnectionStats {
+    /// The latest generation (0 before the first attach).
+    pub generation: u64,
+    /// Whether a generation is attached and live.
+    pub connected: bool,
+    /// Reader and writer tasks alive, over all generations: 2 when connected, 0 while
+    /// reconnecting; more means a superseded generation was not reaped.
+    pub io_tasks: usize,
+    /// Consecutive flaps (connections that died within the flap window).
+    pub flaps: u32,
+    /// The reconnection attempt about to be made or running (0-based).
+    pub attempt: u32,
+}
+
+/// Asks for [`ConnectionStats`].
+#[derive(Message)]
+#[rtype(result = "ConnectionStats")]
+pub struct GetConnectionStats;
 
 /// A text frame after the handshake.
 #[derive(Message)]
@@ -335,7 +410,24 @@ struct ReaderEnded {
     reason: String,
 }
 
-/// Owns the websocket of the current generation. See the module documentation.
+/// Counts a live reader or writer task; the count drops when the task ends or is dropped.
+struct TaskGuard(Arc<AtomicUsize>);
+
+impl TaskGuard {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Owns the websocket of the current generation and the reconnection loop. See the
+/// module documentation.
 pub struct ConnectionActor {
     /// How we connected (kept for reconnection).
     options: ConnectOptions,
@@ -343,14 +435,25 @@ pub struct ConnectionActor {
     registry: Addr<SessionRegistry>,
     /// The socket waiting to be attached in `started`, with its handshake.
     fresh: Option<(Socket, ConnectionInfo)>,
-    /// The current generation (0 before the first attach).
+    /// The latest generation (0 before the first attach).
     generation: Generation,
-    /// The writer's channel of the current generation; `None` once closed.
+    /// The generation whose end matters: `None` while reconnecting or once a generation
+    /// was retired (its reader's late end is then ignored).
+    live: Option<Generation>,
+    /// The writer's channel of the live generation; `None` while there is none.
     outbound: Option<mpsc::Sender<Outgoing>>,
     /// The latest reconnection token (refreshed by the server).
     reconnection_token: Option<String>,
-    /// When the current generation's handshake finished (flap detection will use it).
+    /// When the live generation's handshake finished (flap detection).
     connected_at: Option<Instant>,
+    /// Delays, flap control and the attempt limit.
+    backoff: Backoff,
+    /// A reconnection is under way: attached generations still await [`Restored`].
+    reconnecting: bool,
+    /// The pending attempt: its timer or the running handshake (cancelled by `Close`).
+    attempt: Option<SpawnHandle>,
+    /// Live reader and writer tasks.
+    io_tasks: Arc<AtomicUsize>,
     /// `disconnect()` was asked for: the end of the socket is not a loss.
     closing: bool,
     /// Told when the actor stops.
@@ -367,12 +470,17 @@ impl ConnectionActor {
     ) -> Self {
         Self {
             reconnection_token: info.reconnection_token.clone(),
+            backoff: Backoff::new(options.reconnect.clone()),
             options,
             registry,
             fresh: Some((socket, info)),
             generation: Generation(0),
+            live: None,
             outbound: None,
             connected_at: None,
+            reconnecting: false,
+            attempt: None,
+            io_tasks: Arc::new(AtomicUsize::new(0)),
             closing: false,
             on_stopped: Vec::new(),
         }
@@ -386,15 +494,31 @@ impl ConnectionActor {
         let (sink, stream) = socket.split();
         let (out_tx, out_rx) = mpsc::channel(self.options.outbound_capacity.max(1));
         let (in_tx, in_rx) = mpsc::channel(self.options.inbound_capacity.max(1));
-        ctx.spawn(writer(sink, out_rx).into_actor(self));
+        let guard = TaskGuard::new(&self.io_tasks);
+        ctx.spawn(
+            async move {
+                writer(sink, out_rx).await;
+                drop(guard);
+            }
+            .into_actor(self),
+        );
         let me = ctx.address();
         let pong = out_tx.clone();
+        let guard = TaskGuard::new(&self.io_tasks);
         ctx.spawn(
-            reader(stream, in_tx, pong, me)
-                .into_actor(self)
-                .map(move |reason, _, ctx| ctx.notify(ReaderEnded { generation, reason })),
+            async move {
+                let reason = reader(stream, in_tx, pong, me).await;
+                drop(guard);
+                reason
+            }
+            .into_actor(self)
+            .map(move |reason, _, ctx| ctx.notify(ReaderEnded { generation, reason })),
         );
+        if let Some(token) = &info.reconnection_token {
+            self.reconnection_token = Some(token.clone());
+        }
         self.outbound = Some(out_tx.clone());
+        self.live = Some(generation);
         self.connected_at = Some(Instant::now());
         tracing::debug!(%generation, workspace = %info.workspace, client_id = %info.client_id, "connected");
         self.registry.do_send(Attach {
@@ -411,6 +535,77 @@ impl ConnectionActor {
         if let Some(tx) = &self.outbound {
             let _ = tx.try_send(Outgoing::Text(text.to_owned()));
         }
+    }
+
+    /// Ends the live generation without a reconnection decision: its writer closes the
+    /// socket, its reader's end will be ignored, the registry stops using it.
+    fn retire(&mut self, reason: &str) {
+        let Some(generation) = self.live.take() else { return };
+        if let Some(tx) = self.outbound.take() {
+            let close = CloseReason { code: CloseCode::Normal, description: None };
+            let _ = tx.try_send(Outgoing::Close(close));
+        }
+        self.registry.do_send(Detached {
+            generation,
+            reason: reason.to_owned(),
+            by_user: false,
+            reconnecting: true,
+        });
+    }
+
+    /// Acts on the backoff's decision.
+    fn next(&mut self, ctx: &mut Context<Self>, next: Next, give_up: &str) {
+        match next {
+            Next::RetryAfter(delay) => {
+                self.reconnecting = true;
+                tracing::debug!(?delay, attempt = self.backoff.attempt(), "reconnecting");
+                let handle = ctx.run_later(delay, |act, ctx| act.try_reconnect(ctx));
+                self.attempt = Some(handle);
+            }
+            Next::GiveUp => self.give_up(ctx, give_up),
+        }
+    }
+
+    /// One reconnection attempt: the full handshake with the reconnection token.
+    fn try_reconnect(&mut self, ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        let options = self.options.clone();
+        let token = self.reconnection_token.clone();
+        tracing::info!(server = %self.options.server_url, attempt = self.backoff.attempt(), "reconnecting");
+        let handle = ctx.spawn(
+            async move { open(&options, token.as_deref()).await }.into_actor(self).map(
+                |result, act, ctx| {
+                    act.attempt = None;
+                    if act.closing {
+                        return; // the socket is dropped: the user closed meanwhile
+                    }
+                    match result {
+                        Ok((socket, info)) => act.attach(ctx, socket, info),
+                        // The server answered with an `error` frame or something that is
+                        // not `connection_info`: upstream gives up for good.
+                        Err(Error::ConnectionAborted(m)) | Err(Error::UnexpectedMessage(m)) => {
+                            act.give_up(ctx, &format!("Server refused reconnection: {m}"))
+                        }
+                        Err(e) => {
+                            tracing::info!(error = %e, attempt = act.backoff.attempt(), "reconnection attempt failed");
+                            let next = act.backoff.failed(rand::random());
+                            act.next(ctx, next, "Max reconnection attempts exceeded");
+                        }
+                    }
+                },
+            ),
+        );
+        self.attempt = Some(handle);
+    }
+
+    /// Reconnection is over for good: the registry rejects the pending calls.
+    fn give_up(&mut self, ctx: &mut Context<Self>, reason: &str) {
+        tracing::warn!(%reason, "giving up reconnecting");
+        self.reconnecting = false;
+        self.registry.do_send(ReconnectFailed { reason: reason.to_owned() });
+        ctx.stop();
     }
 }
 
@@ -452,17 +647,20 @@ impl Handler<Close> for ConnectionActor {
             return Closing(rx);
         }
         self.closing = true;
+        if let Some(handle) = self.attempt.take() {
+            ctx.cancel_future(handle);
+        }
         // The server answers our close; if it does not, stop anyway.
         ctx.run_later(self.options.handshake_timeout.min(Duration::from_secs(5)), |_, ctx| ctx.stop());
-        if self.outbound.is_none() {
-            ctx.stop();
-        }
-        if let Some(tx) = self.outbound.take() {
-            let reason = CloseReason { code: CloseCode::Normal, description: None };
-            // The writer may be full: closing must not be lost, so wait for a slot.
-            actix::spawn(async move {
-                let _ = tx.send(Outgoing::Close(reason)).await;
-            });
+        match self.outbound.take() {
+            None => ctx.stop(),
+            Some(tx) => {
+                let reason = CloseReason { code: CloseCode::Normal, description: None };
+                // The writer may be full: closing must not be lost, so wait for a slot.
+                actix::spawn(async move {
+                    let _ = tx.send(Outgoing::Close(reason)).await;
+                });
+            }
         }
         Closing(rx)
     }
@@ -496,23 +694,85 @@ impl Handler<ReaderEnded> for ConnectionActor {
     type Result = ();
 
     fn handle(&mut self, msg: ReaderEnded, ctx: &mut Context<Self>) {
-        if msg.generation != self.generation {
-            // A superseded generation's reader: nothing to do, it is reaped.
+        if self.live != Some(msg.generation) {
+            // A superseded or retired generation's reader: nothing to do, it is reaped.
+            tracing::debug!(generation = %msg.generation, "superseded generation ended");
             return;
         }
+        self.live = None;
+        self.outbound = None;
         let lived = self.connected_at.map(|t| t.elapsed()).unwrap_or_default();
         if self.closing {
             tracing::debug!(generation = %msg.generation, "connection closed");
-        } else {
-            tracing::info!(generation = %msg.generation, reason = %msg.reason, ?lived, "connection lost");
+            self.registry.do_send(Detached {
+                generation: msg.generation,
+                reason: msg.reason,
+                by_user: true,
+                reconnecting: false,
+            });
+            ctx.stop();
+            return;
         }
-        self.outbound = None;
+        tracing::info!(generation = %msg.generation, reason = %msg.reason, ?lived, "connection lost");
+        // Died before its services were registered again: a failed attempt, as upstream
+        // counts a socket that closes during its settle period. Otherwise a new loss.
+        let next = if self.reconnecting {
+            self.backoff.failed(rand::random())
+        } else {
+            self.backoff.lost(lived, rand::random())
+        };
+        // With reconnection disabled the close itself is the final reason; otherwise the
+        // calls wait, and a give-up (attempt limit) comes as `ReconnectFailed`.
+        let enabled = self.backoff.config().enabled();
         self.registry.do_send(Detached {
             generation: msg.generation,
             reason: msg.reason,
-            by_user: self.closing,
+            by_user: false,
+            reconnecting: enabled,
         });
-        ctx.stop();
+        if enabled {
+            self.next(ctx, next, "Max reconnection attempts exceeded");
+        } else {
+            ctx.stop();
+        }
+    }
+}
+
+impl Handler<Restored> for ConnectionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Restored, ctx: &mut Context<Self>) {
+        if self.live != Some(msg.generation) || self.closing {
+            return;
+        }
+        match msg.result {
+            Ok(()) => {
+                if self.reconnecting {
+                    tracing::info!(generation = %msg.generation, "reconnected (services re-registered)");
+                }
+                self.reconnecting = false;
+            }
+            Err(e) => {
+                tracing::warn!(generation = %msg.generation, error = %e, "re-registration after reconnecting failed");
+                self.retire(&e);
+                let next = self.backoff.failed(rand::random());
+                self.next(ctx, next, "Max reconnection attempts exceeded");
+            }
+        }
+    }
+}
+
+impl Handler<GetConnectionStats> for ConnectionActor {
+    type Result = ConnectionStats;
+
+    fn handle(&mut self, _: GetConnectionStats, _: &mut Context<Self>) -> ConnectionStats {
+        ConnectionStats {
+            generation: self.generation.0,
+            connected: self.live.is_some(),
+            io_tasks: self.io_tasks.load(Ordering::Relaxed),
+            flaps: self.backoff.flaps(),
+            attempt: self.backoff.attempt(),
+        }
     }
 }
 

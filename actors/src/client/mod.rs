@@ -4,13 +4,14 @@
 //!
 //! | file | actor | owns | ends when |
 //! | --- | --- | --- | --- |
-//! | [`connection`] | [`ConnectionActor`] | the awc websocket of one *generation*, its reader and writer tasks, the app-level ping | the socket closes or the registry tells it to close |
+//! | [`connection`] | [`ConnectionActor`] | the awc websocket of the current *generation*, its reader and writer tasks, the app-level ping, the reconnection loop | `disconnect`, reconnection is disabled or gives up |
 //! | [`session_registry`] | [`SessionRegistry`] | the sans-IO [`Endpoint`](hypha_core::endpoint::Endpoint): pending calls, timers, callbacks; the service actors | `disconnect`, or the connection is lost for good |
 //! | [`service`] | [`ServiceActor`] | the running handler futures of one registered service | the service is unregistered or the registry stops |
 //! | [`generator`] | [`GeneratorActor`] | one local `Stream` exported to a peer as a remote generator | exhausted, closed by the peer, or its session entries are gone (caller left, session collected, disconnect) |
 //! | [`interface`] | [`InterfaceActor`] | the running member calls of one `_rintf` object | its `_rintf_` services are gone (`_dispose`, the peer left, unregistered, disconnect) and the user dropped it |
 //! | [`events`] | (a shared hub) | per-subscriber bounded queues of event messages | `disconnect` |
 //! | [`codec`] | (functions) | serde <-> [`Value`] conversion and argument binding | |
+//! | [`backoff`] | (state machine) | reconnection delays, jitter, flap control, the attempt limit | |
 //!
 //! Data path of a call: the user's task converts its arguments with [`codec`], sends
 //! [`Call`] to the registry (bounded mailbox: the send waits when it is full), the
@@ -31,6 +32,7 @@ use hypha_core::session::CallError;
 use hypha_core::{ErrorValue, Map, RemoteMethod, Value};
 use tokio::sync::oneshot;
 
+pub mod backoff;
 pub mod codec;
 pub mod connection;
 pub mod events;
@@ -39,7 +41,8 @@ pub mod interface;
 pub mod service;
 pub mod session_registry;
 
-pub use connection::{ConnectOptions, ConnectionActor, ConnectionInfo, Generation};
+pub use backoff::{Backoff, BackoffConfig};
+pub use connection::{ConnectOptions, ConnectionActor, ConnectionInfo, ConnectionStats, Generation};
 pub use events::{EventHub, DEFAULT_EVENT_BUFFER};
 pub use generator::{GeneratorActor, ItemStream};
 pub use interface::InterfaceActor;
@@ -244,6 +247,30 @@ pub struct Abandon {
 #[derive(actix::Message)]
 #[rtype(result = "Option<actix::Addr<ConnectionActor>>")]
 pub struct Disconnect;
+
+/// Where the client's connection stands, as the registry publishes it (a `watch`
+/// channel: [`GetState`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Before the first generation attached.
+    Connecting,
+    /// A generation is attached and, after a reconnection, its services are registered
+    /// again.
+    Connected(connection::Generation),
+    /// The socket dropped (the reason) and the connection actor is reconnecting; calls
+    /// wait.
+    Reconnecting(String),
+    /// The connection is gone for good (disabled, refused or gave up): calls fail with
+    /// `Connection lost: <reason>`.
+    Lost(String),
+    /// `disconnect()` ran (or the registry stopped).
+    Closed,
+}
+
+/// Subscribes to the connection state.
+#[derive(actix::Message)]
+#[rtype(result = "tokio::sync::watch::Receiver<ConnectionState>")]
+pub struct GetState;
 
 /// What the registry holds right now (tests: "nothing left behind").
 #[derive(actix::Message)]

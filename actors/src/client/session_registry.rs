@@ -13,8 +13,19 @@
 //! connection's channel stay in the endpoint's queue, in order, until the writer frees a
 //! slot. A service actor whose mailbox is full gets no more calls: they are rejected with
 //! "service ID is overloaded".
+//!
+//! Reconnection (spec §1.6): while the connection actor reconnects, pending calls keep
+//! their timers (a result or heartbeat may still come after the reconnect) and new frames
+//! wait in a bounded backlog ([`RegistryOptions::backlog`] frames; when it is full the
+//! oldest frame is dropped, and frames older than the method timeout are dropped when the
+//! socket is back: their calls have timed out). When the next generation attaches, the
+//! registry fails the calls to a replaced manager (`Client disconnected: */<old id>`),
+//! re-registers every local service in registration order (`built-in` first, `_rintf`
+//! interfaces skipped: they are local-only), subscribes again to the events it was
+//! subscribed to, and answers [`Restored`] to the connection actor. When reconnection
+//! gives up, pending and later calls fail with `Connection lost: <reason>`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -25,13 +36,15 @@ use hypha_core::session::{CallError, CallOutcome, RemovedService, SessionConfig}
 use hypha_core::{ErrorValue, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::connection::{Attach, Close, ConnectionActor, ConnectionInfo, Detached, Generation, Outgoing};
+use super::connection::{
+    Attach, Close, ConnectionActor, ConnectionInfo, Detached, Generation, Outgoing, ReconnectFailed, Restored,
+};
 use super::events::EventHub;
 use super::generator;
 use super::service::{run_guarded, Invocation, LocalHandler, Run, ServiceActor, Stop};
 use super::{
-    Abandon, AddService, Call, CallManager, CallResult, Disconnect, Error, GetStats, LocalServiceInfo,
-    RemoveService, Reply,
+    Abandon, AddService, Call, CallManager, CallResult, ConnectionState, Disconnect, Error, GetState,
+    GetStats, LocalServiceInfo, RemoveService, Reply,
 };
 
 /// Sizes and timeouts of the registry. Every timeout is a `Duration`.
@@ -48,6 +61,9 @@ pub struct RegistryOptions {
     pub service_max_running: usize,
     /// Where event messages (spec §2.4) go: the client's subscribers.
     pub events: EventHub,
+    /// Frames kept while reconnecting; beyond it the oldest is dropped (its call times
+    /// out, as it would have with the socket down).
+    pub backlog: usize,
 }
 
 impl Default for RegistryOptions {
@@ -58,6 +74,7 @@ impl Default for RegistryOptions {
             service_mailbox: 1024,
             service_max_running: 10_000,
             events: EventHub::default(),
+            backlog: 4096,
         }
     }
 }
@@ -75,13 +92,14 @@ pub struct RegistryStats {
     pub service_actors: usize,
     /// Local services in the endpoint, the built-in one included.
     pub local_services: usize,
+    /// Frames waiting for the socket to come back.
+    pub backlog: usize,
 }
 
 /// The current socket.
 struct Link {
     generation: Generation,
     outbound: mpsc::Sender<Outgoing>,
-    connection: Addr<ConnectionActor>,
 }
 
 /// A binary frame of one generation.
@@ -104,6 +122,16 @@ pub struct SessionRegistry {
     link: Option<Link>,
     /// A frame the outbound channel had no room for (sent first when room frees).
     held: Option<Bytes>,
+    /// Frames produced while there was no socket, with when they were queued.
+    backlog: VecDeque<(Instant, Bytes)>,
+    /// The connection actor (also while reconnecting, so that `disconnect` can stop it).
+    connection: Option<Addr<ConnectionActor>>,
+    /// The manager's client id of the current connection.
+    manager_id: String,
+    /// Event types we subscribed to through the manager (re-subscribed on reconnect).
+    subscriptions: Vec<String>,
+    /// Published connection state.
+    state: tokio::sync::watch::Sender<ConnectionState>,
     /// A task waits for room in the outbound channel.
     waiting_for_room: bool,
     /// `*/<manager_id>`.
@@ -137,6 +165,11 @@ impl SessionRegistry {
             services: HashMap::new(),
             link: None,
             held: None,
+            backlog: VecDeque::new(),
+            connection: None,
+            manager_id: info.manager_id.clone(),
+            subscriptions: Vec::new(),
+            state: tokio::sync::watch::Sender::new(ConnectionState::Connecting),
             waiting_for_room: false,
             manager: format!("*/{}", info.manager_id),
             workspace: info.workspace.clone(),
@@ -195,11 +228,19 @@ impl SessionRegistry {
                 return moved;
             }
             if self.link.is_none() && self.lost.is_none() && !self.closed {
-                // Not attached yet (or, later, reconnecting): the frames wait in the
-                // endpoint's queue, in order, while the calls' timers run.
+                // Not attached yet, or reconnecting: the frames wait in the bounded
+                // backlog, in order, while the calls' timers run.
+                while let Some(frame) = self.endpoint.poll_transmit() {
+                    moved = true;
+                    if self.backlog.len() >= self.options.backlog.max(1) {
+                        self.backlog.pop_front();
+                        tracing::warn!("reconnect backlog full: oldest frame dropped");
+                    }
+                    self.backlog.push_back((Instant::now(), frame));
+                }
                 return moved;
             }
-            let Some(frame) = self.held.take().or_else(|| self.endpoint.poll_transmit()) else {
+            let Some(frame) = self.next_frame() else {
                 return moved;
             };
             moved = true;
@@ -228,6 +269,110 @@ impl SessionRegistry {
                     return moved;
                 }
                 Err(_) => tracing::debug!("connection writer gone: frame dropped"),
+            }
+        }
+    }
+
+    /// The next frame to send: the one that did not fit, then the backlog (skipping
+    /// frames whose calls have timed out meanwhile), then the endpoint's queue.
+    fn next_frame(&mut self) -> Option<Bytes> {
+        if let Some(frame) = self.held.take() {
+            return Some(frame);
+        }
+        while let Some((queued, frame)) = self.backlog.pop_front() {
+            if queued.elapsed() < self.options.method_timeout {
+                return Some(frame);
+            }
+            tracing::debug!(len = frame.len(), "stale frame from before the reconnect dropped");
+        }
+        self.endpoint.poll_transmit()
+    }
+
+    /// The connection is gone for good: pending calls fail with `Connection lost:
+    /// <reason>`, later ones too.
+    fn lose(&mut self, ctx: &mut Context<Self>, reason: String) {
+        self.link = None;
+        self.held = None;
+        self.backlog.clear();
+        self.connection = None;
+        self.lost = Some(reason.clone());
+        self.endpoint.handle_connection_lost(Instant::now(), &reason, false);
+        self.state.send_replace(ConnectionState::Lost(reason));
+        self.drive(ctx);
+    }
+
+    /// After a reconnection attached `generation`: re-registers the services (in order,
+    /// `built-in` first, local-only ones skipped), subscribes again, and tells the
+    /// connection actor how it went.
+    fn restore(&mut self, ctx: &mut Context<Self>, generation: Generation) {
+        let mut infos = Vec::new();
+        for (id, service) in self.endpoint.table().services() {
+            if service.config.is_local_only() {
+                continue;
+            }
+            match ServiceInfo::from_service(&service.api, &self.workspace, &self.client_id, "*") {
+                Ok(info) => infos.push((id.to_owned(), info.to_value())),
+                Err(e) => tracing::warn!(service = %id, error = %e, "service cannot be re-registered"),
+            }
+        }
+        let subscriptions: Vec<Value> = self.subscriptions.iter().map(|t| Value::from(t.as_str())).collect();
+        let me = ctx.address();
+        let work = async move {
+            let call = |method: &str, args: Vec<Value>| {
+                let (reply, rx) = oneshot::channel();
+                let msg = CallManager { method: method.to_owned(), args, kwargs: None, reply };
+                let me = me.clone();
+                async move {
+                    me.send(msg).await?;
+                    rx.await.map_err(|_| Error::Closed)?
+                }
+            };
+            let total = infos.len();
+            let mut failed = Vec::new();
+            for (id, info) in infos {
+                if let Err(e) = call("register_service", vec![info]).await {
+                    tracing::warn!(service = %id, error = %e, "re-registering a service failed");
+                    failed.push(format!("{id}: {e}"));
+                }
+            }
+            tracing::info!(total, registered = total - failed.len(), "services re-registered");
+            if !subscriptions.is_empty() {
+                // As upstream: a failed re-subscription is a warning, not a failed attempt.
+                if let Err(e) = call("subscribe", vec![Value::List(subscriptions)]).await {
+                    tracing::warn!(error = %e, "re-subscribing to events failed");
+                }
+            }
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("Service re-registration failed after reconnection: {}", failed.join("; ")))
+            }
+        };
+        ctx.spawn(work.into_actor(self).map(move |result, act, _| {
+            if act.link.as_ref().is_some_and(|l| l.generation == generation) && result.is_ok() {
+                act.state.send_replace(ConnectionState::Connected(generation));
+            }
+            if let Some(connection) = &act.connection {
+                connection.do_send(Restored { generation, result });
+            }
+        }));
+    }
+
+    /// Remembers the event types of a manager `subscribe`/`unsubscribe` call.
+    fn track_subscription(&mut self, method: &str, args: &[Value]) {
+        let types: Vec<&str> = match args.first() {
+            Some(Value::Str(t)) => vec![t.as_str()],
+            Some(Value::List(items)) => items.iter().filter_map(Value::as_str).collect(),
+            _ => return,
+        };
+        for t in types {
+            let known = self.subscriptions.iter().position(|s| s == t);
+            match (method, known) {
+                ("subscribe", None) => self.subscriptions.push(t.to_owned()),
+                ("unsubscribe", Some(i)) => {
+                    self.subscriptions.remove(i);
+                }
+                _ => {}
             }
         }
     }
@@ -358,9 +503,11 @@ impl Actor for SessionRegistry {
         for (_, actor) in self.services.drain() {
             actor.do_send(Stop);
         }
-        if let Some(link) = self.link.take() {
-            link.connection.do_send(Close);
+        self.link = None;
+        if let Some(connection) = self.connection.take() {
+            connection.do_send(Close);
         }
+        self.state.send_replace(ConnectionState::Closed);
         tracing::debug!(client_id = %self.client_id, "session registry stopped");
     }
 }
@@ -374,12 +521,28 @@ impl Handler<Attach> for SessionRegistry {
             tracing::debug!(%generation, "stale attach ignored");
             return;
         }
+        if self.closed || self.lost.is_some() {
+            connection.do_send(Close);
+            return;
+        }
+        if info.manager_id != self.manager_id {
+            // A restarted server: calls to the old manager can never be answered.
+            let old = std::mem::replace(&mut self.manager_id, info.manager_id.clone());
+            self.endpoint.handle_manager_changed(Instant::now(), &old);
+            self.endpoint.set_manager_id(Some(info.manager_id.clone()));
+        }
         self.manager = format!("*/{}", info.manager_id);
-        self.link = Some(Link { generation, outbound, connection });
+        self.connection = Some(connection);
+        self.link = Some(Link { generation, outbound });
         let frames = futures_util::stream::unfold(inbound, move |mut rx| async move {
             rx.recv().await.map(|frame| (InboundFrame(generation, frame), rx))
         });
         ctx.add_stream(frames);
+        if generation.0 > 1 {
+            self.restore(ctx, generation);
+        } else {
+            self.state.send_replace(ConnectionState::Connected(generation));
+        }
         self.drive(ctx);
     }
 }
@@ -410,14 +573,40 @@ impl Handler<Detached> for SessionRegistry {
             return; // a superseded generation: reaped already
         }
         self.link = None;
-        self.held = None;
+        if let Some(frame) = self.held.take() {
+            // Not sent: it goes first when the socket is back.
+            self.backlog.push_front((Instant::now(), frame));
+        }
         if self.closed || msg.by_user {
             return;
         }
-        // Reconnection is not enabled yet: the loss is final.
-        self.lost = Some(msg.reason.clone());
-        self.endpoint.handle_connection_lost(Instant::now(), &msg.reason, false);
-        self.drive(ctx);
+        if msg.reconnecting {
+            tracing::debug!(generation = %msg.generation, reason = %msg.reason, "waiting for reconnection");
+            self.endpoint.handle_connection_lost(Instant::now(), &msg.reason, true);
+            self.state.send_replace(ConnectionState::Reconnecting(msg.reason));
+            self.drive(ctx);
+        } else {
+            self.lose(ctx, msg.reason);
+        }
+    }
+}
+
+impl Handler<ReconnectFailed> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReconnectFailed, ctx: &mut Context<Self>) {
+        if self.closed || self.lost.is_some() {
+            return;
+        }
+        self.lose(ctx, msg.reason);
+    }
+}
+
+impl Handler<GetState> for SessionRegistry {
+    type Result = actix::prelude::MessageResult<GetState>;
+
+    fn handle(&mut self, _: GetState, _: &mut Context<Self>) -> Self::Result {
+        actix::prelude::MessageResult(self.state.subscribe())
     }
 }
 
@@ -435,6 +624,9 @@ impl Handler<CallManager> for SessionRegistry {
 
     fn handle(&mut self, msg: CallManager, ctx: &mut Context<Self>) {
         let CallManager { method, args, kwargs, reply } = msg;
+        if method == "subscribe" || method == "unsubscribe" {
+            self.track_subscription(&method, &args);
+        }
         let target = self.manager.clone();
         let path = format!("services.default.{method}");
         self.start_call(ctx, reply, |ep, now| ep.call_method(now, &target, &path, args, kwargs));
@@ -544,7 +736,10 @@ impl Handler<Disconnect> for SessionRegistry {
         if let Some((_, handle)) = self.timer.take() {
             ctx.cancel_future(handle);
         }
-        let connection = self.link.take().map(|l| l.connection);
+        self.link = None;
+        self.backlog.clear();
+        let connection = self.connection.take();
+        self.state.send_replace(ConnectionState::Closed);
         ctx.stop();
         connection
     }
@@ -560,6 +755,7 @@ impl Handler<GetStats> for SessionRegistry {
             running: self.running.len(),
             service_actors: self.services.len(),
             local_services: self.endpoint.table().service_count(),
+            backlog: self.backlog.len(),
         }
     }
 }
