@@ -44,6 +44,7 @@ use tokio::sync::oneshot;
 
 mod events;
 mod interface;
+mod login;
 mod remote;
 mod service;
 mod stream;
@@ -54,6 +55,7 @@ pub use hypha_actors::client::DEFAULT_EVENT_BUFFER;
 pub use hypha_actors::client::{ConnectionState, ConnectionStats, Error};
 pub use hypha_core::schema::{Param, ParamType, Visibility};
 pub use interface::{Interface, InterfaceBuilder, RemoteInterface};
+pub use login::{login, LoginCallback, LoginCallbackFuture, LoginConfig, LoginContext, LoginOutcome};
 pub use remote::{IntoArgs, RemoteFunction, RemoteService};
 pub use service::{
     callback, callback_def, ArgCursor, Binding, Context, FromArg, FunctionDef, IntoFunction, Service,
