@@ -41,12 +41,14 @@ use hypha_core::{Map, Value};
 use tokio::sync::oneshot;
 
 mod events;
+mod external;
 mod interface;
 mod remote;
 mod service;
 mod stream;
 
 pub use events::{EventStream, EventSubscription};
+pub use external::{launch_external_services, ExternalProcess, LaunchError};
 pub use hypha_actors::client::Error;
 pub use hypha_actors::client::DEFAULT_EVENT_BUFFER;
 pub use hypha_core::schema::{Param, ParamType, Visibility};
