@@ -268,7 +268,7 @@ impl ServerBuilder {
 
     /// Adds a startup function: it runs once the server listens and before
     /// `/health/readiness` turns OK, with a [`Client`](crate::client::Client) connected to the
-    /// `public` workspace with a root-issued token (client id = the server id), so the
+    /// `public` workspace with a root-issued token (client id `{server_id}-startup`), so the
     /// services it registers there are up when the server is ready and stay up while it
     /// runs. An `Err` aborts the startup ([`Server::launch`] and [`Server::run`] return
     /// [`ServerError::Startup`]). Several run in the order they were added, sharing the

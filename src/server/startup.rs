@@ -5,7 +5,8 @@
 //!
 //! 1. the Rust startup functions ([`super::ServerBuilder::on_startup`]): each gets a
 //!    [`Client`] connected to the `public` workspace with a root-issued token, so what it
-//!    registers is `public/{server_id}:{service}` and stays up as long as the server;
+//!    registers is `public/{server_id}-startup:{service}` (upstream: `public/{server_id}:…`,
+//!    which here is the login service's client) and stays up as long as the server;
 //! 2. the Python startup functions (`--startup-functions file.py:fn`): each runs under the
 //!    stock Python client in a supervised child process started with an embedded launcher
 //!    script, which imports the file, connects with a root-issued token for `public`,
@@ -249,7 +250,7 @@ pub(crate) async fn run(
         let cfg = ClientConfig::new(url.clone())
             .workspace(STARTUP_WORKSPACE)
             .token(token)
-            .client_id(state.config.server_id.clone())
+            .client_id(format!("{}-startup", state.config.server_id))
             .name("startup");
         let client = connect_to_server(cfg)
             .await
