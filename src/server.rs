@@ -30,6 +30,7 @@
 //! (`public/hypha-login`), `/assets/config.json`, `/{ws}/info`, static mounts, CORS and
 //! the HTTP request-rate limit.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,7 +42,13 @@ use hypha_actors::server::ServerState;
 
 pub use hypha_actors::server::accounts::{Account, AccountError, AccountStore, NewAccount};
 pub use hypha_actors::server::config::{parse_origins, HttpRateLimits, StaticMount, HYPHA_VERSION};
+pub use hypha_actors::server::external::{ProcessState, RestartPolicy, SupervisorHandle, SupervisorStatus};
 pub use hypha_actors::server::{ConfigError, ServerConfig};
+
+mod startup;
+
+pub use startup::{ExternalService, StartupResult, PYTHON_LAUNCHER, STARTUP_WORKSPACE};
+use startup::{StartupConfig, StartupResources};
 
 /// Why a server could not be built or started.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +59,9 @@ pub enum ServerError {
     /// Binding or running the listener failed.
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// A startup function or an external service failed: the server does not become ready.
+    #[error("startup failed: {0}")]
+    Startup(String),
 }
 
 /// Collects settings; [`ServerBuilder::build`] validates them.
@@ -59,6 +69,7 @@ pub enum ServerError {
 pub struct ServerBuilder {
     config: ServerConfig,
     workers: Option<usize>,
+    startup: StartupConfig,
 }
 
 impl ServerBuilder {
@@ -255,9 +266,88 @@ impl ServerBuilder {
         self
     }
 
+    /// Adds a startup function: it runs once the server listens and before
+    /// `/health/readiness` turns OK, with a [`Client`](crate::client::Client) connected to the
+    /// `public` workspace with a root-issued token (client id `{server_id}-startup`), so the
+    /// services it registers there are up when the server is ready and stay up while it
+    /// runs. An `Err` aborts the startup ([`Server::launch`] and [`Server::run`] return
+    /// [`ServerError::Startup`]). Several run in the order they were added, sharing the
+    /// client.
+    ///
+    /// ```no_run
+    /// # use hypha_rpc::client::{Error, Service, Visibility};
+    /// # use hypha_rpc::server::Server;
+    /// let builder = Server::builder().on_startup(|public| async move {
+    ///     let svc = Service::builder("test-service")
+    ///         .visibility(Visibility::Public)
+    ///         .function("test", |x: i64| async move { Ok::<_, Error>(x + 99) })
+    ///         .build();
+    ///     public.register_service(svc).await?;
+    ///     Ok::<_, Error>(())
+    /// });
+    /// ```
+    pub fn on_startup<F, Fut, E>(mut self, f: F) -> Self
+    where
+        F: Fn(crate::client::Client) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.config_startup().hooks.push(startup::hook(f));
+        self
+    }
+
+    /// Adds a Python startup function, `path/to/file.py:function` or `module:function`
+    /// (`--startup-functions`): run under the stock Python client (see
+    /// [`ServerBuilder::python`]) in a supervised child process, after the Rust ones.
+    pub fn python_startup_function(mut self, spec: impl Into<String>) -> Self {
+        self.config_startup().python_functions.push(spec.into());
+        self
+    }
+
+    /// The Python interpreter for startup functions (`--python`, `HYPHA_PYTHON`); default
+    /// `python3` on `PATH`. It must be able to `import hypha_rpc`.
+    pub fn python(mut self, interpreter: impl Into<std::path::PathBuf>) -> Self {
+        self.config_startup().python = Some(interpreter.into());
+        self
+    }
+
+    /// How long one Python startup function may take, start to return (120 s).
+    pub fn python_startup_timeout(mut self, timeout: Duration) -> Self {
+        self.config_startup().python_timeout = timeout;
+        self
+    }
+
+    /// What happens when a Python startup process exits after its function returned
+    /// (default: restarted, which runs the function again, within [`RestartPolicy::default`]).
+    pub fn python_restart_policy(mut self, policy: Option<RestartPolicy>) -> Self {
+        self.config_startup().python_restart = policy;
+        self
+    }
+
+    /// Adds an external service (`--launch-external`), started after the startup functions
+    /// and waited for before readiness.
+    pub fn external_service(mut self, service: ExternalService) -> Self {
+        self.config_startup().external.push(service);
+        self
+    }
+
+    /// How long a supervised child gets between SIGTERM and SIGKILL when the server stops (5 s).
+    pub fn child_stop_grace(mut self, grace: Duration) -> Self {
+        self.config_startup().stop_grace = grace;
+        self
+    }
+
+    fn config_startup(&mut self) -> &mut StartupConfig {
+        &mut self.startup
+    }
+
     /// Validates the settings and creates the server state.
     pub fn build(self) -> Result<Server, ServerError> {
-        Ok(Server { state: ServerState::new(self.config)?, workers: self.workers })
+        Ok(Server {
+            state: ServerState::new(self.config)?,
+            workers: self.workers,
+            startup: Arc::new(self.startup),
+        })
     }
 }
 
@@ -267,6 +357,7 @@ impl ServerBuilder {
 pub struct Server {
     state: Arc<ServerState>,
     workers: Option<usize>,
+    startup: Arc<StartupConfig>,
 }
 
 impl Server {
@@ -308,6 +399,10 @@ impl Server {
 
     /// Binds `host:port` (port 0 picks a free one) and starts serving in the background of
     /// the current actix system. The local base URL becomes `http://127.0.0.1:{port}`.
+    ///
+    /// Startup functions and external services, if any, start in the background;
+    /// `/health/readiness` answers 503 until they are done. [`RunningServer::startup_complete`]
+    /// waits for them; [`Server::launch`] does both.
     pub fn start(self, host: &str, port: u16) -> Result<RunningServer, ServerError> {
         let app_server = self.clone();
         let timeout = self.state.config.shutdown_timeout.as_secs_f64().ceil() as u64;
@@ -332,17 +427,58 @@ impl Server {
         let http = http.bind((host, port))?;
         let addr = http.addrs().first().copied().ok_or_else(|| io::Error::other("no address was bound"))?;
         self.state.set_local_base_url(&format!("http://127.0.0.1:{}", addr.port()));
+        let startup_pending = !self.startup.is_empty();
+        self.state.set_starting(startup_pending);
         let running = http.run();
         let handle = running.handle();
         let task = actix_rt::spawn(running);
         tracing::info!(%addr, server_id = %self.state.config.server_id, "hypha server listening");
-        Ok(RunningServer { server: self, addr, handle, task })
+        let resources = Arc::new(StartupResources::default());
+        let startup = startup_pending.then(|| {
+            let (state, config, res) = (self.state.clone(), self.startup.clone(), resources.clone());
+            actix_rt::spawn(async move {
+                let result = startup::run(state.clone(), config, res).await;
+                if result.is_ok() {
+                    state.set_starting(false);
+                    tracing::info!("startup functions done: ready");
+                }
+                result
+            })
+        });
+        Ok(RunningServer { server: self, addr, handle, task, startup, resources })
+    }
+
+    /// [`Server::start`], then waits for the startup functions and external services; if
+    /// one fails, stops the server (and every child) and returns
+    /// [`ServerError::Startup`] with the reason.
+    pub async fn launch(self, host: &str, port: u16) -> Result<RunningServer, ServerError> {
+        let mut running = self.start(host, port)?;
+        if let Err(e) = running.startup_complete().await {
+            tracing::error!("{e}");
+            let _ = running.stop().await;
+            return Err(e);
+        }
+        Ok(running)
     }
 
     /// [`Server::start`], then serve until SIGTERM or SIGINT, then shut down gracefully
     /// (websockets get 1001, in-flight HTTP requests finish).
+    /// A startup failure stops the server and is returned (the binary exits non-zero).
     pub async fn run(self, host: &str, port: u16) -> Result<(), ServerError> {
         let mut running = self.start(host, port)?;
+        tokio::select! {
+            r = running.startup_complete() => {
+                if let Err(e) = r {
+                    let _ = running.stop().await;
+                    return Err(e);
+                }
+            }
+            s = shutdown_signal() => {
+                s?;
+                tracing::info!("signal received during startup: shutting down");
+                return running.stop().await;
+            }
+        }
         tokio::select! {
             r = &mut running.task => {
                 return r.map_err(|e| io::Error::other(e.to_string()))?.map_err(ServerError::Io);
@@ -376,6 +512,9 @@ pub struct RunningServer {
     addr: SocketAddr,
     handle: ServerHandle,
     task: actix_rt::task::JoinHandle<io::Result<()>>,
+    /// The startup task, until [`RunningServer::startup_complete`] took its result.
+    startup: Option<actix_rt::task::JoinHandle<Result<(), String>>>,
+    resources: Arc<StartupResources>,
 }
 
 impl RunningServer {
@@ -399,9 +538,33 @@ impl RunningServer {
         &self.server
     }
 
-    /// Graceful stop: websockets get 1001, then the listener stops and open HTTP
-    /// connections get up to `shutdown_timeout` to finish.
-    pub async fn stop(self) -> Result<(), ServerError> {
+    /// Waits until the startup functions and external services are done (at once when
+    /// there are none, or on a second call); readiness is OK after an `Ok`. After an `Err`
+    /// the server still listens with readiness 503: call [`RunningServer::stop`].
+    pub async fn startup_complete(&mut self) -> Result<(), ServerError> {
+        let Some(task) = self.startup.as_mut() else { return Ok(()) };
+        let result = match task.await {
+            Ok(r) => r.map_err(ServerError::Startup),
+            Err(e) => Err(ServerError::Startup(format!("the startup task failed: {e}"))),
+        };
+        self.startup = None;
+        result
+    }
+
+    /// The supervised children (Python startup functions, then external services), with
+    /// their pids and states.
+    pub fn supervised(&self) -> Vec<SupervisorHandle> {
+        self.resources.supervisors()
+    }
+
+    /// Graceful stop: a running startup is abandoned, the supervised children get SIGTERM
+    /// (SIGKILL after their grace period, whole process groups), websockets get 1001, then
+    /// the listener stops and open HTTP connections get up to `shutdown_timeout` to finish.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        if let Some(task) = self.startup.take() {
+            task.abort();
+        }
+        self.resources.stop().await;
         self.server.shutdown();
         self.handle.stop(true).await;
         match self.task.await {

@@ -7,6 +7,11 @@
 //! `ERROR`); the default shows warnings plus this binary's start and stop lines.
 //! SIGTERM or SIGINT shut down gracefully: clients get close code 1001 and reconnect.
 //!
+//! Startup: `--startup-functions ./file.py:fn ...` runs Python startup functions under the
+//! stock client (`--python`/`HYPHA_PYTHON`), `--launch-external "CMD {server_url}
+//! {workspace} {token}" --check-services ID ...` starts supervised external services;
+//! readiness turns OK once all are up, and a failure exits non-zero with the reason.
+//!
 //! Local accounts (the login page's) live in `--data-dir` (default `./hypha-data`);
 //! `hypha-server user add --email E --password-stdin [--name N] [--admin]` and
 //! `hypha-server user list` manage them, also while a server runs on the same directory.
@@ -16,8 +21,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use hypha_rpc::server::{AccountStore, HttpRateLimits, NewAccount, Server, StaticMount};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use hypha_rpc::server::{
+    AccountStore, ExternalService, HttpRateLimits, NewAccount, RestartPolicy, Server, ServerError,
+    StaticMount,
+};
 use tracing_subscriber::EnvFilter;
 
 /// Command-line arguments.
@@ -101,6 +109,46 @@ struct Args {
     /// HTTP worker threads (default: one per physical core).
     #[arg(long, env = "HYPHA_WORKERS")]
     workers: Option<usize>,
+    /// Python startup functions, each `./file.py:function` or `module:function` (space
+    /// separated after one flag, or the flag repeated). Each runs under the stock Python
+    /// client, connected to this server's `public` workspace, before readiness turns OK;
+    /// one that fails aborts the start.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append, value_name = "FILE_OR_MODULE:FUNCTION")]
+    startup_functions: Vec<String>,
+    /// The Python interpreter for startup functions (must be able to `import hypha_rpc`;
+    /// default: `python3` on PATH).
+    #[arg(long, env = "HYPHA_PYTHON")]
+    python: Option<PathBuf>,
+    /// Seconds one Python startup function may take.
+    #[arg(long, env = "HYPHA_STARTUP_TIMEOUT", value_parser = seconds, default_value = "120")]
+    startup_timeout: Duration,
+    /// A command to run as a supervised external service after the startup functions
+    /// (repeatable). `{server_url}`, `{workspace}` (`public`) and `{token}` (a root-issued
+    /// token for `public`, fresh at every start) are filled in; the command is split on
+    /// whitespace, no shell. Restarted with backoff when it exits, stopped with the server.
+    #[arg(long, action = clap::ArgAction::Append, value_name = "COMMAND")]
+    launch_external: Vec<String>,
+    /// Service ids (in `public`) the preceding --launch-external registers; the server
+    /// waits until they resolve before it is ready.
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append, value_name = "ID")]
+    check_services: Vec<String>,
+    /// Seconds to wait for an external service's --check-services.
+    #[arg(long, env = "HYPHA_EXTERNAL_TIMEOUT", value_parser = seconds, default_value = "30")]
+    external_timeout: Duration,
+    /// Restarts of an external service (or a Python startup process) allowed within
+    /// --restart-window before the server gives up on it.
+    #[arg(long, env = "HYPHA_EXTERNAL_MAX_RESTARTS", default_value_t = 5)]
+    external_max_restarts: u32,
+    /// The window, in seconds, --external-max-restarts counts restarts in.
+    #[arg(long, env = "HYPHA_EXTERNAL_RESTART_WINDOW", value_parser = seconds, default_value = "60")]
+    restart_window: Duration,
+    /// Seconds a supervised child gets between SIGTERM and SIGKILL when the server stops.
+    #[arg(long, env = "HYPHA_CHILD_STOP_GRACE", value_parser = seconds, default_value = "5")]
+    child_stop_grace: Duration,
+    /// Which --launch-external each --check-services belongs to (filled from the argument
+    /// positions after parsing).
+    #[arg(skip)]
+    check_groups: Vec<Vec<String>>,
 }
 
 /// Subcommands besides running the server.
@@ -271,11 +319,60 @@ fn build(args: Args) -> Result<Server, Box<dyn std::error::Error>> {
         })
     };
     b = b.http_rate_limits(limits);
+    let restart = RestartPolicy {
+        max_restarts: args.external_max_restarts,
+        window: args.restart_window,
+        ..RestartPolicy::default()
+    };
+    for spec in &args.startup_functions {
+        b = b.python_startup_function(spec.clone());
+    }
+    if let Some(python) = args.python {
+        b = b.python(python);
+    }
+    b = b
+        .python_startup_timeout(args.startup_timeout)
+        .python_restart_policy(Some(restart))
+        .child_stop_grace(args.child_stop_grace);
+    for (command, checks) in args.launch_external.iter().zip(&args.check_groups) {
+        b = b.external_service(
+            ExternalService::new(command.clone())
+                .check_services(checks.clone())
+                .timeout(args.external_timeout)
+                .restart(Some(restart)),
+        );
+    }
     Ok(b.build()?)
 }
 
+/// Parses the arguments and assigns every `--check-services` value to the
+/// `--launch-external` before it on the command line (an error if there is none).
+fn parse_args() -> Args {
+    let matches = Args::command().get_matches();
+    let mut args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    let launches: Vec<usize> =
+        matches.indices_of("launch_external").map(Iterator::collect).unwrap_or_default();
+    let checks: Vec<usize> = matches.indices_of("check_services").map(Iterator::collect).unwrap_or_default();
+    args.check_groups = vec![Vec::new(); launches.len()];
+    for (value, index) in args.check_services.iter().zip(checks) {
+        match launches.iter().rposition(|l| *l < index) {
+            Some(owner) => args.check_groups[owner].push(value.clone()),
+            None => Args::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("--check-services {value}: give it after the --launch-external it belongs to"),
+                )
+                .exit(),
+        }
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let mut args = Args::parse();
+    let mut args = parse_args();
     tracing_subscriber::fmt().with_env_filter(log_filter()).with_writer(std::io::stderr).init();
     if let Some(Command::User(cmd)) = args.command.take() {
         return match user_command(&args.data_dir, cmd) {
@@ -299,6 +396,11 @@ fn main() -> ExitCode {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
+        }
+        Err(e @ ServerError::Startup(_)) => {
+            // Said on stderr even when the log filter hides errors: the start was refused.
+            eprintln!("hypha-server: {e}");
+            ExitCode::FAILURE
         }
         Err(e) => {
             tracing::error!("server failed: {e}");

@@ -43,6 +43,7 @@ use hypha_core::{Map, Value};
 use tokio::sync::oneshot;
 
 mod events;
+mod external;
 mod interface;
 mod login;
 mod remote;
@@ -50,6 +51,7 @@ mod service;
 mod stream;
 
 pub use events::{EventStream, EventSubscription};
+pub use external::{launch_external_services, ExternalProcess, LaunchError};
 pub use hypha_actors::client::backoff::BackoffConfig as ReconnectConfig;
 pub use hypha_actors::client::DEFAULT_EVENT_BUFFER;
 pub use hypha_actors::client::{ConnectionState, ConnectionStats, Error};

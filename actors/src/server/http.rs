@@ -105,10 +105,15 @@ fn down(detail: &str) -> HttpResponse {
     HttpResponse::ServiceUnavailable().json(json!({"status": "DOWN", "detail": detail}))
 }
 
-/// `200 {"status":"OK","detail":{"store":"ready","redis":"connected","event_bus":"ready","pubsub":"healthy"}}`.
+/// `200 {"status":"OK","detail":{"store":"ready","redis":"connected","event_bus":"ready","pubsub":"healthy"}}`;
+/// 503 `DOWN` while startup functions run (upstream's port is not even open then) and
+/// during a shutdown.
 pub fn readiness(state: &ServerState) -> HttpResponse {
     if state.is_shutting_down() {
         return down(super::SHUTDOWN_REASON);
+    }
+    if state.is_starting() {
+        return down(super::STARTING_REASON);
     }
     HttpResponse::Ok().json(json!({
         "status": "OK",

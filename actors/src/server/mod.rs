@@ -11,6 +11,7 @@
 //! | [`workspace`] | the workspaces table (WorkspaceInfo records) |
 //! | [`manager`] | the workspace manager: the RPC peer `*/manager-{sid}` serving the `default` service |
 //! | [`registry`] | the service registry and the visibility rules |
+//! | [`external`] | supervised external processes (`--launch-external`, Python startup functions): restart policy, log forwarding, group kill |
 //! | [`events`] | the manager's event log and the event-subscription rule |
 //! | [`login`] | the login service `public/hypha-login` (a second native peer) and its page |
 //! | [`accounts`] | local user accounts (SQLite under `--data-dir`, argon2id hashes) behind the login page |
@@ -32,6 +33,7 @@ pub mod accounts;
 pub mod config;
 pub mod connection;
 pub mod events;
+pub mod external;
 pub mod http;
 pub mod layer;
 pub mod limits;
@@ -68,6 +70,9 @@ pub const DEFAULT_LOCAL_BASE_URL: &str = "http://127.0.0.1:9527";
 /// clients reconnect as after any unexpected close).
 pub const SHUTDOWN_REASON: &str = "Server is shutting down";
 
+/// The readiness probe's detail while startup functions run.
+pub const STARTING_REASON: &str = "Server is starting: startup functions are running";
+
 /// Everything the connections of one server share.
 #[derive(Debug)]
 pub struct ServerState {
@@ -93,6 +98,8 @@ pub struct ServerState {
     connections: DashMap<u64, Outbound>,
     next_connection: AtomicU64,
     shutting_down: AtomicBool,
+    /// Startup functions are still running: readiness answers 503 until they are done.
+    starting: AtomicBool,
     /// When the server started (reported by the liveness probe).
     started_at: SystemTime,
     /// The HTTP request-rate buckets (`None` when the limits are off).
@@ -129,6 +136,7 @@ impl ServerState {
             connections: DashMap::new(),
             next_connection: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
+            starting: AtomicBool::new(false),
             started_at: SystemTime::now(),
             http_limiter: config.http_rate_limits.map(layer::HttpRateLimiter::new),
             config,
@@ -241,6 +249,18 @@ impl ServerState {
     /// True once [`ServerState::shutdown`] was called.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Marks startup functions as running (`true`) or done: while they run,
+    /// `/health/readiness` answers 503 `DOWN` [`STARTING_REASON`], so nothing routes traffic
+    /// to a server whose startup services are not registered yet.
+    pub fn set_starting(&self, starting: bool) {
+        self.starting.store(starting, Ordering::Release);
+    }
+
+    /// True while startup functions run (see [`ServerState::set_starting`]).
+    pub fn is_starting(&self) -> bool {
+        self.starting.load(Ordering::Acquire)
     }
 
     /// Open websockets (including those still in their handshake).
