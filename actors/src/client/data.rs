@@ -5,7 +5,7 @@
 //! * [`NdArrayOf<T, D>`]: a typed `ndarray::Array<T, D>` (any [`Element`] dtype: `bool`,
 //!   `i8`..`i64`, `u8`..`u64`, `f32`, `f64`, `Complex<f32>`, `Complex<f64>`; any fixed
 //!   dimension or `IxDyn`). As a top-level argument or result it goes straight to and
-//!   from [`Value::NdArray`](hypha_core::Value::NdArray): sending moves the array's buffer
+//!   from [`Value::NdArray`]: sending moves the array's buffer
 //!   into the frame encoder without a copy, receiving copies once into an aligned `Vec`.
 //!   Nested inside a serde struct, map or list it serializes as the `_rtype: "ndarray"`
 //!   wire map (one extra copy each way), so `Vec<NdArrayOf<f32>>` or a struct field work.
