@@ -8,6 +8,7 @@
 //!
 //! | module | what it holds |
 //! | --- | --- |
+//! | [`blocking`] | [`blocking::connect_to_server`]: the client for synchronous code (its own runtime thread) |
 //! | [`client`] | [`client::connect_to_server`], [`client::Client`], the [`client::Service`] builder, [`client::RemoteService`] proxies |
 //! | [`server`] | [`server::Server`]: builder, mounting into an actix-web `App`, running with graceful shutdown |
 //! | [`core`] | `hypha-core`, the wire protocol (sans-IO) |
@@ -19,5 +20,6 @@
 
 pub use hypha_core as core;
 
+pub mod blocking;
 pub mod client;
 pub mod server;

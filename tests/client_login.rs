@@ -91,3 +91,25 @@ async fn python_server_login_returns_the_reported_token() {
     login_with_profile_returns_the_record(srv.url.clone()).await;
     nobody_logging_in_times_out_with_upstreams_error(srv.url.clone()).await;
 }
+
+/// The blocking wrapper's `login()` from a plain thread, with a plain-thread reporter.
+#[test]
+fn blocking_login_returns_the_reported_token() {
+    let srv = PythonServer::start();
+    let url = srv.url.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let config = LoginConfig::new(url.clone()).login_callback(move |ctx| {
+        std::thread::spawn(move || {
+            let page = hypha_rpc::blocking::connect_to_server(ClientConfig::new(url)).expect("connect");
+            let token = page.generate_token(Map::new()).expect("token");
+            let svc = page.get_service("public/hypha-login").expect("login service");
+            svc.call("report", vec![Value::from(ctx.key), Value::from(token.clone())]).expect("report");
+            let _ = tx.send((token, page));
+        });
+        async { Ok(()) }
+    });
+    let outcome = hypha_rpc::blocking::login(config).expect("login");
+    let (token, page) = rx.recv().expect("the reporter ran");
+    assert_eq!(outcome.token(), Some(token.as_str()));
+    let _ = page.disconnect();
+}

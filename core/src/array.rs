@@ -822,3 +822,108 @@ mod conversion_tests {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// serde: the `_rtype: "ndarray"` wire map
+// ---------------------------------------------------------------------------------------
+//
+// So that an `NdArray` can sit inside user structs, maps and lists that go through
+// `serde_value` (the typed client API): it serializes to exactly the map that
+// `codec::encode` produces for `Value::NdArray`, and deserializes from that map, which is
+// also what `serde_value` presents for a decoded `Value::NdArray`. A JS `typedarray` map
+// is accepted as a 1-D array.
+
+impl serde::Serialize for NdArray {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(4))?;
+        m.serialize_entry("_rtype", "ndarray")?;
+        m.serialize_entry("_rvalue", &RawBytes(&self.data))?;
+        m.serialize_entry("_rshape", &self.shape)?;
+        m.serialize_entry("_rdtype", self.dtype.as_str())?;
+        m.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for NdArray {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(NdArrayVisitor)
+    }
+}
+
+struct NdArrayVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NdArrayVisitor {
+    type Value = NdArray;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an ndarray (`_rtype: \"ndarray\"` map)")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NdArray, A::Error> {
+        use serde::de::Error;
+        let mut rtype: Option<String> = None;
+        let mut data: Option<OwnedBytes> = None;
+        let mut shape: Option<Vec<usize>> = None;
+        let mut dtype: Option<String> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "_rtype" => rtype = Some(map.next_value::<String>()?),
+                "_rvalue" => data = Some(map.next_value::<OwnedBytes>()?),
+                "_rshape" => shape = Some(map.next_value::<Vec<usize>>()?),
+                "_rdtype" => dtype = Some(map.next_value::<String>()?),
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        let data = Bytes::from(data.ok_or_else(|| A::Error::missing_field("_rvalue"))?.0);
+        let dtype = DType::parse(&dtype.ok_or_else(|| A::Error::missing_field("_rdtype"))?);
+        let shape = match rtype.as_deref() {
+            Some("ndarray") => shape.ok_or_else(|| A::Error::missing_field("_rshape"))?,
+            Some("typedarray") => vec![dtype.item_size().map_or(0, |s| data.len() / s)],
+            other => return Err(A::Error::custom(format!("expected an ndarray, got _rtype {other:?}"))),
+        };
+        let array = NdArray { dtype, shape, data };
+        array.check_layout().map_err(A::Error::custom)?;
+        Ok(array)
+    }
+}
+
+/// Serializes a slice with `serialize_bytes` (msgpack `bin`, `Value::Bytes`).
+struct RawBytes<'a>(&'a [u8]);
+
+impl serde::Serialize for RawBytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+/// A byte buffer from `bytes` (or a sequence of `u8`).
+struct OwnedBytes(Vec<u8>);
+
+impl<'de> serde::Deserialize<'de> for OwnedBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OwnedBytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<OwnedBytes, E> {
+                Ok(OwnedBytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<OwnedBytes, E> {
+                Ok(OwnedBytes(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<OwnedBytes, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(OwnedBytes(out))
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}

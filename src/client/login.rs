@@ -33,7 +33,9 @@ pub type LoginCallbackFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + 
 
 /// Shows the login URL to the user (opens a browser, sends a message...). It runs before
 /// the wait starts, so it must return promptly; the user has `login_timeout` to log in.
-pub type LoginCallback = Box<dyn FnOnce(LoginContext) -> LoginCallbackFuture>;
+/// The callback is `Send` (its future need not be) so that a [`LoginConfig`] can move to
+/// the thread that runs the login, as the blocking wrapper does.
+pub type LoginCallback = Box<dyn FnOnce(LoginContext) -> LoginCallbackFuture + Send>;
 
 /// Options of [`login`], named after the Python client's config keys.
 pub struct LoginConfig {
@@ -94,7 +96,7 @@ impl LoginConfig {
     /// Sets [`LoginConfig::login_callback`].
     pub fn login_callback<F, Fut>(mut self, f: F) -> Self
     where
-        F: FnOnce(LoginContext) -> Fut + 'static,
+        F: FnOnce(LoginContext) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), Error>> + 'static,
     {
         self.login_callback = Some(Box::new(move |ctx| Box::pin(f(ctx))));

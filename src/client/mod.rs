@@ -34,8 +34,8 @@ use hypha_actors::client::connection::{
 };
 use hypha_actors::client::session_registry::RegistryOptions;
 use hypha_actors::client::{
-    AddService, CallManager, Disconnect, GetState, GetStats, LocalServiceInfo, RegistryStats, RemoveService,
-    SessionRegistry,
+    AddService, CallManager, Disconnect, GetState, GetStats, LocalServiceInfo, RegisterCodec, RegistryStats,
+    RemoveService, SessionRegistry,
 };
 use hypha_core::schema::ServiceInfo;
 use hypha_core::session::BUILTIN_SERVICE_ID;
@@ -53,8 +53,10 @@ mod stream;
 pub use events::{EventStream, EventSubscription};
 pub use external::{launch_external_services, ExternalProcess, LaunchError};
 pub use hypha_actors::client::backoff::BackoffConfig as ReconnectConfig;
+pub use hypha_actors::client::data::NdArrayOf;
 pub use hypha_actors::client::DEFAULT_EVENT_BUFFER;
 pub use hypha_actors::client::{ConnectionState, ConnectionStats, Error};
+pub use hypha_core::array::{DType, Element, NdArray};
 pub use hypha_core::schema::{Param, ParamType, Visibility};
 pub use interface::{Interface, InterfaceBuilder, RemoteInterface};
 pub use login::{login, LoginCallback, LoginCallbackFuture, LoginConfig, LoginContext, LoginOutcome};
@@ -377,6 +379,44 @@ impl Client {
         self.inner.connection.send(GetConnectionStats).await.ok()
     }
 
+    /// Registers a codec for the Rust type `T` under `name` (spec §5.7), the counterpart
+    /// of Python's `register_codec({"name", "type", "encoder", "decoder"})`.
+    ///
+    /// A `T` sent as [`custom(name, value)`](custom) is encoded by `encoder`; if that
+    /// returns a map without `_rtype`, `_rtype = name` is added (so a Python peer with a
+    /// codec of the same name decodes it with its decoder), and functions inside it are
+    /// encoded as callables. A received `_rtype: name` map (members decoded, `_rtype`
+    /// included) goes to `decoder`, and arrives as a [`Value::Custom`] holding a `T`
+    /// (read it with [`custom_ref`]). As upstream does, registering a name or a type
+    /// again replaces the earlier codec.
+    pub async fn register_codec<T, E, Enc, Dec>(
+        &self,
+        name: &str,
+        encoder: Enc,
+        decoder: Dec,
+    ) -> Result<(), Error>
+    where
+        T: std::any::Any + Send + Sync,
+        E: std::fmt::Display + 'static,
+        Enc: Fn(&T) -> Result<Value, E> + Send + Sync + 'static,
+        Dec: Fn(Map) -> Result<T, E> + Send + Sync + 'static,
+    {
+        let name = name.to_owned();
+        let apply =
+            move |codecs: &mut hypha_core::CodecRegistry| codecs.register(name, encoder, Some(decoder));
+        Ok(self.inner.registry.send(RegisterCodec(Box::new(apply))).await?)
+    }
+
+    /// Removes the codec `name`: values of its type can no longer be sent, and received
+    /// `_rtype: name` maps stay maps.
+    pub async fn unregister_codec(&self, name: &str) -> Result<(), Error> {
+        let name = name.to_owned();
+        let apply = move |codecs: &mut hypha_core::CodecRegistry| {
+            codecs.unregister(&name);
+        };
+        Ok(self.inner.registry.send(RegisterCodec(Box::new(apply))).await?)
+    }
+
     /// What the session registry holds (pending calls, sessions, services).
     pub async fn stats(&self) -> Result<RegistryStats, Error> {
         Ok(self.inner.registry.send(GetStats).await?)
@@ -394,6 +434,21 @@ impl Client {
             let _ = closing.0.await;
         }
         Ok(())
+    }
+}
+
+/// A value of a type with a registered codec (see [`Client::register_codec`]), ready to
+/// be an argument or a result. `codec` names the codec; the encoder is found by `T`.
+pub fn custom<T: std::any::Any + Send + Sync>(codec: &str, value: T) -> Value {
+    Value::Custom(hypha_core::value::CustomValue::new(codec, value))
+}
+
+/// The `T` inside a [`Value::Custom`] that a codec's decoder produced (`None` for any
+/// other value, or another type).
+pub fn custom_ref<T: std::any::Any>(value: &Value) -> Option<&T> {
+    match value {
+        Value::Custom(cv) => cv.downcast_ref::<T>(),
+        _ => None,
     }
 }
 

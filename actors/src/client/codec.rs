@@ -22,27 +22,32 @@ use serde::Serialize;
 
 use super::Error;
 
-/// Converts a serializable value; a [`Value`] is taken as is.
+/// Converts a serializable value. A [`Value`] is taken as is; the types with a copy-free
+/// form ([`NdArray`](hypha_core::NdArray), [`NdArrayOf`](super::data::NdArrayOf),
+/// `bytes::Bytes`, `serde_bytes::ByteBuf`) become their typed values directly; anything
+/// else goes through serde.
 pub fn to_value<T: Serialize + 'static>(v: T) -> Result<Value, Error> {
-    let boxed: Box<dyn Any> = Box::new(v);
-    match boxed.downcast::<Value>() {
-        Ok(value) => Ok(*value),
-        Err(other) => match other.downcast::<T>() {
-            Ok(t) => Ok(serde_value::to_value(&*t)?),
-            Err(_) => Err(Error::Convert("internal: type confusion in to_value".into())),
-        },
+    let mut slot = Some(v);
+    if let Some(fast) = super::data::fast_to_value(&mut slot as &mut dyn Any) {
+        return fast;
+    }
+    match slot {
+        Some(t) => Ok(serde_value::to_value(&t)?),
+        None => Err(Error::Convert("internal: value taken by a fast path".into())),
     }
 }
 
-/// Converts a value into a deserializable type; a [`Value`] target takes it as is.
+/// Converts a value into a deserializable type. A [`Value`] target takes it as is; the
+/// types with a copy-free form (see [`to_value`]) take it directly; anything else goes
+/// through serde.
 pub fn from_value<T: DeserializeOwned + 'static>(v: Value) -> Result<T, Error> {
-    let boxed: Box<dyn Any> = Box::new(v);
-    match boxed.downcast::<T>() {
-        Ok(t) => Ok(*t),
-        Err(other) => match other.downcast::<Value>() {
-            Ok(v) => Ok(serde_value::from_value(*v)?),
-            Err(_) => Err(Error::Convert("internal: type confusion in from_value".into())),
-        },
+    let mut out: Option<T> = None;
+    match super::data::fast_from_value(v, &mut out as &mut dyn Any) {
+        Ok(done) => {
+            done?;
+            out.ok_or_else(|| Error::Convert("internal: fast path produced nothing".into()))
+        }
+        Err(v) => Ok(serde_value::from_value(v)?),
     }
 }
 

@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 pub mod backoff;
 pub mod codec;
 pub mod connection;
+pub mod data;
 pub mod events;
 pub mod generator;
 pub mod interface;
@@ -276,3 +277,10 @@ pub struct GetState;
 #[derive(actix::Message)]
 #[rtype(result = "RegistryStats")]
 pub struct GetStats;
+
+/// Changes the endpoint's custom codecs (spec §5.7): the closure runs on the registry,
+/// where encoding and decoding happen. Later calls see the change; calls already encoded
+/// are not affected.
+#[derive(actix::Message)]
+#[rtype(result = "()")]
+pub struct RegisterCodec(pub Box<dyn FnOnce(&mut hypha_core::CodecRegistry) + Send>);

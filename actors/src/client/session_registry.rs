@@ -693,6 +693,14 @@ impl Handler<LocalServiceInfo> for SessionRegistry {
     }
 }
 
+impl Handler<super::RegisterCodec> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: super::RegisterCodec, _: &mut Context<Self>) {
+        (msg.0)(self.endpoint.codecs_mut());
+    }
+}
+
 impl Handler<Reply> for SessionRegistry {
     type Result = ();
 
