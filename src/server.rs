@@ -47,7 +47,7 @@ pub use hypha_actors::server::{ConfigError, ServerConfig};
 
 mod startup;
 
-pub use startup::{ExternalService, StartupResult, PYTHON_LAUNCHER, STARTUP_WORKSPACE};
+pub use startup::{ExternalService, StartupResult, PINNED_HYPHA_RPC, PYTHON_LAUNCHER, STARTUP_WORKSPACE};
 use startup::{StartupConfig, StartupResources};
 
 /// Why a server could not be built or started.
@@ -305,9 +305,20 @@ impl ServerBuilder {
     }
 
     /// The Python interpreter for startup functions (`--python`, `HYPHA_PYTHON`); default
-    /// `python3` on `PATH`. It must be able to `import hypha_rpc`.
+    /// the base interpreter ([`ServerBuilder::base_python`]) or an environment the server
+    /// creates with the stock client. An interpreter given here must `import hypha_rpc`.
     pub fn python(mut self, interpreter: impl Into<std::path::PathBuf>) -> Self {
         self.config_startup().python = Some(interpreter.into());
+        self
+    }
+
+    /// The interpreter the server looks at first, and creates its own environment from when
+    /// it lacks `hypha_rpc` (`--base-python`, `HYPHA_BASE_PYTHON`; default `python3` on
+    /// `PATH`). Unused when [`ServerBuilder::python`] is set. The environment lives in
+    /// `{data_dir}/python-env` (or the user's cache directory) and gets the pinned stock
+    /// client [`PINNED_HYPHA_RPC`], so a fresh machine needs only Python 3.
+    pub fn base_python(mut self, interpreter: impl Into<std::path::PathBuf>) -> Self {
+        self.config_startup().base_python = Some(interpreter.into());
         self
     }
 

@@ -857,3 +857,79 @@ async fn a_headless_chromium_signs_up_and_logs_in_on_the_served_page() {
     provider.disconnect().await.unwrap();
     srv.stop().await.unwrap();
 }
+
+/// Reads up to the next `PREFIX rest` line of the Python side's protocol (30 s at most),
+/// skipping the client's own log lines (the stock client logs to stdout).
+async fn expect_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    prefix: &str,
+) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut skipped = Vec::new();
+    loop {
+        let next = tokio::time::timeout_at(deadline, lines.next_line()).await;
+        let line = next
+            .unwrap_or_else(|_| panic!("no {prefix} line within 30 s; saw {skipped:?}"))
+            .expect("read the script's stdout")
+            .unwrap_or_else(|| panic!("the script ended before {prefix}; saw {skipped:?}"));
+        match line.strip_prefix(&format!("{prefix} ")) {
+            Some(rest) => return rest.to_owned(),
+            None => skipped.push(line),
+        }
+    }
+}
+
+/// The stock Python `hypha_rpc.login()` with the browser part played by a real Chromium on
+/// the served page: the URL from `login_callback` is opened, the user signs up there, and
+/// the token `login()` returns calls a protected `require_context` service as that user.
+#[actix_rt::test]
+async fn the_stock_python_login_completes_in_a_headless_chromium_and_calls_a_protected_service() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let srv = start(builder());
+    let url = srv.url();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/browser_login.py");
+    let python = python();
+    let mut child = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(&url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stdin = child.stdin.take().unwrap();
+    let browser = Browser::start().await;
+
+    let login_url = expect_line(&mut lines, "LOGIN_URL").await;
+    assert!(login_url.starts_with(&format!("{url}/public/apps/hypha-login/?key=")), "{login_url}");
+    browser.goto(&login_url).await;
+    let title = browser.cmd("GET", "/title", None).await;
+    assert!(title.as_str().unwrap().contains("Hypha Account"), "{title}");
+    browser.click("#tab-signup").await;
+    browser.fill("#signup-name", "Py Browser User").await;
+    browser.fill("#signup-email", "py.browser@example.com").await;
+    browser.fill("#signup-password", PASSWORD).await;
+    browser.click("#signup-submit").await;
+
+    let token = expect_line(&mut lines, "TOKEN").await;
+    let c = claims(&token);
+    assert_eq!(c["https://amun.ai/email"], json!("py.browser@example.com"));
+    let user_id = c["sub"].as_str().unwrap().to_owned();
+    browser
+        .wait_for("the logged-in status", "return document.getElementById('status').textContent.includes('Logged in as py.browser@example.com')")
+        .await;
+
+    let provider = connect_to_server(ClientConfig::new(&url).token(&token)).await.expect("connect");
+    provider.register_service(guarded_service("py.browser@example.com".into())).await.expect("register");
+    stdin.write_all(format!("ws-user-{user_id}/guarded\n").as_bytes()).await.unwrap();
+    stdin.flush().await.unwrap();
+    let result: Json = serde_json::from_str(&expect_line(&mut lines, "RESULT").await).expect("whoami JSON");
+    assert_eq!(result, json!({"id": user_id, "email": "py.browser@example.com"}));
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "browser_login.py exit: {status}");
+
+    browser.quit().await;
+    provider.disconnect().await.unwrap();
+    srv.stop().await.unwrap();
+}

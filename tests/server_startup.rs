@@ -273,6 +273,72 @@ async fn a_python_without_hypha_rpc_is_named_with_how_to_install_it() {
     assert!(text.contains("pip install hypha-rpc"), "{text}");
 }
 
+/// The item-6 promise "the server finds or creates the Python environment it needs": a base
+/// interpreter without `hypha_rpc` (a bare venv) makes the server create
+/// `{data_dir}/python-env` with the pinned stock client, run the startup function there, and
+/// reuse the environment on the next start.
+#[actix_rt::test]
+async fn a_python_without_hypha_rpc_gets_an_environment_created_with_the_stock_client_and_reused() {
+    let dir = TempDir::new("env");
+    let bare = dir.path("bare");
+    let made = Command::new("python3").args(["-m", "venv", "--without-pip"]).arg(&bare).status().unwrap();
+    assert!(made.success(), "python3 -m venv");
+    let base = bare.join("bin/python");
+    let data = dir.path("data");
+    let spec = format!("{}:hypha_startup", script("example-startup-function.py"));
+    let launch = || {
+        Server::builder()
+            .jwt_secret(SECRET)
+            .server_id("startup-env-test")
+            .workers(1)
+            .base_python(&base)
+            .data_dir(&data)
+            .python_startup_function(spec.clone())
+            .build()
+            .unwrap()
+            .launch("127.0.0.1", 0)
+    };
+    let srv = launch().await.unwrap();
+    let (status, body) = get(&format!("{}/public/services/test-service/test?x=1", srv.url())).await;
+    assert_eq!((status, body.as_str()), (200, "100"), "the startup function ran in the created environment");
+    srv.stop().await.unwrap();
+    let env = data.join("python-env");
+    let stamp = env.join("hypha-rs-python-env.stamp");
+    assert_eq!(std::fs::read_to_string(&stamp).unwrap(), hypha_rpc::server::PINNED_HYPHA_RPC);
+    let ok = Command::new(env.join("bin/python")).args(["-c", "import hypha_rpc"]).status().unwrap();
+    assert!(ok.success(), "the environment has the client");
+    let untouched =
+        Command::new(&base).args(["-c", "import hypha_rpc"]).stderr(Stdio::null()).status().unwrap();
+    assert!(!untouched.success(), "nothing installed into the base interpreter");
+
+    let stamped = std::fs::metadata(&stamp).unwrap().modified().unwrap();
+    let started = Instant::now();
+    let srv = launch().await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20), "reused, not reinstalled: {:?}", started.elapsed());
+    assert_eq!(std::fs::metadata(&stamp).unwrap().modified().unwrap(), stamped, "reused, not recreated");
+    let (status, body) = get(&format!("{}/public/services/test-service/test?x=2", srv.url())).await;
+    assert_eq!((status, body.as_str()), (200, "101"));
+    srv.stop().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_missing_base_python_says_to_install_python3_and_venv() {
+    let err = Server::builder()
+        .jwt_secret(SECRET)
+        .workers(1)
+        .base_python("/nonexistent/bin/python3")
+        .python_startup_function("x.py:f")
+        .build()
+        .unwrap()
+        .launch("127.0.0.1", 0)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("need Python 3, but `/nonexistent/bin/python3` cannot be run"), "{text}");
+    assert!(text.contains("apt install python3 python3-venv"), "{text}");
+    assert!(text.contains("--python (HYPHA_PYTHON)"), "{text}");
+}
+
 #[actix_rt::test]
 async fn an_external_python_service_is_launched_with_placeholders_resolved_by_id_and_stopped() {
     let dir = TempDir::new("ext");

@@ -116,9 +116,14 @@ struct Args {
     #[arg(long, num_args = 1.., action = clap::ArgAction::Append, value_name = "FILE_OR_MODULE:FUNCTION")]
     startup_functions: Vec<String>,
     /// The Python interpreter for startup functions (must be able to `import hypha_rpc`;
-    /// default: `python3` on PATH).
+    /// default: see --base-python).
     #[arg(long, env = "HYPHA_PYTHON")]
     python: Option<PathBuf>,
+    /// The Python the server starts from when --python is not given: used if it has
+    /// hypha_rpc, else the server creates `{data-dir}/python-env` (or one in the user's
+    /// cache) from it with the pinned stock client (default: `python3` on PATH).
+    #[arg(long, env = "HYPHA_BASE_PYTHON")]
+    base_python: Option<PathBuf>,
     /// Seconds one Python startup function may take.
     #[arg(long, env = "HYPHA_STARTUP_TIMEOUT", value_parser = seconds, default_value = "120")]
     startup_timeout: Duration,
@@ -329,6 +334,9 @@ fn build(args: Args) -> Result<Server, Box<dyn std::error::Error>> {
     }
     if let Some(python) = args.python {
         b = b.python(python);
+    }
+    if let Some(base) = args.base_python {
+        b = b.base_python(base);
     }
     b = b
         .python_startup_timeout(args.startup_timeout)

@@ -21,7 +21,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -142,6 +142,7 @@ pub(crate) struct StartupConfig {
     pub hooks: Vec<StartupHook>,
     pub python_functions: Vec<String>,
     pub python: Option<PathBuf>,
+    pub base_python: Option<PathBuf>,
     pub external: Vec<ExternalService>,
     pub python_timeout: Duration,
     pub stop_grace: Duration,
@@ -154,6 +155,7 @@ impl Default for StartupConfig {
             hooks: Vec::new(),
             python_functions: Vec::new(),
             python: None,
+            base_python: None,
             external: Vec::new(),
             python_timeout: Duration::from_secs(120),
             stop_grace: Duration::from_secs(5),
@@ -269,7 +271,7 @@ pub(crate) async fn run(
         }
     }
     if !config.python_functions.is_empty() {
-        let python = find_python(config.python.as_deref()).await?;
+        let python = find_python(&config, state.config.data_dir.as_deref()).await?;
         for (i, spec) in config.python_functions.iter().enumerate() {
             let handle = start_python_function(&state, &config, &python, spec, i + 1);
             resources.add(handle.clone());
@@ -285,48 +287,212 @@ pub(crate) async fn run(
     Ok(())
 }
 
-/// The Python interpreter for startup functions: `--python`/`HYPHA_PYTHON` if given, else
-/// `python3` on `PATH`; it must import `hypha_rpc`.
-pub(crate) async fn find_python(configured: Option<&std::path::Path>) -> Result<PathBuf, String> {
-    let python = configured.map(PathBuf::from).unwrap_or_else(|| PathBuf::from("python3"));
-    let probe = tokio::process::Command::new(&python)
+/// The stock Python client the server installs into its own Python environment when no
+/// interpreter with `hypha_rpc` is at hand (the version the interop tests pin).
+pub const PINNED_HYPHA_RPC: &str = "hypha-rpc==0.21.47";
+
+/// The file in the environment that records which client was installed: its content must
+/// equal [`PINNED_HYPHA_RPC`] for the environment to be reused.
+const ENV_STAMP: &str = "hypha-rs-python-env.stamp";
+
+/// How long a probe (`python -c "import hypha_rpc"`) may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `python -m venv` may take.
+const VENV_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `pip install` of the client may take (downloads included).
+const PIP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What probing an interpreter for `hypha_rpc` found.
+enum Probe {
+    /// It imports; the client's version.
+    Found(String),
+    /// It runs but cannot import the client; the error's last line.
+    Missing(String),
+    /// It cannot be started (not installed, not executable).
+    CannotRun(std::io::Error),
+    /// It did not answer within [`PROBE_TIMEOUT`].
+    Timeout,
+}
+
+async fn probe(python: &Path) -> Probe {
+    let out = tokio::process::Command::new(python)
         .args(["-c", "import hypha_rpc; print(hypha_rpc.__version__)"])
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
+    match tokio::time::timeout(PROBE_TIMEOUT, out).await {
+        Err(_) => Probe::Timeout,
+        Ok(Err(e)) => Probe::CannotRun(e),
+        Ok(Ok(o)) if o.status.success() => Probe::Found(String::from_utf8_lossy(&o.stdout).trim().to_owned()),
+        Ok(Ok(o)) => Probe::Missing(last_line(&o)),
+    }
+}
+
+/// The last non-empty stderr line of a finished command (else its exit status): the line
+/// that names what went wrong in a Python traceback or a pip failure.
+fn last_line(output: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&output.stderr);
+    let last = err.lines().rev().find(|l| !l.trim().is_empty()).map(str::trim);
+    last.map_or_else(|| output.status.to_string(), str::to_owned)
+}
+
+/// The Python interpreter for startup functions.
+///
+/// An explicit `--python`/`HYPHA_PYTHON` is used as is and must import `hypha_rpc` (the
+/// operator chose it; the server does not install into it). Otherwise the base interpreter
+/// (`--base-python`/`HYPHA_BASE_PYTHON`, default `python3` on `PATH`) is used if it has the
+/// client, and else the server's own environment, created on first need under
+/// `{data_dir}/python-env` (or a per-user cache directory when accounts are in memory) with
+/// the pinned stock client, and reused while its stamp names the same pin.
+pub(crate) async fn find_python(config: &StartupConfig, data_dir: Option<&Path>) -> Result<PathBuf, String> {
+    if let Some(python) = &config.python {
+        return explicit_python(python).await;
+    }
+    let base = config.base_python.clone().unwrap_or_else(|| PathBuf::from("python3"));
+    match probe(&base).await {
+        Probe::Found(version) => {
+            tracing::info!(python = %base.display(), hypha_rpc = %version, "Python for startup functions");
+            Ok(base)
+        }
+        Probe::Timeout => Err(format!(
+            "startup functions need Python: `{}` did not answer within {} s",
+            base.display(),
+            PROBE_TIMEOUT.as_secs()
+        )),
+        Probe::CannotRun(e) => Err(format!(
+            "startup functions need Python 3, but `{}` cannot be run ({e}); install Python 3 with its \
+             venv module (Debian/Ubuntu: `apt install python3 python3-venv`), or point --python \
+             (HYPHA_PYTHON) at an interpreter that has `{PINNED_HYPHA_RPC}`",
+            base.display()
+        )),
+        Probe::Missing(_) => ensure_env(&base, &python_env_dir(data_dir)).await,
+    }
+}
+
+async fn explicit_python(python: &Path) -> Result<PathBuf, String> {
     let install = format!(
-        "install the stock client with `{} -m pip install hypha-rpc==0.21.47`, or point --python \
+        "install the stock client with `{} -m pip install {PINNED_HYPHA_RPC}`, or point --python \
          (HYPHA_PYTHON) at an interpreter that has it",
         python.display()
     );
-    let output = match tokio::time::timeout(Duration::from_secs(60), probe).await {
-        Err(_) => {
-            return Err(format!(
-                "startup functions need Python: `{}` did not answer within 60 s",
-                python.display()
-            ))
+    match probe(python).await {
+        Probe::Found(version) => {
+            tracing::info!(python = %python.display(), hypha_rpc = %version, "Python for startup functions");
+            Ok(python.to_owned())
         }
-        Ok(Err(e)) => {
-            return Err(format!(
-                "startup functions need a Python interpreter with the hypha-rpc client, but `{}` cannot \
-                 be run ({e}); install Python 3 and {install}",
-                python.display()
-            ))
-        }
-        Ok(Ok(o)) => o,
-    };
-    if !output.status.success() {
-        let err = String::from_utf8_lossy(&output.stderr);
-        let last = err.lines().rev().find(|l| !l.trim().is_empty()).map(str::trim);
-        let last = last.map_or_else(|| output.status.to_string(), str::to_owned);
-        return Err(format!(
+        Probe::Timeout => Err(format!(
+            "startup functions need Python: `{}` did not answer within {} s",
+            python.display(),
+            PROBE_TIMEOUT.as_secs()
+        )),
+        Probe::CannotRun(e) => Err(format!(
+            "startup functions need a Python interpreter with the hypha-rpc client, but `{}` cannot \
+             be run ({e}); install Python 3 and {install}",
+            python.display()
+        )),
+        Probe::Missing(last) => Err(format!(
             "startup functions need the Python client hypha-rpc, but `{}` cannot import it ({last}); {install}",
             python.display()
-        ));
+        )),
     }
-    let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    tracing::info!(python = %python.display(), hypha_rpc = %version, "Python for startup functions");
-    Ok(python)
+}
+
+/// Where the server keeps its own Python environment: next to the accounts when there is a
+/// data directory, else in the user's cache (so in-memory servers still create it once).
+fn python_env_dir(data_dir: Option<&Path>) -> PathBuf {
+    if let Some(dir) = data_dir {
+        return dir.join("python-env");
+    }
+    let cache =
+        std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()).map(PathBuf::from).or_else(|| {
+            std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache"))
+        });
+    match cache {
+        Some(cache) => cache.join("hypha-rs").join("python-env"),
+        None => std::env::temp_dir().join("hypha-rs-python-env"),
+    }
+}
+
+fn env_python(dir: &Path) -> PathBuf {
+    if cfg!(windows) {
+        dir.join("Scripts").join("python.exe")
+    } else {
+        dir.join("bin").join("python")
+    }
+}
+
+/// Runs one step of creating the environment; on failure, the step's last error line.
+async fn run_step(program: &Path, args: &[&std::ffi::OsStr], limit: Duration) -> Result<(), String> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(limit, out).await {
+        Err(_) => Err(format!("no result within {} s", limit.as_secs())),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(o)) if o.status.success() => Ok(()),
+        Ok(Ok(o)) => Err(last_line(&o)),
+    }
+}
+
+/// Reuses or creates the server's Python environment in `dir` from `base`.
+async fn ensure_env(base: &Path, dir: &Path) -> Result<PathBuf, String> {
+    let python = env_python(dir);
+    let stamp = dir.join(ENV_STAMP);
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == PINNED_HYPHA_RPC) {
+        if let Probe::Found(version) = probe(&python).await {
+            tracing::info!(python = %python.display(), hypha_rpc = %version,
+                "Python for startup functions (the server's own environment)");
+            return Ok(python);
+        }
+    }
+    let by_hand = format!(
+        "to do it by hand: `{} -m venv {} && {} -m pip install {PINNED_HYPHA_RPC}`, or point --python \
+         (HYPHA_PYTHON) at an interpreter that has the client",
+        base.display(),
+        dir.display(),
+        python.display()
+    );
+    tracing::info!(base = %base.display(), dir = %dir.display(), client = PINNED_HYPHA_RPC,
+        "the Python for startup functions lacks hypha_rpc: creating an environment with the stock client");
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            format!("cannot create the Python environment's directory {}: {e}; {by_hand}", parent.display())
+        })?;
+    }
+    let venv_args = ["-m".as_ref(), "venv".as_ref(), "--clear".as_ref(), dir.as_os_str()];
+    run_step(base, &venv_args, VENV_TIMEOUT).await.map_err(|e| {
+        format!(
+            "startup functions need a Python environment with hypha-rpc, but `{} -m venv {}` failed ({e}); \
+             the venv module may be missing (Debian/Ubuntu: `apt install python3-venv`); {by_hand}",
+            base.display(),
+            dir.display()
+        )
+    })?;
+    tracing::info!(dir = %dir.display(), client = PINNED_HYPHA_RPC, "installing the stock Python client");
+    let pip_args = ["-m", "pip", "install", "--disable-pip-version-check", "-q", PINNED_HYPHA_RPC];
+    let pip_args: Vec<&std::ffi::OsStr> = pip_args.iter().map(|a| a.as_ref()).collect();
+    run_step(&python, &pip_args, PIP_TIMEOUT).await.map_err(|e| {
+        format!(
+            "startup functions need the Python client, but `pip install {PINNED_HYPHA_RPC}` into {} failed \
+             ({e}); check the network access to PyPI (or pip's proxy/index settings); {by_hand}",
+            dir.display()
+        )
+    })?;
+    match probe(&python).await {
+        Probe::Found(version) => {
+            std::fs::write(&stamp, PINNED_HYPHA_RPC)
+                .map_err(|e| format!("cannot write {}: {e}", stamp.display()))?;
+            tracing::info!(python = %python.display(), hypha_rpc = %version,
+                "Python environment for startup functions ready");
+            Ok(python)
+        }
+        _ => Err(format!(
+            "the Python environment in {} was created but cannot import hypha_rpc; {by_hand}",
+            dir.display()
+        )),
+    }
 }
 
 fn start_python_function(
