@@ -8,9 +8,7 @@
 //! The server fixtures are copied from `tests/client.rs` (they move to
 //! `tests/support/servers.rs` later).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,111 +18,13 @@ use hypha_rpc::client::{
     Visibility,
 };
 use hypha_rpc::core::{Map, Value};
-use hypha_rpc::server::{RunningServer, Server};
 use ndarray::{Array1, Array2, Ix1, Ix2};
 use num_complex::Complex;
 use serde::Deserialize;
 
-const SECRET: &str = "test-secret-for-the-client-data-tests";
+mod support;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python_client() -> PathBuf {
-    std::env::var_os("HYPHA_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
-}
-
-fn python_server_interpreter() -> PathBuf {
-    std::env::var_os("HYPHA_SERVER_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".venv-server/bin/python"))
-}
-
-fn our_server() -> RunningServer {
-    Server::builder()
-        .jwt_secret(SECRET)
-        .server_id("client-test")
-        .workers(1)
-        .build()
-        .expect("valid config")
-        .start("127.0.0.1", 0)
-        .expect("bind")
-}
-
-/// The stock Python server on a free port, killed on drop. Its scratch files (upstream
-/// keeps a SQLite event log in the temp dir and leaves it behind) and its log go to a
-/// directory of its own, removed on drop; the log's tail is shown if it fails to start.
-struct PythonServer {
-    child: Child,
-    url: String,
-    dir: PathBuf,
-}
-
-impl PythonServer {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let python = python_server_interpreter();
-        let dir = std::env::temp_dir().join(format!("hypha-py-data-server-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        let log = std::fs::File::create(dir.join("server.log")).expect("server log");
-        let child = Command::new(&python)
-            .args(["-m", "hypha.server", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .env("JWT_SECRET", SECRET)
-            // 64 MB payloads are 256 chunks each way: lift the per-socket message rate
-            // limit (200/s, burst 2000), as interop/run_bench.sh does.
-            .env("HYPHA_WS_MSG_RATE_LIMIT", "1000000")
-            .env("HYPHA_WS_MSG_BURST_LIMIT", "1000000")
-            .env("TMPDIR", &dir)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("server log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start the Python server with {}: {e}", python.display()));
-        let mut server = PythonServer { child, url: format!("http://127.0.0.1:{port}"), dir };
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while !ready(port) {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("the Python server exited during start-up: {status}\n{}", server.log_tail());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the Python server was not ready within 90 s\n{}",
-                server.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        server
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-impl Drop for PythonServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// `GET /health/readiness` answers 200.
-fn ready(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let req =
-        format!("GET /health/readiness HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
-}
+use support::servers::{our_server, python_client, root, PythonServer};
 
 // ---------------------------------------------------------------------------------------
 // Helpers

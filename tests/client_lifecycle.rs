@@ -17,9 +17,8 @@
 //!
 //! A missing Python interpreter or server package is a failure, not a skip.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,30 +31,13 @@ use hypha_rpc::client::{
 use hypha_rpc::core::{Map, Value};
 use hypha_rpc::server::{RunningServer, Server};
 
-const SECRET: &str = "test-secret-for-the-lifecycle-tests";
+mod support;
+
+use support::servers::{free_port, python_client, root, PythonServer, CLIENT_SECRET as SECRET};
 
 // ---------------------------------------------------------------------------------------
-// The servers (the Python fixture is the one of tests/client.rs, plus restarts on the same
-// port; the integrator moves both into tests/support)
+// The servers (the Python fixture, with restarts on the same port, is tests/support's)
 // ---------------------------------------------------------------------------------------
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python_client() -> PathBuf {
-    std::env::var_os("HYPHA_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
-}
-
-fn python_server_interpreter() -> PathBuf {
-    std::env::var_os("HYPHA_SERVER_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".venv-server/bin/python"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
-}
 
 /// Our server on `port` (0: ephemeral), always with the same secret and id, so that a
 /// restarted one accepts the reconnection tokens of the previous one.
@@ -83,100 +65,6 @@ fn our_server_again(port: u16, secret: &str) -> RunningServer {
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
-}
-
-/// The stock Python server on a fixed port, killed on drop; `restart` kills it and starts
-/// it again on the same port. Scratch files and log in a directory of its own.
-struct PythonServer {
-    child: Child,
-    port: u16,
-    url: String,
-    dir: PathBuf,
-}
-
-impl PythonServer {
-    fn start() -> Self {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("hypha-py-lifecycle-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        let child = Self::spawn(port, &dir);
-        let mut server = PythonServer { child, port, url: format!("http://127.0.0.1:{port}"), dir };
-        server.wait_ready();
-        server
-    }
-
-    fn spawn(port: u16, dir: &Path) -> Child {
-        let python = python_server_interpreter();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("server.log"))
-            .expect("server log");
-        Command::new(&python)
-            .args(["-m", "hypha.server", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .env("JWT_SECRET", SECRET)
-            .env("TMPDIR", dir)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("server log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start the Python server with {}: {e}", python.display()))
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while !ready(self.port) {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("the Python server exited during start-up: {status}\n{}", self.log_tail());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the Python server was not ready within 90 s\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    /// Kills the server (SIGKILL: no goodbye to its clients).
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Starts it again on the same port.
-    fn restart(&mut self) {
-        self.kill();
-        self.child = Self::spawn(self.port, &self.dir);
-        self.wait_ready();
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-impl Drop for PythonServer {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// `GET /health/readiness` answers 200.
-fn ready(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let req =
-        format!("GET /health/readiness HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
 // ---------------------------------------------------------------------------------------

@@ -39,11 +39,19 @@ pub fn our_server() -> RunningServer {
         .expect("bind")
 }
 
-/// The stock Python server on a free port, killed on drop. Its scratch files (upstream
-/// keeps a SQLite event log in the temp dir and leaves it behind) and its log go to a
-/// directory of its own, removed on drop; the log's tail is shown if it fails to start.
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+/// The stock Python server on a free port, killed on drop; [`PythonServer::restart`]
+/// starts it again on the same port. Its scratch files (upstream keeps a SQLite event
+/// log in the temp dir and leaves it behind) and its log go to a directory of its own,
+/// removed on drop; the log's tail is shown if it fails to start. Its per-socket message
+/// rate limit is lifted: a 64 MB payload is hundreds of chunks.
 pub struct PythonServer {
     child: Child,
+    port: u16,
     /// `http://127.0.0.1:<port>`.
     pub url: String,
     dir: PathBuf,
@@ -52,35 +60,62 @@ pub struct PythonServer {
 impl PythonServer {
     /// Starts it and waits (up to 90 s) until it is ready.
     pub fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let python = python_server_interpreter();
+        let port = free_port();
         let dir = std::env::temp_dir().join(format!("hypha-py-server-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("scratch dir");
-        let log = std::fs::File::create(dir.join("server.log")).expect("server log");
-        let child = Command::new(&python)
+        let child = Self::spawn(port, &dir);
+        let mut server = PythonServer { child, port, url: format!("http://127.0.0.1:{port}"), dir };
+        server.wait_ready();
+        server
+    }
+
+    fn spawn(port: u16, dir: &Path) -> Child {
+        let python = python_server_interpreter();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.log"))
+            .expect("server log");
+        Command::new(&python)
             .args(["-m", "hypha.server", "--host", "127.0.0.1", "--port", &port.to_string()])
             .env("JWT_SECRET", CLIENT_SECRET)
-            .env("TMPDIR", &dir)
-            .current_dir(&dir)
+            .env("HYPHA_WS_MSG_RATE_LIMIT", "1000000")
+            .env("HYPHA_WS_MSG_BURST_LIMIT", "1000000")
+            .env("TMPDIR", dir)
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("server log"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start the Python server with {}: {e}", python.display()));
-        let mut server = PythonServer { child, url: format!("http://127.0.0.1:{port}"), dir };
+            .unwrap_or_else(|e| panic!("cannot start the Python server with {}: {e}", python.display()))
+    }
+
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(90);
-        while !ready(port) {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!("the Python server exited during start-up: {status}\n{}", server.log_tail());
+        while !ready(self.port) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the Python server exited during start-up: {status}\n{}", self.log_tail());
             }
             assert!(
                 Instant::now() < deadline,
                 "the Python server was not ready within 90 s\n{}",
-                server.log_tail()
+                self.log_tail()
             );
             std::thread::sleep(Duration::from_millis(250));
         }
-        server
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to its clients).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills it and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.port, &self.dir);
+        self.wait_ready();
     }
 
     /// The last 30 lines of its log.
@@ -93,8 +128,7 @@ impl PythonServer {
 
 impl Drop for PythonServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
