@@ -6,7 +6,7 @@
 //! Every scenario is an `async fn(url)` run once per server. A missing Python
 //! interpreter or server package is a failure, not a skip.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,7 +20,9 @@ use hypha_rpc::server::Server;
 
 mod support;
 
-use support::servers::{our_server, python_client, root, PythonServer, CLIENT_SECRET as SECRET};
+use support::servers::{
+    our_server, python_client, root, serve_python_peer, PythonServer, CLIENT_SECRET as SECRET,
+};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -258,24 +260,7 @@ async fn python_client_calls_rust(url: &str) {
 
 /// A Rust client calls a service of the stock Python client.
 async fn rust_calls_python_service(url: &str) {
-    let mut child = Command::new(python_client())
-        .arg(root().join("tests/python/client_peer.py"))
-        .args(["serve", url])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the stock Python client");
-    let stdout = child.stdout.take().expect("stdout");
-    let id = actix_rt::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find_map(|l| l.strip_prefix("service_id=").map(str::to_owned))
-    })
-    .await
-    .expect("join")
-    .expect("the Python service printed its id");
+    let (mut child, id) = serve_python_peer("client_peer.py", &[url.to_owned()], Stdio::null()).await;
     let c = connect(url).await;
     let svc = c.get_service(&id).await.expect("get the Python service");
     assert_eq!(svc.call("add", vec![Value::from(1), Value::from(2)]).await.expect("add"), Value::from(3));

@@ -8,7 +8,6 @@
 //! The server fixtures are copied from `tests/client.rs` (they move to
 //! `tests/support/servers.rs` later).
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,7 +23,7 @@ use serde::Deserialize;
 
 mod support;
 
-use support::servers::{our_server, python_client, root, PythonServer};
+use support::servers::{our_server, python_client, root, serve_python_peer, PythonServer};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -43,24 +42,8 @@ struct PyPeer {
 
 impl PyPeer {
     async fn serve(url: &str) -> PyPeer {
-        let mut child = Command::new(python_client())
-            .arg(root().join("tests/python/data_peer.py"))
-            .args(["serve", url])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the stock Python client");
-        let stdout = child.stdout.take().expect("stdout");
-        let service_id = actix_rt::task::spawn_blocking(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .find_map(|l| l.strip_prefix("service_id=").map(str::to_owned))
-        })
-        .await
-        .expect("join")
-        .expect("the Python service printed its id");
+        let (mut child, service_id) =
+            serve_python_peer("data_peer.py", &[url.to_owned()], Stdio::inherit()).await;
         let stdin = child.stdin.take();
         PyPeer { child, stdin, service_id }
     }

@@ -17,7 +17,6 @@
 //!
 //! A missing Python interpreter or server package is a failure, not a skip.
 
-use std::io::{BufRead, BufReader};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,7 +32,7 @@ use hypha_rpc::server::{RunningServer, Server};
 
 mod support;
 
-use support::servers::{free_port, python_client, root, PythonServer, CLIENT_SECRET as SECRET};
+use support::servers::{free_port, serve_python_peer, PythonServer, CLIENT_SECRET as SECRET};
 
 // ---------------------------------------------------------------------------------------
 // The servers (the Python fixture, with restarts on the same port, is tests/support's)
@@ -208,30 +207,13 @@ impl PythonPeer {
     /// In `c`'s workspace (with a token `c` generated) when given, so that `c` hears of
     /// its disconnection.
     async fn start(url: &str, c: Option<&Client>) -> Self {
-        let mut args = vec!["serve".to_owned(), url.to_owned()];
+        let mut args = vec![url.to_owned()];
         if let Some(c) = c {
             args.push(c.generate_token(Map::new()).await.expect("token"));
             args.push(c.workspace().to_owned());
         }
-        let mut child = Command::new(python_client())
-            .arg(root().join("tests/python/lifecycle_peer.py"))
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the stock Python client");
-        let stdout = child.stdout.take().expect("stdout");
+        let (mut child, service_id) = serve_python_peer("lifecycle_peer.py", &args, Stdio::null()).await;
         let stdin = child.stdin.take().expect("stdin");
-        let service_id = actix_rt::task::spawn_blocking(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .find_map(|l| l.strip_prefix("service_id=").map(str::to_owned))
-        })
-        .await
-        .expect("join")
-        .expect("the Python peer printed its service id");
         PythonPeer { child, _stdin: stdin, service_id }
     }
 

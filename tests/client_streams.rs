@@ -47,6 +47,21 @@ where
     }
 }
 
+/// The items of a stream up to its first error, and that error (the stream must end
+/// with one).
+async fn items_until_error<T, S>(stream: &mut S) -> (Vec<T>, Error)
+where
+    S: futures_util::Stream<Item = Result<T, Error>> + Unpin,
+{
+    let mut items = Vec::new();
+    loop {
+        match stream.next().await.expect("an item or the error") {
+            Ok(item) => items.push(item),
+            Err(e) => return (items, e),
+        }
+    }
+}
+
 /// Counts drops: put one into a stream, and the count says whether the stream is gone.
 struct DropFlag(Arc<AtomicUsize>);
 
@@ -209,13 +224,7 @@ async fn rust_generator_consumed_by_rust(url: &str) {
     // An Err item mid-stream: the items before it, then the error, then the end.
     let mut g =
         svc.call_generator("fail_after", vec![Value::from(3)]).await.expect("fail_after").typed::<i64>();
-    let mut got = Vec::new();
-    let err = loop {
-        match g.next().await.expect("an item or the error") {
-            Ok(i) => got.push(i),
-            Err(e) => break e,
-        }
-    };
+    let (got, err) = items_until_error(&mut g).await;
     assert_eq!(got, vec![0, 1, 2]);
     assert!(err.remote_message().is_some_and(|m| m.contains("rust stream failed")), "{err:?}");
     assert!(g.next().await.is_none(), "the stream ends after its error");
@@ -319,13 +328,7 @@ async fn python_generator_consumed_by_rust(url: &str) {
     // The Python generator raises after three items.
     let mut g =
         svc.call_generator("fail_after", vec![Value::from(3)]).await.expect("fail_after").typed::<i64>();
-    let mut got = Vec::new();
-    let err = loop {
-        match g.next().await.expect("an item or the error") {
-            Ok(i) => got.push(i),
-            Err(e) => break e,
-        }
-    };
+    let (got, err) = items_until_error(&mut g).await;
     assert_eq!(got, vec![0, 1, 2]);
     let Error::Remote { message, trace } = &err else { panic!("a remote error, got {err:?}") };
     assert!(message.contains("py generator failed"), "{message}");

@@ -3,7 +3,7 @@
 //! hypha.server`), plus where the stock Python client lives (`$HYPHA_PYTHON`). A missing
 //! interpreter or server package is a failure, not a skip.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -144,4 +144,30 @@ pub fn ready(port: u16) -> bool {
     }
     let mut head = [0u8; 12];
     s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+}
+
+/// Starts `tests/python/<script> serve <args...>` under the stock Python client and waits
+/// for the `service_id=<id>` line it prints once its service is registered. stdin is
+/// piped and left in the child: the peers serve until it closes.
+pub async fn serve_python_peer(script: &str, args: &[String], stderr: Stdio) -> (Child, String) {
+    let mut child = Command::new(python_client())
+        .arg(root().join("tests/python").join(script))
+        .arg("serve")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start the stock Python client");
+    let stdout = child.stdout.take().expect("stdout");
+    let service_id = actix_rt::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("service_id=").map(str::to_owned))
+    })
+    .await
+    .expect("join")
+    .unwrap_or_else(|| panic!("the Python peer {script} printed no service id"));
+    (child, service_id)
 }
