@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use crate::msgpack::Rope;
 use crate::value::Value;
 
 // ---------------------------------------------------------------------------------------
@@ -368,16 +369,26 @@ impl ChunkPlan {
         remote_parent: Option<&str>,
         api_version: Option<i64>,
     ) -> Self {
+        Self::from_chunks(split(package, chunk_size).collect(), remote_parent, api_version)
+    }
+
+    /// [`ChunkPlan::new`] for a package encoded as a [`Rope`]: the chunks of its large
+    /// payloads are slices of the caller's buffers ([`Rope::split`]).
+    pub fn from_rope(
+        package: Rope,
+        chunk_size: usize,
+        remote_parent: Option<&str>,
+        api_version: Option<i64>,
+    ) -> Self {
+        Self::from_chunks(package.split(chunk_size), remote_parent, api_version)
+    }
+
+    fn from_chunks(chunks: Vec<Bytes>, remote_parent: Option<&str>, api_version: Option<i64>) -> Self {
         let (key, heartbeat) = match remote_parent {
             Some(parent) if !parent.is_empty() => (parent.to_owned(), true),
             _ => (crate::ids::random_id(), false),
         };
-        ChunkPlan {
-            key,
-            heartbeat,
-            mode: UploadMode::for_api_version(api_version),
-            chunks: split(package, chunk_size).collect(),
-        }
+        ChunkPlan { key, heartbeat, mode: UploadMode::for_api_version(api_version), chunks }
     }
 
     /// The cache key all calls use.

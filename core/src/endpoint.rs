@@ -60,7 +60,7 @@ use bytes::Bytes;
 use crate::chunk::{self, CacheCall, ChunkError, ChunkLimits, ChunkPlan, Reassembler, CHUNK_SIZE};
 use crate::codec::{self, CodecError, CodecRegistry, DecodeContext, EncodeContext};
 use crate::message::{self, CallAddresses, MainSegment, MessageError, Promise};
-use crate::msgpack::DecodeLimits;
+use crate::msgpack::{DecodeLimits, Rope};
 use crate::package::{self, Package, PackageError};
 use crate::session::{
     BuiltinHandlers, CallError, CallOutcome, DispatchError, IncomingCall, OpenCall, RemovedService,
@@ -452,8 +452,8 @@ struct Upload {
     target: String,
     /// The called method, for the failure message.
     method: String,
-    /// The whole packed package.
-    package: Bytes,
+    /// The whole packed package, until the plan cuts it into chunks.
+    package: Option<Rope>,
     /// The call's remote parent: the cache key when present (spec §3 step 2).
     remote_parent: Option<String>,
     /// Made once the target's `api_version` is known.
@@ -821,7 +821,7 @@ impl Endpoint {
         args: Vec<Value>,
         kwargs: Option<Map>,
         local_parent: Option<&str>,
-    ) -> Result<(String, Bytes), EndpointError> {
+    ) -> Result<(String, Rope), EndpointError> {
         let open = OpenCall {
             target: &method.target,
             method: &method.method,
@@ -850,10 +850,10 @@ impl Endpoint {
             }
             main.parent = method.remote_parent.clone();
             let extra = message::call_extra_encoded(args, with_kwargs, promise);
-            Ok(package::encode_package(&main.into_map(), Some(&extra))?)
+            Ok(package::encode_package_rope(&main.into_map(), Some(&extra))?)
         });
         match built {
-            Ok(bytes) => Ok((session, Bytes::from(bytes))),
+            Ok(rope) => Ok((session, rope)),
             Err(e) => {
                 // Nothing was sent: drop the session and what encoding registered.
                 self.table.handle_send_failed(&session, &e.to_string());
@@ -867,13 +867,13 @@ impl Endpoint {
 
     /// Sends a packed call, as one frame or through `message_cache`; the call's timer
     /// starts once it is out (spec §4.2 step 5.3).
-    fn dispatch(&mut self, now: Instant, session: String, method: &RemoteMethod, package: Bytes, then: Then) {
+    fn dispatch(&mut self, now: Instant, session: String, method: &RemoteMethod, package: Rope, then: Then) {
         self.then.insert(session.clone(), then);
         if chunk::needs_chunking(package.len(), &method.method) {
             self.start_upload(now, session, method, package);
             return;
         }
-        self.transmits.push_back(package);
+        self.transmits.push_back(package.into_bytes());
         if let Some(settled) = self.table.call_sent(now, &session) {
             self.settle(now, vec![settled]);
         }
@@ -953,7 +953,7 @@ impl Endpoint {
 
     // ----- chunked upload (sender side of spec §3) -----
 
-    fn start_upload(&mut self, now: Instant, session: String, method: &RemoteMethod, package: Bytes) {
+    fn start_upload(&mut self, now: Instant, session: String, method: &RemoteMethod, package: Rope) {
         let id = self.fresh_id();
         self.upload_of.insert(session.clone(), id);
         self.uploads.insert(
@@ -962,7 +962,7 @@ impl Endpoint {
                 session,
                 target: method.target.clone(),
                 method: method.method.clone(),
-                package,
+                package: Some(package),
                 remote_parent: method.remote_parent.clone(),
                 plan: None,
                 sent: 0,
@@ -1001,8 +1001,9 @@ impl Endpoint {
             UploadStep::GetBuiltin => {
                 let config = value.as_map().and_then(|m| m.get("config")).and_then(Value::as_map);
                 let api_version = config.and_then(|c| c.get("api_version")).and_then(Value::as_i64);
-                let plan =
-                    ChunkPlan::new(&upload.package, chunk_size, upload.remote_parent.as_deref(), api_version);
+                let package = upload.package.take().unwrap_or_default();
+                let parent = upload.remote_parent.as_deref();
+                let plan = ChunkPlan::from_rope(package, chunk_size, parent, api_version);
                 let create = plan.create_call();
                 upload.plan = Some(plan);
                 self.cache_call(now, id, UploadStep::Create, create);

@@ -506,9 +506,163 @@ pub fn encoded_map_len(map: &Map) -> usize {
     n.0
 }
 
-/// Where encoded bytes go: a buffer, or a counter for [`encoded_len`].
+/// Appends the encoding of a bare [`Map`] to `rope`: like [`encode_map`], but `bin`
+/// payloads of at least [`Rope::SHARE_MIN`] bytes are referenced, not copied. On error the
+/// rope keeps what was written before the call only.
+pub fn encode_map_to_rope(map: &Map, rope: &mut Rope) -> Result<(), EncodeError> {
+    let mark = rope.mark();
+    let r = write_tree(Root::Map(map), rope);
+    if r.is_err() {
+        rope.reset(mark);
+    }
+    r
+}
+
+/// An encoded message as a sequence of buffers: small values are written into an owned
+/// buffer, large `bin` payloads (an ndarray's data, a big `bytes` argument) are kept as
+/// reference-counted slices of the caller's memory.
+///
+/// Why: a package over the chunk size is never sent whole; it is cut into `message_cache`
+/// chunks (spec §3). Writing it contiguously first meant copying a 64 MiB array into a
+/// fresh 64 MiB buffer (page faults included) only to slice it again. With a rope, the
+/// chunks of a large payload are zero-copy slices of the array itself
+/// ([`Rope::split`]), and a small package is still one buffer ([`Rope::into_bytes`]).
+#[derive(Clone, Debug, Default)]
+pub struct Rope {
+    /// Finished buffers, in order.
+    segments: Vec<Bytes>,
+    /// The buffer being written (becomes a segment when a shared payload follows).
+    tail: Vec<u8>,
+    /// Total length of `segments`.
+    sealed: usize,
+}
+
+impl Rope {
+    /// `bin` payloads at least this long are shared instead of copied: below it a copy
+    /// costs less than the extra segment.
+    pub const SHARE_MIN: usize = 16 * 1024;
+
+    /// An empty rope.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty rope whose first buffer holds `capacity` bytes without reallocating.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self { tail: Vec::with_capacity(capacity), ..Self::default() }
+    }
+
+    /// Total encoded length.
+    pub fn len(&self) -> usize {
+        self.sealed + self.tail.len()
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole message as one buffer: free when nothing was shared (every small
+    /// message), one copy otherwise.
+    pub fn into_bytes(mut self) -> Bytes {
+        if self.segments.is_empty() {
+            return Bytes::from(self.tail);
+        }
+        if self.tail.is_empty() && self.segments.len() == 1 {
+            return self.segments.pop().unwrap_or_default();
+        }
+        let mut out = Vec::with_capacity(self.len());
+        for s in &self.segments {
+            out.extend_from_slice(s);
+        }
+        out.extend_from_slice(&self.tail);
+        Bytes::from(out)
+    }
+
+    /// Consecutive pieces of `chunk_size` bytes (the last one shorter) covering the
+    /// message in order, as [`crate::chunk::split`] cuts a contiguous package. A piece
+    /// that lies inside one segment is a zero-copy slice of it; only pieces that straddle
+    /// a segment boundary are copied. A `chunk_size` of 0 is treated as 1.
+    pub fn split(self, chunk_size: usize) -> Vec<Bytes> {
+        let chunk_size = chunk_size.max(1);
+        let mut segments = self.segments;
+        if !self.tail.is_empty() {
+            segments.push(Bytes::from(self.tail));
+        }
+        let total: usize = segments.iter().map(Bytes::len).sum();
+        let mut chunks = Vec::with_capacity(total.div_ceil(chunk_size));
+        let mut pending: Vec<u8> = Vec::new();
+        for seg in segments {
+            let mut at = 0;
+            while at < seg.len() {
+                if pending.is_empty() && seg.len() - at >= chunk_size {
+                    chunks.push(seg.slice(at..at + chunk_size));
+                    at += chunk_size;
+                    continue;
+                }
+                if pending.capacity() == 0 {
+                    pending.reserve_exact(chunk_size);
+                }
+                let take = (chunk_size - pending.len()).min(seg.len() - at);
+                pending.extend_from_slice(&seg[at..at + take]);
+                at += take;
+                if pending.len() == chunk_size {
+                    chunks.push(Bytes::from(std::mem::take(&mut pending)));
+                }
+            }
+        }
+        if !pending.is_empty() {
+            chunks.push(Bytes::from(pending));
+        }
+        chunks
+    }
+
+    fn mark(&self) -> (usize, usize, usize) {
+        (self.segments.len(), self.sealed, self.tail.len())
+    }
+
+    /// Back to a [`Rope::mark`]. Segments sealed since then are dropped; if the mark was
+    /// inside what is now a sealed segment, that segment becomes the tail again.
+    fn reset(&mut self, (segments, sealed, tail): (usize, usize, usize)) {
+        if self.segments.len() > segments {
+            let first = self.segments[segments].clone();
+            self.segments.truncate(segments);
+            self.sealed = sealed;
+            self.tail = first[..tail.min(first.len())].to_vec();
+        } else {
+            self.tail.truncate(tail);
+        }
+    }
+}
+
+/// Where encoded bytes go: a buffer, a rope, or a counter for [`encoded_len`].
 trait Sink {
     fn put(&mut self, bytes: &[u8]);
+
+    /// A `bin` payload: sinks that can keep a reference instead of a copy do.
+    fn put_shared(&mut self, bytes: &Bytes) {
+        self.put(bytes);
+    }
+}
+
+impl Sink for Rope {
+    #[inline]
+    fn put(&mut self, bytes: &[u8]) {
+        self.tail.extend_from_slice(bytes);
+    }
+
+    fn put_shared(&mut self, bytes: &Bytes) {
+        if bytes.len() < Self::SHARE_MIN {
+            return self.tail.extend_from_slice(bytes);
+        }
+        if !self.tail.is_empty() {
+            let tail = Bytes::from(std::mem::take(&mut self.tail));
+            self.sealed += tail.len();
+            self.segments.push(tail);
+        }
+        self.sealed += bytes.len();
+        self.segments.push(bytes.clone());
+    }
 }
 
 impl Sink for Vec<u8> {
@@ -611,7 +765,7 @@ fn write_scalar<S: Sink>(value: &Value, out: &mut S) -> Result<(), EncodeError> 
         Value::Str(s) => write_str(s, out)?,
         Value::Bytes(b) => {
             write_len(b.len(), "bin", [None, Some(0xc4), Some(0xc5), Some(0xc6)], 0, out)?;
-            out.put(b);
+            out.put_shared(b);
         }
         other => return Err(EncodeError::NotWire(other.kind())),
     }
@@ -994,6 +1148,22 @@ pub(crate) mod tests {
         );
     }
 
+    #[test]
+    fn rope_shares_large_payloads_and_a_failed_encode_leaves_it_as_it_was() {
+        let payload = Bytes::from(vec![7u8; 4 * Rope::SHARE_MIN]);
+        let m = crate::map! { "a" => 1, "data" => Value::Bytes(payload.clone()), "z" => "end" };
+        let mut rope = Rope::new();
+        encode_map_to_rope(&m, &mut rope).unwrap();
+        let before = rope.clone().into_bytes();
+        // The payload's chunks are slices of the caller's buffer, not copies.
+        let chunks = rope.clone().split(Rope::SHARE_MIN);
+        assert!(chunks.iter().any(|c| payload.as_ptr_range().contains(&c.as_ptr())));
+        // A value that cannot be encoded, after a shared payload: nothing of it stays.
+        let bad = crate::map! { "x" => Value::Bytes(payload), "bad" => Value::Set(vec![]) };
+        assert_eq!(encode_map_to_rope(&bad, &mut rope), Err(EncodeError::NotWire("set")));
+        assert_eq!(rope.into_bytes(), before);
+    }
+
     pub(crate) fn arb_wire() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Nil),
@@ -1034,6 +1204,31 @@ pub(crate) mod tests {
                 let r = decode(&buf.slice(..cut), 0, &DecodeLimits::default());
                 prop_assert!(matches!(r, Err(DecodeError::Truncated { .. })), "cut {}: {:?}", cut, r);
             }
+        }
+
+        /// A rope holds the same bytes as a contiguous encode, and its chunks are the
+        /// contiguous package's chunks, whatever the sizes of the shared payloads.
+        #[test]
+        fn rope_equals_contiguous_encoding(
+            v in arb_wire(),
+            big in proptest::collection::vec(0usize..3 * Rope::SHARE_MIN, 0..4),
+            chunk_size in 1usize..3 * Rope::SHARE_MIN,
+        ) {
+            let mut m = Map::new();
+            m.insert("v".into(), v);
+            for (i, n) in big.iter().enumerate() {
+                m.insert(format!("b{i}"), Value::Bytes(Bytes::from(vec![i as u8; *n])));
+                m.insert(format!("s{i}"), Value::from(i as i64));
+            }
+            let mut flat = Vec::new();
+            encode_map(&m, &mut flat).unwrap();
+            let mut rope = Rope::new();
+            encode_map_to_rope(&m, &mut rope).unwrap();
+            prop_assert_eq!(rope.len(), flat.len());
+            prop_assert_eq!(&rope.clone().into_bytes()[..], &flat[..]);
+            let flat = Bytes::from(flat);
+            let expected: Vec<Bytes> = crate::chunk::split(&flat, chunk_size).collect();
+            prop_assert_eq!(rope.split(chunk_size), expected);
         }
 
         #[test]
