@@ -376,6 +376,14 @@ pub struct Close;
 #[derive(MessageResponse)]
 pub struct Closing(pub tokio::sync::oneshot::Receiver<()>);
 
+/// Fault injection: closes the live socket with this close code, as a network failure or
+/// a server-side close would end it. Unlike [`Close`], this is not a user disconnect: the
+/// actor reconnects as it does after any unexpected close. Answers whether a live socket
+/// was closed. Upstream's tests do the same by closing the client's websocket directly.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct DropSocket(pub u16);
+
 /// What the connection actor is doing (tests: superseded generations are reaped).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, MessageResponse)]
 pub struct ConnectionStats {
@@ -663,6 +671,16 @@ impl Handler<Close> for ConnectionActor {
             }
         }
         Closing(rx)
+    }
+}
+
+impl Handler<DropSocket> for ConnectionActor {
+    type Result = bool;
+
+    fn handle(&mut self, DropSocket(code): DropSocket, _: &mut Context<Self>) -> bool {
+        let Some(tx) = self.outbound.as_ref().filter(|_| !self.closing) else { return false };
+        let close = CloseReason { code: CloseCode::from(code), description: None };
+        tx.try_send(Outgoing::Close(close)).is_ok()
     }
 }
 
