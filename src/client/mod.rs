@@ -96,6 +96,9 @@ pub struct ClientConfig {
     /// How long a session (the state behind a callback or a generator handed to a peer)
     /// may stay idle before it is collected; any use keeps it alive. Upstream: 600 s.
     pub session_ttl: Duration,
+    /// Extra HTTP headers of the websocket upgrade request (upstream's
+    /// `additional_headers`), e.g. for an authenticating proxy in front of the server.
+    pub additional_headers: Vec<(String, String)>,
 }
 
 impl Default for ClientConfig {
@@ -111,6 +114,7 @@ impl Default for ClientConfig {
             max_frame_size: 64 << 20,
             reconnect: ReconnectConfig::default(),
             session_ttl: Duration::from_secs(600),
+            additional_headers: Vec::new(),
         }
     }
 }
@@ -160,6 +164,12 @@ impl ClientConfig {
     /// Sets the idle lifetime of sessions.
     pub fn session_ttl(mut self, ttl: Duration) -> Self {
         self.session_ttl = ttl;
+        self
+    }
+
+    /// Adds a header to the websocket upgrade request.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.additional_headers.push((name.into(), value.into()));
         self
     }
 }
@@ -216,6 +226,7 @@ pub async fn connect_to_server(config: ClientConfig) -> Result<Client, Error> {
     options.ping_interval = config.ping_interval;
     options.max_frame_size = config.max_frame_size;
     options.reconnect = config.reconnect.clone();
+    options.additional_headers = config.additional_headers.clone();
     let (socket, info) = connection::open(&options, None).await?;
     let events = hypha_actors::client::EventHub::default();
     let registry_options = RegistryOptions {

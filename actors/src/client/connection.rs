@@ -100,6 +100,10 @@ pub struct ConnectOptions {
     /// When and how often to reconnect after an unexpected close
     /// ([`BackoffConfig::disabled`]: a lost connection is final).
     pub reconnect: BackoffConfig,
+    /// Extra HTTP headers of the websocket upgrade request (upstream's
+    /// `additional_headers`, e.g. for a proxy in front of the server); sent on every
+    /// reconnection too.
+    pub additional_headers: Vec<(String, String)>,
 }
 
 impl ConnectOptions {
@@ -117,6 +121,7 @@ impl ConnectOptions {
             inbound_capacity: 1024,
             outbound_capacity: 1024,
             reconnect: BackoffConfig::default(),
+            additional_headers: Vec::new(),
         }
     }
 }
@@ -224,12 +229,11 @@ pub async fn open(
         .connector(awc::Connector::new().connector(NoDelayConnector::default()))
         .timeout(opts.handshake_timeout)
         .finish();
-    let (_, mut ws) = client
-        .ws(url.as_str())
-        .max_frame_size(opts.max_frame_size)
-        .connect()
-        .await
-        .map_err(|e| connect_error(e.to_string()))?;
+    let mut request = client.ws(url.as_str()).max_frame_size(opts.max_frame_size);
+    for (name, value) in &opts.additional_headers {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    let (_, mut ws) = request.connect().await.map_err(|e| connect_error(e.to_string()))?;
     // Python sends all four keys, null when unset.
     let auth = json!({
         "client_id": opts.client_id,
