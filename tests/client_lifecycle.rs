@@ -28,43 +28,13 @@ use hypha_rpc::client::{
     RemoteFunction, Service, Visibility,
 };
 use hypha_rpc::core::{Map, Value};
-use hypha_rpc::server::{RunningServer, Server};
 
 mod support;
 
-use support::servers::{free_port, serve_python_peer, PythonServer, CLIENT_SECRET as SECRET};
-
-// ---------------------------------------------------------------------------------------
-// The servers (the Python fixture, with restarts on the same port, is tests/support's)
-// ---------------------------------------------------------------------------------------
-
-/// Our server on `port` (0: ephemeral), always with the same secret and id, so that a
-/// restarted one accepts the reconnection tokens of the previous one.
-fn our_server_on(port: u16, secret: &str) -> RunningServer {
-    Server::builder()
-        .jwt_secret(secret)
-        .server_id("lifecycle-test")
-        .workers(1)
-        .message_rate_limit(100_000.0)
-        .message_burst_limit(100_000)
-        .build()
-        .expect("valid config")
-        .start("127.0.0.1", port)
-        .expect("bind")
-}
-
-/// Binds `port` again right after the previous server released it (retrying briefly).
-fn our_server_again(port: u16, secret: &str) -> RunningServer {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let started = std::panic::catch_unwind(|| our_server_on(port, secret));
-        match started {
-            Ok(s) => return s,
-            Err(e) if Instant::now() > deadline => std::panic::resume_unwind(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
+use support::servers::{
+    fast_reconnect, free_port, our_server_again, our_server_on, serve_python_peer, PythonServer,
+    CLIENT_SECRET as SECRET,
+};
 
 // ---------------------------------------------------------------------------------------
 // A TCP proxy that can cut its connections (transient drops without a server restart)
@@ -144,17 +114,6 @@ impl Drop for Proxy {
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// Reconnection fast enough for tests: 100 ms doubling up to 500 ms.
-fn fast_reconnect() -> ReconnectConfig {
-    ReconnectConfig {
-        base_delay: Duration::from_millis(100),
-        max_delay: Duration::from_millis(500),
-        min_delay: Duration::from_millis(50),
-        flap_min_delay: Duration::from_millis(100),
-        ..ReconnectConfig::default()
-    }
-}
 
 fn config(url: &str) -> ClientConfig {
     ClientConfig::new(url).method_timeout(Duration::from_secs(20)).reconnect(fast_reconnect())

@@ -21,6 +21,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The client also fires two local events after a reconnection, as upstream does:
+//! `services_registered` (`total`, `registered`, and the ids that `failed`) once its
+//! services were registered again, and `connected` (the new `connection_info`, with
+//! `type: "connected"`) when all of them are back.
+//!
 //! Delivery is per subscriber, in order, through a bounded queue: when a subscriber falls
 //! behind by more than its queue holds, newer events are dropped for it (and counted,
 //! [`EventSubscription::dropped`]) rather than slowing the connection down or buffering

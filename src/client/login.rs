@@ -53,6 +53,9 @@ pub struct LoginConfig {
     pub profile: bool,
     /// Shows the login URL; without one it is printed on stderr.
     pub login_callback: Option<LoginCallback>,
+    /// Extra HTTP headers of the login connection's upgrade request (upstream's
+    /// `additional_headers`).
+    pub additional_headers: Vec<(String, String)>,
 }
 
 impl LoginConfig {
@@ -66,6 +69,7 @@ impl LoginConfig {
             login_timeout: Duration::from_secs(60),
             profile: false,
             login_callback: None,
+            additional_headers: Vec::new(),
         }
     }
 
@@ -90,6 +94,12 @@ impl LoginConfig {
     /// Sets [`LoginConfig::profile`].
     pub fn profile(mut self, yes: bool) -> Self {
         self.profile = yes;
+        self
+    }
+
+    /// Adds a header to the login connection's upgrade request.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.additional_headers.push((name.into(), value.into()));
         self
     }
 
@@ -138,11 +148,12 @@ pub async fn login(config: LoginConfig) -> Result<LoginOutcome, Error> {
         login_timeout,
         profile,
         login_callback,
+        additional_headers,
     } = config;
-    let client = connect_to_server(
-        ClientConfig::new(server_url).name("initial login client").method_timeout(login_timeout),
-    )
-    .await?;
+    let mut client_config =
+        ClientConfig::new(server_url).name("initial login client").method_timeout(login_timeout);
+    client_config.additional_headers = additional_headers;
+    let client = connect_to_server(client_config).await?;
     let outcome = async {
         let svc = client.get_service(&login_service_id).await?;
         let started = match workspace {

@@ -93,6 +93,12 @@ pub struct ClientConfig {
     /// makes a lost connection final). The client keeps its workspace and id (the
     /// server's reconnection token) and registers its services again.
     pub reconnect: ReconnectConfig,
+    /// How long a session (the state behind a callback or a generator handed to a peer)
+    /// may stay idle before it is collected; any use keeps it alive. Upstream: 600 s.
+    pub session_ttl: Duration,
+    /// Extra HTTP headers of the websocket upgrade request (upstream's
+    /// `additional_headers`), e.g. for an authenticating proxy in front of the server.
+    pub additional_headers: Vec<(String, String)>,
 }
 
 impl Default for ClientConfig {
@@ -107,6 +113,8 @@ impl Default for ClientConfig {
             ping_interval: Some(Duration::from_secs(20)),
             max_frame_size: 64 << 20,
             reconnect: ReconnectConfig::default(),
+            session_ttl: Duration::from_secs(600),
+            additional_headers: Vec::new(),
         }
     }
 }
@@ -152,6 +160,53 @@ impl ClientConfig {
         self.reconnect = reconnect;
         self
     }
+
+    /// Sets the idle lifetime of sessions.
+    pub fn session_ttl(mut self, ttl: Duration) -> Self {
+        self.session_ttl = ttl;
+        self
+    }
+
+    /// Adds a header to the websocket upgrade request.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.additional_headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// How member names of a fetched service are rewritten (upstream's `case_conversion`):
+/// the server renames the keys, so a service written in one language's style can be
+/// called in another's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaseConversion {
+    /// `HelloWorld`, `hello_world` -> `helloWorld`.
+    Camel,
+    /// `HelloWorld`, `helloWorld` -> `hello_world`.
+    Snake,
+}
+
+impl CaseConversion {
+    fn as_str(self) -> &'static str {
+        match self {
+            CaseConversion::Camel => "camel",
+            CaseConversion::Snake => "snake",
+        }
+    }
+}
+
+/// Options of [`Client::get_service_with`] (the `config` of upstream's `get_service`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GetServiceConfig {
+    /// Rename the service's members; `None` keeps them as registered.
+    pub case_conversion: Option<CaseConversion>,
+}
+
+impl GetServiceConfig {
+    /// Sets the case conversion.
+    pub fn case_conversion(mut self, c: CaseConversion) -> Self {
+        self.case_conversion = Some(c);
+        self
+    }
 }
 
 /// Connects, registers the built-in service and subscribes to `client_disconnected`
@@ -171,10 +226,12 @@ pub async fn connect_to_server(config: ClientConfig) -> Result<Client, Error> {
     options.ping_interval = config.ping_interval;
     options.max_frame_size = config.max_frame_size;
     options.reconnect = config.reconnect.clone();
+    options.additional_headers = config.additional_headers.clone();
     let (socket, info) = connection::open(&options, None).await?;
     let events = hypha_actors::client::EventHub::default();
     let registry_options = RegistryOptions {
         method_timeout: config.method_timeout,
+        session_ttl: config.session_ttl,
         events: events.clone(),
         ..RegistryOptions::default()
     };
@@ -292,13 +349,44 @@ impl Client {
     /// Fetches a service through the manager (`ws/client:svc`, `client:svc`, `svc`, with
     /// an optional `@app`), as a proxy whose functions call the provider directly.
     pub async fn get_service(&self, id: &str) -> Result<RemoteService, Error> {
+        self.get_service_with(id, GetServiceConfig::default()).await
+    }
+
+    /// [`Client::get_service`] with options, e.g. member names converted to camelCase.
+    pub async fn get_service_with(&self, id: &str, config: GetServiceConfig) -> Result<RemoteService, Error> {
+        let mut options = Map::new();
+        if let Some(c) = config.case_conversion {
+            options.insert("case_conversion".into(), Value::from(c.as_str()));
+        }
         let mut kwargs = Map::new();
-        kwargs.insert("config".into(), Value::Map(Map::new()));
+        kwargs.insert("config".into(), Value::Map(options));
         let value = self.call_with_kwargs("get_service", vec![Value::from(id)], Some(kwargs)).await?;
         match value {
             Value::Map(api) => Ok(RemoteService::new(api, self.inner.registry.clone())),
             other => Err(Error::Convert(format!("get_service returned a {}, not a service", other.kind()))),
         }
+    }
+
+    /// Registers the public service `probes` (type `probes`, replacing an earlier one) whose
+    /// functions answer the server's HTTP probe routes: `GET /{workspace}/services/probes/
+    /// {name}` calls `name` (e.g. `readiness`, `liveness`) and returns its result as JSON,
+    /// as upstream's `register_probes` does for Kubernetes-style health checks.
+    pub async fn register_probes(&self, probes: Vec<FunctionDef>) -> Result<ServiceInfo, Error> {
+        let base = self.inner.info.public_base_url.as_deref().unwrap_or(&self.inner.config.server_url);
+        let mut service = Service::builder("probes")
+            .name("Probes")
+            .service_type("probes")
+            .visibility(Visibility::Public)
+            .description(format!(
+                "Probes Service, visit {}/{}/services/probes for the available probes.",
+                base.trim_end_matches('/'),
+                self.workspace()
+            ))
+            .overwrite(true);
+        for probe in probes {
+            service = service.function_def(probe);
+        }
+        self.register_service(service.build()).await
     }
 
     /// Lists the services visible to us (the manager's `list_services`); `query` as
@@ -415,6 +503,28 @@ impl Client {
             codecs.unregister(&name);
         };
         Ok(self.inner.registry.send(RegisterCodec(Box::new(apply))).await?)
+    }
+
+    /// Fault injection for tests: closes the socket with close `code` as a network failure
+    /// or a server would, and returns once the client has noticed (it then reconnects, as
+    /// after any unexpected close). Returns whether there was a live socket to close.
+    #[doc(hidden)]
+    pub async fn drop_connection(&self, code: u16) -> Result<bool, Error> {
+        let mut state = self.state().await?;
+        let before = match &*state.borrow_and_update() {
+            ConnectionState::Connected(g) => *g,
+            _ => return Ok(false),
+        };
+        if !self.inner.connection.send(connection::DropSocket(code)).await.unwrap_or(false) {
+            return Ok(false);
+        }
+        let noticed = state.wait_for(|s| !matches!(s, ConnectionState::Connected(g) if *g == before));
+        let outcome = match actix_rt::time::timeout(self.inner.config.method_timeout, noticed).await {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Protocol(format!("the socket did not close after dropping it with {code}"))),
+        };
+        outcome
     }
 
     /// What the session registry holds (pending calls, sessions, services).

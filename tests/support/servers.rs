@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hypha_rpc::client::ReconnectConfig;
 use hypha_rpc::server::{RunningServer, Server};
 
 /// The JWT secret of both servers in the client tests.
@@ -37,6 +38,47 @@ pub fn our_server() -> RunningServer {
         .expect("valid config")
         .start("127.0.0.1", 0)
         .expect("bind")
+}
+
+/// Our server on `port` (0: ephemeral), always with the same id and the message rate
+/// limit lifted, so that a server restarted with the same `secret` accepts the previous
+/// one's reconnection tokens.
+pub fn our_server_on(port: u16, secret: &str) -> RunningServer {
+    Server::builder()
+        .jwt_secret(secret)
+        .server_id("lifecycle-test")
+        .workers(1)
+        .message_rate_limit(100_000.0)
+        .message_burst_limit(100_000)
+        .build()
+        .expect("valid config")
+        .start("127.0.0.1", port)
+        .expect("bind")
+}
+
+/// [`our_server_on`] again on `port`, right after the previous server released it
+/// (retrying briefly).
+pub fn our_server_again(port: u16, secret: &str) -> RunningServer {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let started = std::panic::catch_unwind(|| our_server_on(port, secret));
+        match started {
+            Ok(s) => return s,
+            Err(e) if Instant::now() > deadline => std::panic::resume_unwind(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Reconnection fast enough for tests: 100 ms doubling up to 500 ms.
+pub fn fast_reconnect() -> ReconnectConfig {
+    ReconnectConfig {
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_millis(500),
+        min_delay: Duration::from_millis(50),
+        flap_min_delay: Duration::from_millis(100),
+        ..ReconnectConfig::default()
+    }
 }
 
 /// A free loopback port (bound, read, released).

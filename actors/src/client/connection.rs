@@ -100,6 +100,10 @@ pub struct ConnectOptions {
     /// When and how often to reconnect after an unexpected close
     /// ([`BackoffConfig::disabled`]: a lost connection is final).
     pub reconnect: BackoffConfig,
+    /// Extra HTTP headers of the websocket upgrade request (upstream's
+    /// `additional_headers`, e.g. for a proxy in front of the server); sent on every
+    /// reconnection too.
+    pub additional_headers: Vec<(String, String)>,
 }
 
 impl ConnectOptions {
@@ -117,6 +121,7 @@ impl ConnectOptions {
             inbound_capacity: 1024,
             outbound_capacity: 1024,
             reconnect: BackoffConfig::default(),
+            additional_headers: Vec::new(),
         }
     }
 }
@@ -224,12 +229,11 @@ pub async fn open(
         .connector(awc::Connector::new().connector(NoDelayConnector::default()))
         .timeout(opts.handshake_timeout)
         .finish();
-    let (_, mut ws) = client
-        .ws(url.as_str())
-        .max_frame_size(opts.max_frame_size)
-        .connect()
-        .await
-        .map_err(|e| connect_error(e.to_string()))?;
+    let mut request = client.ws(url.as_str()).max_frame_size(opts.max_frame_size);
+    for (name, value) in &opts.additional_headers {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    let (_, mut ws) = request.connect().await.map_err(|e| connect_error(e.to_string()))?;
     // Python sends all four keys, null when unset.
     let auth = json!({
         "client_id": opts.client_id,
@@ -375,6 +379,14 @@ pub struct Close;
 /// Resolves when the connection actor has stopped.
 #[derive(MessageResponse)]
 pub struct Closing(pub tokio::sync::oneshot::Receiver<()>);
+
+/// Fault injection: closes the live socket with this close code, as a network failure or
+/// a server-side close would end it. Unlike [`Close`], this is not a user disconnect: the
+/// actor reconnects as it does after any unexpected close. Answers whether a live socket
+/// was closed. Upstream's tests do the same by closing the client's websocket directly.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct DropSocket(pub u16);
 
 /// What the connection actor is doing (tests: superseded generations are reaped).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, MessageResponse)]
@@ -663,6 +675,16 @@ impl Handler<Close> for ConnectionActor {
             }
         }
         Closing(rx)
+    }
+}
+
+impl Handler<DropSocket> for ConnectionActor {
+    type Result = bool;
+
+    fn handle(&mut self, DropSocket(code): DropSocket, _: &mut Context<Self>) -> bool {
+        let Some(tx) = self.outbound.as_ref().filter(|_| !self.closing) else { return false };
+        let close = CloseReason { code: CloseCode::from(code), description: None };
+        tx.try_send(Outgoing::Close(close)).is_ok()
     }
 }
 

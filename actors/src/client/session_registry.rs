@@ -22,8 +22,10 @@
 //! registry fails the calls to a replaced manager (`Client disconnected: */<old id>`),
 //! re-registers every local service in registration order (`built-in` first, `_rintf`
 //! interfaces skipped: they are local-only), subscribes again to the events it was
-//! subscribed to, and answers [`Restored`] to the connection actor. When reconnection
-//! gives up, pending and later calls fail with `Connection lost: <reason>`.
+//! subscribed to, and answers [`Restored`] to the connection actor; only then does the
+//! backlog go out, so that a call made while disconnected finds the services back (as
+//! upstream's sends wait for the reconnection to complete). When reconnection gives up,
+//! pending and later calls fail with `Connection lost: <reason>`.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -33,7 +35,7 @@ use bytes::Bytes;
 use hypha_core::endpoint::{Endpoint, EndpointConfig, EndpointStats, Event};
 use hypha_core::schema::ServiceInfo;
 use hypha_core::session::{CallError, CallOutcome, RemovedService, SessionConfig};
-use hypha_core::{ErrorValue, Value};
+use hypha_core::{ErrorValue, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::connection::{
@@ -64,6 +66,9 @@ pub struct RegistryOptions {
     /// Frames kept while reconnecting; beyond it the oldest is dropped (its call times
     /// out, as it would have with the socket down).
     pub backlog: usize,
+    /// Idle age after which a session without a pending call is collected (upstream
+    /// 600 s); activity (a generator's `next`, a callback call) keeps a session alive.
+    pub session_ttl: Duration,
 }
 
 impl Default for RegistryOptions {
@@ -75,6 +80,7 @@ impl Default for RegistryOptions {
             service_max_running: 10_000,
             events: EventHub::default(),
             backlog: 4096,
+            session_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -124,6 +130,10 @@ pub struct SessionRegistry {
     held: Option<Bytes>,
     /// Frames produced while there was no socket, with when they were queued.
     backlog: VecDeque<(Instant, Bytes)>,
+    /// A reconnection attached this generation and its services are being registered
+    /// again: the backlog waits until they are (as upstream's sends wait for the
+    /// reconnection to complete), so a call made while disconnected finds them back.
+    restoring: Option<Generation>,
     /// The connection actor (also while reconnecting, so that `disconnect` can stop it).
     connection: Option<Addr<ConnectionActor>>,
     /// The manager's client id of the current connection.
@@ -149,7 +159,11 @@ impl SessionRegistry {
     /// A registry for a client that completed its handshake with `info`.
     pub fn new(options: RegistryOptions, info: &ConnectionInfo) -> Self {
         let config = EndpointConfig {
-            session: SessionConfig { method_timeout: options.method_timeout, ..SessionConfig::default() },
+            session: SessionConfig {
+                method_timeout: options.method_timeout,
+                session_ttl: options.session_ttl,
+                ..SessionConfig::default()
+            },
             server_url: info.public_base_url.clone(),
             ..EndpointConfig::default()
         };
@@ -166,6 +180,7 @@ impl SessionRegistry {
             link: None,
             held: None,
             backlog: VecDeque::new(),
+            restoring: None,
             connection: None,
             manager_id: info.manager_id.clone(),
             subscriptions: Vec::new(),
@@ -273,13 +288,16 @@ impl SessionRegistry {
         }
     }
 
-    /// The next frame to send: the one that did not fit, then the backlog (skipping
-    /// frames whose calls have timed out meanwhile), then the endpoint's queue.
+    /// The next frame to send: the one that did not fit, then the backlog once the
+    /// services are back (skipping frames whose calls have timed out meanwhile), then the
+    /// endpoint's queue.
     fn next_frame(&mut self) -> Option<Bytes> {
         if let Some(frame) = self.held.take() {
             return Some(frame);
         }
-        while let Some((queued, frame)) = self.backlog.pop_front() {
+        // While the services are registered again, the backlog waits (see `restoring`).
+        while self.restoring.is_none() {
+            let Some((queued, frame)) = self.backlog.pop_front() else { break };
             if queued.elapsed() < self.options.method_timeout {
                 return Some(frame);
             }
@@ -303,8 +321,10 @@ impl SessionRegistry {
 
     /// After a reconnection attached `generation`: re-registers the services (in order,
     /// `built-in` first, local-only ones skipped), subscribes again, and tells the
-    /// connection actor how it went.
-    fn restore(&mut self, ctx: &mut Context<Self>, generation: Generation) {
+    /// connection actor how it went. As upstream, it then fires the local events
+    /// `services_registered` (`total`, `registered`, `failed`: the ids) and, when every
+    /// service is back, `connected` (the new `connection_info`, with `type: "connected"`).
+    fn restore(&mut self, ctx: &mut Context<Self>, generation: Generation, info: &ConnectionInfo) {
         let mut infos = Vec::new();
         for (id, service) in self.endpoint.table().services() {
             if service.config.is_local_only() {
@@ -329,10 +349,12 @@ impl SessionRegistry {
             };
             let total = infos.len();
             let mut failed = Vec::new();
+            let mut failed_ids = Vec::new();
             for (id, info) in infos {
                 if let Err(e) = call("register_service", vec![info]).await {
                     tracing::warn!(service = %id, error = %e, "re-registering a service failed");
                     failed.push(format!("{id}: {e}"));
+                    failed_ids.push(Value::from(id));
                 }
             }
             tracing::info!(total, registered = total - failed.len(), "services re-registered");
@@ -342,15 +364,36 @@ impl SessionRegistry {
                     tracing::warn!(error = %e, "re-subscribing to events failed");
                 }
             }
-            if failed.is_empty() {
+            let registered = total - failed_ids.len();
+            let mut report = Map::new();
+            report.insert("type".into(), Value::from("services_registered"));
+            report.insert("total".into(), Value::from(total as u64));
+            report.insert("registered".into(), Value::from(registered as u64));
+            report.insert("failed".into(), Value::List(failed_ids));
+            let result = if failed.is_empty() {
                 Ok(())
             } else {
                 Err(format!("Service re-registration failed after reconnection: {}", failed.join("; ")))
-            }
+            };
+            (report, result)
         };
-        ctx.spawn(work.into_actor(self).map(move |result, act, _| {
-            if act.link.as_ref().is_some_and(|l| l.generation == generation) && result.is_ok() {
-                act.state.send_replace(ConnectionState::Connected(generation));
+        let mut connected = match hypha_core::serde_value::to_value(&info.raw) {
+            Ok(Value::Map(m)) => m,
+            _ => Map::new(),
+        };
+        connected.insert("type".into(), Value::from("connected"));
+        self.restoring = Some(generation);
+        ctx.spawn(work.into_actor(self).map(move |(report, result), act, ctx| {
+            if act.link.as_ref().is_some_and(|l| l.generation == generation) {
+                act.options.events.dispatch(&report);
+                if result.is_ok() {
+                    // Services are back: what waited in the backlog goes out now. (On
+                    // failure this generation is retired and the backlog waits for the next.)
+                    act.restoring = None;
+                    act.state.send_replace(ConnectionState::Connected(generation));
+                    act.options.events.dispatch(&connected);
+                    act.drive(ctx);
+                }
             }
             if let Some(connection) = &act.connection {
                 connection.do_send(Restored { generation, result });
@@ -539,7 +582,7 @@ impl Handler<Attach> for SessionRegistry {
         });
         ctx.add_stream(frames);
         if generation.0 > 1 {
-            self.restore(ctx, generation);
+            self.restore(ctx, generation, &info);
         } else {
             self.state.send_replace(ConnectionState::Connected(generation));
         }
