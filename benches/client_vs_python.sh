@@ -9,7 +9,7 @@
 #   benches/client_vs_python.sh [OUTDIR] [extra args for both benches, e.g. --duration 5]
 #
 # Env: INTEROP (../shared/interop), VENV (the interop venv with hypha + hypha-rpc + numpy),
-# CARGO_TARGET_DIR, BENCH_PORT (9611). The Python server's per-socket message rate limit is
+# CARGO_TARGET_DIR, BENCH_PORT (9611), BENCH_WORKERS (our server's worker threads, 1). The Python server's per-socket message rate limit is
 # lifted as interop/run_bench.sh does (sequential echo alone exceeds it within seconds).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,7 +27,10 @@ mkdir -p "$OUT/results"
 
 (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET" cargo build --release --example bench_rpc --bin hypha-server)
 RUST_BENCH="$TARGET/release/examples/bench_rpc"
-OUR_SERVER="$TARGET/release/hypha-server --host 127.0.0.1 --port {port}"
+# One worker thread, like the Python server's one event loop: on this 2-vCPU machine the
+# clients need the other core, and a frame routed between connections on two workers pays
+# a cross-thread wake-up (README, Performance). BENCH_WORKERS=2 shows the difference.
+OUR_SERVER="$TARGET/release/hypha-server --host 127.0.0.1 --port {port} --workers ${BENCH_WORKERS:-1}"
 PY_SERVER="$PY -m hypha.server --host=127.0.0.1 --port={port}"
 
 run() {  # run LABEL SERVER_CMD CLIENT(rust|python)

@@ -24,7 +24,10 @@
 //! session table and its decoding needs the call's session context, so the `_rtype` and
 //! msgpack work must stay with the endpoint. What can move, the serde conversion of user
 //! types, already runs outside the registry: in the caller's task and in the service actor
-//! running the handler. See `codec.rs`.
+//! running the handler. The large-payload work a codec actor would have taken off this
+//! thread is gone instead: calls are encoded as a rope whose big `bin` payloads are
+//! referenced, so a large call's chunks are slices of the caller's array
+//! (`hypha_core::msgpack::Rope`). See `codec.rs`.
 
 use std::time::Duration;
 
