@@ -9,8 +9,9 @@
 #   benches/client_vs_python.sh [OUTDIR] [extra args for both benches, e.g. --duration 5]
 #
 # Env: INTEROP (../shared/interop), VENV (the interop venv with hypha + hypha-rpc + numpy),
-# CARGO_TARGET_DIR, BENCH_PORT (9611), BENCH_WORKERS (our server's worker threads, 1). The Python server's per-socket message rate limit is
-# lifted as interop/run_bench.sh does (sequential echo alone exceeds it within seconds).
+# CARGO_TARGET_DIR, BENCH_PORT (9611), BENCH_WORKERS (our server's worker threads, 1).
+# The Python server's per-socket message rate limit is lifted as interop/run_bench.sh does
+# (sequential echo alone exceeds it within seconds).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 INTEROP="${INTEROP:-$ROOT/../../shared/interop}"
