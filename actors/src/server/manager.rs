@@ -1837,9 +1837,10 @@ impl Manager {
         let services: Vec<Value> = records
             .iter()
             .map(|r| {
+                let mut info = r.info();
                 let mut m = Map::new();
                 for k in ["id", "name", "type", "description", "config"] {
-                    m.insert(k.into(), r.info.get(k).cloned().unwrap_or(Value::Nil));
+                    m.insert(k.into(), info.swap_remove(k).unwrap_or(Value::Nil));
                 }
                 Value::Map(m)
             })
@@ -2113,8 +2114,9 @@ impl Manager {
                 m.insert("bookmark_type".into(), Value::from("service"));
                 m.insert("id".into(), Value::from(r.full_id()));
                 m.insert("name".into(), Value::from(r.name.as_str()));
-                m.insert("description".into(), r.info.get("description").cloned().unwrap_or(Value::Nil));
-                m.insert("config".into(), r.info.get("config").cloned().unwrap_or(Value::Nil));
+                let mut info = r.info();
+                m.insert("description".into(), info.swap_remove("description").unwrap_or(Value::Nil));
+                m.insert("config".into(), info.swap_remove("config").unwrap_or(Value::Nil));
                 Some(m)
             }
             _ => {
