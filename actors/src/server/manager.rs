@@ -52,7 +52,7 @@ use tokio::sync::oneshot;
 use super::events::{check_subscription, parse_iso, EventLog, EventQuery};
 use super::peer::NativePeer;
 use super::registry::{Access, Pattern, ServiceRecord, MAX_CLIENT_REGISTRY_BYTES};
-use super::router::{LocalInbox, RouteSender, LOCAL_INBOX_FRAMES};
+use super::router::{LocalInbox, RouteSender};
 use super::workspace::{WorkspaceRecord, WorkspaceStatus};
 use super::ServerState;
 
@@ -918,7 +918,7 @@ impl Manager {
 
     fn new(state: Arc<ServerState>) -> Manager {
         let manager_id = state.config.manager_id();
-        let (inbox, rx) = LocalInbox::channel(LOCAL_INBOX_FRAMES);
+        let (inbox, rx) = LocalInbox::channel(state.config.manager_inbox_frames);
         state.router.register_local(WILDCARD, &manager_id, inbox);
         let config = EndpointConfig {
             session: SessionConfig { method_timeout: Duration::from_secs(30), ..SessionConfig::default() },
