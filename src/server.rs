@@ -169,6 +169,15 @@ impl ServerBuilder {
         self
     }
 
+    /// Sets the workspace manager's inbox: at most `frames` frames wait in it, and a
+    /// client's frame waits at most `wait` for room in a full one before its call is
+    /// rejected as "Server busy" (defaults: 4096 frames, 10 s).
+    pub fn manager_inbox(mut self, frames: usize, wait: Duration) -> Self {
+        self.config.manager_inbox_frames = frames;
+        self.config.manager_inbox_wait = wait;
+        self
+    }
+
     /// Bounds of each client's outbound queue (1024 frames, 64 MiB).
     pub fn outbound_queue(mut self, frames: usize, bytes: usize) -> Self {
         self.config.outbound_queue_frames = frames;

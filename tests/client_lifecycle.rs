@@ -12,7 +12,8 @@
 //!   (stopped) peer times out with upstream's text;
 //! * reconnection gives up after the attempt limit, when flapping, and when the server
 //!   refuses: pending and later calls are rejected with upstream's text;
-//! * `disconnect()` ends every actor, also in the middle of a reconnection;
+//! * `disconnect()` ends every actor, also in the middle of a reconnection; dropping the
+//!   last handle closes the connection;
 //! * 100,000 calls with callbacks leave the registry at its baseline and RSS bounded.
 //!
 //! A missing Python interpreter or server package is a failure, not a skip.
@@ -500,6 +501,25 @@ async fn ours_disconnect_ends_every_actor() {
     assert!(c.connection_stats().await.is_none(), "the connection actor stopped");
     assert!(c.stats().await.is_err(), "the registry stopped");
     assert!(matches!(c.echo(Value::Nil).await, Err(Error::Closed)));
+}
+
+/// Dropping the last handle of a client (no `disconnect()`) closes its websocket: the
+/// server sees the client leave. It used to stay connected, pinging, for good.
+#[actix_rt::test]
+async fn ours_dropping_the_last_handle_closes_the_connection() {
+    let srv = our_server_on(0, SECRET);
+    let c = connect(&srv.url()).await;
+    c.register_service(lifecycle_service()).await.expect("register");
+    let (ws, cid) = (c.workspace().to_owned(), c.client_id().to_owned());
+    let state = srv.server().state().clone();
+    assert!(state.router.is_connected(&ws, &cid));
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state.router.is_connected(&ws, &cid) {
+        assert!(Instant::now() < deadline, "the dropped client is still connected after 5 s");
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(state.registry.builtin(&ws, &cid).is_none(), "its records are gone");
 }
 
 /// 100,000 calls, each with a callback: afterwards the registries on both sides hold what

@@ -255,10 +255,15 @@ struct Inner {
 }
 
 impl Drop for Inner {
-    /// The last handle is gone: nobody can use the connection any more, so end it (the
-    /// registry stops its service actors and closes the socket).
+    /// The last handle is gone: nobody can use the connection any more, so end it as
+    /// [`Client::disconnect`] does, without waiting: the registry rejects what is pending
+    /// and stops its service actors, the connection actor closes the socket and stops.
+    /// The connection actor must be told itself: its ping timer would otherwise keep it,
+    /// and the socket, alive for good (a client dropped after a failed bootstrap call,
+    /// e.g. a busy server, left its websocket open).
     fn drop(&mut self) {
         self.registry.do_send(Disconnect);
+        self.connection.do_send(connection::Close);
     }
 }
 

@@ -184,6 +184,12 @@ pub struct ServerConfig {
     /// Most services one client may register besides its `built-in`
     /// (`HYPHA_MAX_SERVICES_PER_CLIENT`, 1000): registry records live in memory.
     pub max_services_per_client: usize,
+    /// Frames waiting in the workspace manager's inbox (4096). When it is full, a client's
+    /// connection waits for room, up to `manager_inbox_wait`, without reading its socket;
+    /// then the call is rejected with "Server busy" (see `router::LocalInbox`).
+    pub manager_inbox_frames: usize,
+    /// How long a client's frame waits for room in a full manager inbox (10 s).
+    pub manager_inbox_wait: Duration,
     /// Where the server keeps its files (`--data-dir`): the account database
     /// `accounts.sqlite3` lives here. `None` keeps accounts in memory (they die with the
     /// process): the library default, so tests and embedders leave no files behind; the
@@ -227,6 +233,8 @@ impl Default for ServerConfig {
             max_concurrent_handshakes: 10,
             handshake_admission_timeout: Duration::from_secs(30),
             max_services_per_client: 1000,
+            manager_inbox_frames: super::router::LOCAL_INBOX_FRAMES,
+            manager_inbox_wait: super::router::LOCAL_INBOX_WAIT,
             data_dir: None,
             allow_signup: true,
             login_token_life_time: Duration::from_secs(24 * 3600),
@@ -262,6 +270,8 @@ impl fmt::Debug for ServerConfig {
             .field("max_concurrent_handshakes", &self.max_concurrent_handshakes)
             .field("handshake_admission_timeout", &self.handshake_admission_timeout)
             .field("max_services_per_client", &self.max_services_per_client)
+            .field("manager_inbox_frames", &self.manager_inbox_frames)
+            .field("manager_inbox_wait", &self.manager_inbox_wait)
             .field("data_dir", &self.data_dir)
             .field("allow_signup", &self.allow_signup)
             .field("login_token_life_time", &self.login_token_life_time)
@@ -404,6 +414,9 @@ impl ServerConfig {
         }
         if self.max_concurrent_handshakes == 0 {
             return Err(ConfigError::ZeroLimit("max_concurrent_handshakes"));
+        }
+        if self.manager_inbox_frames == 0 {
+            return Err(ConfigError::ZeroLimit("manager_inbox_frames"));
         }
         if let Some(token) = &self.root_token {
             auth::check_root_token_strength(token)?;

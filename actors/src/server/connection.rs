@@ -43,7 +43,7 @@ use tracing::field;
 
 use super::limits::{AdmissionSlot, FrameSizeGuard, TokenBucket, SERVER_BUSY_REASON};
 use super::outbound::{self, CloseCmd, OutFrame, Outbound, OutboundRx};
-use super::router::{Generation, Registration, RouteOutcome, RouteSender};
+use super::router::{Generation, Registration, RouteOutcome, RouteSender, Routed};
 use super::workspace::WorkspaceRecord;
 use super::{ServerState, SHUTDOWN_REASON};
 
@@ -461,8 +461,25 @@ impl WsConnection {
         if open.load_balanced {
             self.state.registry.record_frame(&open.workspace, &open.client_id, now);
         }
-        match self.state.router.route(&open.sender, &frame, now) {
-            RouteOutcome::Delivered(n) => tracing::trace!(len = frame.len(), delivered = n, "routed"),
+        match self.state.router.route_or_hold(&open.sender, &frame, now) {
+            Routed::Done(outcome) => self.routed(outcome),
+            Routed::InboxFull(held) => {
+                // The manager is behind (a burst of clients): hold this client's frames
+                // until its inbox has room; the socket is not read meanwhile, so TCP slows
+                // the client down (overflow policy: `LocalInbox`).
+                tracing::debug!("the manager's inbox is full: this connection waits for room");
+                let delivered = held.deliver_within(self.state.config.manager_inbox_wait);
+                ctx.wait(actix::fut::wrap_future(delivered).map(|outcome, act: &mut Self, _| {
+                    let _enter = act.span.clone().entered();
+                    act.routed(outcome);
+                }));
+            }
+        }
+    }
+
+    fn routed(&self, outcome: RouteOutcome) {
+        match outcome {
+            RouteOutcome::Delivered(n) => tracing::trace!(delivered = n, "routed"),
             RouteOutcome::Rejected { error, reject } => {
                 tracing::debug!(%error, "routing error: rejecting the call");
                 self.send(OutFrame::Binary(reject));

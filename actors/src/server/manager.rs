@@ -52,7 +52,7 @@ use tokio::sync::oneshot;
 use super::events::{check_subscription, parse_iso, EventLog, EventQuery};
 use super::peer::NativePeer;
 use super::registry::{Access, Pattern, ServiceRecord, MAX_CLIENT_REGISTRY_BYTES};
-use super::router::{LocalInbox, RouteSender, LOCAL_INBOX_FRAMES};
+use super::router::{LocalInbox, RouteSender};
 use super::workspace::{WorkspaceRecord, WorkspaceStatus};
 use super::ServerState;
 
@@ -918,7 +918,7 @@ impl Manager {
 
     fn new(state: Arc<ServerState>) -> Manager {
         let manager_id = state.config.manager_id();
-        let (inbox, rx) = LocalInbox::channel(LOCAL_INBOX_FRAMES);
+        let (inbox, rx) = LocalInbox::channel(state.config.manager_inbox_frames);
         state.router.register_local(WILDCARD, &manager_id, inbox);
         let config = EndpointConfig {
             session: SessionConfig { method_timeout: Duration::from_secs(30), ..SessionConfig::default() },
@@ -1837,9 +1837,10 @@ impl Manager {
         let services: Vec<Value> = records
             .iter()
             .map(|r| {
+                let mut info = r.info();
                 let mut m = Map::new();
                 for k in ["id", "name", "type", "description", "config"] {
-                    m.insert(k.into(), r.info.get(k).cloned().unwrap_or(Value::Nil));
+                    m.insert(k.into(), info.swap_remove(k).unwrap_or(Value::Nil));
                 }
                 Value::Map(m)
             })
@@ -2113,8 +2114,9 @@ impl Manager {
                 m.insert("bookmark_type".into(), Value::from("service"));
                 m.insert("id".into(), Value::from(r.full_id()));
                 m.insert("name".into(), Value::from(r.name.as_str()));
-                m.insert("description".into(), r.info.get("description").cloned().unwrap_or(Value::Nil));
-                m.insert("config".into(), r.info.get("config").cloned().unwrap_or(Value::Nil));
+                let mut info = r.info();
+                m.insert("description".into(), info.swap_remove("description").unwrap_or(Value::Nil));
+                m.insert("config".into(), info.swap_remove("config").unwrap_or(Value::Nil));
                 Some(m)
             }
             _ => {

@@ -20,8 +20,10 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
+use bytes::Bytes;
 use hypha_core::auth::{Permission, UserInfo};
 use hypha_core::ids::{ServiceId, WILDCARD};
+use hypha_core::msgpack::DecodeLimits;
 use hypha_core::schema::{ServiceConfig, Visibility, DEFAULT_SERVICE_TYPE};
 use hypha_core::session::BUILTIN_SERVICE_ID;
 use hypha_core::value::{Map, Value};
@@ -81,10 +83,52 @@ pub struct ServiceRecord {
     pub authorized_workspaces: Option<Vec<String>>,
     /// `config.singleton`.
     pub singleton: bool,
-    /// The dump sent to clients (§5.5).
-    pub info: Map,
-    /// The msgpack size of `info` (the memory the record accounts for).
+    /// The dump sent to clients (§5.5); read it with [`ServiceRecord::info`].
+    dump: Dump,
+    /// The msgpack size of the dump (the memory the record accounts for).
     pub size: usize,
+}
+
+/// How a record keeps its dump.
+///
+/// Decoded, a dump costs several times its msgpack size: every small map of a service
+/// schema is an `IndexMap` with its own table and entries, every key its own `String`
+/// (a stock client's 2 KB `built-in` record took ~8 KB). With thousands of connected
+/// clients the records were the largest part of the server's memory per client, and a
+/// dump is read only when someone lists or fetches the service, so it is kept encoded
+/// and decoded on demand (cloning a record is then a reference-count increment).
+#[derive(Debug, Clone, PartialEq)]
+enum Dump {
+    /// The msgpack encoding of the dump map.
+    Encoded(Bytes),
+    /// A dump msgpack cannot carry as such (a client put a decoded `_rtype` object, such
+    /// as an array or a set, in its config): kept as it came.
+    Decoded(Box<Map>),
+}
+
+impl Dump {
+    /// `size` is the dump's encoded length (the buffer is allocated once).
+    fn new(info: Map, size: usize) -> Dump {
+        let mut out = Vec::with_capacity(size);
+        match hypha_core::msgpack::encode_map(&info, &mut out) {
+            Ok(()) => Dump::Encoded(Bytes::from(out)),
+            Err(_) => Dump::Decoded(Box::new(info)),
+        }
+    }
+
+    fn to_map(&self) -> Map {
+        match self {
+            Dump::Decoded(map) => (**map).clone(),
+            Dump::Encoded(bytes) => match hypha_core::msgpack::decode(bytes, 0, &DecodeLimits::default()) {
+                Ok((Value::Map(map), _)) => map,
+                // Unreachable: the bytes are our own encoding of a map.
+                other => {
+                    tracing::error!(?other, "a stored service record does not decode");
+                    Map::new()
+                }
+            },
+        }
+    }
 }
 
 impl ServiceRecord {
@@ -168,9 +212,15 @@ impl ServiceRecord {
             visibility,
             authorized_workspaces: typed.authorized_workspaces,
             singleton,
-            info,
+            dump: Dump::new(info, size),
             size,
         })
+    }
+
+    /// The dump sent to clients (§5.5), decoded: records keep it msgpack-encoded, which
+    /// costs a fraction of the memory of a decoded map.
+    pub fn info(&self) -> Map {
+        self.dump.to_map()
     }
 
     /// `{ws}/{cid}:{svc}`.
@@ -190,12 +240,10 @@ impl ServiceRecord {
 
     /// `config.created_by` (the full user dump for a `built-in`).
     pub fn created_by(&self) -> Value {
-        self.info
-            .get("config")
-            .and_then(Value::as_map)
-            .and_then(|c| c.get("created_by"))
-            .cloned()
-            .unwrap_or(Value::Nil)
+        match self.info().swap_remove("config") {
+            Some(Value::Map(mut config)) => config.swap_remove("created_by").unwrap_or(Value::Nil),
+            _ => Value::Nil,
+        }
     }
 
     /// How `user`, calling from workspace `ctx_ws`, may use this service (spec §5.4).
@@ -212,7 +260,7 @@ impl ServiceRecord {
 
     /// The dump as `access` may see it: a grantee does not see `authorized_workspaces`.
     pub fn view(&self, access: Access) -> Value {
-        let mut info = self.info.clone();
+        let mut info = self.info();
         if access == Access::Grantee {
             if let Some(Value::Map(c)) = info.get_mut("config") {
                 c.shift_remove("authorized_workspaces");
@@ -223,7 +271,7 @@ impl ServiceRecord {
 
     /// The whole dump.
     pub fn to_value(&self) -> Value {
-        Value::Map(self.info.clone())
+        Value::Map(self.info())
     }
 }
 
@@ -428,11 +476,12 @@ mod tests {
     #[test]
     fn records_have_upstreams_shape() {
         let r = rec("W", "c", "s", map! {"visibility" => "public", "extra_key" => 1, "workspace" => "evil"});
+        let info = r.info();
         assert_eq!(
-            keys(&r.info),
+            keys(&info),
             ["config", "id", "name", "type", "description", "docs", "app_id", "service_schema"]
         );
-        let config = r.info["config"].as_map().unwrap();
+        let config = info["config"].as_map().unwrap();
         assert_eq!(
             keys(config),
             [
@@ -449,10 +498,12 @@ mod tests {
         );
         assert_eq!(config["workspace"], Value::from("W"));
         assert_eq!(config["require_context"], Value::Bool(false));
-        assert_eq!(r.info["id"], Value::from("W/c:s"));
-        assert_eq!(r.info["type"], Value::from("generic"));
-        assert_eq!(r.info["app_id"], Value::from("*"));
+        assert_eq!(info["id"], Value::from("W/c:s"));
+        assert_eq!(info["type"], Value::from("generic"));
+        assert_eq!(info["app_id"], Value::from("*"));
         assert!(r.size > 100);
+        assert!(matches!(&r.dump, Dump::Encoded(b) if b.len() == r.size), "kept encoded");
+        assert_eq!(r.created_by(), Value::from(map! {"id" => "u"}));
         let huge = map! {"id" => "W/c:s", "docs" => "x".repeat(MAX_RECORD_BYTES)};
         let err = ServiceRecord::from_registration(&huge, &ServiceId::parse("W/c:s").unwrap(), Value::Nil);
         assert!(err.unwrap_err().to_string().contains("Service info too large"));
@@ -476,6 +527,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("authorized_workspaces can only be set"), "{err}");
+    }
+
+    #[test]
+    fn records_holding_decoded_values_are_kept_as_they_came() {
+        // A client may put a `_rtype` object (here a set) in its schema: msgpack cannot
+        // carry it as such, so that record stays decoded and still reads back whole.
+        let set = Value::Set(vec![Value::from(1), Value::from(2)]);
+        let id = ServiceId::for_registration("c:s", "W").unwrap();
+        let svc = map! {"id" => id.to_string(), "service_schema" => map! {"tags" => set.clone()}};
+        let r = ServiceRecord::from_registration(&svc, &id, map! {"id" => "u"}.into()).unwrap();
+        assert!(matches!(r.dump, Dump::Decoded(_)));
+        assert_eq!(r.info()["service_schema"].as_map().unwrap()["tags"], set);
+        assert_eq!(r.created_by(), Value::from(map! {"id" => "u"}));
     }
 
     #[test]

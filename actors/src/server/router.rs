@@ -170,8 +170,13 @@ pub struct Registered {
     pub superseded: Option<Outbound>,
 }
 
-/// Most frames waiting in a local peer's inbox (see [`LocalInbox`]).
+/// Most frames waiting in a local peer's inbox (see [`LocalInbox`]); the manager's is
+/// `ServerConfig::manager_inbox_frames`, this by default.
 pub const LOCAL_INBOX_FRAMES: usize = 4096;
+
+/// How long a client's connection waits for room in a full local inbox before the frame
+/// is refused (see [`LocalInbox`]); the default of `ServerConfig::manager_inbox_wait`.
+pub const LOCAL_INBOX_WAIT: Duration = Duration::from_secs(10);
 
 /// The text of the reject a caller gets when a local peer's inbox is full.
 pub const LOCAL_INBOX_FULL: &str = "Server busy: the workspace manager's inbox is full, retry later";
@@ -179,11 +184,17 @@ pub const LOCAL_INBOX_FULL: &str = "Server busy: the workspace manager's inbox i
 /// The inbox of a peer that lives inside the server (the workspace manager): a bounded
 /// queue of routed frames, drained by that peer's actor.
 ///
-/// **Overflow policy.** Pushing never waits. When the queue holds [`LOCAL_INBOX_FRAMES`]
-/// frames the new frame is dropped; if it was a call that expects an answer (it has a
-/// `session`), the router sends the caller a reject with [`LOCAL_INBOX_FULL`] so it fails
-/// at once instead of timing out. The local peer itself is never disconnected: unlike a
-/// slow client, it is the server.
+/// **Overflow policy.** [`Router::route`] never waits: when the queue holds
+/// [`LOCAL_INBOX_FRAMES`] frames the new frame is dropped; if it was a call that expects
+/// an answer (it has a `session`), the caller gets a reject with [`LOCAL_INBOX_FULL`] so
+/// it fails at once instead of timing out. That is what the server's own peers get.
+/// A client's connection uses [`Router::route_or_hold`] instead and waits, up to
+/// [`LOCAL_INBOX_WAIT`] (configurable), for room: it stops reading its socket meanwhile, so TCP slows that
+/// client down and memory stays bounded by the inbox plus one frame per waiting client.
+/// A burst of connects (thousands of clients starting, or reconnecting after a restart,
+/// each sending its bootstrap calls to the manager at once) is then served in order
+/// instead of failing clients that, like the stock ones, do not retry their bootstrap.
+/// The local peer itself is never disconnected: unlike a slow client, it is the server.
 #[derive(Debug, Clone)]
 pub struct LocalInbox {
     tx: tokio::sync::mpsc::Sender<Bytes>,
@@ -492,35 +503,40 @@ impl Router {
     /// Routes one binary frame from `sender` (spec §3.2 rules 1-8): stamps `from`, `to`,
     /// `ws` and `user` into `main` (the rest of `main` and the extra bytes untouched) and
     /// delivers it; or explains why not. The caller sends [`RouteOutcome::Rejected`]'s
-    /// frame back on the sender's own socket.
+    /// frame back on the sender's own socket. A frame for a full local inbox is refused
+    /// at once (see [`LocalInbox`]).
     pub fn route(&self, sender: &RouteSender, frame: &Bytes, now: Instant) -> RouteOutcome {
+        match self.route_or_hold(sender, frame, now) {
+            Routed::Done(outcome) => outcome,
+            Routed::InboxFull(held) => held.refuse(),
+        }
+    }
+
+    /// [`Router::route`], except that a frame for a full local inbox comes back as
+    /// [`Routed::InboxFull`], for a caller that can wait for room (see [`LocalInbox`]).
+    pub fn route_or_hold(&self, sender: &RouteSender, frame: &Bytes, now: Instant) -> Routed {
         let mut plan = None;
         let stamped = package::restamp(frame, &self.limits, |main| {
             plan = Some(self.plan(sender, main, now));
         });
         let stamped = match stamped {
             Ok(bytes) => bytes,
-            Err(e) => return RouteOutcome::Dropped(DropReason::Undecodable(e)),
+            Err(e) => return Routed::Done(RouteOutcome::Dropped(DropReason::Undecodable(e))),
         };
-        match plan {
+        let outcome = match plan {
             Some(Plan::Deliver { target, kind, session }) => {
                 match self.deliver(&target, kind.as_deref(), &stamped) {
-                    // A full local inbox: tell a caller that waits for an answer.
-                    RouteOutcome::Dropped(DropReason::LocalOverflow(t)) => match session {
-                        Some(session) => match reject_frame(
-                            &session,
-                            Value::from(t.as_str()),
-                            Value::from(sender.address()),
-                            LOCAL_INBOX_FULL,
-                        ) {
-                            Ok(reject) => {
-                                RouteOutcome::Rejected { error: RouteError::LocalInboxFull(t), reject }
-                            }
-                            Err(e) => RouteOutcome::Dropped(DropReason::Undecodable(e)),
-                        },
-                        None => RouteOutcome::Dropped(DropReason::LocalOverflow(t)),
-                    },
-                    other => other,
+                    Ok(outcome) => outcome,
+                    Err(inbox) => {
+                        let from = sender.address();
+                        return Routed::InboxFull(Box::new(HeldFrame {
+                            target,
+                            frame: stamped,
+                            inbox,
+                            session,
+                            from,
+                        }));
+                    }
                 }
             }
             Some(Plan::Refuse { error, session: Some(session), to, from }) => {
@@ -534,7 +550,8 @@ impl Router {
             }
             Some(Plan::Drop(reason)) => RouteOutcome::Dropped(reason),
             None => RouteOutcome::Delivered(0),
-        }
+        };
+        Routed::Done(outcome)
     }
 
     /// Decides what to do with a frame and, when it is to be delivered, stamps `main`.
@@ -577,27 +594,74 @@ impl Router {
         Plan::Deliver { target, kind, session }
     }
 
-    fn deliver(&self, target: &str, kind: Option<&str>, frame: &Bytes) -> RouteOutcome {
+    /// Delivers a stamped frame; `Err` with the inbox when it is a local peer's and full.
+    fn deliver(&self, target: &str, kind: Option<&str>, frame: &Bytes) -> Result<RouteOutcome, LocalInbox> {
         let Some((ws, cid)) = target.split_once('/') else {
-            return RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned()));
+            return Ok(RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned())));
         };
         if cid == WILDCARD {
             // Unsubscribed connections get nothing; a frame without a type reaches nobody.
-            return RouteOutcome::Delivered(kind.map_or(0, |k| self.deliver_broadcast(ws, k, frame)));
+            return Ok(RouteOutcome::Delivered(kind.map_or(0, |k| self.deliver_broadcast(ws, k, frame))));
         }
-        let (sent, local) = match self.peers.get(ws) {
+        let sent = match self.peers.get(ws) {
             Some(clients) => match clients.get(cid) {
-                Some(peer) => (peer.sink.send(frame), matches!(peer.sink, Sink::Local(_))),
-                None => return RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned())),
+                Some(peer) => match (peer.sink.send(frame), &peer.sink) {
+                    (Err(SendError::Overflow), Sink::Local(inbox)) => return Err(inbox.clone()),
+                    (sent, _) => sent,
+                },
+                None => return Ok(RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned()))),
             },
-            None => return RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned())),
+            None => return Ok(RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned()))),
         };
-        match sent {
+        Ok(match sent {
             Ok(()) => RouteOutcome::Delivered(1),
-            Err(SendError::Overflow) if local => {
-                RouteOutcome::Dropped(DropReason::LocalOverflow(target.to_owned()))
-            }
             Err(e) => RouteOutcome::Dropped(DropReason::TargetUnavailable(target.to_owned(), e)),
+        })
+    }
+}
+
+/// What [`Router::route_or_hold`] did with a frame.
+#[derive(Debug)]
+pub enum Routed {
+    /// Routed, refused or dropped, as [`Router::route`] says.
+    Done(RouteOutcome),
+    /// Stamped for a local peer whose inbox is full: wait for room or refuse it.
+    InboxFull(Box<HeldFrame>),
+}
+
+/// A stamped frame for a local peer whose inbox was full (see [`LocalInbox`]).
+#[derive(Debug)]
+pub struct HeldFrame {
+    target: String,
+    frame: Bytes,
+    inbox: LocalInbox,
+    session: Option<String>,
+    from: String,
+}
+
+impl HeldFrame {
+    /// Refuses the frame as [`Router::route`] does: a reject for a call that expects an
+    /// answer, a silent drop otherwise.
+    pub fn refuse(self) -> RouteOutcome {
+        let HeldFrame { target, session, from, .. } = self;
+        let Some(session) = session else {
+            return RouteOutcome::Dropped(DropReason::LocalOverflow(target));
+        };
+        match reject_frame(&session, Value::from(target.as_str()), Value::from(from), LOCAL_INBOX_FULL) {
+            Ok(reject) => RouteOutcome::Rejected { error: RouteError::LocalInboxFull(target), reject },
+            Err(e) => RouteOutcome::Dropped(DropReason::Undecodable(e)),
+        }
+    }
+
+    /// Waits at most `wait` for room in the inbox and delivers the frame; refuses it (as
+    /// [`HeldFrame::refuse`]) if none came.
+    pub async fn deliver_within(self, wait: Duration) -> RouteOutcome {
+        match self.inbox.tx.send_timeout(self.frame.clone(), wait).await {
+            Ok(()) => RouteOutcome::Delivered(1),
+            Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => self.refuse(),
+            Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => {
+                RouteOutcome::Dropped(DropReason::TargetUnavailable(self.target, SendError::Closed))
+            }
         }
     }
 }
@@ -867,7 +931,7 @@ mod tests {
     }
 
     #[actix_rt::test]
-    async fn a_full_local_inbox_rejects_calls_and_drops_the_rest() {
+    async fn a_full_local_inbox_rejects_calls_and_drops_the_rest_or_holds_them() {
         let r = Router::new(Duration::from_secs(120));
         let now = Instant::now();
         let (inbox, mut rx) = LocalInbox::channel(1);
@@ -891,9 +955,19 @@ mod tests {
             r.route(&s, &event, now),
             RouteOutcome::Dropped(DropReason::LocalOverflow("*/manager-x".into()))
         );
+        // A caller that can wait gets the stamped frame back, and delivers it once there
+        // is room, or refuses it as `route` does when none comes in time.
+        let Routed::InboxFull(held) = r.route_or_hold(&s, &call, now) else { panic!("not held") };
+        let refused = held.deliver_within(Duration::from_millis(20)).await;
+        assert!(matches!(refused, RouteOutcome::Rejected { error: RouteError::LocalInboxFull(_), .. }));
+        let Routed::InboxFull(held) = r.route_or_hold(&s, &event, now) else { panic!("not held") };
+        let waiting = actix_rt::spawn(held.deliver_within(Duration::from_secs(10)));
         // The queued frame was stamped; once it is taken there is room again.
         let got = decode_package(&rx.recv().await.unwrap(), &DecodeLimits::default()).unwrap();
         assert_eq!(got.main["from"], Value::from("W/c"));
+        assert_eq!(waiting.await.unwrap(), RouteOutcome::Delivered(1), "the held frame went in");
+        let held = decode_package(&rx.recv().await.unwrap(), &DecodeLimits::default()).unwrap();
+        assert_eq!((&held.main["type"], &held.main["from"]), (&Value::from("e"), &Value::from("W/c")));
         assert!(r.deliver_local("*/manager-x", Bytes::from_static(b"x")));
         assert!(!r.deliver_local("W/c", Bytes::from_static(b"x")));
         // Local peers do not count as clients, and leave silently.
