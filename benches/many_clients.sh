@@ -48,7 +48,7 @@ OUR_SERVER="$TARGET/release/hypha-server"
 # --- processes we started (the trap ends only these, by pid)
 SERVER_PID="" BENCH_PID="" SERVER_CWD="" HOLD=""
 cleanup() {
-  exec 3>&- 2>/dev/null || true
+  exec 3>&-   # (closing a closed descriptor is fine)
   for pid in $BENCH_PID $SERVER_PID; do
     if kill -0 "$pid" 2>/dev/null; then
       kill "$pid" 2>/dev/null || true

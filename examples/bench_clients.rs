@@ -106,48 +106,58 @@ fn seed() -> u64 {
     nanos | 1
 }
 
-/// Connects client `index` (retrying what [`retryable`] allows until `deadline`) and
-/// registers its service.
+/// Runs `attempt` until it succeeds, retrying what [`retryable`] allows until `deadline`
+/// with jittered exponential backoff; `retries` counts the retries.
+async fn with_retries<T, F, Fut>(
+    what: &str,
+    deadline: Instant,
+    rng: &mut XorShift,
+    retries: &mut u32,
+    mut attempt: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if retryable(&e) && Instant::now() < deadline => {
+                *retries += 1;
+                // 0.25 s doubling to 8 s, then a random 50-100 % of it.
+                let base = 0.25 * 2f64.powi((*retries).min(6) as i32 - 1);
+                let wait = base * (0.5 + rng.below(1000) as f64 / 2000.0);
+                tracing::debug!(what, retries = *retries, error = %e, "retried");
+                actix_rt::time::sleep(Duration::from_secs_f64(wait)).await;
+            }
+            Err(e) => return Err(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// Connects client `index` and registers its service, each retried as
+/// [`with_retries`] does.
 async fn connect_one(url: String, index: usize, deadline: Instant) -> Result<Connected, String> {
     let t0 = Instant::now();
     let mut rng = XorShift(seed() ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut retries = 0u32;
-    let mut backoff = |retries: u32| {
-        // 0.25 s doubling to 8 s, then a random 50-100 % of it.
-        let base = 0.25 * 2f64.powi(retries.min(6) as i32 - 1);
-        Duration::from_secs_f64(base * (0.5 + (rng.below(1000) as f64) / 2000.0))
-    };
-    let client = loop {
+    let client = with_retries("connect", deadline, &mut rng, &mut retries, || {
         // The handshake may sit in the server's admission queue (up to 30 s there): the
         // client waits longer than that, so the server's answer decides.
         let config = ClientConfig::new(url.clone())
             .name(format!("many-{index}"))
             .method_timeout(Duration::from_secs(120));
-        match connect_to_server(config).await {
-            Ok(client) => break client,
-            Err(e) if retryable(&e) && Instant::now() < deadline => {
-                retries += 1;
-                tracing::debug!(index, retries, error = %e, "connect retried");
-                actix_rt::time::sleep(backoff(retries)).await;
-            }
-            Err(e) => return Err(format!("connect: {e}")),
-        }
-    };
-    let info = loop {
+        connect_to_server(config)
+    })
+    .await?;
+    let info = with_retries("register_service", deadline, &mut rng, &mut retries, || {
         let service = Service::builder(format!("svc-{index}"))
             .visibility(Visibility::Public)
             .function("echo", |x: Value| async move { Ok::<_, Error>(x) })
             .build();
-        match client.register_service(service).await {
-            Ok(info) => break info,
-            Err(e) if retryable(&e) && Instant::now() < deadline => {
-                retries += 1;
-                tracing::debug!(index, retries, error = %e, "register_service retried");
-                actix_rt::time::sleep(backoff(retries)).await;
-            }
-            Err(e) => return Err(format!("register_service: {e}")),
-        }
-    };
+        client.register_service(service)
+    })
+    .await?;
     Ok(Connected { index, client, service_id: info.id, seconds: t0.elapsed().as_secs_f64(), retries })
 }
 
