@@ -348,33 +348,34 @@ impl SessionRegistry {
                 }
             };
             let total = infos.len();
+            // (id, error) of each service that did not come back.
             let mut failed = Vec::new();
-            let mut failed_ids = Vec::new();
             for (id, info) in infos {
                 if let Err(e) = call("register_service", vec![info]).await {
                     tracing::warn!(service = %id, error = %e, "re-registering a service failed");
-                    failed.push(format!("{id}: {e}"));
-                    failed_ids.push(Value::from(id));
+                    failed.push((id, e));
                 }
             }
-            tracing::info!(total, registered = total - failed.len(), "services re-registered");
+            let registered = total - failed.len();
+            tracing::info!(total, registered, "services re-registered");
             if !subscriptions.is_empty() {
                 // As upstream: a failed re-subscription is a warning, not a failed attempt.
                 if let Err(e) = call("subscribe", vec![Value::List(subscriptions)]).await {
                     tracing::warn!(error = %e, "re-subscribing to events failed");
                 }
             }
-            let registered = total - failed_ids.len();
+            let result = if failed.is_empty() {
+                Ok(())
+            } else {
+                let each: Vec<String> = failed.iter().map(|(id, e)| format!("{id}: {e}")).collect();
+                Err(format!("Service re-registration failed after reconnection: {}", each.join("; ")))
+            };
             let mut report = Map::new();
             report.insert("type".into(), Value::from("services_registered"));
             report.insert("total".into(), Value::from(total as u64));
             report.insert("registered".into(), Value::from(registered as u64));
+            let failed_ids = failed.into_iter().map(|(id, _)| Value::from(id)).collect();
             report.insert("failed".into(), Value::List(failed_ids));
-            let result = if failed.is_empty() {
-                Ok(())
-            } else {
-                Err(format!("Service re-registration failed after reconnection: {}", failed.join("; ")))
-            };
             (report, result)
         };
         let mut connected = match hypha_core::serde_value::to_value(&info.raw) {
