@@ -678,7 +678,7 @@ async fn item29_schema_of_declared_parameters(url: &str) {
     let consumer = connect(url).await;
     let svc = consumer.get_service(&info.id).await.expect("get_service");
     let seen = svc.function("scale").expect("scale").descriptor().schema.clone().expect("_rschema");
-    let seen = hypha_rpc::core::serde_value::from_value::<serde_json::Value>(*seen).expect("JSON");
+    let seen = hypha_rpc::core::serde_value::from_value::<serde_json::Value>((*seen).clone()).expect("JSON");
     assert_eq!(seen, scale, "the caller sees the same schema");
     let kw = svc.call_with_kwargs("scale", vec![Value::from(2)], map! {"b" => 1.5}).await.expect("kwargs");
     assert_eq!(kw, Value::F64(3.0));

@@ -998,7 +998,7 @@ fn dec_method(m: Map, cx: &DecodeContext<'_>) -> Result<Value, CodecError> {
                     rm.extra.insert(k, v);
                 }
             },
-            "_rschema" => rm.schema = Some(Box::new(v)),
+            "_rschema" => rm.schema = Some(Arc::new(v)),
             "_renc_pub" => {
                 rm.encryption_key = match v {
                     Value::Nil => None,
@@ -1358,7 +1358,7 @@ mod tests {
         let schema = Value::from(map! { "name" => "f" });
         let f = LocalFunction {
             doc: Some("Doc.".into()),
-            schema: Some(Box::new(schema.clone())),
+            schema: Some(Arc::new(schema.clone())),
             ..local(Some("f"))
         };
         let mut sink = TestSink::default();

@@ -60,7 +60,7 @@ use bytes::Bytes;
 use crate::chunk::{self, CacheCall, ChunkError, ChunkLimits, ChunkPlan, Reassembler, CHUNK_SIZE};
 use crate::codec::{self, CodecError, CodecRegistry, DecodeContext, EncodeContext};
 use crate::message::{self, CallAddresses, MainSegment, MessageError, Promise};
-use crate::msgpack::{DecodeLimits, Rope};
+use crate::msgpack::{self, DecodeLimits, Rope};
 use crate::package::{self, Package, PackageError};
 use crate::session::{
     BuiltinHandlers, CallError, CallOutcome, DispatchError, IncomingCall, OpenCall, RemovedService,
@@ -779,13 +779,20 @@ impl Endpoint {
 
     /// One binary frame from the transport (spec §2.5).
     pub fn handle_frame(&mut self, now: Instant, frame: Bytes) {
-        match package::decode_package(&frame, &self.config.decode_limits) {
-            Ok(p) => self.receive(now, p, None),
-            Err(e) => self.events.push_back(Event::Error(e.into())),
+        let limits = &self.config.decode_limits;
+        let decoded = MainSegment::decode(&frame, limits).map_err(EndpointError::from).and_then(|(main, at)| {
+            Ok((main, package::decode_extra(&frame, at, limits)?))
+        });
+        match decoded {
+            Ok((main, extra)) => self.receive(now, main, extra),
+            Err(e) => self.events.push_back(Event::Error(e)),
         }
         // Packages reassembled on the way, each after the `process` reply it came with.
         while let Some((p, trusted)) = self.reassembled.pop_front() {
-            self.receive(now, p, Some(trusted));
+            match with_trusted_routing(p.main, &trusted) {
+                Ok(main) => self.receive(now, main, p.extra),
+                Err(e) => self.events.push_back(Event::Error(e.into())),
+            }
         }
         self.rearm(now);
     }
@@ -850,7 +857,7 @@ impl Endpoint {
             }
             main.parent = method.remote_parent.clone();
             let extra = message::call_extra_encoded(args, with_kwargs, promise);
-            Ok(package::encode_package_rope(&main.into_map(), Some(&extra))?)
+            Ok(encode_call(&main, &extra)?)
         });
         match built {
             Ok(rope) => Ok((session, rope)),
@@ -1080,20 +1087,7 @@ impl Endpoint {
     /// Spec §2.5: build `ctx` from `main` before the merge, dispatch on `type`. `trusted`
     /// is the context of a `message_cache.process` call, whose routing fields replace the
     /// reassembled package's own (spec §3 receiver step 3).
-    fn receive(&mut self, now: Instant, package: Package, trusted: Option<Map>) {
-        let Package { mut main, extra } = package;
-        if let Some(trusted) = trusted {
-            for key in ["from", "to", "ws", "user"] {
-                match trusted.get(key) {
-                    Some(v) => main.insert(key.to_owned(), v.clone()),
-                    None => main.shift_remove(key),
-                };
-            }
-        }
-        let seg = match MainSegment::from_map(main) {
-            Ok(m) => m,
-            Err(e) => return self.events.push_back(Event::Error(e.into())),
-        };
+    fn receive(&mut self, now: Instant, seg: MainSegment, extra: Option<Map>) {
         if seg.kind == message::METHOD {
             return self.handle_method(now, seg, extra.unwrap_or_default());
         }
@@ -1501,6 +1495,40 @@ impl Builtin {
 }
 
 /// The continuation of a reply or heartbeat sent to `to`.
+/// A call's package as a rope: the typed main segment written directly (no map built for
+/// it), then the extra segment. The first buffer starts large enough for a small call, so
+/// that it rarely grows; large payloads are referenced, not copied ([`Rope`]).
+fn encode_call(main: &MainSegment, extra: &Map) -> Result<Rope, PackageError> {
+    let mut rope = Rope::with_capacity(512);
+    main.encode_to(&mut rope)?;
+    if !extra.is_empty() {
+        msgpack::encode_map_to_rope(extra, &mut rope)?;
+    }
+    Ok(rope)
+}
+
+/// The main segment of a package reassembled from `message_cache` chunks, with its
+/// routing fields (`from`, `to`, `ws`, `user`) taken from the server-stamped `process`
+/// call that delivered it (`trusted`), not from what the sender wrote inside the chunks.
+fn with_trusted_routing(mut main: Map, trusted: &Map) -> Result<MainSegment, MessageError> {
+    for key in ["from", "to", "ws", "user"] {
+        match trusted.get(key) {
+            Some(v) => main.insert(key.to_owned(), v.clone()),
+            None => main.shift_remove(key),
+        };
+    }
+    MainSegment::from_map(main)
+}
+
+impl From<message::MainDecodeError> for EndpointError {
+    fn from(e: message::MainDecodeError) -> Self {
+        match e {
+            message::MainDecodeError::Package(e) => e.into(),
+            message::MainDecodeError::Message(e) => e.into(),
+        }
+    }
+}
+
 fn discard(to: &RemoteMethod) -> Then {
     Then::Discard { target: to.target.clone(), method: to.method.clone() }
 }

@@ -19,6 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::ids::WILDCARD;
+use crate::msgpack::{self, Cursor, DecodeLimits, Rope};
+use crate::package::{PackageError, Segment};
 use crate::value::{Map, PromiseMode, Value};
 
 /// `type` of an RPC call: the only RPC message type.
@@ -126,7 +128,7 @@ pub struct MainSegment {
     /// Caller's workspace (server only).
     pub ws: Option<String>,
     /// Caller's user info (server only).
-    pub user: Option<Value>,
+    pub user: Option<UserStamp>,
     /// Every other key, in received order (event payloads such as `data`, `peer_id`...).
     pub rest: Map,
 }
@@ -153,8 +155,99 @@ impl MainSegment {
         let session = opt_str(&mut map, "session")?;
         let parent = opt_str(&mut map, "parent")?;
         let ws = opt_str(&mut map, "ws")?;
-        let user = map.shift_remove("user").filter(|u| !matches!(u, Value::Nil));
+        let user = map.shift_remove("user").filter(|u| !matches!(u, Value::Nil)).map(UserStamp::Value);
         Ok(Self { kind, from, to, method, session, parent, ws, user, rest: map })
+    }
+
+    /// Reads the main segment straight from a frame and returns it with the offset where
+    /// the extra segment starts. The same result as decoding the map and calling
+    /// [`MainSegment::from_map`], without building the map: the routing strings are read
+    /// in place and the server's `user` stamp stays encoded ([`UserStamp::Encoded`]).
+    pub fn decode(frame: &Bytes, limits: &DecodeLimits) -> Result<(Self, usize), MainDecodeError> {
+        let main_err = |source| PackageError::Msgpack { segment: Segment::Main, source };
+        let mut cur = Cursor::new(frame, 0);
+        let Some(entries) = cur.map_header().map_err(main_err)? else {
+            let other = cur.value(limits).map_err(main_err)?;
+            return Err(PackageError::MainNotMap(other.kind()).into());
+        };
+        let mut budget = ItemBudget::new(limits);
+        budget.spend(1, 0).map_err(main_err)?; // the map itself, as in `msgpack::decode`
+        let mut seg = Self::default();
+        // The typed fields' values in WIRE_KEYS order, type-checked after the loop: with a
+        // repeated key only the last value counts, as in a decoded map.
+        let mut fields: [Option<Value>; 7] = Default::default();
+        for _ in 0..entries {
+            budget.spend(1, cur.pos()).map_err(main_err)?;
+            let key = cur.key().map_err(main_err)?;
+            let at = cur.pos();
+            if key == "user" {
+                let (raw, items) = cur.skip(&budget.limits()).map_err(main_err)?;
+                budget.spend(items, at).map_err(main_err)?;
+                // nil reads as absent, as in `from_map`.
+                seg.user = (raw[..] != [0xc0]).then_some(UserStamp::Encoded(raw));
+                continue;
+            }
+            let value = cur.value(&budget.limits()).map_err(main_err)?;
+            budget.spend_value(&value, at).map_err(main_err)?;
+            match WIRE_KEYS[..7].iter().position(|k| *k == key) {
+                Some(i) => fields[i] = Some(value),
+                // Duplicate keys: the last value wins at the first position, as decoding
+                // into a map does.
+                None => drop(seg.rest.insert(key.to_owned(), value)),
+            }
+        }
+        // In `from_map`'s order, so that a segment with several faults reports the same one.
+        let mut typed = WIRE_KEYS.into_iter().zip(fields).map(|(key, v)| match v {
+            None | Some(Value::Nil) => Ok(None),
+            Some(Value::Str(s)) => Ok(Some(s)),
+            Some(other) => Err(MessageError::WrongType { key, expected: "str", got: other.kind() }),
+        });
+        let mut next = || typed.next().unwrap_or(Ok(None));
+        seg.kind = next()?.ok_or(MessageError::MissingType)?;
+        seg.from = next()?;
+        seg.to = next()?;
+        seg.method = next()?;
+        seg.session = next()?;
+        seg.parent = next()?;
+        seg.ws = next()?;
+        Ok((seg, cur.pos()))
+    }
+
+    /// Writes the segment, as encoding [`MainSegment::into_map`] would, without building
+    /// the map. Keys of [`MainSegment::rest`] that name a typed field are left out: the
+    /// typed field holds the segment's value for them.
+    pub fn encode_to(&self, rope: &mut Rope) -> Result<(), msgpack::EncodeError> {
+        let fields = [
+            ("from", &self.from),
+            ("to", &self.to),
+            ("method", &self.method),
+            ("session", &self.session),
+            ("parent", &self.parent),
+            ("ws", &self.ws),
+        ];
+        let rest = || self.rest.iter().filter(|(k, _)| !WIRE_KEYS.contains(&k.as_str()));
+        let typed = 1 + fields.iter().filter(|(_, v)| v.is_some()).count() + usize::from(self.user.is_some());
+        rope.put_map_header(typed + rest().count())?;
+        rope.put_str("type")?;
+        rope.put_str(&self.kind)?;
+        for (k, v) in fields {
+            if let Some(v) = v {
+                rope.put_str(k)?;
+                rope.put_str(v)?;
+            }
+        }
+        if let Some(user) = &self.user {
+            rope.put_str("user")?;
+            match user {
+                UserStamp::Value(v) => rope.put_value(v)?,
+                UserStamp::Encoded(raw) => rope.put_encoded(raw),
+            }
+        }
+        for (k, v) in rest() {
+            rope.put_str(k)?;
+            rope.put_value(v)?;
+        }
+        Ok(())
     }
 
     /// Writes the segment back, in upstream's key order.
@@ -175,7 +268,7 @@ impl MainSegment {
             }
         }
         if let Some(user) = self.user {
-            m.insert("user".into(), user);
+            m.insert("user".into(), user.into_value());
         }
         m.extend(self.rest);
         m
@@ -189,8 +282,105 @@ impl MainSegment {
         self.to = Some(normalize_target(to, sender_ws));
         self.from = Some(format!("{sender_ws}/{sender_client}"));
         self.ws = Some(ws.to_owned());
-        self.user = Some(user);
+        self.user = Some(UserStamp::Value(user));
         true
+    }
+}
+
+/// The keys of the typed fields of [`MainSegment`], in upstream's order.
+const WIRE_KEYS: [&str; 8] = ["type", "from", "to", "method", "session", "parent", "ws", "user"];
+
+/// The server's `user` stamp of a main segment.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UserStamp {
+    /// A value: stamped by our server, or read by [`MainSegment::from_map`].
+    Value(Value),
+    /// As received: one msgpack object that [`MainSegment::decode`] stepped over. Most
+    /// calls never read it, and decoding it (a dozen strings, three maps) cost more than
+    /// the rest of the segment.
+    Encoded(Bytes),
+}
+
+impl UserStamp {
+    /// The stamp as a value.
+    pub fn to_value(&self) -> Value {
+        match self {
+            Self::Value(v) => v.clone(),
+            Self::Encoded(raw) => decode_checked(raw),
+        }
+    }
+
+    /// The stamp as a value, without a copy when it already is one.
+    pub fn into_value(self) -> Value {
+        match self {
+            Self::Value(v) => v,
+            Self::Encoded(raw) => decode_checked(&raw),
+        }
+    }
+}
+
+/// Decodes a stamp that [`Cursor::skip`] already checked (structure, UTF-8, limits), so
+/// decoding it again cannot fail; `nil` would stand in if it ever did.
+fn decode_checked(raw: &Bytes) -> Value {
+    msgpack::decode(raw, 0, &DecodeLimits::default()).map(|(v, _)| v).unwrap_or_default()
+}
+
+/// Why [`MainSegment::decode`] refused a frame.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MainDecodeError {
+    /// Not a msgpack map.
+    #[error(transparent)]
+    Package(#[from] PackageError),
+    /// A map, but not a valid main segment.
+    #[error(transparent)]
+    Message(#[from] MessageError),
+}
+
+/// The [`DecodeLimits`] of [`MainSegment::decode`]: the segment counts against
+/// `max_items` as a whole, as when it is decoded as one map.
+struct ItemBudget {
+    limits: DecodeLimits,
+    left: usize,
+}
+
+impl ItemBudget {
+    fn new(limits: &DecodeLimits) -> Self {
+        Self { limits: *limits, left: limits.max_items }
+    }
+
+    /// The limits for the next value: what is left of the items, and one level less of
+    /// depth (the value sits inside the segment's map).
+    fn limits(&self) -> DecodeLimits {
+        DecodeLimits { max_depth: self.limits.max_depth.saturating_sub(1), max_items: self.left }
+    }
+
+    /// Spends what `value` holds; with no item limit (the default) nothing is counted.
+    fn spend_value(&mut self, value: &Value, offset: usize) -> Result<(), msgpack::DecodeError> {
+        if self.limits.max_items == usize::MAX {
+            return Ok(());
+        }
+        let mut items = 0usize;
+        let mut todo = vec![value];
+        while let Some(v) = todo.pop() {
+            items += 1;
+            match v {
+                Value::List(l) => todo.extend(l),
+                Value::Map(m) => {
+                    items += m.len();
+                    todo.extend(m.values());
+                }
+                _ => {}
+            }
+        }
+        self.spend(items, offset)
+    }
+
+    fn spend(&mut self, items: usize, offset: usize) -> Result<(), msgpack::DecodeError> {
+        self.left = self
+            .left
+            .checked_sub(items)
+            .ok_or(msgpack::DecodeError::TooManyItems { max_items: self.limits.max_items, offset })?;
+        Ok(())
     }
 }
 
@@ -509,6 +699,7 @@ pub fn expand_compact(
 mod tests {
     use super::*;
     use crate::schema::json_to_value;
+    use proptest::prelude::*;
 
     fn map(json: &str) -> Map {
         match json_to_value(&serde_json::from_str(json).unwrap()) {
@@ -546,13 +737,128 @@ mod tests {
         assert_eq!(s.kind, METHOD);
         assert_eq!(s.parent.as_deref(), Some("5arn3u3Uzc3HCcB3XNWiqv"));
         assert_eq!(s.session, None);
-        assert!(s.user.as_ref().and_then(Value::as_map).is_some());
+        assert!(s.user.as_ref().map(UserStamp::to_value).is_some_and(|u| u.as_map().is_some()));
         let r = MainSegment::from_map(map(SYNTHETIC_REJECT)).unwrap();
         assert_eq!((r.ws, r.user), (None, None));
         let d = MainSegment::from_map(map(DISCONNECTED)).unwrap();
         assert_eq!(d.kind, CLIENT_DISCONNECTED);
         assert_eq!(d.from, None);
         assert_eq!(keys(&d.rest), ["data"]);
+    }
+
+    /// A main map written entry by entry, so that it may repeat keys.
+    fn encode_entries(entries: &[(String, Value)]) -> Bytes {
+        let mut rope = Rope::new();
+        rope.put_map_header(entries.len()).unwrap();
+        for (k, v) in entries {
+            rope.put_str(k).unwrap();
+            rope.put_value(v).unwrap();
+        }
+        rope.into_bytes()
+    }
+
+    /// `MainSegment::decode` against decoding the map and `from_map`: the same segment
+    /// (the `user` compared as a value) and the same end, or both refuse.
+    fn decode_agrees_with_from_map(frame: &Bytes) {
+        let limits = DecodeLimits::default();
+        let direct = MainSegment::decode(frame, &limits);
+        let via_map = msgpack::decode(frame, 0, &limits).map_err(|_| ()).and_then(|(v, end)| match v {
+            Value::Map(m) => MainSegment::from_map(m).map(|s| (s, end)).map_err(|_| ()),
+            _ => Err(()),
+        });
+        match (direct, via_map) {
+            (Ok((mut a, end_a)), Ok((mut b, end_b))) => {
+                assert_eq!(end_a, end_b);
+                a.user = a.user.map(|u| UserStamp::Value(u.into_value()));
+                b.user = b.user.map(|u| UserStamp::Value(u.into_value()));
+                assert_eq!(a, b);
+            }
+            (Err(_), Err(())) => {}
+            (a, b) => panic!("direct {a:?} but via the map {b:?}"),
+        }
+    }
+
+    #[test]
+    fn direct_decode_reads_a_server_stamped_segment() {
+        let frame = Bytes::from(msgpack::encode_to_vec(&Value::Map(map(SERVER_STAMPED))).unwrap());
+        let (seg, end) = MainSegment::decode(&frame, &DecodeLimits::default()).unwrap();
+        assert_eq!(end, frame.len());
+        let Some(UserStamp::Encoded(raw)) = &seg.user else { panic!("user kept encoded: {:?}", seg.user) };
+        assert!(frame.as_ptr_range().contains(&raw.as_ptr()), "a slice of the frame");
+        assert_eq!(seg.user.as_ref().map(UserStamp::to_value), map(SERVER_STAMPED).get("user").cloned());
+        decode_agrees_with_from_map(&frame);
+        // Written back, the encoded stamp is copied as it is: the same bytes.
+        let mut rope = Rope::new();
+        seg.encode_to(&mut rope).unwrap();
+        assert_eq!(rope.into_bytes(), frame);
+        // Errors as from_map's.
+        let refused = |json: &str| {
+            let f = Bytes::from(msgpack::encode_to_vec(&Value::Map(map(json))).unwrap());
+            MainSegment::decode(&f, &DecodeLimits::default()).unwrap_err()
+        };
+        assert_eq!(refused(r#"{"to": "x"}"#), MainDecodeError::Message(MessageError::MissingType));
+        assert_eq!(
+            refused(r#"{"type": "method", "session": ["x"]}"#),
+            MainDecodeError::Message(MessageError::WrongType { key: "session", expected: "str", got: "list" })
+        );
+        let list = Bytes::from_static(&[0x91, 0x01]);
+        assert_eq!(
+            MainSegment::decode(&list, &DecodeLimits::default()),
+            Err(MainDecodeError::Package(PackageError::MainNotMap("list")))
+        );
+        // The item limit covers the whole segment, the skipped stamp included.
+        // The map, its 7 keys, 6 str values and the stamp's 10 items (a map, 4 keys, 4
+        // values and the roles list's item).
+        let items = 1 + 7 + 6 + 10;
+        let at = |max_items| MainSegment::decode(&frame, &DecodeLimits { max_items, ..Default::default() });
+        assert!(at(items).is_ok());
+        assert!(at(items - 1).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn direct_decode_equals_decoding_the_map(
+            entries in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "type", "from", "to", "method", "session", "parent", "ws", "user", "data", "x",
+                    ]),
+                    proptest::prop_oneof![
+                        3 => "[a-z/*.]{0,12}".prop_map(Value::Str),
+                        1 => proptest::strategy::Just(Value::Nil),
+                        1 => crate::msgpack::tests::arb_wire(),
+                    ],
+                ),
+                0..12,
+            ),
+            force_type in proptest::bool::ANY,
+        ) {
+            let mut entries: Vec<(String, Value)> = entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            if force_type {
+                entries.insert(0, ("type".into(), Value::from(METHOD)));
+            }
+            decode_agrees_with_from_map(&encode_entries(&entries));
+        }
+
+        #[test]
+        fn encode_to_writes_what_into_map_encodes(
+            entries in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec!["from", "to", "method", "session", "parent", "ws", "user", "data"]),
+                    "[a-z/*.]{0,12}".prop_map(Value::Str),
+                ),
+                0..10,
+            ),
+        ) {
+            let mut m: Map = entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            m.insert("type".into(), Value::from(METHOD));
+            let seg = MainSegment::from_map(m).unwrap();
+            let mut rope = Rope::new();
+            seg.encode_to(&mut rope).unwrap();
+            let mut expected = Vec::new();
+            msgpack::encode_map(&seg.into_map(), &mut expected).unwrap();
+            proptest::prop_assert_eq!(rope.into_bytes(), Bytes::from(expected));
+        }
     }
 
     #[test]

@@ -446,6 +446,214 @@ pub fn decode(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<(Valu
     }
 }
 
+/// A forward-only reader over one buffer for callers that take a map apart field by field
+/// instead of decoding it whole: the client's main-segment reader
+/// ([`crate::message::MainSegment::decode`]) reads the routing strings in place, keeps the
+/// server's `user` stamp encoded ([`Cursor::skip`]) and decodes only the other values.
+///
+/// Why: decoding a server-stamped main segment into a [`Map`] was about a quarter of a
+/// client's instructions per call, mostly for the `user` map (a dozen strings and three
+/// maps) that only a handler asking for its context ever reads.
+///
+/// The same rules as [`decode`] hold: keys must be str, strs must be UTF-8, and the
+/// [`DecodeLimits`] apply to every value read or skipped.
+pub struct Cursor<'a> {
+    r: Reader<'a>,
+}
+
+impl<'a> Cursor<'a> {
+    /// A cursor at `offset` of `buf`.
+    pub fn new(buf: &'a Bytes, offset: usize) -> Self {
+        Self { r: Reader { buf, data: buf, pos: offset } }
+    }
+
+    /// The offset of the next unread byte.
+    pub fn pos(&self) -> usize {
+        self.r.pos
+    }
+
+    /// Reads a map header: `Ok(Some(entries))`, or `Ok(None)` (nothing consumed) when the
+    /// next object is not a map.
+    pub fn map_header(&mut self) -> Result<Option<usize>, DecodeError> {
+        let at = self.r.pos;
+        let len = match Marker::from_u8(self.r.u8(at)?) {
+            Marker::FixMap(n) => usize::from(n),
+            Marker::Map16 => usize::from(self.r.u16(at)?),
+            Marker::Map32 => self.r.u32(at)? as usize,
+            _ => {
+                self.r.pos = at;
+                return Ok(None);
+            }
+        };
+        // Every entry needs at least two bytes: a header cannot announce more than the
+        // input holds (the same guard as `decode`'s).
+        let available = self.r.data.len() - self.r.pos;
+        if len.saturating_mul(2) > available {
+            return Err(DecodeError::Truncated {
+                offset: at,
+                needed: (self.r.pos - at).saturating_add(len.saturating_mul(2)),
+                available: available + (self.r.pos - at),
+            });
+        }
+        Ok(Some(len))
+    }
+
+    /// Reads a map key (a str) without copying it.
+    pub fn key(&mut self) -> Result<&'a str, DecodeError> {
+        let at = self.r.pos;
+        let len = match Marker::from_u8(self.r.u8(at)?) {
+            Marker::FixStr(n) => usize::from(n),
+            Marker::Str8 => usize::from(self.r.u8(at)?),
+            Marker::Str16 => usize::from(self.r.u16(at)?),
+            Marker::Str32 => self.r.u32(at)? as usize,
+            Marker::Reserved => return Err(DecodeError::ReservedMarker { offset: at }),
+            other => return Err(DecodeError::NonStrKey { kind: marker_family(other), offset: at }),
+        };
+        let start = self.r.pos;
+        let bytes: &'a [u8] = self.r.take(len, at)?;
+        std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() })
+    }
+
+    /// Decodes the next value, as [`decode`] does.
+    pub fn value(&mut self, limits: &DecodeLimits) -> Result<Value, DecodeError> {
+        let (v, end) = decode(self.r.buf, self.r.pos, limits)?;
+        self.r.pos = end;
+        Ok(v)
+    }
+
+    /// Steps over the next value without building it and returns its bytes (a zero-copy
+    /// slice of the buffer) with the number of items [`decode`] would count in it (for a
+    /// caller's own item budget). The value is checked as [`decode`] checks it: markers,
+    /// lengths, str keys, UTF-8, depth and item limits; so decoding the slice later with
+    /// the same limits cannot fail.
+    pub fn skip(&mut self, limits: &DecodeLimits) -> Result<(Bytes, usize), DecodeError> {
+        let start = self.r.pos;
+        // Values still owed by each open container (map entries count twice).
+        let mut open: Vec<usize> = Vec::new();
+        let mut items = 0usize;
+        // Whether the next item is a map key, per open container: keys are the even
+        // slots of a map.
+        let mut maps: Vec<bool> = Vec::new();
+        loop {
+            let at = self.r.pos;
+            if items >= limits.max_items {
+                return Err(DecodeError::TooManyItems { max_items: limits.max_items, offset: at });
+            }
+            items += 1;
+            let is_key = matches!((maps.last(), open.last()), (Some(true), Some(n)) if n % 2 == 0);
+            let marker = Marker::from_u8(self.r.u8(at)?);
+            if is_key {
+                let len = match marker {
+                    Marker::FixStr(n) => usize::from(n),
+                    Marker::Str8 => usize::from(self.r.u8(at)?),
+                    Marker::Str16 => usize::from(self.r.u16(at)?),
+                    Marker::Str32 => self.r.u32(at)? as usize,
+                    Marker::Reserved => return Err(DecodeError::ReservedMarker { offset: at }),
+                    other => return Err(DecodeError::NonStrKey { kind: marker_family(other), offset: at }),
+                };
+                self.utf8(len, at)?;
+            } else {
+                let container = match marker {
+                    Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => None,
+                    Marker::U8 | Marker::I8 => self.r.take(1, at).map(|_| None)?,
+                    Marker::U16 | Marker::I16 => self.r.take(2, at).map(|_| None)?,
+                    Marker::U32 | Marker::I32 | Marker::F32 => self.r.take(4, at).map(|_| None)?,
+                    Marker::U64 | Marker::I64 | Marker::F64 => self.r.take(8, at).map(|_| None)?,
+                    Marker::FixStr(n) => self.utf8(usize::from(n), at).map(|_| None)?,
+                    Marker::Str8 => {
+                        let n = self.r.u8(at)?;
+                        self.utf8(usize::from(n), at).map(|_| None)?
+                    }
+                    Marker::Str16 => {
+                        let n = self.r.u16(at)?;
+                        self.utf8(usize::from(n), at).map(|_| None)?
+                    }
+                    Marker::Str32 => {
+                        let n = self.r.u32(at)?;
+                        self.utf8(n as usize, at).map(|_| None)?
+                    }
+                    Marker::Bin8 => {
+                        let n = self.r.u8(at)?;
+                        self.r.take(usize::from(n), at).map(|_| None)?
+                    }
+                    Marker::Bin16 => {
+                        let n = self.r.u16(at)?;
+                        self.r.take(usize::from(n), at).map(|_| None)?
+                    }
+                    Marker::Bin32 => {
+                        let n = self.r.u32(at)?;
+                        self.r.take(n as usize, at).map(|_| None)?
+                    }
+                    Marker::FixArray(n) => Some((usize::from(n), false)),
+                    Marker::Array16 => Some((usize::from(self.r.u16(at)?), false)),
+                    Marker::Array32 => Some((self.r.u32(at)? as usize, false)),
+                    Marker::FixMap(n) => Some((usize::from(n), true)),
+                    Marker::Map16 => Some((usize::from(self.r.u16(at)?), true)),
+                    Marker::Map32 => Some((self.r.u32(at)? as usize, true)),
+                    Marker::Reserved => return Err(DecodeError::ReservedMarker { offset: at }),
+                    Marker::Ext8 => {
+                        self.r.take(1, at)?;
+                        return Err(self.r.ext(at));
+                    }
+                    Marker::Ext16 => {
+                        self.r.take(2, at)?;
+                        return Err(self.r.ext(at));
+                    }
+                    Marker::Ext32 => {
+                        self.r.take(4, at)?;
+                        return Err(self.r.ext(at));
+                    }
+                    _ => return Err(self.r.ext(at)), // the fixext family
+                };
+                if let Some((len, map)) = container {
+                    if open.len() >= limits.max_depth {
+                        return Err(DecodeError::TooDeep { max_depth: limits.max_depth, offset: at });
+                    }
+                    let slots = if map { len.saturating_mul(2) } else { len };
+                    let available = self.r.data.len() - self.r.pos;
+                    if slots > available {
+                        let header = self.r.pos - at;
+                        return Err(DecodeError::Truncated {
+                            offset: at,
+                            needed: header.saturating_add(slots),
+                            available: available + header,
+                        });
+                    }
+                    if slots > 0 {
+                        // Counted as owed by the parent below, then opened.
+                        if let Some(n) = open.last_mut() {
+                            *n -= 1;
+                        }
+                        open.push(slots);
+                        maps.push(map);
+                        continue;
+                    }
+                }
+            }
+            // One slot of the innermost container is done; close every finished one.
+            match open.last_mut() {
+                None => break,
+                Some(n) => *n -= 1,
+            }
+            while open.last() == Some(&0) {
+                open.pop();
+                maps.pop();
+            }
+            if open.is_empty() {
+                break;
+            }
+        }
+        Ok((self.r.buf.slice(start..self.r.pos), items))
+    }
+
+    /// Takes `len` bytes of str payload and checks that they are UTF-8.
+    fn utf8(&mut self, len: usize, item: usize) -> Result<(), DecodeError> {
+        let start = self.r.pos;
+        let bytes = self.r.take(len, item)?;
+        std::str::from_utf8(bytes).map(|_| ()).map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() })
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Writing
 // ---------------------------------------------------------------------------------------
@@ -615,6 +823,34 @@ impl Rope {
             chunks.push(Bytes::from(pending));
         }
         chunks
+    }
+
+    /// Appends a map header for `entries` entries. With [`Rope::put_str`] and
+    /// [`Rope::put_value`] this writes maps that are not a [`Map`], such as the typed main
+    /// segment ([`crate::message::MainSegment::encode_to`]), without building one first.
+    pub fn put_map_header(&mut self, entries: usize) -> Result<(), EncodeError> {
+        write_len(entries, "map", [Some(0x80), None, Some(0xde), Some(0xdf)], 15, self)
+    }
+
+    /// Appends a str.
+    pub fn put_str(&mut self, s: &str) -> Result<(), EncodeError> {
+        write_str(s, self)
+    }
+
+    /// Appends an already encoded msgpack object as it is (a `user` stamp kept encoded).
+    pub fn put_encoded(&mut self, object: &[u8]) {
+        self.tail.extend_from_slice(object);
+    }
+
+    /// Appends one value, as [`encode_map_to_rope`] appends a map: on error the rope keeps
+    /// only what was written before the call.
+    pub fn put_value(&mut self, value: &Value) -> Result<(), EncodeError> {
+        let mark = self.mark();
+        let r = write_tree(Root::Value(value), self);
+        if r.is_err() {
+            self.reset(mark);
+        }
+        r
     }
 
     fn mark(&self) -> (usize, usize, usize) {
@@ -1185,7 +1421,103 @@ pub(crate) mod tests {
         })
     }
 
+    /// The items `decode` counts in a value: every value and every map key.
+    fn items(v: &Value) -> usize {
+        match v {
+            Value::List(l) => 1 + l.iter().map(items).sum::<usize>(),
+            Value::Map(m) => 1 + m.len() + m.values().map(items).sum::<usize>(),
+            _ => 1,
+        }
+    }
+
+    /// `Cursor::skip` and `decode` agree on a buffer: both fail, or both succeed and end
+    /// at the same offset with the same item count.
+    fn skip_agrees_with_decode(buf: &Bytes, limits: &DecodeLimits) -> Result<(), TestCaseError> {
+        let decoded = decode(buf, 0, limits);
+        let skipped = Cursor::new(buf, 0).skip(limits);
+        match (decoded, skipped) {
+            (Ok((v, end)), Ok((raw, n))) => {
+                prop_assert_eq!(raw.len(), end);
+                prop_assert_eq!(n, items(&v));
+            }
+            (Err(_), Err(_)) => {}
+            (d, s) => prop_assert!(false, "decode {:?} but skip {:?}", d, s),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn cursor_reads_a_map_in_place() {
+        let m = crate::map! { "k" => "v", "user" => crate::map! {"id" => "root", "roles" => Value::List(vec![Value::from("a")])} };
+        let buf = Bytes::from(encode_to_vec(&Value::Map(m)).unwrap());
+        let mut cur = Cursor::new(&buf, 0);
+        assert_eq!(cur.map_header(), Ok(Some(2)));
+        assert_eq!(cur.key(), Ok("k"));
+        assert_eq!(cur.value(&DecodeLimits::default()), Ok(Value::from("v")));
+        assert_eq!(cur.key(), Ok("user"));
+        let (raw, n) = cur.skip(&DecodeLimits::default()).unwrap();
+        assert_eq!(n, 6, "the map, 2 keys, 2 values and the list's item");
+        assert_eq!(cur.pos(), buf.len());
+        assert!(buf.as_ptr_range().contains(&raw.as_ptr()), "the skipped value is a slice of the buffer");
+        // Not a map: nothing consumed.
+        let list = Bytes::from_static(&[0x91, 0x01]);
+        let mut cur = Cursor::new(&list, 0);
+        assert_eq!(cur.map_header(), Ok(None));
+        assert_eq!(cur.pos(), 0);
+        // A header announcing more entries than the input holds fails before reading on.
+        let lying = Bytes::from_static(&[0xdf, 0xff, 0xff, 0xff, 0xff, 0xa1, 0x61]);
+        assert!(matches!(Cursor::new(&lying, 0).map_header(), Err(DecodeError::Truncated { .. })));
+        // Keys must be str.
+        let int_key = Bytes::from_static(&[0x81, 0x01, 0x02]);
+        let mut cur = Cursor::new(&int_key, 0);
+        cur.map_header().unwrap();
+        assert_eq!(cur.key(), Err(DecodeError::NonStrKey { kind: "int", offset: 1 }));
+    }
+
+    #[test]
+    fn skip_checks_what_decode_checks() {
+        let limits = DecodeLimits::default();
+        for bad in [
+            &[0xc1][..],                   // reserved
+            &[0xa2, 0xff, 0xfe],           // invalid UTF-8 in a str value
+            &[0x81, 0xa1, 0xff, 0x01],     // invalid UTF-8 in a key
+            &[0x81, 0xc0, 0x01],           // nil key
+            &[0x92, 0x01],                 // truncated array
+            &[0xd4, 0x01, 0x02],           // fixext
+            &[0xc7, 0x01, 0x05, 0x00],     // ext 8
+        ] {
+            let buf = Bytes::copy_from_slice(bad);
+            assert!(Cursor::new(&buf, 0).skip(&limits).is_err(), "{bad:02x?}");
+            assert!(decode(&buf, 0, &limits).is_err(), "{bad:02x?}");
+        }
+        let deep = Bytes::from(nested_arrays(10, 1));
+        let shallow = DecodeLimits { max_depth: 9, ..limits };
+        assert!(matches!(Cursor::new(&deep, 0).skip(&shallow), Err(DecodeError::TooDeep { .. })));
+        assert!(Cursor::new(&deep, 0).skip(&DecodeLimits { max_depth: 10, ..limits }).is_ok());
+        let few = DecodeLimits { max_items: 10, ..limits };
+        assert!(matches!(Cursor::new(&deep, 0).skip(&few), Err(DecodeError::TooManyItems { .. })));
+    }
+
     proptest! {
+        #[test]
+        fn skip_steps_over_exactly_what_decode_reads(v in arb_wire()) {
+            let buf = Bytes::from(encode_to_vec(&v).unwrap());
+            skip_agrees_with_decode(&buf, &DecodeLimits::default())?;
+            // At the item limit both succeed; one below it both fail.
+            let n = items(&v);
+            skip_agrees_with_decode(&buf, &DecodeLimits { max_items: n, ..DecodeLimits::default() })?;
+            skip_agrees_with_decode(&buf, &DecodeLimits { max_items: n - 1, ..DecodeLimits::default() })?;
+            // Every prefix is refused by both.
+            for cut in 0..buf.len() {
+                skip_agrees_with_decode(&buf.slice(..cut), &DecodeLimits::default())?;
+            }
+        }
+
+        #[test]
+        fn skip_and_decode_agree_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            skip_agrees_with_decode(&Bytes::from(data), &DecodeLimits::default())?;
+        }
+
         #[test]
         fn roundtrip(v in arb_wire()) {
             let bytes = encode_to_vec(&v).unwrap();

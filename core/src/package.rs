@@ -137,6 +137,21 @@ pub fn decode_package(frame: &Bytes, limits: &DecodeLimits) -> Result<Package, P
     Ok(Package { main, extra: Some(extra) })
 }
 
+/// Decodes the extra segment that starts at `offset` (where the main segment ended):
+/// `None` when the frame ends there, else a map and nothing after it, as
+/// [`decode_package`] reads it. For readers that take the main segment apart themselves
+/// ([`crate::message::MainSegment::decode`]).
+pub fn decode_extra(frame: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<Option<Map>, PackageError> {
+    if offset == frame.len() {
+        return Ok(None);
+    }
+    let (extra, end) = decode_map(frame, offset, limits, Segment::Extra)?;
+    if end != frame.len() {
+        return Err(PackageError::TrailingBytes { offset: end, count: frame.len() - end });
+    }
+    Ok(Some(extra))
+}
+
 /// Decodes only `main` and returns it with the offset where the extra bytes start
 /// (`frame.len()` if there are none). The extra bytes are not looked at: this is the
 /// server's routing path (spec §1.5 step 1).

@@ -973,7 +973,7 @@ mod tests {
 
     fn local_fn(schema: Option<&FunctionSchema>, name: Option<&str>) -> Value {
         let mut lf = LocalFunction::new(Handler::new(()));
-        lf.schema = schema.map(|s| Box::new(s.to_value()));
+        lf.schema = schema.map(|s| std::sync::Arc::new(s.to_value()));
         lf.name = name.map(str::to_owned);
         Value::from(Function::Local(lf))
     }

@@ -376,6 +376,14 @@ pub struct IncomingCall<'a> {
     pub caller_key_hex: Option<&'a str>,
 }
 
+impl IncomingCall<'_> {
+    /// `<from>:<method>`, the name upstream's dispatch errors quote. Built only when an
+    /// error needs it: formatting it for every call was a measurable part of each call.
+    fn method_name(&self) -> String {
+        format!("{}:{}", self.from, self.method)
+    }
+}
+
 /// A registered service function, ready to run.
 #[derive(Clone, Debug)]
 pub struct ServiceCall {
@@ -1236,20 +1244,19 @@ impl SessionTable {
     /// for deleted sessions are dropped.
     pub fn lookup(&mut self, now: Instant, call: &IncomingCall<'_>) -> Result<Target, DispatchError> {
         self.tick(now);
-        let method_name = format!("{}:{}", call.from, call.method);
         let segs: Vec<&str> = call.method.split('.').collect();
         let (top, rest) = segs.split_first().map(|(t, r)| (*t, r)).unwrap_or(("", &[]));
         if top == SERVICES_KEY {
-            return self.lookup_service(call, rest, method_name);
+            return self.lookup_service(call, rest);
         }
         if top == MESSAGE_CACHE_KEY {
             return Err(if rest.is_empty() {
-                DispatchError::InvalidMethod(method_name)
+                DispatchError::InvalidMethod(call.method_name())
             } else {
-                DispatchError::MethodExpired(method_name)
+                DispatchError::MethodExpired(call.method_name())
             });
         }
-        let target = self.lookup_session(now, call, top, rest, &method_name)?;
+        let target = self.lookup_session(now, call, top, rest)?;
         if let Target::Ignore = target {
             return Ok(target);
         }
@@ -1266,23 +1273,23 @@ impl SessionTable {
         &self,
         call: &IncomingCall<'_>,
         rest: &[&str],
-        method_name: String,
     ) -> Result<Target, DispatchError> {
+        let method_name = || call.method_name();
         let Some((sid, path)) = rest.split_first() else {
-            return Err(DispatchError::InvalidMethod(method_name));
+            return Err(DispatchError::InvalidMethod(method_name()));
         };
         let found =
             self.services.get(*sid).and_then(|s| if path.is_empty() { None } else { walk_map(&s.api, path) });
         let lf = match found {
             None if path.is_empty() && self.services.contains_key(*sid) => {
-                return Err(DispatchError::InvalidMethod(method_name))
+                return Err(DispatchError::InvalidMethod(method_name()))
             }
-            None => return Err(DispatchError::MethodExpired(method_name)),
+            None => return Err(DispatchError::MethodExpired(method_name())),
             Some(Value::Function(f)) => match &**f {
                 Function::Local(lf) => lf.clone(),
-                Function::Remote(_) => return Err(DispatchError::InvalidMethod(method_name)),
+                Function::Remote(_) => return Err(DispatchError::InvalidMethod(method_name())),
             },
-            Some(_) => return Err(DispatchError::InvalidMethod(method_name)),
+            Some(_) => return Err(DispatchError::InvalidMethod(method_name())),
         };
         // A function without an annotation (its annotation was taken over and then
         // removed) is treated as protected, the safe default.
@@ -1309,14 +1316,14 @@ impl SessionTable {
                     Some(allowed) if allowed == call.from => {}
                     Some(allowed) => {
                         return Err(DispatchError::RintfCallerDenied {
-                            method_name,
+                            method_name: method_name(),
                             caller: call.from.to_owned(),
                             allowed: allowed.clone(),
                         })
                     }
                     None => {
                         return Err(DispatchError::ProtectedMethod {
-                            method_name,
+                            method_name: method_name(),
                             local: fmt_opt(self.local_workspace.as_deref()),
                             remote: remote_ws.to_owned(),
                         })
@@ -1327,9 +1334,9 @@ impl SessionTable {
         if let Some(keys) = &ann.trusted_keys {
             let key = call.caller_key_hex.filter(|_| call.encrypted);
             match key {
-                None => return Err(DispatchError::EncryptionRequired(method_name)),
+                None => return Err(DispatchError::EncryptionRequired(method_name())),
                 Some(k) if !keys.contains(&k.to_ascii_lowercase()) => {
-                    return Err(DispatchError::UntrustedKey(method_name))
+                    return Err(DispatchError::UntrustedKey(method_name()))
                 }
                 Some(_) => {}
             }
@@ -1346,20 +1353,20 @@ impl SessionTable {
         call: &IncomingCall<'_>,
         top: &str,
         rest: &[&str],
-        method_name: &str,
     ) -> Result<Target, DispatchError> {
+        let method_name = || call.method_name();
         let Some(top_sess) = self.sessions.get(top) else {
             return Err(if rest.is_empty() {
                 DispatchError::MethodNotFound {
-                    method_name: method_name.to_owned(),
+                    method_name: method_name(),
                     client_id: self.client_id.clone(),
                 }
             } else {
-                DispatchError::SessionNotFound(method_name.to_owned())
+                DispatchError::SessionNotFound(method_name())
             });
         };
         if rest.is_empty() {
-            return Err(DispatchError::InvalidMethod(method_name.to_owned()));
+            return Err(DispatchError::InvalidMethod(method_name()));
         }
         let mut cur = top_sess;
         let mut full = top.to_owned();
@@ -1413,13 +1420,13 @@ impl SessionTable {
             }
         }
         if invalid {
-            return Err(DispatchError::InvalidMethod(method_name.to_owned()));
+            return Err(DispatchError::InvalidMethod(method_name()));
         }
         let Some(target) = found else {
             return if top_sess.call.is_some() {
                 Ok(Target::Ignore)
             } else {
-                Err(DispatchError::MethodExpired(method_name.to_owned()))
+                Err(DispatchError::MethodExpired(method_name()))
             };
         };
         // Session target check (step 5): only the peer the session was made for.
@@ -1435,7 +1442,7 @@ impl SessionTable {
         }
         if expected.as_deref() != Some(call.from) {
             return Err(DispatchError::AccessDenied {
-                method_name: method_name.to_owned(),
+                method_name: method_name(),
                 from: call.from.to_owned(),
                 target: fmt_opt(expected.as_deref()),
             });

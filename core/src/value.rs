@@ -150,7 +150,7 @@ pub struct RemoteMethod {
     /// `_rdoc`, if sent as a string (`null` and absent both read as `None`).
     pub doc: Option<String>,
     /// `_rschema`, if sent (may be `Some(Value::Nil)`: JS sends an explicit null).
-    pub schema: Option<Box<Value>>,
+    pub schema: Option<Arc<Value>>,
     /// `_rasync` (Python only), if sent.
     pub is_async: Option<bool>,
     /// `_renc_pub`: the owner's X25519 public key, when calls to it must be encrypted.
@@ -191,7 +191,7 @@ pub struct LocalFunction {
     /// `_rdoc`.
     pub doc: Option<String>,
     /// `_rschema`: the function's JSON schema (spec §7.3), if it has one.
-    pub schema: Option<Box<Value>>,
+    pub schema: Option<Arc<Value>>,
 }
 
 impl LocalFunction {

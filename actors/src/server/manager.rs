@@ -247,7 +247,7 @@ pub(crate) fn describe_functions<F: Copy + Send + Sync + 'static>(
             handler: FnHandler::new(f),
             name: Some(name.to_owned()),
             doc: Some(doc.to_owned()),
-            schema: Some(Box::new(schema.build().to_value())),
+            schema: Some(std::sync::Arc::new(schema.build().to_value())),
         };
         api.insert(name.into(), Value::from(hypha_core::value::Function::Local(function)));
     }
