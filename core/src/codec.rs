@@ -810,7 +810,7 @@ impl<'a> DecodeContext<'a> {
 /// keeps it then). Targets with a `/` (including `*/manager`) are kept.
 pub fn resolve_target(target: String, remote_workspace: Option<&str>) -> String {
     match remote_workspace {
-        Some(w) if !target.contains('/') && target != w => format!("{w}/{target}"),
+        Some(w) if !target.contains('/') && target != w => [w, "/", &target].concat(),
         _ => target,
     }
 }

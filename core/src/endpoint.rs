@@ -52,10 +52,12 @@
 //! * Late `resolve`/`reject`/`heartbeat` calls for sessions that are gone are dropped
 //!   without an [`Event::Error`]: they are normal (heartbeats race results).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+// Per-call maps keyed by session and call ids: foldhash (randomly seeded), not SipHash.
+use foldhash::{HashMap, HashMapExt};
 
 use crate::chunk::{self, CacheCall, ChunkError, ChunkLimits, ChunkPlan, Reassembler, CHUNK_SIZE};
 use crate::codec::{self, CodecError, CodecRegistry, DecodeContext, EncodeContext};
@@ -244,8 +246,9 @@ impl PromiseCallbacks {
         let target = codec::resolve_target(client.to_owned(), cx.remote_workspace);
         let make = |name: &str| RemoteMethod {
             target: target.clone(),
-            method: format!("{session}.{name}"),
-            doc: Some(format!("{name} callback for method: {called}")),
+            // `concat`, not `format!`: six of these per incoming call.
+            method: [session, ".", name].concat(),
+            doc: Some([name, " callback for method: ", called].concat()),
             encryption_key: caller_key.cloned(),
             remote_parent: cx.remote_parent.map(str::to_owned),
             ..Default::default()

@@ -514,9 +514,17 @@ impl<'a> Cursor<'a> {
         std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() })
     }
 
-    /// Decodes the next value, as [`decode`] does.
+    /// Decodes the next value, as [`decode`] does. A scalar (the routing strings of a main
+    /// segment) is read directly, without setting up the container walk.
     pub fn value(&mut self, limits: &DecodeLimits) -> Result<Value, DecodeError> {
-        let (v, end) = decode(self.r.buf, self.r.pos, limits)?;
+        let at = self.r.pos;
+        if limits.max_items > 0 {
+            if let Head::Scalar(v) = self.r.head()? {
+                return Ok(v);
+            }
+            self.r.pos = at;
+        }
+        let (v, end) = decode(self.r.buf, at, limits)?;
         self.r.pos = end;
         Ok(v)
     }

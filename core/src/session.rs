@@ -17,10 +17,13 @@
 //! Method groups: getters; commands (`add_service`, `remove_service`, `open_call`,
 //! `call_sent`, `close`, ...); inputs (`handle_*`, `lookup`); outputs (`poll_timeout`).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+// Maps keyed by our own random ids, probed on every call: foldhash (randomly seeded)
+// instead of SipHash, which was a measurable part of each call.
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use indexmap::IndexMap;
 
 use crate::codec::{CodecError, ObjectSink, StoredFunction};
@@ -1434,7 +1437,7 @@ impl SessionTable {
         let mut expected = top_sess.target_id.clone();
         if let Some(t) = &expected {
             if !t.contains('/') && self.local_workspace.as_deref() == Some(remote_ws) {
-                expected = Some(format!("{remote_ws}/{t}"));
+                expected = Some([remote_ws, "/", t].concat());
             }
         }
         if let Some(s) = self.sessions.get_mut(top) {
@@ -2447,7 +2450,7 @@ mod tests {
         let key = "AB".repeat(32);
         let (f, _) = demo_service(&mut t, map! { "trusted_keys" => vec![Value::from(key.as_str())] });
         let keys = t.annotation(&f.handler).unwrap().trusted_keys.clone().unwrap();
-        assert_eq!(keys, HashSet::from(["ab".repeat(32)]));
+        assert_eq!(keys, HashSet::from_iter(["ab".repeat(32)]));
         assert!(!t.annotation(&f.handler).unwrap().run_in_executor);
     }
 

@@ -27,11 +27,13 @@
 //! upstream's sends wait for the reconnection to complete). When reconnection gives up,
 //! pending and later calls fail with `Connection lost: <reason>`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::Bytes;
+// Probed on every call and reply, keyed by our own ids: foldhash, not SipHash.
+use foldhash::{HashMap, HashMapExt};
 use hypha_core::endpoint::{Endpoint, EndpointConfig, EndpointStats, Event};
 use hypha_core::schema::ServiceInfo;
 use hypha_core::session::{CallError, CallOutcome, RemovedService, SessionConfig};
