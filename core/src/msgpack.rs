@@ -536,19 +536,16 @@ impl<'a> Cursor<'a> {
     /// the same limits cannot fail.
     pub fn skip(&mut self, limits: &DecodeLimits) -> Result<(Bytes, usize), DecodeError> {
         let start = self.r.pos;
-        // Values still owed by each open container (map entries count twice).
-        let mut open: Vec<usize> = Vec::new();
+        let mut open = OpenContainers::default();
         let mut items = 0usize;
-        // Whether the next item is a map key, per open container: keys are the even
-        // slots of a map.
-        let mut maps: Vec<bool> = Vec::new();
         loop {
             let at = self.r.pos;
             if items >= limits.max_items {
                 return Err(DecodeError::TooManyItems { max_items: limits.max_items, offset: at });
             }
             items += 1;
-            let is_key = matches!((maps.last(), open.last()), (Some(true), Some(n)) if n % 2 == 0);
+            // Keys are the even slots of a map (its slots count down from twice its entries).
+            let is_key = matches!(open.last_mut(), Some(&mut (n, true)) if n % 2 == 0);
             let marker = Marker::from_u8(self.r.u8(at)?);
             if is_key {
                 let len = match marker {
@@ -614,7 +611,7 @@ impl<'a> Cursor<'a> {
                     _ => return Err(self.r.ext(at)), // the fixext family
                 };
                 if let Some((len, map)) = container {
-                    if open.len() >= limits.max_depth {
+                    if open.len >= limits.max_depth {
                         return Err(DecodeError::TooDeep { max_depth: limits.max_depth, offset: at });
                     }
                     let slots = if map { len.saturating_mul(2) } else { len };
@@ -629,11 +626,10 @@ impl<'a> Cursor<'a> {
                     }
                     if slots > 0 {
                         // Counted as owed by the parent below, then opened.
-                        if let Some(n) = open.last_mut() {
+                        if let Some((n, _)) = open.last_mut() {
                             *n -= 1;
                         }
-                        open.push(slots);
-                        maps.push(map);
+                        open.push((slots, map));
                         continue;
                     }
                 }
@@ -641,13 +637,12 @@ impl<'a> Cursor<'a> {
             // One slot of the innermost container is done; close every finished one.
             match open.last_mut() {
                 None => break,
-                Some(n) => *n -= 1,
+                Some((n, _)) => *n -= 1,
             }
-            while open.last() == Some(&0) {
+            while matches!(open.last_mut(), Some((0, _))) {
                 open.pop();
-                maps.pop();
             }
-            if open.is_empty() {
+            if open.len == 0 {
                 break;
             }
         }
@@ -659,6 +654,41 @@ impl<'a> Cursor<'a> {
         let start = self.r.pos;
         let bytes = self.r.take(len, item)?;
         std::str::from_utf8(bytes).map(|_| ()).map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() })
+    }
+}
+
+/// The open containers of [`Cursor::skip`], innermost last: the slots each still owes
+/// (map entries count twice) and whether it is a map. The first levels live inline, so
+/// skipping a usual, shallow value allocates nothing.
+#[derive(Default)]
+struct OpenContainers {
+    inline: [(usize, bool); 16],
+    deeper: Vec<(usize, bool)>,
+    len: usize,
+}
+
+impl OpenContainers {
+    fn push(&mut self, open: (usize, bool)) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = open,
+            None => self.deeper.push(open),
+        }
+        self.len += 1;
+    }
+
+    fn last_mut(&mut self) -> Option<&mut (usize, bool)> {
+        let i = self.len.checked_sub(1)?;
+        match i.checked_sub(self.inline.len()) {
+            None => self.inline.get_mut(i),
+            Some(_) => self.deeper.last_mut(),
+        }
+    }
+
+    fn pop(&mut self) {
+        if self.len > self.inline.len() {
+            self.deeper.pop();
+        }
+        self.len = self.len.saturating_sub(1);
     }
 }
 
@@ -1504,6 +1534,15 @@ pub(crate) mod tests {
         assert!(Cursor::new(&deep, 0).skip(&DecodeLimits { max_depth: 10, ..limits }).is_ok());
         let few = DecodeLimits { max_items: 10, ..limits };
         assert!(matches!(Cursor::new(&deep, 0).skip(&few), Err(DecodeError::TooManyItems { .. })));
+        // Deeper than the inline part of the skip's stack; maps and arrays mixed.
+        let mut v = Value::from(1);
+        for i in 0..40 {
+            v = if i % 2 == 0 { Value::List(vec![v, Value::Nil]) } else { Value::Map(crate::map! { "k" => v }) };
+        }
+        let buf = Bytes::from(encode_to_vec(&v).unwrap());
+        let (raw, n) = Cursor::new(&buf, 0).skip(&limits).unwrap();
+        assert_eq!((raw.len(), n), (buf.len(), items(&v)));
+        assert!(Cursor::new(&buf, 0).skip(&DecodeLimits { max_depth: 39, ..limits }).is_err());
     }
 
     proptest! {

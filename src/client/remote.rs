@@ -1,6 +1,7 @@
 //! Proxies of remote objects: services fetched with `get_service` and functions received
 //! from peers (callbacks passed to our handlers, functions inside results).
 
+use actix::prelude::SendError;
 use actix::Addr;
 use hypha_actors::client::codec;
 use hypha_actors::client::{Call, Error, SessionRegistry};
@@ -12,6 +13,10 @@ use tokio::sync::oneshot;
 use super::stream::RemoteGenerator;
 
 /// Sends a call through the registry and waits for its outcome.
+///
+/// The outcome comes back on the call's own channel, so the mailbox's acknowledgement is
+/// not needed: `try_send` posts without one (a channel and a wake-up fewer per call), and
+/// only when the bounded mailbox is full does the caller wait for room with `send`.
 pub(crate) async fn call_remote(
     registry: &Addr<SessionRegistry>,
     method: RemoteMethod,
@@ -19,7 +24,11 @@ pub(crate) async fn call_remote(
     kwargs: Option<Map>,
 ) -> Result<Value, Error> {
     let (reply, rx) = oneshot::channel();
-    registry.send(Call { method, args, kwargs, reply }).await?;
+    match registry.try_send(Call { method, args, kwargs, reply }) {
+        Ok(()) => {}
+        Err(SendError::Full(call)) => registry.send(call).await?,
+        Err(SendError::Closed(_)) => return Err(Error::Closed),
+    }
     rx.await.map_err(|_| Error::Closed)?
 }
 
@@ -157,6 +166,11 @@ impl RemoteService {
 
     /// The function at `path` (`"hello"`, or `"nested.fn"` for nested members).
     pub fn function(&self, path: &str) -> Result<RemoteFunction, Error> {
+        Ok(RemoteFunction::new(self.method(path)?.clone(), self.registry.clone()))
+    }
+
+    /// The descriptor at `path`, borrowed: the `call*` methods clone it once, into the call.
+    fn method(&self, path: &str) -> Result<&RemoteMethod, Error> {
         let mut node: Option<&Value> = None;
         for (i, key) in path.split('.').enumerate() {
             let map = if i == 0 { Some(&self.api) } else { node.and_then(Value::as_map) };
@@ -164,7 +178,7 @@ impl RemoteService {
         }
         match node {
             Some(Value::Function(f)) => match f.as_ref() {
-                Function::Remote(m) => Ok(RemoteFunction::new(m.clone(), self.registry.clone())),
+                Function::Remote(m) => Ok(m),
                 Function::Local(_) => Err(Error::NotFound(format!("{path} is a local function"))),
             },
             Some(other) => {
@@ -176,12 +190,12 @@ impl RemoteService {
 
     /// Calls function `name` with positional arguments.
     pub async fn call(&self, name: &str, args: Vec<Value>) -> Result<Value, Error> {
-        self.function(name)?.call(args).await
+        call_remote(&self.registry, self.method(name)?.clone(), args, None).await
     }
 
     /// Calls function `name` with positional and keyword arguments.
     pub async fn call_with_kwargs(&self, name: &str, args: Vec<Value>, kwargs: Map) -> Result<Value, Error> {
-        self.function(name)?.call_with_kwargs(args, kwargs).await
+        call_remote(&self.registry, self.method(name)?.clone(), args, Some(kwargs)).await
     }
 
     /// Calls function `name`, which returns a generator, and returns it as a stream.
