@@ -783,9 +783,9 @@ impl Endpoint {
     /// One binary frame from the transport (spec §2.5).
     pub fn handle_frame(&mut self, now: Instant, frame: Bytes) {
         let limits = &self.config.decode_limits;
-        let decoded = MainSegment::decode(&frame, limits).map_err(EndpointError::from).and_then(|(main, at)| {
-            Ok((main, package::decode_extra(&frame, at, limits)?))
-        });
+        let decoded = MainSegment::decode(&frame, limits)
+            .map_err(EndpointError::from)
+            .and_then(|(main, at)| Ok((main, package::decode_extra(&frame, at, limits)?)));
         match decoded {
             Ok((main, extra)) => self.receive(now, main, extra),
             Err(e) => self.events.push_back(Event::Error(e)),

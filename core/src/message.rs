@@ -799,7 +799,11 @@ mod tests {
         assert_eq!(refused(r#"{"to": "x"}"#), MainDecodeError::Message(MessageError::MissingType));
         assert_eq!(
             refused(r#"{"type": "method", "session": ["x"]}"#),
-            MainDecodeError::Message(MessageError::WrongType { key: "session", expected: "str", got: "list" })
+            MainDecodeError::Message(MessageError::WrongType {
+                key: "session",
+                expected: "str",
+                got: "list"
+            })
         );
         let list = Bytes::from_static(&[0x91, 0x01]);
         assert_eq!(

@@ -559,7 +559,9 @@ impl<'a> Cursor<'a> {
                 self.utf8(len, at)?;
             } else {
                 let container = match marker {
-                    Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => None,
+                    Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
+                        None
+                    }
                     Marker::U8 | Marker::I8 => self.r.take(1, at).map(|_| None)?,
                     Marker::U16 | Marker::I16 => self.r.take(2, at).map(|_| None)?,
                     Marker::U32 | Marker::I32 | Marker::F32 => self.r.take(4, at).map(|_| None)?,
@@ -653,7 +655,9 @@ impl<'a> Cursor<'a> {
     fn utf8(&mut self, len: usize, item: usize) -> Result<(), DecodeError> {
         let start = self.r.pos;
         let bytes = self.r.take(len, item)?;
-        std::str::from_utf8(bytes).map(|_| ()).map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() })
+        std::str::from_utf8(bytes)
+            .map(|_| ())
+            .map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() })
     }
 }
 
@@ -1516,13 +1520,13 @@ pub(crate) mod tests {
     fn skip_checks_what_decode_checks() {
         let limits = DecodeLimits::default();
         for bad in [
-            &[0xc1][..],                   // reserved
-            &[0xa2, 0xff, 0xfe],           // invalid UTF-8 in a str value
-            &[0x81, 0xa1, 0xff, 0x01],     // invalid UTF-8 in a key
-            &[0x81, 0xc0, 0x01],           // nil key
-            &[0x92, 0x01],                 // truncated array
-            &[0xd4, 0x01, 0x02],           // fixext
-            &[0xc7, 0x01, 0x05, 0x00],     // ext 8
+            &[0xc1][..],               // reserved
+            &[0xa2, 0xff, 0xfe],       // invalid UTF-8 in a str value
+            &[0x81, 0xa1, 0xff, 0x01], // invalid UTF-8 in a key
+            &[0x81, 0xc0, 0x01],       // nil key
+            &[0x92, 0x01],             // truncated array
+            &[0xd4, 0x01, 0x02],       // fixext
+            &[0xc7, 0x01, 0x05, 0x00], // ext 8
         ] {
             let buf = Bytes::copy_from_slice(bad);
             assert!(Cursor::new(&buf, 0).skip(&limits).is_err(), "{bad:02x?}");
@@ -1537,7 +1541,11 @@ pub(crate) mod tests {
         // Deeper than the inline part of the skip's stack; maps and arrays mixed.
         let mut v = Value::from(1);
         for i in 0..40 {
-            v = if i % 2 == 0 { Value::List(vec![v, Value::Nil]) } else { Value::Map(crate::map! { "k" => v }) };
+            v = if i % 2 == 0 {
+                Value::List(vec![v, Value::Nil])
+            } else {
+                Value::Map(crate::map! { "k" => v })
+            };
         }
         let buf = Bytes::from(encode_to_vec(&v).unwrap());
         let (raw, n) = Cursor::new(&buf, 0).skip(&limits).unwrap();

@@ -141,7 +141,11 @@ pub fn decode_package(frame: &Bytes, limits: &DecodeLimits) -> Result<Package, P
 /// `None` when the frame ends there, else a map and nothing after it, as
 /// [`decode_package`] reads it. For readers that take the main segment apart themselves
 /// ([`crate::message::MainSegment::decode`]).
-pub fn decode_extra(frame: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<Option<Map>, PackageError> {
+pub fn decode_extra(
+    frame: &Bytes,
+    offset: usize,
+    limits: &DecodeLimits,
+) -> Result<Option<Map>, PackageError> {
     if offset == frame.len() {
         return Ok(None);
     }

@@ -1272,11 +1272,7 @@ impl SessionTable {
         Ok(target)
     }
 
-    fn lookup_service(
-        &self,
-        call: &IncomingCall<'_>,
-        rest: &[&str],
-    ) -> Result<Target, DispatchError> {
+    fn lookup_service(&self, call: &IncomingCall<'_>, rest: &[&str]) -> Result<Target, DispatchError> {
         let method_name = || call.method_name();
         let Some((sid, path)) = rest.split_first() else {
             return Err(DispatchError::InvalidMethod(method_name()));

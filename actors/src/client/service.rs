@@ -51,7 +51,12 @@ impl LocalHandler {
     /// The function as a value to put into a service map or an argument list:
     /// encoding it makes it a service member or a session callback.
     pub fn into_value(self, name: Option<String>, doc: Option<String>, schema: Option<Value>) -> Value {
-        let lf = LocalFunction { handler: CoreHandler::new(self), name, doc, schema: schema.map(std::sync::Arc::new) };
+        let lf = LocalFunction {
+            handler: CoreHandler::new(self),
+            name,
+            doc,
+            schema: schema.map(std::sync::Arc::new),
+        };
         Value::Function(Box::new(Function::Local(lf)))
     }
 }
