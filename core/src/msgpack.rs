@@ -655,6 +655,11 @@ impl<'a> Cursor<'a> {
     fn utf8(&mut self, len: usize, item: usize) -> Result<(), DecodeError> {
         let start = self.r.pos;
         let bytes = self.r.take(len, item)?;
+        // A stamp's strs are ASCII: checking that first is several times cheaper than
+        // validating many short strings as UTF-8.
+        if bytes.is_ascii() {
+            return Ok(());
+        }
         std::str::from_utf8(bytes)
             .map(|_| ())
             .map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() })
