@@ -18,6 +18,8 @@
 //! The reader reports where the value ended, because a package is two msgpack objects
 //! back to back with no length prefix (spec §11 item 1); see [`crate::package`].
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use rmp::Marker;
 
@@ -210,12 +212,14 @@ impl<'a> Reader<'a> {
     }
 
     fn str(&mut self, len: usize, item: usize) -> Result<String, DecodeError> {
+        self.str_ref(len, item).map(str::to_owned)
+    }
+
+    /// [`Reader::str`] without the copy: the UTF-8-checked str in place.
+    fn str_ref(&mut self, len: usize, item: usize) -> Result<&'a str, DecodeError> {
         let start = self.pos;
         let s = self.take(len, item)?;
-        match std::str::from_utf8(s) {
-            Ok(s) => Ok(s.to_owned()),
-            Err(e) => Err(DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() }),
-        }
+        std::str::from_utf8(s).map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() })
     }
 
     fn bin(&mut self, len: usize, item: usize) -> Result<Value, DecodeError> {
@@ -308,6 +312,13 @@ impl<'a> Reader<'a> {
     /// Reads a map key, which must be a str; other families are named in the error
     /// without being decoded.
     fn key(&mut self) -> Result<String, DecodeError> {
+        self.key_ref().map(str::to_owned)
+    }
+
+    /// [`Reader::key`] without the copy. The keys of every hypha package (see
+    /// [`known_key`]) are recognized by their bytes and need no UTF-8 check, which is most
+    /// of the cost of reading a short key.
+    fn key_ref(&mut self) -> Result<&'a str, DecodeError> {
         let at = self.pos;
         let m = Marker::from_u8(self.u8(at)?);
         let len = match m {
@@ -318,8 +329,111 @@ impl<'a> Reader<'a> {
             Marker::Reserved => return Err(DecodeError::ReservedMarker { offset: at }),
             other => return Err(DecodeError::NonStrKey { kind: marker_family(other), offset: at }),
         };
-        self.str(len, at)
+        let start = self.pos;
+        let bytes = self.take(len, at)?;
+        match known_key(bytes) {
+            Some(key) => Ok(key),
+            None => std::str::from_utf8(bytes)
+                .map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() }),
+        }
     }
+
+    /// The fast path of [`walk`] for the items a package's `main` is made of: a `fixstr`
+    /// or `str 8` that is complete and valid is consumed and returned; anything else
+    /// (another family, too short, not UTF-8) is left unread for the general path, which
+    /// then reads it or reports its error exactly as [`decode`] does.
+    #[inline]
+    fn short_str(&mut self) -> Option<&'a str> {
+        let data = self.data;
+        let (start, len) = match *data.get(self.pos)? {
+            m @ 0xa0..=0xbf => (self.pos + 1, usize::from(m & 0x1f)),
+            0xd9 => (self.pos + 2, usize::from(*data.get(self.pos + 1)?)),
+            _ => return None,
+        };
+        let end = start + len;
+        let bytes = data.get(start..end)?;
+        let s = match known_key(bytes) {
+            Some(key) => key,
+            None => std::str::from_utf8(bytes).ok()?,
+        };
+        self.pos = end;
+        Some(s)
+    }
+
+    /// [`Reader::head`] without building the scalar: the same reads and the same checks
+    /// (UTF-8 of a str, the bytes of every payload), in the same order, so that it fails
+    /// exactly where and how `head` fails.
+    fn skip_head(&mut self) -> Result<Skipped<'a>, DecodeError> {
+        let at = self.pos;
+        let m = Marker::from_u8(self.u8(at)?);
+        let str = |r: &mut Self, len| r.str_ref(len, at).map(|s| Skipped::Scalar(Some(s)));
+        let fixed = match m {
+            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => 0,
+            Marker::U8 | Marker::I8 => 1,
+            Marker::U16 | Marker::I16 => 2,
+            Marker::U32 | Marker::I32 | Marker::F32 => 4,
+            Marker::U64 | Marker::I64 | Marker::F64 => 8,
+            Marker::FixStr(n) => return str(self, usize::from(n)),
+            Marker::Str8 => {
+                let n = self.u8(at)?;
+                return str(self, usize::from(n));
+            }
+            Marker::Str16 => {
+                let n = self.u16(at)?;
+                return str(self, usize::from(n));
+            }
+            Marker::Str32 => {
+                let n = self.u32(at)?;
+                return str(self, n as usize);
+            }
+            Marker::Bin8 => usize::from(self.u8(at)?),
+            Marker::Bin16 => usize::from(self.u16(at)?),
+            Marker::Bin32 => self.u32(at)? as usize,
+            Marker::FixArray(n) => return Ok(Skipped::Container { len: usize::from(n), map: false }),
+            Marker::Array16 => return Ok(Skipped::Container { len: usize::from(self.u16(at)?), map: false }),
+            Marker::Array32 => return Ok(Skipped::Container { len: self.u32(at)? as usize, map: false }),
+            Marker::FixMap(n) => return Ok(Skipped::Container { len: usize::from(n), map: true }),
+            Marker::Map16 => return Ok(Skipped::Container { len: usize::from(self.u16(at)?), map: true }),
+            Marker::Map32 => return Ok(Skipped::Container { len: self.u32(at)? as usize, map: true }),
+            // ext and 0xc1: `head` builds nothing for them, it only reports them.
+            _ => {
+                self.pos = at;
+                return match self.head() {
+                    Ok(Head::Scalar(_)) => Ok(Skipped::Scalar(None)),
+                    Ok(Head::Container { len, map }) => Ok(Skipped::Container { len, map }),
+                    Err(e) => Err(e),
+                };
+            }
+        };
+        self.take(fixed, at).map(|_| Skipped::Scalar(None))
+    }
+}
+
+/// What [`Reader::skip_head`] read.
+enum Skipped<'a> {
+    /// A complete scalar; the str, if it was one.
+    Scalar(Option<&'a str>),
+    /// An array (`map: false`) or map header with its element/entry count.
+    Container { len: usize, map: bool },
+}
+
+/// The keys of a hypha package's segments (spec §2.1: the routing fields of `main`, the
+/// payload fields of `extra`), as static strs, or `None`.
+fn known_key(bytes: &[u8]) -> Option<&'static str> {
+    Some(match bytes {
+        b"to" => "to",
+        b"ws" => "ws",
+        b"from" => "from",
+        b"type" => "type",
+        b"user" => "user",
+        b"method" => "method",
+        b"session" => "session",
+        b"parent" => "parent",
+        b"args" => "args",
+        b"with_kwargs" => "with_kwargs",
+        b"promise" => "promise",
+        _ => return None,
+    })
 }
 
 /// The msgpack family of a non-str marker, for [`DecodeError::NonStrKey`].
@@ -446,9 +560,244 @@ pub fn decode(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<(Valu
     }
 }
 
+/// One entry of the top-level map met by [`scan_map`], as byte ranges into the buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawEntry<'a> {
+    /// The key (msgpack keys are str; anything else fails the scan, as it fails [`decode`]).
+    pub key: &'a str,
+    /// The encoded key, header included.
+    pub key_bytes: Range<usize>,
+    /// The encoded value.
+    pub value: Range<usize>,
+    /// The value, when it is a str (so that reading it needs no second UTF-8 check).
+    pub str: Option<&'a str>,
+}
+
+/// An open container on [`skip_nested`]'s stack: what is left of it and what comes next.
+struct Pending {
+    remaining: usize,
+    map: bool,
+    key_next: bool,
+}
+
+/// [`decode`]'s resource accounting, for [`walk`]: values read so far, and slots (values
+/// or keys) announced but not yet started, each of which needs at least one unread byte.
+struct Budget {
+    items: usize,
+    pending: usize,
+    max_items: usize,
+}
+
+impl Budget {
+    /// Counts the item starting at `at`.
+    #[inline]
+    fn item(&mut self, at: usize) -> Result<(), DecodeError> {
+        if self.items >= self.max_items {
+            return Err(DecodeError::TooManyItems { max_items: self.max_items, offset: at });
+        }
+        self.items += 1;
+        self.pending = self.pending.saturating_sub(1);
+        Ok(())
+    }
+
+    /// Counts the slots of a non-empty container whose header started at `at` and ends
+    /// at the reader's position, and checks that the input can hold them.
+    #[inline]
+    fn open(&mut self, len: usize, map: bool, at: usize, r: &Reader<'_>) -> Result<(), DecodeError> {
+        self.pending = self.pending.saturating_add(if map { len.saturating_mul(2) } else { len });
+        let available = r.data.len() - r.pos;
+        if self.pending > available {
+            let header = r.pos - at;
+            return Err(DecodeError::Truncated {
+                offset: at,
+                needed: header.saturating_add(self.pending),
+                available: available + header,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks one msgpack object at `offset` exactly as [`decode`] would, without building
+/// it, and returns where it ends.
+///
+/// "Exactly" is the contract: same limits, same checks (UTF-8, str keys, no ext), in the
+/// same order, so the same input gives the same [`DecodeError`] (variant, offset and
+/// counts) or the same end offset (property-tested against [`decode`]). The server uses it
+/// to route a frame without decoding it: a frame it forwards is one a [`decode`]-based
+/// router would have forwarded.
+pub fn skip(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<usize, DecodeError> {
+    walk(buf, offset, limits, |_| {})
+}
+
+/// [`skip`], reporting every entry of the top-level map to `visit`, in wire order
+/// (duplicate keys included, each time they occur). Nothing is reported when the object is
+/// not a map; nested maps are checked, not reported. A failed scan may have reported some
+/// entries before the error.
+///
+/// This is the zero-allocation view of a package's `main` segment (see
+/// [`crate::package::RawMain`]): keys are borrowed from `buf`, values are byte ranges.
+pub fn scan_map<'a>(
+    buf: &'a Bytes,
+    offset: usize,
+    limits: &DecodeLimits,
+    visit: impl FnMut(RawEntry<'a>),
+) -> Result<usize, DecodeError> {
+    walk(buf, offset, limits, visit)
+}
+
+/// The loop of [`decode`] with the building taken out; keep the two in step. The entries
+/// of a top-level map are walked by a loop of their own (the common case, a map of
+/// scalars, costs little more than the UTF-8 checks); nested containers by
+/// [`skip_nested`], which is `decode`'s loop.
+fn walk<'a>(
+    buf: &'a Bytes,
+    offset: usize,
+    limits: &DecodeLimits,
+    mut visit: impl FnMut(RawEntry<'a>),
+) -> Result<usize, DecodeError> {
+    let data: &'a [u8] = buf;
+    let mut r = Reader { buf, data, pos: offset };
+    if offset > data.len() {
+        return Err(DecodeError::Truncated { offset, needed: 1, available: 0 });
+    }
+    let mut budget = Budget { items: 0, pending: 1, max_items: limits.max_items };
+    budget.item(offset)?;
+    let (len, map) = match r.skip_head()? {
+        Skipped::Scalar(_) => return Ok(r.pos),
+        Skipped::Container { .. } if limits.max_depth == 0 => {
+            return Err(DecodeError::TooDeep { max_depth: limits.max_depth, offset });
+        }
+        Skipped::Container { len: 0, .. } => return Ok(r.pos),
+        Skipped::Container { len, map } => (len, map),
+    };
+    budget.open(len, map, offset, &r)?;
+    if !map {
+        skip_nested(&mut r, &mut budget, limits, 0, len, false)?;
+        return Ok(r.pos);
+    }
+    for _ in 0..len {
+        let key_at = r.pos;
+        budget.item(key_at)?;
+        let key = match r.short_str() {
+            Some(key) => key,
+            None => r.key_ref()?,
+        };
+        let value_at = r.pos;
+        budget.item(value_at)?;
+        if let Some(s) = r.short_str() {
+            visit(RawEntry { key, key_bytes: key_at..value_at, value: value_at..r.pos, str: Some(s) });
+            continue;
+        }
+        let str = match r.skip_head()? {
+            Skipped::Scalar(s) => s,
+            Skipped::Container { .. } if limits.max_depth <= 1 => {
+                return Err(DecodeError::TooDeep { max_depth: limits.max_depth, offset: value_at });
+            }
+            Skipped::Container { len: 0, .. } => None,
+            Skipped::Container { len, map } => {
+                budget.open(len, map, value_at, &r)?;
+                skip_nested(&mut r, &mut budget, limits, 1, len, map)?;
+                None
+            }
+        };
+        visit(RawEntry { key, key_bytes: key_at..value_at, value: value_at..r.pos, str });
+    }
+    Ok(r.pos)
+}
+
+/// Checks the elements of a container whose header was just read (`len` elements or
+/// entries, a map when `map`), inside `outer` open containers; returns when the container
+/// is complete. [`decode`]'s loop, without the values.
+fn skip_nested(
+    r: &mut Reader<'_>,
+    budget: &mut Budget,
+    limits: &DecodeLimits,
+    outer: usize,
+    len: usize,
+    map: bool,
+) -> Result<(), DecodeError> {
+    let mut stack = vec![Pending { remaining: len, map, key_next: map }];
+    loop {
+        let at = r.pos;
+        budget.item(at)?;
+        if let Some(open @ Pending { key_next: true, .. }) = stack.last_mut() {
+            r.key_ref()?;
+            open.key_next = false;
+            continue;
+        }
+        match r.skip_head()? {
+            Skipped::Scalar(_) => {}
+            Skipped::Container { .. } if outer + stack.len() >= limits.max_depth => {
+                return Err(DecodeError::TooDeep { max_depth: limits.max_depth, offset: at });
+            }
+            Skipped::Container { len: 0, .. } => {}
+            Skipped::Container { len, map } => {
+                budget.open(len, map, at, r)?;
+                stack.push(Pending { remaining: len, map, key_next: map });
+                continue;
+            }
+        }
+        // A value is complete: count it in its parent, closing every container it ends.
+        while let Some(open) = stack.last_mut() {
+            open.remaining -= 1;
+            open.key_next = open.map;
+            if open.remaining != 0 {
+                break;
+            }
+            stack.pop();
+        }
+        if stack.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Writing
 // ---------------------------------------------------------------------------------------
+
+/// A msgpack length header (at most 5 bytes), for values assembled from parts: a map
+/// whose entries are copied from elsewhere, a str whose bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    bytes: [u8; 5],
+    len: u8,
+}
+
+impl Header {
+    /// The header's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl Sink for Header {
+    fn put(&mut self, bytes: &[u8]) {
+        let start = usize::from(self.len);
+        if let Some(dst) = self.bytes.get_mut(start..start + bytes.len()) {
+            dst.copy_from_slice(bytes);
+            self.len += bytes.len() as u8;
+        }
+    }
+}
+
+/// The header [`encode`] writes for a str of `len` bytes (the smallest).
+pub fn str_header(len: usize) -> Result<Header, EncodeError> {
+    let mut h = Header { bytes: [0; 5], len: 0 };
+    write_len(len, "str", STR_MARKERS, 31, &mut h)?;
+    Ok(h)
+}
+
+/// The header [`encode`] writes for a map of `len` entries (the smallest).
+pub fn map_header(len: usize) -> Result<Header, EncodeError> {
+    let mut h = Header { bytes: [0; 5], len: 0 };
+    write_len(len, "map", MAP_MARKERS, 15, &mut h)?;
+    Ok(h)
+}
+
+const STR_MARKERS: [Option<u8>; 4] = [Some(0xa0), Some(0xd9), Some(0xda), Some(0xdb)];
+const MAP_MARKERS: [Option<u8>; 4] = [Some(0x80), None, Some(0xde), Some(0xdf)];
 
 /// Appends the msgpack encoding of `value` to `out`, with the smallest header of each
 /// family as Python's `msgpack.packb(..., use_bin_type=True)` writes it: non-negative ints
@@ -742,7 +1091,7 @@ fn open_map<'a, S: Sink>(map: &'a Map, stack: &mut Vec<Open<'a>>, out: &mut S) -
     if stack.len() >= MAX_DEPTH {
         return Err(EncodeError::TooDeep(MAX_DEPTH));
     }
-    write_len(map.len(), "map", [Some(0x80), None, Some(0xde), Some(0xdf)], 15, out)?;
+    write_len(map.len(), "map", MAP_MARKERS, 15, out)?;
     stack.push(Open::Map(map.iter()));
     Ok(())
 }
@@ -773,7 +1122,7 @@ fn write_scalar<S: Sink>(value: &Value, out: &mut S) -> Result<(), EncodeError> 
 }
 
 fn write_str<S: Sink>(s: &str, out: &mut S) -> Result<(), EncodeError> {
-    write_len(s.len(), "str", [Some(0xa0), Some(0xd9), Some(0xda), Some(0xdb)], 31, out)?;
+    write_len(s.len(), "str", STR_MARKERS, 31, out)?;
     out.put(s.as_bytes());
     Ok(())
 }
@@ -1236,5 +1585,137 @@ pub(crate) mod tests {
             let buf = Bytes::from(data);
             let _ = decode(&buf, 0, &DecodeLimits::default());
         }
+
+        /// `skip` is `decode` without the values: same end, same error, for any bytes,
+        /// any offset and tight limits.
+        #[test]
+        fn skip_agrees_with_decode_on_arbitrary_bytes(
+            data in proptest::collection::vec(any::<u8>(), 0..200),
+            offset in 0usize..4,
+            max_depth in 0usize..6,
+            max_items in 0usize..40,
+        ) {
+            let buf = Bytes::from(data);
+            for limits in [DecodeLimits::default(), DecodeLimits { max_depth, max_items }] {
+                prop_assert_eq!(skip(&buf, offset, &limits), decode(&buf, offset, &limits).map(|(_, end)| end));
+            }
+        }
+
+        /// The same on real values: whole, cut short anywhere, with one byte changed
+        /// anywhere (which reaches the UTF-8, key and length checks deep inside), and
+        /// under limits the value just meets or just exceeds.
+        #[test]
+        fn skip_agrees_with_decode_on_values(v in arb_wire(), flip in any::<(usize, u8)>()) {
+            let bytes = encode_to_vec(&v).unwrap();
+            let whole = Bytes::from(bytes.clone());
+            let check = |buf: &Bytes, limits: &DecodeLimits| {
+                assert_eq!(skip(buf, 0, limits), decode(buf, 0, limits).map(|(_, end)| end), "{limits:?}");
+            };
+            check(&whole, &DecodeLimits::default());
+            for cut in 0..whole.len() {
+                check(&whole.slice(..cut), &DecodeLimits::default());
+            }
+            let mut mutated = bytes;
+            let at = flip.0 % mutated.len();
+            mutated[at] ^= flip.1.max(1);
+            check(&Bytes::from(mutated), &DecodeLimits::default());
+            for max_depth in 0..4 {
+                for max_items in [0, 1, 2, 5, 30] {
+                    check(&whole, &DecodeLimits { max_depth, max_items });
+                }
+            }
+        }
+
+        /// `scan_map` reports the top-level entries of a map in wire order, and their byte
+        /// ranges decode to the entries.
+        #[test]
+        fn scan_map_reports_the_top_level_entries(kv in proptest::collection::vec((".{0,12}", arb_wire()), 0..20)) {
+            let mut bytes = map_header(kv.len()).unwrap().as_bytes().to_vec();
+            for (k, v) in &kv {
+                encode(&Value::from(k.as_str()), &mut bytes).unwrap();
+                encode(v, &mut bytes).unwrap();
+            }
+            let buf = Bytes::from(bytes);
+            let mut seen = Vec::new();
+            let end = scan_map(&buf, 0, &DecodeLimits::default(), |e| seen.push(e)).unwrap();
+            prop_assert_eq!(end, buf.len());
+            prop_assert_eq!(seen.len(), kv.len());
+            for (e, (k, v)) in seen.iter().zip(&kv) {
+                prop_assert_eq!(e.key, k.as_str());
+                prop_assert_eq!(e.key_bytes.end, e.value.start);
+                let (key, _) = decode(&buf, e.key_bytes.start, &DecodeLimits::default()).unwrap();
+                prop_assert_eq!(key, Value::from(k.as_str()));
+                let (value, end) = decode(&buf, e.value.start, &DecodeLimits::default()).unwrap();
+                prop_assert_eq!(&value, v);
+                prop_assert_eq!(end, e.value.end);
+                prop_assert_eq!(e.str, v.as_str());
+            }
+        }
+
+        #[test]
+        fn headers_are_the_encoders(len in prop_oneof![0usize..40, 200usize..300, 65530usize..65540, Just(70_000)]) {
+            let map = Value::Map((0..len).map(|i| (i.to_string(), Value::Nil)).collect());
+            let enc = encode_to_vec(&map).unwrap();
+            prop_assert!(enc.starts_with(map_header(len).unwrap().as_bytes()));
+            let s = "x".repeat(len);
+            let enc = encode_to_vec(&Value::from(s.as_str())).unwrap();
+            let h = str_header(len).unwrap();
+            prop_assert_eq!([h.as_bytes(), s.as_bytes()].concat(), enc);
+        }
+
+        /// Known keys are read as any other key: same result, same errors.
+        #[test]
+        fn known_keys_read_like_any_key(key in prop_oneof![
+            Just("to"), Just("ws"), Just("from"), Just("type"), Just("user"), Just("method"),
+            Just("session"), Just("parent"), Just("args"), Just("with_kwargs"), Just("promise"), Just("t"), Just("tx"),
+        ], cut in 0usize..16) {
+            let v = Value::Map(crate::map! {key => 1});
+            let bytes = Bytes::from(encode_to_vec(&v).unwrap());
+            prop_assert_eq!(dec(&bytes).unwrap(), v);
+            let b = bytes.slice(..cut.min(bytes.len()));
+            prop_assert_eq!(skip(&b, 0, &DecodeLimits::default()), decode(&b, 0, &DecodeLimits::default()).map(|(_, e)| e));
+        }
+    }
+
+    #[test]
+    fn skip_matches_decode_on_the_malformed_classes() {
+        for h in [
+            "c1", "92c0c1", "81c101", "a2c328", "81a2c32801", "810101", "81c4016101", "81c001", "8190c0",
+            "d6ff00000000", "91c7010501", "81a161d40100", "81d40100c0", "", "cd01", "a46162",
+            "c6ffffffff00", "ddffffffff010203", "dfffffffffa16101", "dcffff01", "92930102", "82a16101",
+            "c7", "c8ff", "c9ffffff", "d4", "d9", "da00", "db000000",
+        ] {
+            let buf = Bytes::from(hex(h));
+            let l = DecodeLimits::default();
+            assert_eq!(skip(&buf, 0, &l), decode(&buf, 0, &l).map(|(_, e)| e), "{h}");
+            assert!(skip(&buf, 0, &l).is_err(), "{h}");
+        }
+        let deep = Bytes::from(nested_arrays(100_000, 0xc0));
+        assert_eq!(skip(&deep, 0, &DecodeLimits::default()), Err(DecodeError::TooDeep { max_depth: MAX_DEPTH, offset: MAX_DEPTH }));
+        let unlimited = DecodeLimits { max_depth: usize::MAX, ..Default::default() };
+        assert_eq!(skip(&deep, 0, &unlimited), Ok(deep.len()));
+        // Nested maps are checked but not reported; a non-map reports nothing.
+        let buf = Bytes::from(hex("82a16181a162c0a16301"));
+        let mut keys = Vec::new();
+        assert_eq!(scan_map(&buf, 0, &DecodeLimits::default(), |e| keys.push(e.key)), Ok(buf.len()));
+        assert_eq!(keys, ["a", "c"]);
+        let buf = Bytes::from(hex("9181a16101"));
+        assert_eq!(scan_map(&buf, 0, &DecodeLimits::default(), |_| panic!("reported")), Ok(buf.len()));
+        // Deeper than the stack's inline levels, maps and arrays mixed: same verdicts,
+        // whole or cut anywhere, and the entries of the top-level map still reported.
+        let mut v = Value::from("leaf");
+        for i in 0..20 {
+            v = if i % 2 == 0 { Value::List(vec![v, Value::Nil]) } else { Value::Map(crate::map! {"k" => v, "z" => 1}) };
+        }
+        let bytes = Bytes::from(encode_to_vec(&Value::Map(crate::map! {"deep" => v, "s" => "x"})).unwrap());
+        for cut in 0..=bytes.len() {
+            let b = bytes.slice(..cut);
+            for l in [DecodeLimits::default(), DecodeLimits { max_depth: 15, max_items: 1000 }] {
+                assert_eq!(skip(&b, 0, &l), decode(&b, 0, &l).map(|(_, e)| e), "cut {cut} {l:?}");
+            }
+        }
+        let mut seen = Vec::new();
+        scan_map(&bytes, 0, &DecodeLimits::default(), |e| seen.push((e.key, e.str))).unwrap();
+        assert_eq!(seen, [("deep", None), ("s", Some("x"))]);
     }
 }

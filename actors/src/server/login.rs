@@ -647,7 +647,7 @@ impl LoginService {
             }
         }
         let sender =
-            RouteSender { workspace: ws.to_owned(), client_id: cid, user: root.to_value(), read_only: false };
+            RouteSender::new(ws, cid, &root.to_value(), false);
         LoginService { state, endpoint, sender, timer: None, inbox: Some(rx), sessions: Arc::default() }
     }
 
