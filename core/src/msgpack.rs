@@ -619,24 +619,17 @@ impl Budget {
 }
 
 /// Checks one msgpack object at `offset` exactly as [`decode`] would, without building
-/// it, and returns where it ends.
+/// it, reporting every entry of the top-level map to `visit` (in wire order, duplicate keys
+/// each time they occur), and returns where the object ends. Nothing is reported when the
+/// object is not a map; nested containers are checked, not reported. A failed scan may
+/// have reported some entries before the error.
 ///
 /// "Exactly" is the contract: same limits, same checks (UTF-8, str keys, no ext), in the
 /// same order, so the same input gives the same [`DecodeError`] (variant, offset and
-/// counts) or the same end offset (property-tested against [`decode`]). The server uses it
-/// to route a frame without decoding it: a frame it forwards is one a [`decode`]-based
-/// router would have forwarded.
-pub fn skip(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<usize, DecodeError> {
-    walk(buf, offset, limits, |_| {})
-}
-
-/// [`skip`], reporting every entry of the top-level map to `visit`, in wire order
-/// (duplicate keys included, each time they occur). Nothing is reported when the object is
-/// not a map; nested maps are checked, not reported. A failed scan may have reported some
-/// entries before the error.
-///
-/// This is the zero-allocation view of a package's `main` segment (see
-/// [`crate::package::RawMain`]): keys are borrowed from `buf`, values are byte ranges.
+/// counts) or the same end offset (property-tested against [`decode`]). The server routes
+/// with it (see [`crate::package::RawMain`]): it forwards exactly the frames a
+/// [`decode`]-based router forwarded, without building them. Keys are borrowed from
+/// `buf`, values are byte ranges; a map of scalars is scanned without allocating.
 pub fn scan_map<'a>(
     buf: &'a Bytes,
     offset: usize,
@@ -1205,6 +1198,11 @@ pub(crate) mod tests {
         })
     }
 
+    /// `scan_map` as a plain check, to compare with `decode`.
+    fn skip(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<usize, DecodeError> {
+        scan_map(buf, offset, limits, |_| {})
+    }
+
     fn enc(v: &Value) -> Vec<u8> {
         let out = encode_to_vec(v).unwrap();
         assert_eq!(out.len(), encoded_len(v), "encoded_len must be exact");
@@ -1586,7 +1584,7 @@ pub(crate) mod tests {
             let _ = decode(&buf, 0, &DecodeLimits::default());
         }
 
-        /// `skip` is `decode` without the values: same end, same error, for any bytes,
+        /// `scan_map` is `decode` without the values: same end, same error, for any bytes,
         /// any offset and tight limits.
         #[test]
         fn skip_agrees_with_decode_on_arbitrary_bytes(
@@ -1680,10 +1678,35 @@ pub(crate) mod tests {
     #[test]
     fn skip_matches_decode_on_the_malformed_classes() {
         for h in [
-            "c1", "92c0c1", "81c101", "a2c328", "81a2c32801", "810101", "81c4016101", "81c001", "8190c0",
-            "d6ff00000000", "91c7010501", "81a161d40100", "81d40100c0", "", "cd01", "a46162",
-            "c6ffffffff00", "ddffffffff010203", "dfffffffffa16101", "dcffff01", "92930102", "82a16101",
-            "c7", "c8ff", "c9ffffff", "d4", "d9", "da00", "db000000",
+            "c1",
+            "92c0c1",
+            "81c101",
+            "a2c328",
+            "81a2c32801",
+            "810101",
+            "81c4016101",
+            "81c001",
+            "8190c0",
+            "d6ff00000000",
+            "91c7010501",
+            "81a161d40100",
+            "81d40100c0",
+            "",
+            "cd01",
+            "a46162",
+            "c6ffffffff00",
+            "ddffffffff010203",
+            "dfffffffffa16101",
+            "dcffff01",
+            "92930102",
+            "82a16101",
+            "c7",
+            "c8ff",
+            "c9ffffff",
+            "d4",
+            "d9",
+            "da00",
+            "db000000",
         ] {
             let buf = Bytes::from(hex(h));
             let l = DecodeLimits::default();
@@ -1691,7 +1714,10 @@ pub(crate) mod tests {
             assert!(skip(&buf, 0, &l).is_err(), "{h}");
         }
         let deep = Bytes::from(nested_arrays(100_000, 0xc0));
-        assert_eq!(skip(&deep, 0, &DecodeLimits::default()), Err(DecodeError::TooDeep { max_depth: MAX_DEPTH, offset: MAX_DEPTH }));
+        assert_eq!(
+            skip(&deep, 0, &DecodeLimits::default()),
+            Err(DecodeError::TooDeep { max_depth: MAX_DEPTH, offset: MAX_DEPTH })
+        );
         let unlimited = DecodeLimits { max_depth: usize::MAX, ..Default::default() };
         assert_eq!(skip(&deep, 0, &unlimited), Ok(deep.len()));
         // Nested maps are checked but not reported; a non-map reports nothing.
@@ -1705,7 +1731,11 @@ pub(crate) mod tests {
         // whole or cut anywhere, and the entries of the top-level map still reported.
         let mut v = Value::from("leaf");
         for i in 0..20 {
-            v = if i % 2 == 0 { Value::List(vec![v, Value::Nil]) } else { Value::Map(crate::map! {"k" => v, "z" => 1}) };
+            v = if i % 2 == 0 {
+                Value::List(vec![v, Value::Nil])
+            } else {
+                Value::Map(crate::map! {"k" => v, "z" => 1})
+            };
         }
         let bytes = Bytes::from(encode_to_vec(&Value::Map(crate::map! {"deep" => v, "s" => "x"})).unwrap());
         for cut in 0..=bytes.len() {

@@ -265,8 +265,8 @@ pub struct Stamp<'s> {
 /// A package's `main` segment scanned in place: its top-level keys and where their values
 /// are, nothing decoded. This is the server's per-frame routing view (spec §1.5): it reads
 /// the few routing fields it needs as `&str` and writes the stamped frame by copying the
-/// other entries byte for byte, so a frame costs one pass over `main` and one allocation,
-/// whatever `main` holds.
+/// other entries byte for byte: a frame costs one pass over `main` and two allocations
+/// (the entry list and the stamped frame), whatever `main` holds.
 ///
 /// It accepts and refuses exactly the frames [`split_main`] accepts and refuses, with the
 /// same errors ([`msgpack::scan_map`] checks what [`msgpack::decode`] checks), and sees
@@ -328,7 +328,7 @@ impl<'a> RawMain<'a> {
     }
 
     /// The encoded value of `key`.
-    pub fn raw(&self, key: &str) -> Option<&'a [u8]> {
+    fn raw(&self, key: &str) -> Option<&'a [u8]> {
         let frame: &'a [u8] = self.frame;
         self.entry(key).and_then(|e| frame.get(e.value.clone()))
     }
@@ -667,7 +667,11 @@ mod tests {
         Parts {
             to: to.to_owned(),
             values: (ws.to_owned(), from.to_owned(), user.clone()),
-            entries: (Entry::str("ws", ws).unwrap(), Entry::str("from", from).unwrap(), Entry::new("user", user).unwrap()),
+            entries: (
+                Entry::str("ws", ws).unwrap(),
+                Entry::str("from", from).unwrap(),
+                Entry::new("user", user).unwrap(),
+            ),
         }
     }
 
@@ -714,7 +718,9 @@ mod tests {
     }
 
     fn user() -> Value {
-        Value::Map(map! {"id" => "anon", "scope" => map! {"workspaces" => map! {"ws" => "rw"}, "client_id" => "c"}})
+        Value::Map(
+            map! {"id" => "anon", "scope" => map! {"workspaces" => map! {"ws" => "rw"}, "client_id" => "c"}},
+        )
     }
 
     #[test]
@@ -732,7 +738,10 @@ mod tests {
         }
         let frame = Bytes::from(hex(CALL));
         let main = decode_package(&raw_restamp(&frame, &limits(), &stamp).unwrap(), &limits()).unwrap().main;
-        assert_eq!(main.keys().collect::<Vec<_>>(), ["type", "from", "to", "method", "session", "ws", "user"]);
+        assert_eq!(
+            main.keys().collect::<Vec<_>>(),
+            ["type", "from", "to", "method", "session", "ws", "user"]
+        );
         assert_eq!(main["user"], user);
         let plain = Bytes::from(encode_package(&map! {"type" => "e", "data" => 1}, None).unwrap());
         let main = split_main(&raw_restamp(&plain, &limits(), &stamp).unwrap(), &limits()).unwrap().0;
@@ -748,14 +757,20 @@ mod tests {
         let frame = Bytes::from(encode_package(&sent, None).unwrap());
         let out = raw_restamp(&frame, &limits(), &stamp).unwrap();
         assert_eq!(out, map_restamp(&frame, &limits(), &parts).unwrap());
-        assert!(out.starts_with(&[&[0x86u8][..], &frame[1..]].concat()), "main copied as sent, ws and user appended");
+        assert!(
+            out.starts_with(&[&[0x86u8][..], &frame[1..]].concat()),
+            "main copied as sent, ws and user appended"
+        );
         // `to` sent as a str 8 (a longer header than needed): same value, other bytes, so
         // it is replaced by the canonical encoding, as the Map-based restamp wrote it.
         let mut f = hex("82a2746fd903");
         f.extend(b"W/x");
         f.extend(hex("a474797065a165"));
         let frame = Bytes::from(f);
-        assert_eq!(raw_restamp(&frame, &limits(), &stamp).unwrap(), map_restamp(&frame, &limits(), &parts).unwrap());
+        assert_eq!(
+            raw_restamp(&frame, &limits(), &stamp).unwrap(),
+            map_restamp(&frame, &limits(), &parts).unwrap()
+        );
         // Another entry sent with a str 8: kept as sent (same map, other bytes).
         let mut f = hex("82a474797065d901");
         f.extend(b"e");
@@ -776,9 +791,15 @@ mod tests {
         assert_eq!(raw.str("session"), Some(SESSION));
         assert_eq!(raw.str("ws"), None);
         assert_eq!(raw.extra_at(), split_main(&frame, &limits()).unwrap().1);
-        let frame = Bytes::from(encode_package(&map! {"to" => 5, "from" => Value::Nil, "s" => vec![Value::from(1)]}, None).unwrap());
+        let frame = Bytes::from(
+            encode_package(&map! {"to" => 5, "from" => Value::Nil, "s" => vec![Value::from(1)]}, None)
+                .unwrap(),
+        );
         let raw = RawMain::scan(&frame, &limits()).unwrap();
-        assert_eq!((raw.str("to"), raw.kind("to"), raw.value("to")), (None, Some("int"), Some(Value::from(5))));
+        assert_eq!(
+            (raw.str("to"), raw.kind("to"), raw.value("to")),
+            (None, Some("int"), Some(Value::from(5)))
+        );
         assert_eq!((raw.kind("from"), raw.raw("from")), (Some("nil"), Some(&[0xc0u8][..])));
         assert_eq!((raw.kind("s"), raw.kind("none"), raw.value("none")), (Some("list"), None, None));
         assert_eq!(raw.extra_at(), frame.len());
@@ -797,7 +818,10 @@ mod tests {
         ];
         let frame = Bytes::from(raw_map(&entries));
         let raw = RawMain::scan(&frame, &limits()).unwrap();
-        assert_eq!((raw.str("to"), raw.str("session"), raw.value("x")), (Some("b"), None, Some(Value::from(2))));
+        assert_eq!(
+            (raw.str("to"), raw.str("session"), raw.value("x")),
+            (Some("b"), None, Some(Value::from(2)))
+        );
         let parts = parts("W/b", "W", "W/c", &user());
         let stamp = parts.stamp();
         let got = raw.restamp(&stamp).unwrap();
@@ -811,7 +835,10 @@ mod tests {
         entries.push(("k99".into(), "later".into()));
         let frame = Bytes::from(raw_map(&entries));
         let raw = RawMain::scan(&frame, &limits()).unwrap();
-        assert_eq!((raw.str("k3"), raw.str("k99"), raw.value("k50")), (Some("late"), Some("later"), Some(Value::from(50))));
+        assert_eq!(
+            (raw.str("k3"), raw.str("k99"), raw.value("k50")),
+            (Some("late"), Some("later"), Some(Value::from(50)))
+        );
         assert_eq!(raw.restamp(&stamp).unwrap(), map_restamp(&frame, &limits(), &parts).unwrap());
     }
 
@@ -820,21 +847,21 @@ mod tests {
         let router_limits = DecodeLimits { max_depth: 3, max_items: 12 };
         let cases: Vec<Vec<u8>> = vec![
             vec![],
-            hex("920102"),            // a list
-            hex("c0"),                // nil
-            hex("a3616263"),          // a str
-            hex("c4026162"),          // bin
-            hex("cb402e000000000000"),// float
-            hex("810101"),            // non-str key
-            hex("81c401610101"),      // bin key
-            hex("81a2c32801"),        // key not UTF-8
-            hex("81a161a2c328"),      // value not UTF-8
-            hex("81a161d40100"),      // ext value
-            hex("81a161c1"),          // reserved marker
-            hex("82a16101"),          // truncated
-            hex("81a16191919190"),    // too deep for the router limits
+            hex("920102"),             // a list
+            hex("c0"),                 // nil
+            hex("a3616263"),           // a str
+            hex("c4026162"),           // bin
+            hex("cb402e000000000000"), // float
+            hex("810101"),             // non-str key
+            hex("81c401610101"),       // bin key
+            hex("81a2c32801"),         // key not UTF-8
+            hex("81a161a2c328"),       // value not UTF-8
+            hex("81a161d40100"),       // ext value
+            hex("81a161c1"),           // reserved marker
+            hex("82a16101"),           // truncated
+            hex("81a16191919190"),     // too deep for the router limits
             raw_map(&(0..10).map(|i| (format!("k{i}"), Value::from(i))).collect::<Vec<_>>()), // too many items
-            hex("81a2746f05"),        // to is an int: scans fine
+            hex("81a2746f05"), // to is an int: scans fine
         ];
         for f in cases {
             let frame = Bytes::from(f);

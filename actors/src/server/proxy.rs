@@ -193,8 +193,7 @@ impl HttpPeer {
         };
         let mut endpoint = Endpoint::new(config, Some(ws), &cid, Instant::now());
         endpoint.set_manager_id(Some(state.config.manager_id()));
-        let sender =
-            RouteSender::new(ws, cid, &user.to_value(), false);
+        let sender = RouteSender::new(ws, cid, &user.to_value(), false);
         HttpPeer { state, endpoint, sender, inbox }
     }
 

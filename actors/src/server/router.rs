@@ -12,7 +12,8 @@
 //! target). A central router actor would add a mailbox per frame, serialize every
 //! connection's traffic through one thread, and need an overflow policy of its own; the
 //! direct path keeps traffic of independent clients on independent threads and the
-//! per-frame cost at one decode of `main`, one encode and one queue push.
+//! per-frame cost at one scan of `main` (never decoded, see [`RawMain`]), one copy into
+//! the stamped frame and one queue push.
 //!
 //! **Generations.** Every registration gets a fresh generation number. A reconnect with a
 //! reconnection token supersedes the live connection of the same `{ws}/{cid}`; when the
@@ -78,7 +79,12 @@ struct SenderStamp {
 impl RouteSender {
     /// The sender `{workspace}/{client_id}` with its `UserInfo` dump `user`; `read_only`
     /// when it holds exactly `r` on its workspace (it may not broadcast).
-    pub fn new(workspace: impl Into<String>, client_id: impl Into<String>, user: &Value, read_only: bool) -> Self {
+    pub fn new(
+        workspace: impl Into<String>,
+        client_id: impl Into<String>,
+        user: &Value,
+        read_only: bool,
+    ) -> Self {
         let (workspace, client_id) = (workspace.into(), client_id.into());
         let address = format!("{workspace}/{client_id}");
         let stamp = (|| {
@@ -574,7 +580,8 @@ impl Router {
         }
         let (target_ws, target_cid) = (target.ws(), target.cid());
         let stamp = || -> Result<Bytes, PackageError> {
-            let SenderStamp { from, ws, user } = sender.stamp.as_ref().map_err(|e| PackageError::Encode(e.clone()))?;
+            let SenderStamp { from, ws, user } =
+                sender.stamp.as_ref().map_err(|e| PackageError::Encode(e.clone()))?;
             // The server's own peers live in workspace "*": their frames carry the
             // target's workspace, so providers treat them as same-workspace calls (rule 4).
             let target_ws_entry;
@@ -625,7 +632,9 @@ impl Router {
                     target: target.as_str().to_owned(),
                 }));
             }
-            (Err(e), _) => RouteOutcome::Dropped(DropReason::TargetUnavailable(target.as_str().to_owned(), e)),
+            (Err(e), _) => {
+                RouteOutcome::Dropped(DropReason::TargetUnavailable(target.as_str().to_owned(), e))
+            }
         };
         Routed::Done(outcome)
     }
@@ -828,7 +837,11 @@ mod tests {
                 let full = message::normalize_target(to, ws);
                 assert_eq!(t.as_str(), full, "{to} {ws}");
                 assert_eq!(t.is_broadcast(), message::is_broadcast(&full), "{to} {ws}");
-                assert_eq!((t.ws(), t.cid()), full.split_once('/').unwrap_or((full.as_str(), "")), "{to} {ws}");
+                assert_eq!(
+                    (t.ws(), t.cid()),
+                    full.split_once('/').unwrap_or((full.as_str(), "")),
+                    "{to} {ws}"
+                );
                 assert_eq!(matches!(t.full, Cow::Borrowed(_)), to.contains('/'), "{to}: copied");
             }
         }
