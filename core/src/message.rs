@@ -19,8 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::ids::WILDCARD;
-use crate::msgpack::{self, Cursor, DecodeLimits, Rope};
-use crate::package::{PackageError, Segment};
+use crate::msgpack::{self, DecodeLimits, Rope};
+use crate::package::{PackageError, RawMain};
 use crate::value::{Map, PromiseMode, Value};
 
 /// `type` of an RPC call: the only RPC message type.
@@ -161,56 +161,37 @@ impl MainSegment {
 
     /// Reads the main segment straight from a frame and returns it with the offset where
     /// the extra segment starts. The same result as decoding the map and calling
-    /// [`MainSegment::from_map`], without building the map: the routing strings are read
-    /// in place and the server's `user` stamp stays encoded ([`UserStamp::Encoded`]).
+    /// [`MainSegment::from_map`], without building the map: the frame is scanned in place
+    /// ([`RawMain`], checked exactly as a decode would check it), the routing strings are
+    /// copied out of it, and the server's `user` stamp stays encoded
+    /// ([`UserStamp::Encoded`]).
     pub fn decode(frame: &Bytes, limits: &DecodeLimits) -> Result<(Self, usize), MainDecodeError> {
-        let main_err = |source| PackageError::Msgpack { segment: Segment::Main, source };
-        let mut cur = Cursor::new(frame, 0);
-        let Some(entries) = cur.map_header().map_err(main_err)? else {
-            let other = cur.value(limits).map_err(main_err)?;
-            return Err(PackageError::MainNotMap(other.kind()).into());
-        };
-        let mut budget = ItemBudget::new(limits);
-        budget.spend(1, 0).map_err(main_err)?; // the map itself, as in `msgpack::decode`
-        let mut seg = Self::default();
-        // The typed fields' values in WIRE_KEYS order, type-checked after the loop: with a
-        // repeated key only the last value counts, as in a decoded map.
-        let mut fields: [Option<Value>; 7] = Default::default();
-        for _ in 0..entries {
-            budget.spend(1, cur.pos()).map_err(main_err)?;
-            let key = cur.key().map_err(main_err)?;
-            let at = cur.pos();
-            if key == "user" {
-                let (raw, items) = cur.skip(&budget.limits()).map_err(main_err)?;
-                budget.spend(items, at).map_err(main_err)?;
-                // nil reads as absent, as in `from_map`.
-                seg.user = (raw[..] != [0xc0]).then_some(UserStamp::Encoded(raw));
-                continue;
-            }
-            let value = cur.value(&budget.limits()).map_err(main_err)?;
-            budget.spend_value(&value, at).map_err(main_err)?;
-            match WIRE_KEYS[..7].iter().position(|k| *k == key) {
-                Some(i) => fields[i] = Some(value),
-                // Duplicate keys: the last value wins at the first position, as decoding
-                // into a map does.
-                None => drop(seg.rest.insert(key.to_owned(), value)),
-            }
-        }
+        let raw = RawMain::scan(frame, limits)?;
         // In `from_map`'s order, so that a segment with several faults reports the same one.
-        let mut typed = WIRE_KEYS.into_iter().zip(fields).map(|(key, v)| match v {
-            None | Some(Value::Nil) => Ok(None),
-            Some(Value::Str(s)) => Ok(Some(s)),
-            Some(other) => Err(MessageError::WrongType { key, expected: "str", got: other.kind() }),
-        });
-        let mut next = || typed.next().unwrap_or(Ok(None));
-        seg.kind = next()?.ok_or(MessageError::MissingType)?;
-        seg.from = next()?;
-        seg.to = next()?;
-        seg.method = next()?;
-        seg.session = next()?;
-        seg.parent = next()?;
-        seg.ws = next()?;
-        Ok((seg, cur.pos()))
+        let text = |key: &'static str| match raw.str(key) {
+            Some(s) => Ok(Some(s.to_owned())),
+            None => match raw.kind(key) {
+                None | Some("nil") => Ok(None),
+                Some(got) => Err(MessageError::WrongType { key, expected: "str", got }),
+            },
+        };
+        let seg = Self {
+            kind: text("type")?.ok_or(MessageError::MissingType)?,
+            from: text("from")?,
+            to: text("to")?,
+            method: text("method")?,
+            session: text("session")?,
+            parent: text("parent")?,
+            ws: text("ws")?,
+            // nil reads as absent, as in `from_map`.
+            user: raw.encoded("user").filter(|u| u[..] != [0xc0]).map(UserStamp::Encoded),
+            rest: raw
+                .keys()
+                .filter(|k| !WIRE_KEYS.contains(k))
+                .filter_map(|k| Some((k.to_owned(), raw.value(k)?)))
+                .collect(),
+        };
+        Ok((seg, raw.extra_at()))
     }
 
     /// Writes the segment, as encoding [`MainSegment::into_map`] would, without building
@@ -295,7 +276,7 @@ const WIRE_KEYS: [&str; 8] = ["type", "from", "to", "method", "session", "parent
 pub enum UserStamp {
     /// A value: stamped by our server, or read by [`MainSegment::from_map`].
     Value(Value),
-    /// As received: one msgpack object that [`MainSegment::decode`] stepped over. Most
+    /// As received: one msgpack object that [`MainSegment::decode`] scanned. Most
     /// calls never read it, and decoding it (a dozen strings, three maps) cost more than
     /// the rest of the segment.
     Encoded(Bytes),
@@ -319,8 +300,8 @@ impl UserStamp {
     }
 }
 
-/// Decodes a stamp that [`Cursor::skip`] already checked (structure, UTF-8, limits), so
-/// decoding it again cannot fail; `nil` would stand in if it ever did.
+/// Decodes a stamp that [`RawMain::scan`] already checked exactly as a decode would
+/// (structure, UTF-8, limits), so decoding it cannot fail; `nil` would stand in if it did.
 fn decode_checked(raw: &Bytes) -> Value {
     msgpack::decode(raw, 0, &DecodeLimits::default()).map(|(v, _)| v).unwrap_or_default()
 }
@@ -334,54 +315,6 @@ pub enum MainDecodeError {
     /// A map, but not a valid main segment.
     #[error(transparent)]
     Message(#[from] MessageError),
-}
-
-/// The [`DecodeLimits`] of [`MainSegment::decode`]: the segment counts against
-/// `max_items` as a whole, as when it is decoded as one map.
-struct ItemBudget {
-    limits: DecodeLimits,
-    left: usize,
-}
-
-impl ItemBudget {
-    fn new(limits: &DecodeLimits) -> Self {
-        Self { limits: *limits, left: limits.max_items }
-    }
-
-    /// The limits for the next value: what is left of the items, and one level less of
-    /// depth (the value sits inside the segment's map).
-    fn limits(&self) -> DecodeLimits {
-        DecodeLimits { max_depth: self.limits.max_depth.saturating_sub(1), max_items: self.left }
-    }
-
-    /// Spends what `value` holds; with no item limit (the default) nothing is counted.
-    fn spend_value(&mut self, value: &Value, offset: usize) -> Result<(), msgpack::DecodeError> {
-        if self.limits.max_items == usize::MAX {
-            return Ok(());
-        }
-        let mut items = 0usize;
-        let mut todo = vec![value];
-        while let Some(v) = todo.pop() {
-            items += 1;
-            match v {
-                Value::List(l) => todo.extend(l),
-                Value::Map(m) => {
-                    items += m.len();
-                    todo.extend(m.values());
-                }
-                _ => {}
-            }
-        }
-        self.spend(items, offset)
-    }
-
-    fn spend(&mut self, items: usize, offset: usize) -> Result<(), msgpack::DecodeError> {
-        self.left = self
-            .left
-            .checked_sub(items)
-            .ok_or(msgpack::DecodeError::TooManyItems { max_items: self.limits.max_items, offset })?;
-        Ok(())
-    }
 }
 
 /// The server's `to` normalization (spec §1.5 step 2): `"*"` becomes `"<ws>/*"` (workspace

@@ -18,6 +18,8 @@
 //! The reader reports where the value ended, because a package is two msgpack objects
 //! back to back with no length prefix (spec §11 item 1); see [`crate::package`].
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use rmp::Marker;
 
@@ -210,12 +212,14 @@ impl<'a> Reader<'a> {
     }
 
     fn str(&mut self, len: usize, item: usize) -> Result<String, DecodeError> {
+        self.str_ref(len, item).map(str::to_owned)
+    }
+
+    /// [`Reader::str`] without the copy: the UTF-8-checked str in place.
+    fn str_ref(&mut self, len: usize, item: usize) -> Result<&'a str, DecodeError> {
         let start = self.pos;
         let s = self.take(len, item)?;
-        match std::str::from_utf8(s) {
-            Ok(s) => Ok(s.to_owned()),
-            Err(e) => Err(DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() }),
-        }
+        std::str::from_utf8(s).map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() })
     }
 
     fn bin(&mut self, len: usize, item: usize) -> Result<Value, DecodeError> {
@@ -308,6 +312,13 @@ impl<'a> Reader<'a> {
     /// Reads a map key, which must be a str; other families are named in the error
     /// without being decoded.
     fn key(&mut self) -> Result<String, DecodeError> {
+        self.key_ref().map(str::to_owned)
+    }
+
+    /// [`Reader::key`] without the copy. The keys of every hypha package (see
+    /// [`known_key`]) are recognized by their bytes and need no UTF-8 check, which is most
+    /// of the cost of reading a short key.
+    fn key_ref(&mut self) -> Result<&'a str, DecodeError> {
         let at = self.pos;
         let m = Marker::from_u8(self.u8(at)?);
         let len = match m {
@@ -318,8 +329,111 @@ impl<'a> Reader<'a> {
             Marker::Reserved => return Err(DecodeError::ReservedMarker { offset: at }),
             other => return Err(DecodeError::NonStrKey { kind: marker_family(other), offset: at }),
         };
-        self.str(len, at)
+        let start = self.pos;
+        let bytes = self.take(len, at)?;
+        match known_key(bytes) {
+            Some(key) => Ok(key),
+            None => std::str::from_utf8(bytes)
+                .map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() }),
+        }
     }
+
+    /// The fast path of [`walk`] for the items a package's `main` is made of: a `fixstr`
+    /// or `str 8` that is complete and valid is consumed and returned; anything else
+    /// (another family, too short, not UTF-8) is left unread for the general path, which
+    /// then reads it or reports its error exactly as [`decode`] does.
+    #[inline]
+    fn short_str(&mut self) -> Option<&'a str> {
+        let data = self.data;
+        let (start, len) = match *data.get(self.pos)? {
+            m @ 0xa0..=0xbf => (self.pos + 1, usize::from(m & 0x1f)),
+            0xd9 => (self.pos + 2, usize::from(*data.get(self.pos + 1)?)),
+            _ => return None,
+        };
+        let end = start + len;
+        let bytes = data.get(start..end)?;
+        let s = match known_key(bytes) {
+            Some(key) => key,
+            None => std::str::from_utf8(bytes).ok()?,
+        };
+        self.pos = end;
+        Some(s)
+    }
+
+    /// [`Reader::head`] without building the scalar: the same reads and the same checks
+    /// (UTF-8 of a str, the bytes of every payload), in the same order, so that it fails
+    /// exactly where and how `head` fails.
+    fn skip_head(&mut self) -> Result<Skipped<'a>, DecodeError> {
+        let at = self.pos;
+        let m = Marker::from_u8(self.u8(at)?);
+        let str = |r: &mut Self, len| r.str_ref(len, at).map(|s| Skipped::Scalar(Some(s)));
+        let fixed = match m {
+            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => 0,
+            Marker::U8 | Marker::I8 => 1,
+            Marker::U16 | Marker::I16 => 2,
+            Marker::U32 | Marker::I32 | Marker::F32 => 4,
+            Marker::U64 | Marker::I64 | Marker::F64 => 8,
+            Marker::FixStr(n) => return str(self, usize::from(n)),
+            Marker::Str8 => {
+                let n = self.u8(at)?;
+                return str(self, usize::from(n));
+            }
+            Marker::Str16 => {
+                let n = self.u16(at)?;
+                return str(self, usize::from(n));
+            }
+            Marker::Str32 => {
+                let n = self.u32(at)?;
+                return str(self, n as usize);
+            }
+            Marker::Bin8 => usize::from(self.u8(at)?),
+            Marker::Bin16 => usize::from(self.u16(at)?),
+            Marker::Bin32 => self.u32(at)? as usize,
+            Marker::FixArray(n) => return Ok(Skipped::Container { len: usize::from(n), map: false }),
+            Marker::Array16 => return Ok(Skipped::Container { len: usize::from(self.u16(at)?), map: false }),
+            Marker::Array32 => return Ok(Skipped::Container { len: self.u32(at)? as usize, map: false }),
+            Marker::FixMap(n) => return Ok(Skipped::Container { len: usize::from(n), map: true }),
+            Marker::Map16 => return Ok(Skipped::Container { len: usize::from(self.u16(at)?), map: true }),
+            Marker::Map32 => return Ok(Skipped::Container { len: self.u32(at)? as usize, map: true }),
+            // ext and 0xc1: `head` builds nothing for them, it only reports them.
+            _ => {
+                self.pos = at;
+                return match self.head() {
+                    Ok(Head::Scalar(_)) => Ok(Skipped::Scalar(None)),
+                    Ok(Head::Container { len, map }) => Ok(Skipped::Container { len, map }),
+                    Err(e) => Err(e),
+                };
+            }
+        };
+        self.take(fixed, at).map(|_| Skipped::Scalar(None))
+    }
+}
+
+/// What [`Reader::skip_head`] read.
+enum Skipped<'a> {
+    /// A complete scalar; the str, if it was one.
+    Scalar(Option<&'a str>),
+    /// An array (`map: false`) or map header with its element/entry count.
+    Container { len: usize, map: bool },
+}
+
+/// The keys of a hypha package's segments (spec §2.1: the routing fields of `main`, the
+/// payload fields of `extra`), as static strs, or `None`.
+fn known_key(bytes: &[u8]) -> Option<&'static str> {
+    Some(match bytes {
+        b"to" => "to",
+        b"ws" => "ws",
+        b"from" => "from",
+        b"type" => "type",
+        b"user" => "user",
+        b"method" => "method",
+        b"session" => "session",
+        b"parent" => "parent",
+        b"args" => "args",
+        b"with_kwargs" => "with_kwargs",
+        b"promise" => "promise",
+        _ => return None,
+    })
 }
 
 /// The msgpack family of a non-str marker, for [`DecodeError::NonStrKey`].
@@ -446,264 +560,237 @@ pub fn decode(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<(Valu
     }
 }
 
-/// A forward-only reader over one buffer for callers that take a map apart field by field
-/// instead of decoding it whole: the client's main-segment reader
-/// ([`crate::message::MainSegment::decode`]) reads the routing strings in place, keeps the
-/// server's `user` stamp encoded ([`Cursor::skip`]) and decodes only the other values.
-///
-/// Why: decoding a server-stamped main segment into a [`Map`] was about a quarter of a
-/// client's instructions per call, mostly for the `user` map (a dozen strings and three
-/// maps) that only a handler asking for its context ever reads.
-///
-/// The same rules as [`decode`] hold: keys must be str, strs must be UTF-8, and the
-/// [`DecodeLimits`] apply to every value read or skipped.
-pub struct Cursor<'a> {
-    r: Reader<'a>,
+/// One entry of the top-level map met by [`scan_map`], as byte ranges into the buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawEntry<'a> {
+    /// The key (msgpack keys are str; anything else fails the scan, as it fails [`decode`]).
+    pub key: &'a str,
+    /// The encoded key, header included.
+    pub key_bytes: Range<usize>,
+    /// The encoded value.
+    pub value: Range<usize>,
+    /// The value, when it is a str (so that reading it needs no second UTF-8 check).
+    pub str: Option<&'a str>,
 }
 
-impl<'a> Cursor<'a> {
-    /// A cursor at `offset` of `buf`.
-    pub fn new(buf: &'a Bytes, offset: usize) -> Self {
-        Self { r: Reader { buf, data: buf, pos: offset } }
+/// An open container on [`skip_nested`]'s stack: what is left of it and what comes next.
+struct Pending {
+    remaining: usize,
+    map: bool,
+    key_next: bool,
+}
+
+/// [`decode`]'s resource accounting, for [`walk`]: values read so far, and slots (values
+/// or keys) announced but not yet started, each of which needs at least one unread byte.
+struct Budget {
+    items: usize,
+    pending: usize,
+    max_items: usize,
+}
+
+impl Budget {
+    /// Counts the item starting at `at`.
+    #[inline]
+    fn item(&mut self, at: usize) -> Result<(), DecodeError> {
+        if self.items >= self.max_items {
+            return Err(DecodeError::TooManyItems { max_items: self.max_items, offset: at });
+        }
+        self.items += 1;
+        self.pending = self.pending.saturating_sub(1);
+        Ok(())
     }
 
-    /// The offset of the next unread byte.
-    pub fn pos(&self) -> usize {
-        self.r.pos
-    }
-
-    /// Reads a map header: `Ok(Some(entries))`, or `Ok(None)` (nothing consumed) when the
-    /// next object is not a map.
-    pub fn map_header(&mut self) -> Result<Option<usize>, DecodeError> {
-        let at = self.r.pos;
-        let len = match Marker::from_u8(self.r.u8(at)?) {
-            Marker::FixMap(n) => usize::from(n),
-            Marker::Map16 => usize::from(self.r.u16(at)?),
-            Marker::Map32 => self.r.u32(at)? as usize,
-            _ => {
-                self.r.pos = at;
-                return Ok(None);
-            }
-        };
-        // Every entry needs at least two bytes: a header cannot announce more than the
-        // input holds (the same guard as `decode`'s).
-        let available = self.r.data.len() - self.r.pos;
-        if len.saturating_mul(2) > available {
+    /// Counts the slots of a non-empty container whose header started at `at` and ends
+    /// at the reader's position, and checks that the input can hold them.
+    #[inline]
+    fn open(&mut self, len: usize, map: bool, at: usize, r: &Reader<'_>) -> Result<(), DecodeError> {
+        self.pending = self.pending.saturating_add(if map { len.saturating_mul(2) } else { len });
+        let available = r.data.len() - r.pos;
+        if self.pending > available {
+            let header = r.pos - at;
             return Err(DecodeError::Truncated {
                 offset: at,
-                needed: (self.r.pos - at).saturating_add(len.saturating_mul(2)),
-                available: available + (self.r.pos - at),
+                needed: header.saturating_add(self.pending),
+                available: available + header,
             });
         }
-        Ok(Some(len))
+        Ok(())
     }
+}
 
-    /// Reads a map key (a str) without copying it.
-    pub fn key(&mut self) -> Result<&'a str, DecodeError> {
-        let at = self.r.pos;
-        let len = match Marker::from_u8(self.r.u8(at)?) {
-            Marker::FixStr(n) => usize::from(n),
-            Marker::Str8 => usize::from(self.r.u8(at)?),
-            Marker::Str16 => usize::from(self.r.u16(at)?),
-            Marker::Str32 => self.r.u32(at)? as usize,
-            Marker::Reserved => return Err(DecodeError::ReservedMarker { offset: at }),
-            other => return Err(DecodeError::NonStrKey { kind: marker_family(other), offset: at }),
-        };
-        let start = self.r.pos;
-        let bytes: &'a [u8] = self.r.take(len, at)?;
-        std::str::from_utf8(bytes).map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() })
+/// Checks one msgpack object at `offset` exactly as [`decode`] would, without building
+/// it, reporting every entry of the top-level map to `visit` (in wire order, duplicate keys
+/// each time they occur), and returns where the object ends. Nothing is reported when the
+/// object is not a map; nested containers are checked, not reported. A failed scan may
+/// have reported some entries before the error.
+///
+/// "Exactly" is the contract: same limits, same checks (UTF-8, str keys, no ext), in the
+/// same order, so the same input gives the same [`DecodeError`] (variant, offset and
+/// counts) or the same end offset (property-tested against [`decode`]). The server routes
+/// with it (see [`crate::package::RawMain`]): it forwards exactly the frames a
+/// [`decode`]-based router forwarded, without building them. Keys are borrowed from
+/// `buf`, values are byte ranges; a map of scalars is scanned without allocating.
+pub fn scan_map<'a>(
+    buf: &'a Bytes,
+    offset: usize,
+    limits: &DecodeLimits,
+    visit: impl FnMut(RawEntry<'a>),
+) -> Result<usize, DecodeError> {
+    walk(buf, offset, limits, visit)
+}
+
+/// The loop of [`decode`] with the building taken out; keep the two in step. The entries
+/// of a top-level map are walked by a loop of their own (the common case, a map of
+/// scalars, costs little more than the UTF-8 checks); nested containers by
+/// [`skip_nested`], which is `decode`'s loop.
+fn walk<'a>(
+    buf: &'a Bytes,
+    offset: usize,
+    limits: &DecodeLimits,
+    mut visit: impl FnMut(RawEntry<'a>),
+) -> Result<usize, DecodeError> {
+    let data: &'a [u8] = buf;
+    let mut r = Reader { buf, data, pos: offset };
+    if offset > data.len() {
+        return Err(DecodeError::Truncated { offset, needed: 1, available: 0 });
     }
-
-    /// Decodes the next value, as [`decode`] does. A scalar (the routing strings of a main
-    /// segment) is read directly, without setting up the container walk.
-    pub fn value(&mut self, limits: &DecodeLimits) -> Result<Value, DecodeError> {
-        let at = self.r.pos;
-        if limits.max_items > 0 {
-            if let Head::Scalar(v) = self.r.head()? {
-                return Ok(v);
-            }
-            self.r.pos = at;
+    let mut budget = Budget { items: 0, pending: 1, max_items: limits.max_items };
+    budget.item(offset)?;
+    let (len, map) = match r.skip_head()? {
+        Skipped::Scalar(_) => return Ok(r.pos),
+        Skipped::Container { .. } if limits.max_depth == 0 => {
+            return Err(DecodeError::TooDeep { max_depth: limits.max_depth, offset });
         }
-        let (v, end) = decode(self.r.buf, at, limits)?;
-        self.r.pos = end;
-        Ok(v)
+        Skipped::Container { len: 0, .. } => return Ok(r.pos),
+        Skipped::Container { len, map } => (len, map),
+    };
+    budget.open(len, map, offset, &r)?;
+    if !map {
+        skip_nested(&mut r, &mut budget, limits, 0, len, false)?;
+        return Ok(r.pos);
     }
+    for _ in 0..len {
+        let key_at = r.pos;
+        budget.item(key_at)?;
+        let key = match r.short_str() {
+            Some(key) => key,
+            None => r.key_ref()?,
+        };
+        let value_at = r.pos;
+        budget.item(value_at)?;
+        if let Some(s) = r.short_str() {
+            visit(RawEntry { key, key_bytes: key_at..value_at, value: value_at..r.pos, str: Some(s) });
+            continue;
+        }
+        let str = match r.skip_head()? {
+            Skipped::Scalar(s) => s,
+            Skipped::Container { .. } if limits.max_depth <= 1 => {
+                return Err(DecodeError::TooDeep { max_depth: limits.max_depth, offset: value_at });
+            }
+            Skipped::Container { len: 0, .. } => None,
+            Skipped::Container { len, map } => {
+                budget.open(len, map, value_at, &r)?;
+                skip_nested(&mut r, &mut budget, limits, 1, len, map)?;
+                None
+            }
+        };
+        visit(RawEntry { key, key_bytes: key_at..value_at, value: value_at..r.pos, str });
+    }
+    Ok(r.pos)
+}
 
-    /// Steps over the next value without building it and returns its bytes (a zero-copy
-    /// slice of the buffer) with the number of items [`decode`] would count in it (for a
-    /// caller's own item budget). The value is checked as [`decode`] checks it: markers,
-    /// lengths, str keys, UTF-8, depth and item limits; so decoding the slice later with
-    /// the same limits cannot fail.
-    pub fn skip(&mut self, limits: &DecodeLimits) -> Result<(Bytes, usize), DecodeError> {
-        let start = self.r.pos;
-        let mut open = OpenContainers::default();
-        let mut items = 0usize;
-        loop {
-            let at = self.r.pos;
-            if items >= limits.max_items {
-                return Err(DecodeError::TooManyItems { max_items: limits.max_items, offset: at });
+/// Checks the elements of a container whose header was just read (`len` elements or
+/// entries, a map when `map`), inside `outer` open containers; returns when the container
+/// is complete. [`decode`]'s loop, without the values.
+fn skip_nested(
+    r: &mut Reader<'_>,
+    budget: &mut Budget,
+    limits: &DecodeLimits,
+    outer: usize,
+    len: usize,
+    map: bool,
+) -> Result<(), DecodeError> {
+    let mut stack = vec![Pending { remaining: len, map, key_next: map }];
+    loop {
+        let at = r.pos;
+        budget.item(at)?;
+        if let Some(open @ Pending { key_next: true, .. }) = stack.last_mut() {
+            r.key_ref()?;
+            open.key_next = false;
+            continue;
+        }
+        match r.skip_head()? {
+            Skipped::Scalar(_) => {}
+            Skipped::Container { .. } if outer + stack.len() >= limits.max_depth => {
+                return Err(DecodeError::TooDeep { max_depth: limits.max_depth, offset: at });
             }
-            items += 1;
-            // Keys are the even slots of a map (its slots count down from twice its entries).
-            let is_key = matches!(open.last_mut(), Some(&mut (n, true)) if n % 2 == 0);
-            let marker = Marker::from_u8(self.r.u8(at)?);
-            if is_key {
-                let len = match marker {
-                    Marker::FixStr(n) => usize::from(n),
-                    Marker::Str8 => usize::from(self.r.u8(at)?),
-                    Marker::Str16 => usize::from(self.r.u16(at)?),
-                    Marker::Str32 => self.r.u32(at)? as usize,
-                    Marker::Reserved => return Err(DecodeError::ReservedMarker { offset: at }),
-                    other => return Err(DecodeError::NonStrKey { kind: marker_family(other), offset: at }),
-                };
-                self.utf8(len, at)?;
-            } else {
-                let container = match marker {
-                    Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
-                        None
-                    }
-                    Marker::U8 | Marker::I8 => self.r.take(1, at).map(|_| None)?,
-                    Marker::U16 | Marker::I16 => self.r.take(2, at).map(|_| None)?,
-                    Marker::U32 | Marker::I32 | Marker::F32 => self.r.take(4, at).map(|_| None)?,
-                    Marker::U64 | Marker::I64 | Marker::F64 => self.r.take(8, at).map(|_| None)?,
-                    Marker::FixStr(n) => self.utf8(usize::from(n), at).map(|_| None)?,
-                    Marker::Str8 => {
-                        let n = self.r.u8(at)?;
-                        self.utf8(usize::from(n), at).map(|_| None)?
-                    }
-                    Marker::Str16 => {
-                        let n = self.r.u16(at)?;
-                        self.utf8(usize::from(n), at).map(|_| None)?
-                    }
-                    Marker::Str32 => {
-                        let n = self.r.u32(at)?;
-                        self.utf8(n as usize, at).map(|_| None)?
-                    }
-                    Marker::Bin8 => {
-                        let n = self.r.u8(at)?;
-                        self.r.take(usize::from(n), at).map(|_| None)?
-                    }
-                    Marker::Bin16 => {
-                        let n = self.r.u16(at)?;
-                        self.r.take(usize::from(n), at).map(|_| None)?
-                    }
-                    Marker::Bin32 => {
-                        let n = self.r.u32(at)?;
-                        self.r.take(n as usize, at).map(|_| None)?
-                    }
-                    Marker::FixArray(n) => Some((usize::from(n), false)),
-                    Marker::Array16 => Some((usize::from(self.r.u16(at)?), false)),
-                    Marker::Array32 => Some((self.r.u32(at)? as usize, false)),
-                    Marker::FixMap(n) => Some((usize::from(n), true)),
-                    Marker::Map16 => Some((usize::from(self.r.u16(at)?), true)),
-                    Marker::Map32 => Some((self.r.u32(at)? as usize, true)),
-                    Marker::Reserved => return Err(DecodeError::ReservedMarker { offset: at }),
-                    Marker::Ext8 => {
-                        self.r.take(1, at)?;
-                        return Err(self.r.ext(at));
-                    }
-                    Marker::Ext16 => {
-                        self.r.take(2, at)?;
-                        return Err(self.r.ext(at));
-                    }
-                    Marker::Ext32 => {
-                        self.r.take(4, at)?;
-                        return Err(self.r.ext(at));
-                    }
-                    _ => return Err(self.r.ext(at)), // the fixext family
-                };
-                if let Some((len, map)) = container {
-                    if open.len >= limits.max_depth {
-                        return Err(DecodeError::TooDeep { max_depth: limits.max_depth, offset: at });
-                    }
-                    let slots = if map { len.saturating_mul(2) } else { len };
-                    let available = self.r.data.len() - self.r.pos;
-                    if slots > available {
-                        let header = self.r.pos - at;
-                        return Err(DecodeError::Truncated {
-                            offset: at,
-                            needed: header.saturating_add(slots),
-                            available: available + header,
-                        });
-                    }
-                    if slots > 0 {
-                        // Counted as owed by the parent below, then opened.
-                        if let Some((n, _)) = open.last_mut() {
-                            *n -= 1;
-                        }
-                        open.push((slots, map));
-                        continue;
-                    }
-                }
+            Skipped::Container { len: 0, .. } => {}
+            Skipped::Container { len, map } => {
+                budget.open(len, map, at, r)?;
+                stack.push(Pending { remaining: len, map, key_next: map });
+                continue;
             }
-            // One slot of the innermost container is done; close every finished one.
-            match open.last_mut() {
-                None => break,
-                Some((n, _)) => *n -= 1,
-            }
-            while matches!(open.last_mut(), Some((0, _))) {
-                open.pop();
-            }
-            if open.len == 0 {
+        }
+        // A value is complete: count it in its parent, closing every container it ends.
+        while let Some(open) = stack.last_mut() {
+            open.remaining -= 1;
+            open.key_next = open.map;
+            if open.remaining != 0 {
                 break;
             }
+            stack.pop();
         }
-        Ok((self.r.buf.slice(start..self.r.pos), items))
-    }
-
-    /// Takes `len` bytes of str payload and checks that they are UTF-8.
-    fn utf8(&mut self, len: usize, item: usize) -> Result<(), DecodeError> {
-        let start = self.r.pos;
-        let bytes = self.r.take(len, item)?;
-        // A stamp's strs are ASCII: checking that first is several times cheaper than
-        // validating many short strings as UTF-8.
-        if bytes.is_ascii() {
+        if stack.is_empty() {
             return Ok(());
         }
-        std::str::from_utf8(bytes)
-            .map(|_| ())
-            .map_err(|e| DecodeError::InvalidUtf8 { offset: start + e.valid_up_to() })
-    }
-}
-
-/// The open containers of [`Cursor::skip`], innermost last: the slots each still owes
-/// (map entries count twice) and whether it is a map. The first levels live inline, so
-/// skipping a usual, shallow value allocates nothing.
-#[derive(Default)]
-struct OpenContainers {
-    inline: [(usize, bool); 16],
-    deeper: Vec<(usize, bool)>,
-    len: usize,
-}
-
-impl OpenContainers {
-    fn push(&mut self, open: (usize, bool)) {
-        match self.inline.get_mut(self.len) {
-            Some(slot) => *slot = open,
-            None => self.deeper.push(open),
-        }
-        self.len += 1;
-    }
-
-    fn last_mut(&mut self) -> Option<&mut (usize, bool)> {
-        let i = self.len.checked_sub(1)?;
-        match i.checked_sub(self.inline.len()) {
-            None => self.inline.get_mut(i),
-            Some(_) => self.deeper.last_mut(),
-        }
-    }
-
-    fn pop(&mut self) {
-        if self.len > self.inline.len() {
-            self.deeper.pop();
-        }
-        self.len = self.len.saturating_sub(1);
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // Writing
 // ---------------------------------------------------------------------------------------
+
+/// A msgpack length header (at most 5 bytes), for values assembled from parts: a map
+/// whose entries are copied from elsewhere, a str whose bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    bytes: [u8; 5],
+    len: u8,
+}
+
+impl Header {
+    /// The header's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl Sink for Header {
+    fn put(&mut self, bytes: &[u8]) {
+        let start = usize::from(self.len);
+        if let Some(dst) = self.bytes.get_mut(start..start + bytes.len()) {
+            dst.copy_from_slice(bytes);
+            self.len += bytes.len() as u8;
+        }
+    }
+}
+
+/// The header [`encode`] writes for a str of `len` bytes (the smallest).
+pub fn str_header(len: usize) -> Result<Header, EncodeError> {
+    let mut h = Header { bytes: [0; 5], len: 0 };
+    write_len(len, "str", STR_MARKERS, 31, &mut h)?;
+    Ok(h)
+}
+
+/// The header [`encode`] writes for a map of `len` entries (the smallest).
+pub fn map_header(len: usize) -> Result<Header, EncodeError> {
+    let mut h = Header { bytes: [0; 5], len: 0 };
+    write_len(len, "map", MAP_MARKERS, 15, &mut h)?;
+    Ok(h)
+}
+
+const STR_MARKERS: [Option<u8>; 4] = [Some(0xa0), Some(0xd9), Some(0xda), Some(0xdb)];
+const MAP_MARKERS: [Option<u8>; 4] = [Some(0x80), None, Some(0xde), Some(0xdf)];
 
 /// Appends the msgpack encoding of `value` to `out`, with the smallest header of each
 /// family as Python's `msgpack.packb(..., use_bin_type=True)` writes it: non-negative ints
@@ -1025,7 +1112,7 @@ fn open_map<'a, S: Sink>(map: &'a Map, stack: &mut Vec<Open<'a>>, out: &mut S) -
     if stack.len() >= MAX_DEPTH {
         return Err(EncodeError::TooDeep(MAX_DEPTH));
     }
-    write_len(map.len(), "map", [Some(0x80), None, Some(0xde), Some(0xdf)], 15, out)?;
+    write_len(map.len(), "map", MAP_MARKERS, 15, out)?;
     stack.push(Open::Map(map.iter()));
     Ok(())
 }
@@ -1056,7 +1143,7 @@ fn write_scalar<S: Sink>(value: &Value, out: &mut S) -> Result<(), EncodeError> 
 }
 
 fn write_str<S: Sink>(s: &str, out: &mut S) -> Result<(), EncodeError> {
-    write_len(s.len(), "str", [Some(0xa0), Some(0xd9), Some(0xda), Some(0xdb)], 31, out)?;
+    write_len(s.len(), "str", STR_MARKERS, 31, out)?;
     out.put(s.as_bytes());
     Ok(())
 }
@@ -1137,6 +1224,11 @@ pub(crate) mod tests {
             assert_eq!(end, bytes.len(), "decode must consume the whole object");
             v
         })
+    }
+
+    /// `scan_map` as a plain check, to compare with `decode`.
+    fn skip(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<usize, DecodeError> {
+        scan_map(buf, offset, limits, |_| {})
     }
 
     fn enc(v: &Value) -> Vec<u8> {
@@ -1468,116 +1560,7 @@ pub(crate) mod tests {
         })
     }
 
-    /// The items `decode` counts in a value: every value and every map key.
-    fn items(v: &Value) -> usize {
-        match v {
-            Value::List(l) => 1 + l.iter().map(items).sum::<usize>(),
-            Value::Map(m) => 1 + m.len() + m.values().map(items).sum::<usize>(),
-            _ => 1,
-        }
-    }
-
-    /// `Cursor::skip` and `decode` agree on a buffer: both fail, or both succeed and end
-    /// at the same offset with the same item count.
-    fn skip_agrees_with_decode(buf: &Bytes, limits: &DecodeLimits) -> Result<(), TestCaseError> {
-        let decoded = decode(buf, 0, limits);
-        let skipped = Cursor::new(buf, 0).skip(limits);
-        match (decoded, skipped) {
-            (Ok((v, end)), Ok((raw, n))) => {
-                prop_assert_eq!(raw.len(), end);
-                prop_assert_eq!(n, items(&v));
-            }
-            (Err(_), Err(_)) => {}
-            (d, s) => prop_assert!(false, "decode {:?} but skip {:?}", d, s),
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn cursor_reads_a_map_in_place() {
-        let m = crate::map! { "k" => "v", "user" => crate::map! {"id" => "root", "roles" => Value::List(vec![Value::from("a")])} };
-        let buf = Bytes::from(encode_to_vec(&Value::Map(m)).unwrap());
-        let mut cur = Cursor::new(&buf, 0);
-        assert_eq!(cur.map_header(), Ok(Some(2)));
-        assert_eq!(cur.key(), Ok("k"));
-        assert_eq!(cur.value(&DecodeLimits::default()), Ok(Value::from("v")));
-        assert_eq!(cur.key(), Ok("user"));
-        let (raw, n) = cur.skip(&DecodeLimits::default()).unwrap();
-        assert_eq!(n, 6, "the map, 2 keys, 2 values and the list's item");
-        assert_eq!(cur.pos(), buf.len());
-        assert!(buf.as_ptr_range().contains(&raw.as_ptr()), "the skipped value is a slice of the buffer");
-        // Not a map: nothing consumed.
-        let list = Bytes::from_static(&[0x91, 0x01]);
-        let mut cur = Cursor::new(&list, 0);
-        assert_eq!(cur.map_header(), Ok(None));
-        assert_eq!(cur.pos(), 0);
-        // A header announcing more entries than the input holds fails before reading on.
-        let lying = Bytes::from_static(&[0xdf, 0xff, 0xff, 0xff, 0xff, 0xa1, 0x61]);
-        assert!(matches!(Cursor::new(&lying, 0).map_header(), Err(DecodeError::Truncated { .. })));
-        // Keys must be str.
-        let int_key = Bytes::from_static(&[0x81, 0x01, 0x02]);
-        let mut cur = Cursor::new(&int_key, 0);
-        cur.map_header().unwrap();
-        assert_eq!(cur.key(), Err(DecodeError::NonStrKey { kind: "int", offset: 1 }));
-    }
-
-    #[test]
-    fn skip_checks_what_decode_checks() {
-        let limits = DecodeLimits::default();
-        for bad in [
-            &[0xc1][..],               // reserved
-            &[0xa2, 0xff, 0xfe],       // invalid UTF-8 in a str value
-            &[0x81, 0xa1, 0xff, 0x01], // invalid UTF-8 in a key
-            &[0x81, 0xc0, 0x01],       // nil key
-            &[0x92, 0x01],             // truncated array
-            &[0xd4, 0x01, 0x02],       // fixext
-            &[0xc7, 0x01, 0x05, 0x00], // ext 8
-        ] {
-            let buf = Bytes::copy_from_slice(bad);
-            assert!(Cursor::new(&buf, 0).skip(&limits).is_err(), "{bad:02x?}");
-            assert!(decode(&buf, 0, &limits).is_err(), "{bad:02x?}");
-        }
-        let deep = Bytes::from(nested_arrays(10, 1));
-        let shallow = DecodeLimits { max_depth: 9, ..limits };
-        assert!(matches!(Cursor::new(&deep, 0).skip(&shallow), Err(DecodeError::TooDeep { .. })));
-        assert!(Cursor::new(&deep, 0).skip(&DecodeLimits { max_depth: 10, ..limits }).is_ok());
-        let few = DecodeLimits { max_items: 10, ..limits };
-        assert!(matches!(Cursor::new(&deep, 0).skip(&few), Err(DecodeError::TooManyItems { .. })));
-        // Deeper than the inline part of the skip's stack; maps and arrays mixed.
-        let mut v = Value::from(1);
-        for i in 0..40 {
-            v = if i % 2 == 0 {
-                Value::List(vec![v, Value::Nil])
-            } else {
-                Value::Map(crate::map! { "k" => v })
-            };
-        }
-        let buf = Bytes::from(encode_to_vec(&v).unwrap());
-        let (raw, n) = Cursor::new(&buf, 0).skip(&limits).unwrap();
-        assert_eq!((raw.len(), n), (buf.len(), items(&v)));
-        assert!(Cursor::new(&buf, 0).skip(&DecodeLimits { max_depth: 39, ..limits }).is_err());
-    }
-
     proptest! {
-        #[test]
-        fn skip_steps_over_exactly_what_decode_reads(v in arb_wire()) {
-            let buf = Bytes::from(encode_to_vec(&v).unwrap());
-            skip_agrees_with_decode(&buf, &DecodeLimits::default())?;
-            // At the item limit both succeed; one below it both fail.
-            let n = items(&v);
-            skip_agrees_with_decode(&buf, &DecodeLimits { max_items: n, ..DecodeLimits::default() })?;
-            skip_agrees_with_decode(&buf, &DecodeLimits { max_items: n - 1, ..DecodeLimits::default() })?;
-            // Every prefix is refused by both.
-            for cut in 0..buf.len() {
-                skip_agrees_with_decode(&buf.slice(..cut), &DecodeLimits::default())?;
-            }
-        }
-
-        #[test]
-        fn skip_and_decode_agree_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..200)) {
-            skip_agrees_with_decode(&Bytes::from(data), &DecodeLimits::default())?;
-        }
-
         #[test]
         fn roundtrip(v in arb_wire()) {
             let bytes = encode_to_vec(&v).unwrap();
@@ -1628,5 +1611,169 @@ pub(crate) mod tests {
             let buf = Bytes::from(data);
             let _ = decode(&buf, 0, &DecodeLimits::default());
         }
+
+        /// `scan_map` is `decode` without the values: same end, same error, for any bytes,
+        /// any offset and tight limits.
+        #[test]
+        fn skip_agrees_with_decode_on_arbitrary_bytes(
+            data in proptest::collection::vec(any::<u8>(), 0..200),
+            offset in 0usize..4,
+            max_depth in 0usize..6,
+            max_items in 0usize..40,
+        ) {
+            let buf = Bytes::from(data);
+            for limits in [DecodeLimits::default(), DecodeLimits { max_depth, max_items }] {
+                prop_assert_eq!(skip(&buf, offset, &limits), decode(&buf, offset, &limits).map(|(_, end)| end));
+            }
+        }
+
+        /// The same on real values: whole, cut short anywhere, with one byte changed
+        /// anywhere (which reaches the UTF-8, key and length checks deep inside), and
+        /// under limits the value just meets or just exceeds.
+        #[test]
+        fn skip_agrees_with_decode_on_values(v in arb_wire(), flip in any::<(usize, u8)>()) {
+            let bytes = encode_to_vec(&v).unwrap();
+            let whole = Bytes::from(bytes.clone());
+            let check = |buf: &Bytes, limits: &DecodeLimits| {
+                assert_eq!(skip(buf, 0, limits), decode(buf, 0, limits).map(|(_, end)| end), "{limits:?}");
+            };
+            check(&whole, &DecodeLimits::default());
+            for cut in 0..whole.len() {
+                check(&whole.slice(..cut), &DecodeLimits::default());
+            }
+            let mut mutated = bytes;
+            let at = flip.0 % mutated.len();
+            mutated[at] ^= flip.1.max(1);
+            check(&Bytes::from(mutated), &DecodeLimits::default());
+            for max_depth in 0..4 {
+                for max_items in [0, 1, 2, 5, 30] {
+                    check(&whole, &DecodeLimits { max_depth, max_items });
+                }
+            }
+        }
+
+        /// `scan_map` reports the top-level entries of a map in wire order, and their byte
+        /// ranges decode to the entries.
+        #[test]
+        fn scan_map_reports_the_top_level_entries(kv in proptest::collection::vec((".{0,12}", arb_wire()), 0..20)) {
+            let mut bytes = map_header(kv.len()).unwrap().as_bytes().to_vec();
+            for (k, v) in &kv {
+                encode(&Value::from(k.as_str()), &mut bytes).unwrap();
+                encode(v, &mut bytes).unwrap();
+            }
+            let buf = Bytes::from(bytes);
+            let mut seen = Vec::new();
+            let end = scan_map(&buf, 0, &DecodeLimits::default(), |e| seen.push(e)).unwrap();
+            prop_assert_eq!(end, buf.len());
+            prop_assert_eq!(seen.len(), kv.len());
+            for (e, (k, v)) in seen.iter().zip(&kv) {
+                prop_assert_eq!(e.key, k.as_str());
+                prop_assert_eq!(e.key_bytes.end, e.value.start);
+                let (key, _) = decode(&buf, e.key_bytes.start, &DecodeLimits::default()).unwrap();
+                prop_assert_eq!(key, Value::from(k.as_str()));
+                let (value, end) = decode(&buf, e.value.start, &DecodeLimits::default()).unwrap();
+                prop_assert_eq!(&value, v);
+                prop_assert_eq!(end, e.value.end);
+                prop_assert_eq!(e.str, v.as_str());
+            }
+        }
+
+        #[test]
+        fn headers_are_the_encoders(len in prop_oneof![0usize..40, 200usize..300, 65530usize..65540, Just(70_000)]) {
+            let map = Value::Map((0..len).map(|i| (i.to_string(), Value::Nil)).collect());
+            let enc = encode_to_vec(&map).unwrap();
+            prop_assert!(enc.starts_with(map_header(len).unwrap().as_bytes()));
+            let s = "x".repeat(len);
+            let enc = encode_to_vec(&Value::from(s.as_str())).unwrap();
+            let h = str_header(len).unwrap();
+            prop_assert_eq!([h.as_bytes(), s.as_bytes()].concat(), enc);
+        }
+
+        /// Known keys are read as any other key: same result, same errors.
+        #[test]
+        fn known_keys_read_like_any_key(key in prop_oneof![
+            Just("to"), Just("ws"), Just("from"), Just("type"), Just("user"), Just("method"),
+            Just("session"), Just("parent"), Just("args"), Just("with_kwargs"), Just("promise"), Just("t"), Just("tx"),
+        ], cut in 0usize..16) {
+            let v = Value::Map(crate::map! {key => 1});
+            let bytes = Bytes::from(encode_to_vec(&v).unwrap());
+            prop_assert_eq!(dec(&bytes).unwrap(), v);
+            let b = bytes.slice(..cut.min(bytes.len()));
+            prop_assert_eq!(skip(&b, 0, &DecodeLimits::default()), decode(&b, 0, &DecodeLimits::default()).map(|(_, e)| e));
+        }
+    }
+
+    #[test]
+    fn skip_matches_decode_on_the_malformed_classes() {
+        for h in [
+            "c1",
+            "92c0c1",
+            "81c101",
+            "a2c328",
+            "81a2c32801",
+            "810101",
+            "81c4016101",
+            "81c001",
+            "8190c0",
+            "d6ff00000000",
+            "91c7010501",
+            "81a161d40100",
+            "81d40100c0",
+            "",
+            "cd01",
+            "a46162",
+            "c6ffffffff00",
+            "ddffffffff010203",
+            "dfffffffffa16101",
+            "dcffff01",
+            "92930102",
+            "82a16101",
+            "c7",
+            "c8ff",
+            "c9ffffff",
+            "d4",
+            "d9",
+            "da00",
+            "db000000",
+        ] {
+            let buf = Bytes::from(hex(h));
+            let l = DecodeLimits::default();
+            assert_eq!(skip(&buf, 0, &l), decode(&buf, 0, &l).map(|(_, e)| e), "{h}");
+            assert!(skip(&buf, 0, &l).is_err(), "{h}");
+        }
+        let deep = Bytes::from(nested_arrays(100_000, 0xc0));
+        assert_eq!(
+            skip(&deep, 0, &DecodeLimits::default()),
+            Err(DecodeError::TooDeep { max_depth: MAX_DEPTH, offset: MAX_DEPTH })
+        );
+        let unlimited = DecodeLimits { max_depth: usize::MAX, ..Default::default() };
+        assert_eq!(skip(&deep, 0, &unlimited), Ok(deep.len()));
+        // Nested maps are checked but not reported; a non-map reports nothing.
+        let buf = Bytes::from(hex("82a16181a162c0a16301"));
+        let mut keys = Vec::new();
+        assert_eq!(scan_map(&buf, 0, &DecodeLimits::default(), |e| keys.push(e.key)), Ok(buf.len()));
+        assert_eq!(keys, ["a", "c"]);
+        let buf = Bytes::from(hex("9181a16101"));
+        assert_eq!(scan_map(&buf, 0, &DecodeLimits::default(), |_| panic!("reported")), Ok(buf.len()));
+        // Deeper than the stack's inline levels, maps and arrays mixed: same verdicts,
+        // whole or cut anywhere, and the entries of the top-level map still reported.
+        let mut v = Value::from("leaf");
+        for i in 0..20 {
+            v = if i % 2 == 0 {
+                Value::List(vec![v, Value::Nil])
+            } else {
+                Value::Map(crate::map! {"k" => v, "z" => 1})
+            };
+        }
+        let bytes = Bytes::from(encode_to_vec(&Value::Map(crate::map! {"deep" => v, "s" => "x"})).unwrap());
+        for cut in 0..=bytes.len() {
+            let b = bytes.slice(..cut);
+            for l in [DecodeLimits::default(), DecodeLimits { max_depth: 15, max_items: 1000 }] {
+                assert_eq!(skip(&b, 0, &l), decode(&b, 0, &l).map(|(_, e)| e), "cut {cut} {l:?}");
+            }
+        }
+        let mut seen = Vec::new();
+        scan_map(&bytes, 0, &DecodeLimits::default(), |e| seen.push((e.key, e.str))).unwrap();
+        assert_eq!(seen, [("deep", None), ("s", Some("x"))]);
     }
 }

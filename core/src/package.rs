@@ -6,10 +6,11 @@
 //! the receiver reads the first, then a second one if bytes remain, and merges `extra` into
 //! `main` with extra keys winning.
 //!
-//! The server routes on `main` alone (spec §1.5): it decodes only the first object,
-//! overwrites `from`/`to`/`ws`/`user`, re-encodes it and appends the original extra bytes.
-//! [`split_main`] and [`restamp`] do exactly that without ever looking inside `extra`, so
-//! a 64 MB payload costs one memcpy on its way through the server.
+//! The server routes on `main` alone (spec §1.5): it reads only the first object,
+//! overwrites `from`/`to`/`ws`/`user` and appends the original extra bytes. [`RawMain`]
+//! does that without decoding `main` (it scans it in place and copies the entries it
+//! keeps) and without ever looking inside `extra`, so a 64 MB payload costs one memcpy on
+//! its way through the server. [`split_main`] and [`restamp`] are the decoded-`Map` forms.
 //!
 //! Fuzzing: [`decode_package`] accepts any bytes (`Bytes::copy_from_slice(data)`) and
 //! returns an error rather than panicking, allocating beyond the input, or recursing.
@@ -18,7 +19,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::msgpack::{self, DecodeError, DecodeLimits, EncodeError, Rope};
+use crate::msgpack::{self, DecodeError, DecodeLimits, EncodeError, RawEntry, Rope};
 use crate::value::{Map, Value};
 
 /// A decoded package, segments kept apart.
@@ -194,15 +195,15 @@ pub fn encode_package_rope(main: &Map, extra: Option<&Map>) -> Result<Rope, Pack
     Ok(rope)
 }
 
-/// The server's re-stamp (spec §1.5 steps 3-4): decode `main`, let `edit` overwrite fields
-/// (`from`, `to`, `ws`, `user`), re-encode it and append the original extra bytes
-/// untouched.
+/// Re-stamps a frame through a decoded `main` (spec §1.5 steps 3-4): decode `main`, let
+/// `edit` change it, re-encode it and append the original extra bytes untouched.
 ///
-/// The result is one contiguous buffer (a websocket frame is one payload), allocated once
-/// at its exact size; the extra bytes are copied into it once. Nothing about `extra` is
-/// validated, as upstream does not validate it either: a malformed payload travels on and
-/// the receiver rejects it. Use [`restamp_parts`] to avoid the copy when the sink accepts
-/// two buffers.
+/// This is the general form, for callers that edit `main` arbitrarily (the in-process test
+/// harnesses). The server routes with [`RawMain::restamp`] instead, which writes the same
+/// map without decoding `main` (see there). The result is one contiguous buffer (a
+/// websocket frame is one payload), allocated once at its exact size. Nothing about
+/// `extra` is validated, as upstream does not validate it either: a malformed payload
+/// travels on and the receiver rejects it.
 pub fn restamp(
     frame: &Bytes,
     limits: &DecodeLimits,
@@ -217,18 +218,289 @@ pub fn restamp(
     Ok(Bytes::from(out))
 }
 
-/// Like [`restamp`] but returns the new main segment and the extra bytes as two buffers
-/// (the extra is a zero-copy slice of `frame`), for sinks that take vectored writes.
-pub fn restamp_parts(
-    frame: &Bytes,
-    limits: &DecodeLimits,
-    edit: impl FnOnce(&mut Map),
-) -> Result<(Bytes, Bytes), PackageError> {
-    let (mut main, extra_at) = split_main(frame, limits)?;
-    edit(&mut main);
-    let mut out = Vec::with_capacity(msgpack::encoded_map_len(&main));
-    msgpack::encode_map(&main, &mut out)?;
-    Ok((Bytes::from(out), frame.slice(extra_at..)))
+/// One map entry (a str key and its value), already encoded. The parts of a stamp that
+/// are the same for every frame of a connection (its `from`, `ws` and `user`) are encoded
+/// once, when it opens, and copied into each frame (see [`RawMain::restamp`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    bytes: Bytes,
+    /// Where the value starts in `bytes`.
+    value_at: usize,
+}
+
+impl Entry {
+    /// The entry `key: value`; fails as [`msgpack::encode`] fails (a non-wire value).
+    pub fn new(key: &str, value: &Value) -> Result<Self, EncodeError> {
+        let mut out = Self::key(key, msgpack::encoded_len(value))?;
+        let value_at = out.len();
+        msgpack::encode(value, &mut out)?;
+        Ok(Entry { bytes: Bytes::from(out), value_at })
+    }
+
+    /// The entry `key: value` for a str value, without building a [`Value`].
+    pub fn str(key: &str, value: &str) -> Result<Self, EncodeError> {
+        let header = msgpack::str_header(value.len())?;
+        let mut out = Self::key(key, header.as_bytes().len() + value.len())?;
+        let value_at = out.len();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(value.as_bytes());
+        Ok(Entry { bytes: Bytes::from(out), value_at })
+    }
+
+    /// A buffer holding the encoded `key`, with room for `value_len` more bytes.
+    fn key(key: &str, value_len: usize) -> Result<Vec<u8>, EncodeError> {
+        let header = msgpack::str_header(key.len())?;
+        let mut out = Vec::with_capacity(header.as_bytes().len() + key.len() + value_len);
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(key.as_bytes());
+        Ok(out)
+    }
+
+    /// The encoded entry: key, then value.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The encoded value.
+    pub fn value(&self) -> &[u8] {
+        self.bytes.get(self.value_at..).unwrap_or_default()
+    }
+}
+
+/// What the server writes into a routed frame's `main` (spec §1.5 steps 3-4).
+#[derive(Clone, Copy, Debug)]
+pub struct Stamp<'s> {
+    /// The normalized target (`{ws}/{cid}` or `{ws}/*`): the one field that changes from
+    /// frame to frame.
+    pub to: &'s str,
+    /// The `ws` entry: the workspace the frame is sent from.
+    pub ws: &'s Entry,
+    /// The `from` entry: the sender's address.
+    pub from: &'s Entry,
+    /// The `user` entry: the sender's `UserInfo` dump.
+    pub user: &'s Entry,
+}
+
+/// A package's `main` segment scanned in place: its top-level keys and where their values
+/// are, nothing decoded. This is the server's per-frame routing view (spec §1.5): it reads
+/// the few routing fields it needs as `&str` and writes the stamped frame by copying the
+/// other entries byte for byte: a frame costs one pass over `main` and two allocations
+/// (the entry list and the stamped frame), whatever `main` holds.
+///
+/// It accepts and refuses exactly the frames [`split_main`] accepts and refuses, with the
+/// same errors ([`msgpack::scan_map`] checks what [`msgpack::decode`] checks), and sees
+/// the same map: a key sent twice has the last value at the first position, as a Python
+/// `dict` built by the unpacker has (and as [`Map`] decoding has).
+#[derive(Debug)]
+pub struct RawMain<'a> {
+    frame: &'a Bytes,
+    limits: DecodeLimits,
+    /// One per distinct key, in first-occurrence order; `value` is the last occurrence's.
+    entries: Vec<RawEntry<'a>>,
+    /// Where the extra bytes start (`frame.len()` if there are none).
+    extra_at: usize,
+}
+
+/// Above this many distinct keys, duplicate detection uses a hash index instead of a
+/// linear search (real `main`s have under ten keys; a hostile one may have a million).
+const LINEAR_KEYS: usize = 16;
+
+impl<'a> RawMain<'a> {
+    /// Scans the `main` segment at the start of `frame`; the errors are [`split_main`]'s.
+    pub fn scan(frame: &'a Bytes, limits: &DecodeLimits) -> Result<Self, PackageError> {
+        let mut entries: Vec<RawEntry<'a>> = Vec::with_capacity(8);
+        let mut index: Option<std::collections::HashMap<&'a str, usize>> = None;
+        let scanned = msgpack::scan_map(frame, 0, limits, |entry| {
+            if entries.len() == LINEAR_KEYS && index.is_none() {
+                index = Some(entries.iter().enumerate().map(|(i, e)| (e.key, i)).collect());
+            }
+            let seen = match &mut index {
+                Some(index) => match index.entry(entry.key) {
+                    std::collections::hash_map::Entry::Occupied(o) => Some(*o.get()),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(entries.len());
+                        None
+                    }
+                },
+                None => entries.iter().position(|e| e.key == entry.key),
+            };
+            match seen.and_then(|i| entries.get_mut(i)) {
+                // The first occurrence's position (its key bytes), the last one's value.
+                Some(first) => *first = RawEntry { key_bytes: first.key_bytes.clone(), ..entry },
+                None => entries.push(entry),
+            }
+        });
+        let extra_at = scanned.map_err(|source| PackageError::Msgpack { segment: Segment::Main, source })?;
+        match frame.first().copied().map(value_kind) {
+            Some("map") => Ok(RawMain { frame, limits: *limits, entries, extra_at }),
+            other => Err(PackageError::MainNotMap(other.unwrap_or("nil"))),
+        }
+    }
+
+    /// Where the extra bytes start (`frame.len()` if there are none).
+    pub fn extra_at(&self) -> usize {
+        self.extra_at
+    }
+
+    fn entry(&self, key: &str) -> Option<&RawEntry<'a>> {
+        self.entries.iter().find(|e| e.key == key)
+    }
+
+    /// The encoded value of `key`.
+    fn raw(&self, key: &str) -> Option<&'a [u8]> {
+        let frame: &'a [u8] = self.frame;
+        self.entry(key).and_then(|e| frame.get(e.value.clone()))
+    }
+
+    /// The value of `key` if it is a str (what `main.get(key).and_then(Value::as_str)` gives).
+    pub fn str(&self, key: &str) -> Option<&'a str> {
+        self.entry(key).and_then(|e| e.str)
+    }
+
+    /// The encoded value of `key`, a slice of the frame (no copy).
+    pub fn encoded(&self, key: &str) -> Option<Bytes> {
+        self.entry(key).map(|e| self.frame.slice(e.value.clone()))
+    }
+
+    /// The keys, each once, in the order they first occur.
+    pub fn keys(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.entries.iter().map(|e| e.key)
+    }
+
+    /// The [`Value::kind`] of `key`'s value, without decoding it.
+    pub fn kind(&self, key: &str) -> Option<&'static str> {
+        self.raw(key).and_then(|v| v.first().copied()).map(value_kind)
+    }
+
+    /// The decoded value of `key`, for the rare paths that need a whole value.
+    pub fn value(&self, key: &str) -> Option<Value> {
+        let e = self.entry(key)?;
+        msgpack::decode(self.frame, e.value.start, &self.limits).ok().map(|(v, _)| v)
+    }
+
+    /// Writes the stamped frame: `main` with `to`, `ws`, `from` and `user` set to `stamp`'s
+    /// (a key `main` already has keeps its position, missing ones are appended in the
+    /// order to, ws, from, user), then the extra bytes untouched.
+    ///
+    /// The result decodes to the map the Map-based [`restamp`] writes for the same stamp,
+    /// and for a `main` encoded as our encoder and Python's write it (smallest headers) it
+    /// is the same bytes (property-tested). Entries are copied as sent rather than
+    /// re-encoded, so a peer that used a longer header than needed (say `str 8` for a
+    /// short str) has it kept; no stock peer does, and every reader accepts both. A
+    /// stamped key whose value was sent exactly as stamped (a client's own `from`, an
+    /// absolute `to`) is copied as sent too, so a typical frame is the header, one run
+    /// of `main`, the `ws` and `user` entries and the extra bytes. One allocation, at the
+    /// exact size.
+    pub fn restamp(&self, stamp: &Stamp<'_>) -> Result<Bytes, PackageError> {
+        let to_header = msgpack::str_header(stamp.to.len())?;
+        let to_value_len = to_header.as_bytes().len() + stamp.to.len();
+        let entries = [None, Some(stamp.ws), Some(stamp.from), Some(stamp.user)];
+        debug_assert!(
+            entries.iter().zip(STAMPED_KEYS).all(|(e, k)| e.is_none_or(|e| e.as_bytes().starts_with(k))),
+            "stamp entries for the wrong keys"
+        );
+        let stamped_len = |i: usize| match entries[i] {
+            Some(entry) => entry.as_bytes().len(),
+            None => STAMPED_KEYS[0].len() + to_value_len,
+        };
+        let frame: &[u8] = self.frame;
+        let mut present = [false; 4];
+        let mut as_sent = [false; 4];
+        let mut len = 0;
+        for e in &self.entries {
+            if let Some(i) = stamped_slot(e.key) {
+                present[i] = true;
+                let sent = &frame[e.value.clone()];
+                // Same value, same encoding: the header form is the one its length allows.
+                as_sent[i] = match entries[i] {
+                    Some(entry) => sent == entry.value(),
+                    None => e.str == Some(stamp.to) && sent.len() == to_value_len,
+                };
+                if !as_sent[i] {
+                    len += stamped_len(i);
+                    continue;
+                }
+            }
+            len += e.key_bytes.len() + e.value.len();
+        }
+        let missing = (0..4).filter(|i| !present[*i]);
+        len += missing.clone().map(stamped_len).sum::<usize>();
+        let header = msgpack::map_header(self.entries.len() + missing.clone().count())?;
+        let extra = self.frame.get(self.extra_at..).unwrap_or_default();
+        len += header.as_bytes().len() + extra.len();
+
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(header.as_bytes());
+        let put = |out: &mut Vec<u8>, i: usize| match entries[i] {
+            Some(entry) => out.extend_from_slice(entry.as_bytes()),
+            None => {
+                out.extend_from_slice(STAMPED_KEYS[0]);
+                out.extend_from_slice(to_header.as_bytes());
+                out.extend_from_slice(stamp.to.as_bytes());
+            }
+        };
+        // Bytes kept as sent are copied in runs: consecutive entries are adjacent in `frame`.
+        let mut run = 0..0;
+        for e in &self.entries {
+            match stamped_slot(e.key) {
+                Some(i) if !as_sent[i] => {
+                    if !run.is_empty() {
+                        out.extend_from_slice(&frame[std::mem::take(&mut run)]);
+                    }
+                    put(&mut out, i);
+                }
+                _ => {
+                    for bytes in [e.key_bytes.clone(), e.value.clone()] {
+                        if bytes.start != run.end {
+                            let done = std::mem::replace(&mut run, bytes.start..bytes.start);
+                            out.extend_from_slice(&frame[done]);
+                        }
+                        run.end = bytes.end;
+                    }
+                }
+            }
+        }
+        out.extend_from_slice(&frame[run]);
+        missing.for_each(|i| put(&mut out, i));
+        out.extend_from_slice(extra);
+        debug_assert_eq!(out.len(), len, "restamp sizing");
+        Ok(Bytes::from(out))
+    }
+}
+
+/// The stamped keys `to`, `ws`, `from`, `user`, encoded (copied into every stamped
+/// frame), in the order [`RawMain::restamp`] appends the missing ones. It is the order of
+/// the Map-based stamp it replaces (`insert` to, ws, from, user); upstream's Python server
+/// gives the same map for every frame a stock client sends (which always carries `to` and
+/// `from`: upstream appends `ws` then `user`).
+const STAMPED_KEYS: [&[u8]; 4] = [b"\xa2to", b"\xa2ws", b"\xa4from", b"\xa4user"];
+
+/// The index of `key` in [`STAMPED_KEYS`].
+fn stamped_slot(key: &str) -> Option<usize> {
+    match key {
+        "to" => Some(0),
+        "ws" => Some(1),
+        "from" => Some(2),
+        "user" => Some(3),
+        _ => None,
+    }
+}
+
+/// The [`Value::kind`] of the value a msgpack marker starts (ext and `0xc1` never decode;
+/// they are named for completeness).
+fn value_kind(marker: u8) -> &'static str {
+    match marker {
+        0x00..=0x7f | 0xcc..=0xd3 | 0xe0..=0xff => "int",
+        0x80..=0x8f | 0xde | 0xdf => "map",
+        0x90..=0x9f | 0xdc | 0xdd => "list",
+        0xa0..=0xbf | 0xd9..=0xdb => "str",
+        0xc0 => "nil",
+        0xc2 | 0xc3 => "bool",
+        0xc4..=0xc6 => "bytes",
+        0xca | 0xcb => "float",
+        0xc1 => "reserved",
+        _ => "ext",
+    }
 }
 
 #[cfg(test)]
@@ -413,16 +685,245 @@ mod tests {
         assert_eq!(&out[..], &hex(HEARTBEAT)[..]);
     }
 
-    #[test]
-    fn restamp_parts_is_zero_copy_for_extra() {
-        let frame = Bytes::from(hex(CALL));
-        let (_, extra_at) = split_main(&frame, &limits()).unwrap();
-        let (main, extra) = restamp_parts(&frame, &limits(), |m| {
-            m.insert("ws".into(), "ws".into());
+    /// A stamp's values, and its entries encoded as the router encodes them.
+    struct Parts {
+        to: String,
+        values: (String, String, Value),
+        entries: (Entry, Entry, Entry),
+    }
+
+    fn parts(to: &str, ws: &str, from: &str, user: &Value) -> Parts {
+        Parts {
+            to: to.to_owned(),
+            values: (ws.to_owned(), from.to_owned(), user.clone()),
+            entries: (
+                Entry::str("ws", ws).unwrap(),
+                Entry::str("from", from).unwrap(),
+                Entry::new("user", user).unwrap(),
+            ),
+        }
+    }
+
+    impl Parts {
+        fn stamp(&self) -> Stamp<'_> {
+            let (ws, from, user) = &self.entries;
+            Stamp { to: &self.to, ws, from, user }
+        }
+    }
+
+    /// What the router did before [`RawMain`]: the Map-based stamp, inserting to, ws, from,
+    /// user in that order. The reference [`RawMain::restamp`] is checked against.
+    fn map_restamp(frame: &Bytes, limits: &DecodeLimits, parts: &Parts) -> Result<Bytes, PackageError> {
+        let (ws, from, user) = &parts.values;
+        restamp(frame, limits, |m| {
+            m.insert("to".into(), parts.to.as_str().into());
+            m.insert("ws".into(), ws.as_str().into());
+            m.insert("from".into(), from.as_str().into());
+            m.insert("user".into(), user.clone());
         })
-        .unwrap();
-        assert_eq!(extra.as_ptr(), frame[extra_at..].as_ptr());
-        assert_eq!(split_main(&main, &limits()).unwrap().0["ws"], Value::from("ws"));
+    }
+
+    fn raw_restamp(frame: &Bytes, limits: &DecodeLimits, stamp: &Stamp<'_>) -> Result<Bytes, PackageError> {
+        RawMain::scan(frame, limits)?.restamp(stamp)
+    }
+
+    /// A main segment written entry by entry, so that it can hold a key twice.
+    fn raw_map(entries: &[(String, Value)]) -> Vec<u8> {
+        let mut out = msgpack::map_header(entries.len()).unwrap().as_bytes().to_vec();
+        for (k, v) in entries {
+            msgpack::encode(&Value::from(k.as_str()), &mut out).unwrap();
+            msgpack::encode(v, &mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn stamped_keys_are_their_encodings() {
+        for (i, key) in ["to", "ws", "from", "user"].iter().enumerate() {
+            assert_eq!(STAMPED_KEYS[i], &msgpack::encode_to_vec(&Value::from(*key)).unwrap()[..]);
+            assert_eq!(stamped_slot(key), Some(i));
+        }
+        assert_eq!(stamped_slot("type"), None);
+    }
+
+    fn user() -> Value {
+        Value::Map(
+            map! {"id" => "anon", "scope" => map! {"workspaces" => map! {"ws" => "rw"}, "client_id" => "c"}},
+        )
+    }
+
+    #[test]
+    fn raw_restamp_is_the_map_restamp() {
+        let user = user();
+        let parts = parts("ws/prov", "ws", "ws/cons", &user);
+        let stamp = parts.stamp();
+        // The golden call (to and from present: stamped in place, ws and user appended),
+        // the heartbeat (one segment), and a main with none of the stamped keys.
+        let plain = encode_package(&map! {"type" => "e", "data" => 1}, Some(&map! {"x" => 2})).unwrap();
+        for f in [hex(CALL), hex(HEARTBEAT), plain] {
+            let frame = Bytes::from(f);
+            let got = raw_restamp(&frame, &limits(), &stamp).unwrap();
+            assert_eq!(got, map_restamp(&frame, &limits(), &parts).unwrap());
+        }
+        let frame = Bytes::from(hex(CALL));
+        let main = decode_package(&raw_restamp(&frame, &limits(), &stamp).unwrap(), &limits()).unwrap().main;
+        assert_eq!(
+            main.keys().collect::<Vec<_>>(),
+            ["type", "from", "to", "method", "session", "ws", "user"]
+        );
+        assert_eq!(main["user"], user);
+        let plain = Bytes::from(encode_package(&map! {"type" => "e", "data" => 1}, None).unwrap());
+        let main = split_main(&raw_restamp(&plain, &limits(), &stamp).unwrap(), &limits()).unwrap().0;
+        assert_eq!(main.keys().collect::<Vec<_>>(), ["type", "data", "to", "ws", "from", "user"]);
+    }
+
+    #[test]
+    fn values_sent_as_stamped_are_kept_and_others_replaced() {
+        let parts = parts("W/x", "W", "W/me", &Value::Map(map! {"id" => "u"}));
+        let stamp = parts.stamp();
+        // A stock client's frame: its own `from` and an absolute `to` are already right.
+        let sent = map! {"type" => "method", "from" => "W/me", "to" => "W/x", "method" => "m"};
+        let frame = Bytes::from(encode_package(&sent, None).unwrap());
+        let out = raw_restamp(&frame, &limits(), &stamp).unwrap();
+        assert_eq!(out, map_restamp(&frame, &limits(), &parts).unwrap());
+        assert!(
+            out.starts_with(&[&[0x86u8][..], &frame[1..]].concat()),
+            "main copied as sent, ws and user appended"
+        );
+        // `to` sent as a str 8 (a longer header than needed): same value, other bytes, so
+        // it is replaced by the canonical encoding, as the Map-based restamp wrote it.
+        let mut f = hex("82a2746fd903");
+        f.extend(b"W/x");
+        f.extend(hex("a474797065a165"));
+        let frame = Bytes::from(f);
+        assert_eq!(
+            raw_restamp(&frame, &limits(), &stamp).unwrap(),
+            map_restamp(&frame, &limits(), &parts).unwrap()
+        );
+        // Another entry sent with a str 8: kept as sent (same map, other bytes).
+        let mut f = hex("82a474797065d901");
+        f.extend(b"e");
+        f.extend(hex("a2746fa3"));
+        f.extend(b"W/x");
+        let frame = Bytes::from(f);
+        let out = raw_restamp(&frame, &limits(), &stamp).unwrap();
+        let want = map_restamp(&frame, &limits(), &parts).unwrap();
+        assert_ne!(out, want);
+        assert_eq!(decode_package(&out, &limits()), decode_package(&want, &limits()));
+    }
+
+    #[test]
+    fn raw_main_reads_the_routing_fields() {
+        let frame = Bytes::from(hex(CALL));
+        let raw = RawMain::scan(&frame, &limits()).unwrap();
+        assert_eq!(raw.str("to"), Some("ws/prov"));
+        assert_eq!(raw.str("session"), Some(SESSION));
+        assert_eq!(raw.str("ws"), None);
+        assert_eq!(raw.extra_at(), split_main(&frame, &limits()).unwrap().1);
+        let frame = Bytes::from(
+            encode_package(&map! {"to" => 5, "from" => Value::Nil, "s" => vec![Value::from(1)]}, None)
+                .unwrap(),
+        );
+        let raw = RawMain::scan(&frame, &limits()).unwrap();
+        assert_eq!(
+            (raw.str("to"), raw.kind("to"), raw.value("to")),
+            (None, Some("int"), Some(Value::from(5)))
+        );
+        assert_eq!((raw.kind("from"), raw.raw("from")), (Some("nil"), Some(&[0xc0u8][..])));
+        assert_eq!((raw.kind("s"), raw.kind("none"), raw.value("none")), (Some("list"), None, None));
+        assert_eq!(raw.extra_at(), frame.len());
+    }
+
+    #[test]
+    fn raw_main_duplicate_keys_last_wins_first_position() {
+        // {"to": "a", "x": 1, "to": "b", "session": "s1", "x": 2, "session": 7}
+        let entries: Vec<(String, Value)> = vec![
+            ("to".into(), "a".into()),
+            ("x".into(), 1.into()),
+            ("to".into(), "b".into()),
+            ("session".into(), "s1".into()),
+            ("x".into(), 2.into()),
+            ("session".into(), 7.into()),
+        ];
+        let frame = Bytes::from(raw_map(&entries));
+        let raw = RawMain::scan(&frame, &limits()).unwrap();
+        assert_eq!(
+            (raw.str("to"), raw.str("session"), raw.value("x")),
+            (Some("b"), None, Some(Value::from(2)))
+        );
+        let parts = parts("W/b", "W", "W/c", &user());
+        let stamp = parts.stamp();
+        let got = raw.restamp(&stamp).unwrap();
+        assert_eq!(got, map_restamp(&frame, &limits(), &parts).unwrap());
+        let main = split_main(&got, &limits()).unwrap().0;
+        assert_eq!(main.keys().collect::<Vec<_>>(), ["to", "x", "session", "ws", "from", "user"]);
+        assert_eq!((&main["x"], &main["session"]), (&Value::from(2), &Value::from(7)));
+        // Past the linear search: many distinct keys, then duplicates of early and late ones.
+        let mut entries: Vec<(String, Value)> = (0..100).map(|i| (format!("k{i}"), Value::from(i))).collect();
+        entries.push(("k3".into(), "late".into()));
+        entries.push(("k99".into(), "later".into()));
+        let frame = Bytes::from(raw_map(&entries));
+        let raw = RawMain::scan(&frame, &limits()).unwrap();
+        assert_eq!(
+            (raw.str("k3"), raw.str("k99"), raw.value("k50")),
+            (Some("late"), Some("later"), Some(Value::from(50)))
+        );
+        assert_eq!(raw.restamp(&stamp).unwrap(), map_restamp(&frame, &limits(), &parts).unwrap());
+    }
+
+    #[test]
+    fn raw_main_refuses_what_split_main_refuses() {
+        let router_limits = DecodeLimits { max_depth: 3, max_items: 12 };
+        let cases: Vec<Vec<u8>> = vec![
+            vec![],
+            hex("920102"),             // a list
+            hex("c0"),                 // nil
+            hex("a3616263"),           // a str
+            hex("c4026162"),           // bin
+            hex("cb402e000000000000"), // float
+            hex("810101"),             // non-str key
+            hex("81c401610101"),       // bin key
+            hex("81a2c32801"),         // key not UTF-8
+            hex("81a161a2c328"),       // value not UTF-8
+            hex("81a161d40100"),       // ext value
+            hex("81a161c1"),           // reserved marker
+            hex("82a16101"),           // truncated
+            hex("81a16191919190"),     // too deep for the router limits
+            raw_map(&(0..10).map(|i| (format!("k{i}"), Value::from(i))).collect::<Vec<_>>()), // too many items
+            hex("81a2746f05"), // to is an int: scans fine
+        ];
+        for f in cases {
+            let frame = Bytes::from(f);
+            for l in [limits(), router_limits] {
+                let raw = RawMain::scan(&frame, &l).map(|r| r.extra_at());
+                assert_eq!(raw, split_main(&frame, &l).map(|(_, at)| at), "{frame:?} {l:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn raw_restamp_keeps_extra_bytes_and_prefixes_fail_like_split_main() {
+        let parts = parts("ws/prov", "ws", "ws/cons", &user());
+        let stamp = parts.stamp();
+        // Extra is not validated (upstream forwards it blindly).
+        let mut f = hex(HEARTBEAT);
+        f.extend([0xc1, 0xc1]);
+        let out = raw_restamp(&Bytes::from(f), &limits(), &stamp).unwrap();
+        assert!(out.ends_with(&[0xc1, 0xc1]));
+        let frame = Bytes::from(hex(CALL));
+        for cut in 0..frame.len() {
+            let f = frame.slice(..cut);
+            assert_eq!(
+                RawMain::scan(&f, &limits()).map(|r| r.extra_at()),
+                split_main(&f, &limits()).map(|(_, at)| at),
+                "cut {cut}"
+            );
+        }
+        assert_eq!(Entry::new("user", &Value::Set(vec![])), Err(EncodeError::NotWire("set")));
+        let e = Entry::new("user", &user()).unwrap();
+        assert_eq!(e.as_bytes(), &msgpack::encode_to_vec(&Value::Map(map! {"user" => user()})).unwrap()[1..]);
+        assert_eq!(e.value(), &msgpack::encode_to_vec(&user()).unwrap()[..]);
+        assert_eq!(Entry::str("ws", "W").unwrap(), Entry::new("ws", &Value::from("W")).unwrap());
     }
 
     #[test]
@@ -471,6 +972,64 @@ mod tests {
             let mut expected = main.clone();
             expected.insert("from".into(), Value::Str(from));
             prop_assert_eq!(new_main, expected);
+        }
+
+        /// The raw restamp writes byte for byte what the Map-based one wrote, for any
+        /// main (stamped keys present or not, sent twice or not, of any type, nested
+        /// values of every wire family) and any extra.
+        #[test]
+        fn raw_restamp_equals_map_restamp(
+            entries in proptest::collection::vec(
+                (prop_oneof![
+                    Just("to".to_owned()), Just("from".to_owned()), Just("ws".to_owned()),
+                    Just("user".to_owned()), Just("type".to_owned()), Just("session".to_owned()),
+                    ".{0,6}",
+                ], prop_oneof![
+                    arb_wire(),
+                    ".{0,20}".prop_map(Value::Str),
+                    // The stamp's own values, so that some are sent exactly as stamped.
+                    prop_oneof![Just("W/x"), Just("W"), Just("W/me")].prop_map(Value::from),
+                    Just(Value::Map(map! {"id" => "u"})),
+                ]),
+                0..12,
+            ),
+            extra in proptest::option::of(arb_map()),
+            to in prop_oneof![".{0,70}", Just("W/x".to_owned())],
+            user in prop_oneof![arb_wire(), Just(Value::Map(map! {"id" => "u"}))],
+        ) {
+            let mut f = raw_map(&entries);
+            if let Some(extra) = &extra {
+                msgpack::encode_map(extra, &mut f).unwrap();
+            }
+            let frame = Bytes::from(f);
+            let parts = parts(&to, "W", "W/me", &user);
+            let stamp = parts.stamp();
+            let want = map_restamp(&frame, &limits(), &parts).unwrap();
+            let raw = RawMain::scan(&frame, &limits()).unwrap();
+            prop_assert_eq!(raw.restamp(&stamp).unwrap(), want);
+            // The accessors see the decoded map.
+            let (main, at) = split_main(&frame, &limits()).unwrap();
+            prop_assert_eq!(raw.extra_at(), at);
+            for key in ["to", "from", "ws", "user", "type", "session", "nope"] {
+                prop_assert_eq!(raw.str(key), main.get(key).and_then(Value::as_str));
+                prop_assert_eq!(raw.kind(key), main.get(key).map(Value::kind));
+                let value = raw.value(key);
+                prop_assert_eq!(value.as_ref(), main.get(key));
+            }
+        }
+
+        /// Any bytes: the same verdict as `split_main`, never a panic.
+        #[test]
+        fn raw_scan_agrees_with_split_main(
+            data in proptest::collection::vec(any::<u8>(), 0..300),
+            max_depth in 1usize..5,
+            max_items in 1usize..30,
+        ) {
+            let frame = Bytes::from(data);
+            for l in [limits(), DecodeLimits { max_depth, max_items }] {
+                let raw = RawMain::scan(&frame, &l).map(|r| r.extra_at());
+                prop_assert_eq!(raw, split_main(&frame, &l).map(|(_, at)| at));
+            }
         }
 
         #[test]

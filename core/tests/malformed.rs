@@ -25,7 +25,9 @@ fn fuzz_one(data: &[u8]) {
         let b = encode_package(&back.main, back.extra.as_ref()).unwrap();
         assert_eq!(a, b);
     }
-    let _ = split_main(&frame, &DecodeLimits::default());
+    let split = split_main(&frame, &DecodeLimits::default()).map(|(_, at)| at);
+    // The server's raw scan refuses exactly what the decoder refuses, with the same error.
+    assert_eq!(package::RawMain::scan(&frame, &DecodeLimits::default()).map(|r| r.extra_at()), split);
     let _ = restamp(&frame, &DecodeLimits::default(), |m| {
         m.insert("from".into(), "ws/x".into());
     });

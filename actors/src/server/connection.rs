@@ -378,12 +378,12 @@ impl WsConnection {
 
         let config = &self.state.config;
         let read_only = admitted.user.permission(&admitted.workspace) == Some(Permission::Read);
-        let sender = RouteSender {
-            workspace: admitted.workspace.clone(),
-            client_id: admitted.client_id.clone(),
-            user: admitted.user.to_value(),
+        let sender = RouteSender::new(
+            admitted.workspace.clone(),
+            admitted.client_id.clone(),
+            &admitted.user.to_value(),
             read_only,
-        };
+        );
         let now = Instant::now();
         let load_balanced = admitted.client_id.ends_with(super::registry::LOAD_BALANCED_SUFFIX);
         Ok(Box::new(Open {

@@ -646,8 +646,7 @@ impl LoginService {
                 Err(e) => tracing::error!(error = %e, service = id, "cannot record a native service"),
             }
         }
-        let sender =
-            RouteSender { workspace: ws.to_owned(), client_id: cid, user: root.to_value(), read_only: false };
+        let sender = RouteSender::new(ws, cid, &root.to_value(), false);
         LoginService { state, endpoint, sender, timer: None, inbox: Some(rx), sessions: Arc::default() }
     }
 

@@ -932,12 +932,7 @@ impl Manager {
             // Our own service map; a failure is a bug, logged rather than a panic.
             tracing::error!(error = %e, "cannot register the manager service");
         }
-        let sender = RouteSender {
-            workspace: WILDCARD.to_owned(),
-            client_id: manager_id,
-            user: auth::internal_root_user().to_value(),
-            read_only: false,
-        };
+        let sender = RouteSender::new(WILDCARD, manager_id, &auth::internal_root_user().to_value(), false);
         Manager {
             state,
             endpoint,

@@ -193,8 +193,7 @@ impl HttpPeer {
         };
         let mut endpoint = Endpoint::new(config, Some(ws), &cid, Instant::now());
         endpoint.set_manager_id(Some(state.config.manager_id()));
-        let sender =
-            RouteSender { workspace: ws.to_owned(), client_id: cid, user: user.to_value(), read_only: false };
+        let sender = RouteSender::new(ws, cid, &user.to_value(), false);
         HttpPeer { state, endpoint, sender, inbox }
     }
 
@@ -278,7 +277,7 @@ impl HttpPeer {
 
 impl Drop for HttpPeer {
     fn drop(&mut self) {
-        self.state.router.remove_local(&self.sender.workspace, &self.sender.client_id);
+        self.state.router.remove_local(self.sender.workspace(), self.sender.client_id());
     }
 }
 

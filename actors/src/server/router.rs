@@ -12,7 +12,8 @@
 //! target). A central router actor would add a mailbox per frame, serialize every
 //! connection's traffic through one thread, and need an overflow policy of its own; the
 //! direct path keeps traffic of independent clients on independent threads and the
-//! per-frame cost at one decode of `main`, one encode and one queue push.
+//! per-frame cost at one scan of `main` (never decoded, see [`RawMain`]), one copy into
+//! the stamped frame and one queue push.
 //!
 //! **Generations.** Every registration gets a fresh generation number. A reconnect with a
 //! reconnection token supersedes the live connection of the same `{ws}/{cid}`; when the
@@ -20,6 +21,7 @@
 //! no longer its generation and leaves the new connection's state alone (and sends no
 //! `client_disconnected`: the client did not leave).
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -28,8 +30,8 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use hypha_core::ids::WILDCARD;
 use hypha_core::message::{self, CLIENT_DISCONNECTED};
-use hypha_core::msgpack::DecodeLimits;
-use hypha_core::package::{self, PackageError};
+use hypha_core::msgpack::{DecodeLimits, EncodeError};
+use hypha_core::package::{self, Entry, PackageError, RawMain, Stamp};
 use hypha_core::value::{Map, Value};
 
 use super::outbound::{OutFrame, Outbound, SendError};
@@ -49,22 +51,65 @@ pub const MAX_SUBSCRIPTIONS: usize = 1024;
 const PRUNE_EVERY: usize = 256;
 
 /// Who sends a frame: what the router stamps into it.
+///
+/// Built once per connection (or local peer), so that the per-frame stamp is copies of
+/// ready bytes: the `from`, `ws` and `user` entries are encoded here, not for every frame
+/// (see [`Router::route`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteSender {
-    /// The sender's workspace (`*` for the server's own manager peer).
-    pub workspace: String,
-    /// The sender's client id.
-    pub client_id: String,
-    /// The sender's `UserInfo` dump, stamped as `user`.
-    pub user: Value,
-    /// True when the sender holds exactly `r` on its workspace: it may not broadcast.
-    pub read_only: bool,
+    workspace: String,
+    client_id: String,
+    /// `{workspace}/{client_id}`, stamped as `from`.
+    address: String,
+    /// The encoded stamp. An encoding error (never, for a real `UserInfo`) makes every
+    /// frame undecodable, as it did when the stamp was encoded per frame.
+    stamp: Result<SenderStamp, EncodeError>,
+    read_only: bool,
+}
+
+/// The entries [`RouteSender`] stamps into every frame.
+#[derive(Debug, Clone, PartialEq)]
+struct SenderStamp {
+    from: Entry,
+    /// `None` for the server's own peers (workspace `*`): their `ws` is the target's.
+    ws: Option<Entry>,
+    user: Entry,
 }
 
 impl RouteSender {
+    /// The sender `{workspace}/{client_id}` with its `UserInfo` dump `user`; `read_only`
+    /// when it holds exactly `r` on its workspace (it may not broadcast).
+    pub fn new(
+        workspace: impl Into<String>,
+        client_id: impl Into<String>,
+        user: &Value,
+        read_only: bool,
+    ) -> Self {
+        let (workspace, client_id) = (workspace.into(), client_id.into());
+        let address = format!("{workspace}/{client_id}");
+        let stamp = (|| {
+            Ok(SenderStamp {
+                from: Entry::str("from", &address)?,
+                ws: (workspace != WILDCARD).then(|| Entry::str("ws", &workspace)).transpose()?,
+                user: Entry::new("user", user)?,
+            })
+        })();
+        RouteSender { workspace, client_id, address, stamp, read_only }
+    }
+
+    /// The sender's workspace (`*` for the server's own manager peer).
+    pub fn workspace(&self) -> &str {
+        &self.workspace
+    }
+
+    /// The sender's client id.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
     /// `{workspace}/{client_id}`.
-    pub fn address(&self) -> String {
-        format!("{}/{}", self.workspace, self.client_id)
+    pub fn address(&self) -> &str {
+        &self.address
     }
 }
 
@@ -260,13 +305,6 @@ pub struct Router {
     next_generation: AtomicU64,
     inserts_since_prune: AtomicUsize,
     limits: DecodeLimits,
-}
-
-/// What the stamping closure decided.
-enum Plan {
-    Deliver { target: String, kind: Option<String>, session: Option<String> },
-    Refuse { error: RouteError, session: Option<String>, to: Value, from: Value },
-    Drop(DropReason),
 }
 
 impl Router {
@@ -514,109 +552,91 @@ impl Router {
 
     /// [`Router::route`], except that a frame for a full local inbox comes back as
     /// [`Routed::InboxFull`], for a caller that can wait for room (see [`LocalInbox`]).
+    ///
+    /// This is every frame's path through the server, so it does as little as it can:
+    /// `main` is scanned in place ([`RawMain`]), not decoded, and its routing fields read
+    /// as `&str`; the target is looked up once and the stamped frame, written by copying
+    /// the other entries and the sender's pre-encoded stamp (see [`RouteSender`]), is
+    /// handed to it under that same lookup.
     pub fn route_or_hold(&self, sender: &RouteSender, frame: &Bytes, now: Instant) -> Routed {
-        let mut plan = None;
-        let stamped = package::restamp(frame, &self.limits, |main| {
-            plan = Some(self.plan(sender, main, now));
-        });
-        let stamped = match stamped {
-            Ok(bytes) => bytes,
+        let main = match RawMain::scan(frame, &self.limits) {
+            Ok(main) => main,
             Err(e) => return Routed::Done(RouteOutcome::Dropped(DropReason::Undecodable(e))),
         };
-        let outcome = match plan {
-            Some(Plan::Deliver { target, kind, session }) => {
-                match self.deliver(&target, kind.as_deref(), &stamped) {
-                    Ok(outcome) => outcome,
-                    Err(inbox) => {
-                        let from = sender.address();
-                        return Routed::InboxFull(Box::new(HeldFrame {
-                            target,
-                            frame: stamped,
-                            inbox,
-                            session,
-                            from,
-                        }));
-                    }
-                }
-            }
-            Some(Plan::Refuse { error, session: Some(session), to, from }) => {
-                match reject_frame(&session, to, from, &error.to_string()) {
-                    Ok(reject) => RouteOutcome::Rejected { error, reject },
-                    Err(e) => RouteOutcome::Dropped(DropReason::Undecodable(e)),
-                }
-            }
-            Some(Plan::Refuse { error, session: None, .. }) => {
-                RouteOutcome::Dropped(DropReason::Refused(error))
-            }
-            Some(Plan::Drop(reason)) => RouteOutcome::Dropped(reason),
-            None => RouteOutcome::Delivered(0),
+        let Some(to) = main.str("to") else {
+            let error = match main.kind("to") {
+                None | Some("nil") => RouteError::MissingTarget,
+                Some(kind) => RouteError::InvalidTarget(kind),
+            };
+            return Routed::Done(refuse(&main, error));
         };
-        Routed::Done(outcome)
-    }
-
-    /// Decides what to do with a frame and, when it is to be delivered, stamps `main`.
-    fn plan(&self, sender: &RouteSender, main: &mut Map, now: Instant) -> Plan {
-        let refuse = |main: &Map, error| Plan::Refuse {
-            error,
-            session: main.get("session").and_then(Value::as_str).map(str::to_owned),
-            to: main.get("to").cloned().unwrap_or_else(|| Value::from("")),
-            from: main.get("from").cloned().unwrap_or_else(|| Value::from("")),
-        };
-        let to = match main.get("to") {
-            None | Some(Value::Nil) => return refuse(main, RouteError::MissingTarget),
-            Some(Value::Str(to)) => to.as_str(),
-            Some(other) => return refuse(main, RouteError::InvalidTarget(other.kind())),
-        };
-        let target = message::normalize_target(to, &sender.workspace);
-        let broadcast = message::is_broadcast(&target);
+        let target = Target::new(to, &sender.workspace);
+        let broadcast = target.is_broadcast();
         // Upstream checks only the literal "*"; an explicit "{ws}/*" is the same broadcast,
         // so a read-only client may not send that either.
         if sender.read_only && broadcast {
-            return refuse(main, RouteError::ReadOnlyBroadcast(sender.address()));
+            let error = RouteError::ReadOnlyBroadcast(sender.address.clone());
+            return Routed::Done(refuse(&main, error));
         }
-        let (target_ws, target_cid) = target.split_once('/').unwrap_or((target.as_str(), ""));
-        let target_ws = target_ws.to_owned();
-        if !broadcast && !self.peers.get(&target_ws).is_some_and(|c| c.contains_key(target_cid)) {
-            if self.recently_disconnected(&target, now) {
-                return refuse(main, RouteError::PeerNotConnected(target));
-            }
-            return Plan::Drop(DropReason::UnknownTarget(target));
-        }
-        // The server's own peers live in workspace "*": their frames carry the target's
-        // workspace, so providers treat them as same-workspace calls (rule 4).
-        let ws = if sender.workspace == WILDCARD { target_ws } else { sender.workspace.clone() };
-        let kind = main.get("type").and_then(Value::as_str).map(str::to_owned);
-        let session = main.get("session").and_then(Value::as_str).map(str::to_owned);
-        main.insert("to".into(), Value::from(target.clone()));
-        main.insert("ws".into(), Value::from(ws));
-        main.insert("from".into(), Value::from(sender.address()));
-        main.insert("user".into(), sender.user.clone());
-        Plan::Deliver { target, kind, session }
-    }
-
-    /// Delivers a stamped frame; `Err` with the inbox when it is a local peer's and full.
-    fn deliver(&self, target: &str, kind: Option<&str>, frame: &Bytes) -> Result<RouteOutcome, LocalInbox> {
-        let Some((ws, cid)) = target.split_once('/') else {
-            return Ok(RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned())));
+        let (target_ws, target_cid) = (target.ws(), target.cid());
+        let stamp = || -> Result<Bytes, PackageError> {
+            let SenderStamp { from, ws, user } =
+                sender.stamp.as_ref().map_err(|e| PackageError::Encode(e.clone()))?;
+            // The server's own peers live in workspace "*": their frames carry the
+            // target's workspace, so providers treat them as same-workspace calls (rule 4).
+            let target_ws_entry;
+            let ws = match ws {
+                Some(ws) => ws,
+                None => {
+                    target_ws_entry = Entry::str("ws", target_ws)?;
+                    &target_ws_entry
+                }
+            };
+            main.restamp(&Stamp { to: target.as_str(), ws, from, user })
         };
-        if cid == WILDCARD {
+        let undecodable = |e| Routed::Done(RouteOutcome::Dropped(DropReason::Undecodable(e)));
+        if target_cid == WILDCARD {
             // Unsubscribed connections get nothing; a frame without a type reaches nobody.
-            return Ok(RouteOutcome::Delivered(kind.map_or(0, |k| self.deliver_broadcast(ws, k, frame))));
+            let Some(kind) = main.str("type") else { return Routed::Done(RouteOutcome::Delivered(0)) };
+            return match stamp() {
+                Ok(stamped) => {
+                    Routed::Done(RouteOutcome::Delivered(self.deliver_broadcast(target_ws, kind, &stamped)))
+                }
+                Err(e) => undecodable(e),
+            };
         }
-        let sent = match self.peers.get(ws) {
-            Some(clients) => match clients.get(cid) {
-                Some(peer) => match (peer.sink.send(frame), &peer.sink) {
-                    (Err(SendError::Overflow), Sink::Local(inbox)) => return Err(inbox.clone()),
-                    (sent, _) => sent,
-                },
-                None => return Ok(RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned()))),
-            },
-            None => return Ok(RouteOutcome::Dropped(DropReason::UnknownTarget(target.to_owned()))),
+        let clients = self.peers.get(target_ws);
+        let Some(peer) = clients.as_ref().and_then(|c| c.get(target_cid)) else {
+            drop(clients);
+            // A target that just left fails fast (rule 6); one never seen is dropped and
+            // the caller times out (rule 8).
+            if !broadcast && self.recently_disconnected(target.as_str(), now) {
+                return Routed::Done(refuse(&main, RouteError::PeerNotConnected(target.into_owned())));
+            }
+            return Routed::Done(RouteOutcome::Dropped(DropReason::UnknownTarget(target.into_owned())));
         };
-        Ok(match sent {
-            Ok(()) => RouteOutcome::Delivered(1),
-            Err(e) => RouteOutcome::Dropped(DropReason::TargetUnavailable(target.to_owned(), e)),
-        })
+        let stamped = match stamp() {
+            Ok(stamped) => stamped,
+            Err(e) => return undecodable(e),
+        };
+        let outcome = match (peer.sink.send(&stamped), &peer.sink) {
+            (Ok(()), _) => RouteOutcome::Delivered(1),
+            (Err(SendError::Overflow), Sink::Local(inbox)) => {
+                let inbox = inbox.clone();
+                drop(clients);
+                return Routed::InboxFull(Box::new(HeldFrame {
+                    frame: stamped,
+                    inbox,
+                    session: main.str("session").map(str::to_owned),
+                    from: sender.address.clone(),
+                    target: target.as_str().to_owned(),
+                }));
+            }
+            (Err(e), _) => {
+                RouteOutcome::Dropped(DropReason::TargetUnavailable(target.as_str().to_owned(), e))
+            }
+        };
+        Routed::Done(outcome)
     }
 }
 
@@ -666,6 +686,63 @@ impl HeldFrame {
     }
 }
 
+/// A frame's target, normalized as [`message::normalize_target`] does (spec §1.5 step 2),
+/// and split at its first `/` into workspace and client id. An absolute `to` (what stock
+/// clients send) is used in place, so routing a frame copies no address.
+struct Target<'t> {
+    full: Cow<'t, str>,
+    /// Where the first `/` is (`full.len()` if there is none).
+    slash: usize,
+}
+
+impl<'t> Target<'t> {
+    fn new(to: &'t str, sender_ws: &str) -> Self {
+        match to.find('/') {
+            // `normalize_target` keeps a `to` with a `/` as it is.
+            Some(slash) => Target { full: Cow::Borrowed(to), slash },
+            None => {
+                let full = message::normalize_target(to, sender_ws);
+                let slash = full.find('/').unwrap_or(full.len());
+                Target { full: Cow::Owned(full), slash }
+            }
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        &self.full
+    }
+
+    fn into_owned(self) -> String {
+        self.full.into_owned()
+    }
+
+    fn ws(&self) -> &str {
+        self.full.get(..self.slash).unwrap_or_default()
+    }
+
+    fn cid(&self) -> &str {
+        self.full.get(self.slash + 1..).unwrap_or_default()
+    }
+
+    /// [`message::is_broadcast`]: `*`, or a client id part (after the last `/`) of `*`.
+    fn is_broadcast(&self) -> bool {
+        self.full == WILDCARD || self.full.ends_with("/*")
+    }
+}
+
+/// A refused frame: the reject for a call that expects an answer (it has a `session`),
+/// echoing `to` and `from` as sent; a silent drop otherwise.
+fn refuse(main: &RawMain<'_>, error: RouteError) -> RouteOutcome {
+    let Some(session) = main.str("session") else {
+        return RouteOutcome::Dropped(DropReason::Refused(error));
+    };
+    let as_sent = |key| main.value(key).unwrap_or_else(|| Value::from(""));
+    match reject_frame(session, as_sent("to"), as_sent("from"), &error.to_string()) {
+        Ok(reject) => RouteOutcome::Rejected { error, reject },
+        Err(e) => RouteOutcome::Dropped(DropReason::Undecodable(e)),
+    }
+}
+
 /// The synthetic reject upstream sends back for a routing error (rule 7): main
 /// `{"type":"method","from":<to as sent>,"to":<from as sent>,"method":"{session}.reject"}`,
 /// extra `{"args":[{"_rtype":"error","_rvalue":<text>,"_rtrace":""}]}`. No `ws`, `user` or
@@ -693,12 +770,7 @@ mod tests {
     use hypha_core::package::decode_package;
 
     fn sender(ws: &str, cid: &str) -> RouteSender {
-        RouteSender {
-            workspace: ws.into(),
-            client_id: cid.into(),
-            user: Value::Map(map! {"id" => cid}),
-            read_only: false,
-        }
+        RouteSender::new(ws, cid, &Value::Map(map! {"id" => cid}), false)
     }
 
     fn join(r: &Router, ws: &str, cid: &str) -> (Generation, OutboundRx) {
@@ -753,6 +825,26 @@ mod tests {
         r.route(&sender("W", "r1"), &f, now);
         let pkg = decode_package(&recv(&mut r2).await, &DecodeLimits::default()).unwrap();
         assert_eq!(keys(&pkg.main), ["type", "to", "data", "ws", "from", "user"]);
+    }
+
+    /// The router's in-place target is `message::normalize_target` + `is_broadcast` + a
+    /// split at the first `/`, without the copy.
+    #[test]
+    fn targets_normalize_as_the_message_module_does() {
+        for to in ["c", "*", "W/c", "W/*", "*/manager-x", "V/a/b", "a/b/*", "/", "", "x/", "/y", "W/*/x"] {
+            for ws in ["W", "*"] {
+                let t = Target::new(to, ws);
+                let full = message::normalize_target(to, ws);
+                assert_eq!(t.as_str(), full, "{to} {ws}");
+                assert_eq!(t.is_broadcast(), message::is_broadcast(&full), "{to} {ws}");
+                assert_eq!(
+                    (t.ws(), t.cid()),
+                    full.split_once('/').unwrap_or((full.as_str(), "")),
+                    "{to} {ws}"
+                );
+                assert_eq!(matches!(t.full, Cow::Borrowed(_)), to.contains('/'), "{to}: copied");
+            }
+        }
     }
 
     #[actix_rt::test]
@@ -829,7 +921,7 @@ mod tests {
         let r = Router::new(Duration::from_secs(120));
         let now = Instant::now();
         let (_, mut peer) = join(&r, "W", "p");
-        let ro = RouteSender { read_only: true, ..sender("W", "ro") };
+        let ro = RouteSender::new("W", "ro", &Value::Map(map! {"id" => "ro"}), true);
         for to in ["*", "W/*"] {
             let out =
                 r.route(&ro, &frame(map! {"type" => "method", "to" => to, "session" => "sro"}, None), now);
