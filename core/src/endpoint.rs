@@ -1087,9 +1087,9 @@ impl Endpoint {
 
     // ----- receive path -----
 
-    /// Spec §2.5: build `ctx` from `main` before the merge, dispatch on `type`. `trusted`
-    /// is the context of a `message_cache.process` call, whose routing fields replace the
-    /// reassembled package's own (spec §3 receiver step 3).
+    /// Spec §2.5: dispatch on `type` (a handler's `ctx` is built from `seg` when it asks for
+    /// one). A reassembled package arrives here with the routing fields of the
+    /// `message_cache.process` call that completed it (spec §3 receiver step 3).
     fn receive(&mut self, now: Instant, seg: MainSegment, extra: Option<Map>) {
         if seg.kind == message::METHOD {
             return self.handle_method(now, seg, extra.unwrap_or_default());
@@ -1497,7 +1497,6 @@ impl Builtin {
     }
 }
 
-/// The continuation of a reply or heartbeat sent to `to`.
 /// A call's package as a rope: the typed main segment written directly (no map built for
 /// it), then the extra segment. The first buffer starts large enough for a small call, so
 /// that it rarely grows; large payloads are referenced, not copied ([`Rope`]).
@@ -1532,6 +1531,7 @@ impl From<message::MainDecodeError> for EndpointError {
     }
 }
 
+/// The continuation of a reply or heartbeat sent to `to`.
 fn discard(to: &RemoteMethod) -> Then {
     Then::Discard { target: to.target.clone(), method: to.method.clone() }
 }

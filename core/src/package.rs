@@ -19,7 +19,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::msgpack::{self, DecodeError, DecodeLimits, EncodeError, RawEntry, Rope};
+use crate::msgpack::{self, DecodeError, DecodeLimits, EncodeError, RawEntry};
 use crate::value::{Map, Value};
 
 /// A decoded package, segments kept apart.
@@ -176,23 +176,6 @@ pub fn encode_package(main: &Map, extra: Option<&Map>) -> Result<Vec<u8>, Packag
         msgpack::encode_map(extra, &mut out)?;
     }
     Ok(out)
-}
-
-/// Writes a package as a [`Rope`]: the same bytes as [`encode_package`], with large `bin`
-/// payloads referenced instead of copied. The endpoint sends every call this way: a small
-/// package becomes one buffer for free, a large one is cut into `message_cache` chunks
-/// without first being copied whole (spec §3).
-pub fn encode_package_rope(main: &Map, extra: Option<&Map>) -> Result<Rope, PackageError> {
-    let extra = extra.filter(|e| !e.is_empty());
-    let len = msgpack::encoded_map_len(main) + extra.map_or(0, msgpack::encoded_map_len);
-    // The exact size when everything will be copied; otherwise the size of the small
-    // parts is unknown without a second walk, and growing is cheap next to the payloads.
-    let mut rope = Rope::with_capacity(if len < 4 * Rope::SHARE_MIN { len } else { 1024 });
-    msgpack::encode_map_to_rope(main, &mut rope)?;
-    if let Some(extra) = extra {
-        msgpack::encode_map_to_rope(extra, &mut rope)?;
-    }
-    Ok(rope)
 }
 
 /// Re-stamps a frame through a decoded `main` (spec §1.5 steps 3-4): decode `main`, let
