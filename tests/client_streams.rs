@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use futures_util::{stream, StreamExt, TryStreamExt};
 use hypha_rpc::client::{
     callback, connect_to_server, generator, Client, ClientConfig, Error, Interface, RemoteFunction,
-    RemoteGenerator, RemoteInterface, Service, Visibility,
+    RemoteGenerator, RemoteInterface, RemoteService, Service, Visibility,
 };
 use hypha_rpc::core::{map, Map, Value};
 
@@ -49,6 +49,12 @@ where
 
 /// The items of a stream up to its first error, and that error (the stream must end
 /// with one).
+/// Every item of the remote generator `name(n)`, as integers, to its end.
+async fn all_items(svc: &RemoteService, name: &str, n: i64) -> Vec<i64> {
+    let g = svc.call_generator(name, vec![Value::from(n)]).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+    g.typed::<i64>().try_collect().await.unwrap_or_else(|e| panic!("{name} items: {e}"))
+}
+
 async fn items_until_error<T, S>(stream: &mut S) -> (Vec<T>, Error)
 where
     S: futures_util::Stream<Item = Result<T, Error>> + Unpin,
@@ -211,15 +217,7 @@ async fn rust_generator_consumed_by_rust(url: &str) {
     let svc = consumer.get_service(&info.id).await.expect("get_service");
 
     // Exhausted.
-    let items: Vec<i64> = svc
-        .call_generator("count", vec![Value::from(5)])
-        .await
-        .expect("count")
-        .typed::<i64>()
-        .try_collect()
-        .await
-        .expect("items");
-    assert_eq!(items, vec![0, 1, 2, 3, 4]);
+    assert_eq!(all_items(&svc, "count", 5).await, vec![0, 1, 2, 3, 4]);
 
     // An Err item mid-stream: the items before it, then the error, then the end.
     let mut g =
@@ -306,24 +304,8 @@ async fn python_generator_consumed_by_rust(url: &str) {
     let c = connect(url).await;
     let svc = c.get_service(&id).await.expect("get the Python service");
 
-    let items: Vec<i64> = svc
-        .call_generator("count", vec![Value::from(5)])
-        .await
-        .expect("count")
-        .typed::<i64>()
-        .try_collect()
-        .await
-        .expect("items");
-    assert_eq!(items, vec![0, 1, 2, 3, 4]);
-    let items: Vec<i64> = svc
-        .call_generator("count_sync", vec![Value::from(3)])
-        .await
-        .expect("sync generator")
-        .typed::<i64>()
-        .try_collect()
-        .await
-        .expect("items");
-    assert_eq!(items, vec![0, 10, 20]);
+    assert_eq!(all_items(&svc, "count", 5).await, vec![0, 1, 2, 3, 4]);
+    assert_eq!(all_items(&svc, "count_sync", 3).await, vec![0, 10, 20]);
 
     // The Python generator raises after three items.
     let mut g =
