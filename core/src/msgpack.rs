@@ -963,7 +963,8 @@ impl Rope {
     /// [`Rope::put_value`] this writes maps that are not a [`Map`], such as the typed main
     /// segment ([`crate::message::MainSegment::encode_to`]), without building one first.
     pub fn put_map_header(&mut self, entries: usize) -> Result<(), EncodeError> {
-        write_len(entries, "map", [Some(0x80), None, Some(0xde), Some(0xdf)], 15, self)
+        self.put(map_header(entries)?.as_bytes());
+        Ok(())
     }
 
     /// Appends a str.

@@ -724,9 +724,9 @@ impl<'t> Target<'t> {
         self.full.get(self.slash + 1..).unwrap_or_default()
     }
 
-    /// [`message::is_broadcast`]: `*`, or a client id part (after the last `/`) of `*`.
+    /// Whether it addresses a whole workspace ([`message::is_broadcast`]).
     fn is_broadcast(&self) -> bool {
-        self.full == WILDCARD || self.full.ends_with("/*")
+        message::is_broadcast(&self.full)
     }
 }
 
