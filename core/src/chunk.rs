@@ -190,8 +190,9 @@ pub enum ChunkError {
     /// `data` that is not a msgpack bin. Python asserts `bytes`, JS an `ArrayBufferView`.
     #[error("Chunk data must be bytes, got {0}")]
     NotBytes(&'static str),
-    /// The system refused the memory to grow the reassembled message (`mmap`/`mremap`
-    /// failed). The chunk is not stored (or, at `process`, the entry is dropped).
+    /// The system refused the memory to grow the reassembled message (the allocator, or
+    /// `mmap`/`mremap`, failed). The chunk is not stored (or, at `process`, the entry is
+    /// dropped).
     #[error("Out of memory reassembling message {key}: could not reserve {size} bytes")]
     OutOfMemory {
         /// The cache key.
@@ -560,15 +561,16 @@ struct Entry {
     /// memory follows the chunks actually stored, not the indices claimed. All keys are
     /// `>= prefix_chunks`.
     chunks: BTreeMap<usize, Bytes>,
-    /// Chunks `0..prefix_chunks`, concatenated. Maps nothing while `prefix_chunks == 0`.
+    /// Chunks `0..prefix_chunks`, concatenated. Allocates nothing while `prefix_chunks == 0`.
     prefix: GrowBuf,
     /// How many chunks `prefix` holds.
     prefix_chunks: usize,
     /// Bytes stored, in the prefix and in `chunks` (the package size so far).
     data_bytes: usize,
     /// What this entry counts against [`ChunkLimits::max_total_bytes`]: data plus
-    /// [`CHUNK_OVERHEAD`] per chunk received, whether copied into the prefix or not (the
-    /// prefix's spare capacity is address space, not memory, until written).
+    /// [`CHUNK_OVERHEAD`] per chunk received, whether copied into the prefix or not. The
+    /// prefix's spare capacity is not charged: it is bounded (below 2 MiB one heap block,
+    /// above it address space the kernel backs only as it is written).
     charged: usize,
     /// Last `create`/`set`/`append`: the idle-eviction clock.
     last_touch: Instant,
