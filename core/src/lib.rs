@@ -65,6 +65,7 @@ pub mod auth;
 pub mod chunk;
 pub mod codec;
 pub mod endpoint;
+mod growbuf;
 pub mod ids;
 pub mod message;
 pub mod msgpack;
