@@ -273,10 +273,10 @@ enum Sink {
 }
 
 impl Sink {
-    fn send(&self, frame: &Bytes) -> Result<(), SendError> {
+    fn send(&self, frame: Bytes) -> Result<(), SendError> {
         match self {
-            Sink::Socket(o) => o.send(OutFrame::Binary(frame.clone())),
-            Sink::Local(l) => l.send(frame.clone()),
+            Sink::Socket(o) => o.send(OutFrame::Binary(frame)),
+            Sink::Local(l) => l.send(frame),
         }
     }
 
@@ -527,7 +527,7 @@ impl Router {
         clients
             .values()
             .filter(|p| p.subscriptions.contains(kind))
-            .filter(|p| p.sink.send(frame).is_ok())
+            .filter(|p| p.sink.send(frame.clone()).is_ok())
             .count()
     }
 
@@ -628,22 +628,30 @@ impl Router {
             Ok(stamped) => stamped,
             Err(e) => return undecodable(e),
         };
-        let outcome = match (peer.sink.send(&stamped), &peer.sink) {
-            (Ok(()), _) => RouteOutcome::Delivered(1),
-            (Err(SendError::Overflow), Sink::Local(inbox)) => {
-                let inbox = inbox.clone();
-                drop(clients);
-                return Routed::InboxFull(Box::new(HeldFrame {
-                    frame: stamped,
-                    inbox,
-                    session: main.str("session").map(str::to_owned),
-                    from: sender.address.clone(),
-                    target: target.as_str().to_owned(),
-                }));
-            }
-            (Err(e), _) => {
-                RouteOutcome::Dropped(DropReason::TargetUnavailable(target.as_str().to_owned(), e))
-            }
+        // The stamped frame is moved, not cloned, into the target's queue: it is the only
+        // handle, so it is freed as soon as the socket has encoded it.
+        let unavailable =
+            |e| RouteOutcome::Dropped(DropReason::TargetUnavailable(target.as_str().to_owned(), e));
+        let outcome = match &peer.sink {
+            Sink::Socket(o) => match o.send(OutFrame::Binary(stamped)) {
+                Ok(()) => RouteOutcome::Delivered(1),
+                Err(e) => unavailable(e),
+            },
+            Sink::Local(inbox) => match inbox.tx.try_send(stamped) {
+                Ok(()) => RouteOutcome::Delivered(1),
+                Err(tokio::sync::mpsc::error::TrySendError::Full(stamped)) => {
+                    let inbox = inbox.clone();
+                    drop(clients);
+                    return Routed::InboxFull(Box::new(HeldFrame {
+                        frame: stamped,
+                        inbox,
+                        session: main.str("session").map(str::to_owned),
+                        from: sender.address.clone(),
+                        target: target.as_str().to_owned(),
+                    }));
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => unavailable(SendError::Closed),
+            },
         };
         Routed::Done(outcome)
     }
