@@ -660,6 +660,31 @@ async fn a_client_that_does_not_read_is_disconnected_without_stalling_the_sender
     drop(r2);
 }
 
+#[actix_rt::test]
+async fn frames_keep_their_order_when_a_slow_reader_makes_them_queue() {
+    // Two workers, so the sender's routing and the reader's writer run on different threads
+    // when the connections land on different workers.
+    let srv = start(builder().workers(2).outbound_queue(10_000, 256 << 20));
+    let (mut r1, mut r2) = pair(&srv).await;
+    let big = Value::Bytes(Bytes::from(vec![5u8; 64 << 10]));
+    let n = 400;
+    // r2 does not read while r1 sends ~25 MiB: the socket buffers and actix-ws's channel
+    // fill up, and later frames wait in r2's queue. Small frames go in between.
+    for i in 0..n {
+        let data = if i % 3 == 0 { Value::from("small") } else { big.clone() };
+        send_bin(&mut r1, frame(map! {"type" => "e", "to" => "r2", "n" => i, "data" => data}, None)).await;
+    }
+    for i in 0..n {
+        let got = decode_package(&next_bin(&mut r2).await, &DecodeLimits::default()).unwrap();
+        assert_eq!(got.main["n"].as_i64(), Some(i), "frame {i} out of order");
+    }
+    // Caught up: the next frame (direct path) still comes after all of them.
+    send_bin(&mut r1, frame(map! {"type" => "e", "to" => "r2", "n" => n}, None)).await;
+    let got = decode_package(&next_bin(&mut r2).await, &DecodeLimits::default()).unwrap();
+    assert_eq!(got.main["n"].as_i64(), Some(n));
+    assert_alive(&mut r2).await;
+}
+
 // --- disconnect ----------------------------------------------------------------------------
 
 #[actix_rt::test]

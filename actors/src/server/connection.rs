@@ -10,9 +10,11 @@
 //! ```
 //!
 //! and the per-connection limits (token bucket, idle timer, inbound frame size). Outgoing
-//! frames go through the connection's bounded [`Outbound`] queue to a writer task that owns
-//! the actix-ws `Session`; inbound frames arrive as an actor stream, one at a time, so a
-//! client that sends faster than we route is slowed down by TCP, not buffered.
+//! frames go through the connection's [`Outbound`]: straight into actix-ws's channel when
+//! nothing is backlogged, otherwise into a bounded queue drained by a writer task that owns
+//! the actix-ws `Session` (see `outbound`); inbound frames arrive as an actor stream, one
+//! at a time, so a client that sends faster than we route is slowed down by TCP, not
+//! buffered.
 //!
 //! **Duplicate client ids.** A plain connect whose `{ws}/{cid}` is held by a live connection
 //! of this server is refused with `Client already exists and is active: {ws}/{cid}`. When

@@ -221,17 +221,24 @@ impl<S> FrameSizeGuard<S> {
                 }
                 GuardState::Header { mut have } => {
                     let start = pos - have.min(pos);
-                    while pos < chunk.len() {
-                        let need = if have < 2 { 2 } else { Self::header_len(self.header[1]) };
-                        if have >= need {
+                    // The two bytes that give the header's length, then the rest of it;
+                    // copied a slice at a time (this runs for every inbound frame).
+                    let mut need: usize = 2;
+                    loop {
+                        let take = need.saturating_sub(have).min(chunk.len() - pos);
+                        self.header[have..have + take].copy_from_slice(&chunk[pos..pos + take]);
+                        have += take;
+                        pos += take;
+                        if have < need {
                             break;
                         }
-                        self.header[have] = chunk[pos];
-                        have += 1;
-                        pos += 1;
+                        let full = Self::header_len(self.header[1]);
+                        if need == full {
+                            break;
+                        }
+                        need = full;
                     }
-                    let complete = have >= 2 && have >= Self::header_len(self.header[1]);
-                    if !complete {
+                    if have < need {
                         self.state = GuardState::Header { have };
                         continue;
                     }

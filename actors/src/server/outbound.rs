@@ -15,13 +15,32 @@
 //! stops writing data, sends the optional error frame and the close frame (or nothing, to
 //! drop the socket), waiting at most `close_timeout` for a client that does not read, and
 //! ends. The first close request wins; later ones are ignored.
+//!
+//! **The direct path.** Most of the time the queue is empty and the writer idle, and a hop
+//! through it (queue push, writer wake-up, then the same push into actix-ws's own channel)
+//! is pure overhead on every frame. So [`Outbound::send`] first tries to put the frame
+//! straight into actix-ws's channel through a clone of the writer's `Session`, polled once
+//! and never waited on. It takes that path only while nothing is *backlogged* (no frame in
+//! the queue or in the writer's hands) and the channel has room; otherwise the frame is
+//! queued as before. A frame queued with a backlog is counted before `send` returns and
+//! uncounted only after the writer has handed it to actix-ws, so a frame sent after it
+//! can never overtake it. When a direct attempt finds the channel full, the clone is
+//! dropped (it would hold a place in the channel's wait list) and the writer puts a fresh
+//! one back once it has written its backlog. Nothing else changes: the direct path only
+//! fills the channel the writer would have filled (actix-ws's 32 frames), so memory per
+//! client stays the queue's bound plus that channel; a client that stops reading fills the
+//! channel, then the queue, then overflows; a close still overtakes every queued frame;
+//! and the writer takes the clone away before it closes or drops the socket.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use actix_ws::{CloseCode, CloseReason, Session};
+use actix_ws::{CloseCode, CloseReason, Message, Session};
 use bytes::Bytes;
+use futures_util::Sink;
 use tokio::sync::{mpsc, Notify};
 
 /// The error message sent to a client whose outbound queue overflowed.
@@ -43,6 +62,16 @@ impl OutFrame {
         match self {
             OutFrame::Text(s) => s.len(),
             OutFrame::Binary(b) | OutFrame::Pong(b) => b.len(),
+        }
+    }
+
+    /// What the writer's `session.text/binary/pong` would send (actix-ws's body truncates
+    /// control payloads to 125 bytes itself).
+    fn into_message(self) -> Message {
+        match self {
+            OutFrame::Text(t) => Message::Text(t.into()),
+            OutFrame::Binary(b) => Message::Binary(b),
+            OutFrame::Pong(b) => Message::Pong(b),
         }
     }
 }
@@ -98,6 +127,23 @@ struct Shared {
     notify: Notify,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
+    /// Frames queued and not yet handed to actix-ws by the writer (in the queue or being
+    /// written). The direct path is shut while this is not zero (see the module docs).
+    backlog: AtomicUsize,
+    /// The writer's session for the direct path: `None` until the writer starts, after a
+    /// direct attempt found actix-ws's channel full (until the writer has caught up), and
+    /// once the writer is closing.
+    direct: Mutex<Option<Session>>,
+}
+
+/// What became of a direct attempt.
+enum Direct {
+    /// In actix-ws's channel.
+    Sent,
+    /// The session was closed under us; the frame is gone, as it would be after a close.
+    Closed,
+    /// Not taken: queue it.
+    Declined(OutFrame),
 }
 
 /// The sending half: cheap to clone, shared by everyone who writes to this client.
@@ -141,28 +187,39 @@ pub fn channel(max_frames: usize, max_bytes: usize) -> (Outbound, OutboundRx) {
         notify: Notify::new(),
         queued_bytes: AtomicUsize::new(0),
         max_bytes,
+        backlog: AtomicUsize::new(0),
+        direct: Mutex::new(None),
     });
     (Outbound { tx, shared: shared.clone() }, OutboundRx { rx, shared })
 }
 
 impl Outbound {
-    /// Queues a frame without waiting. On a full queue the client is disconnected
-    /// (1008 + error frame) and [`SendError::Overflow`] returned.
+    /// Sends a frame without waiting: straight into the socket's channel when nothing is
+    /// backlogged (see the module docs), through the queue otherwise. On a full queue the
+    /// client is disconnected (1008 + error frame) and [`SendError::Overflow`] returned.
     pub fn send(&self, frame: OutFrame) -> Result<(), SendError> {
         if self.is_closing() {
             return Err(SendError::Closed);
         }
+        let frame = match self.shared.try_direct(frame) {
+            Direct::Sent => return Ok(()),
+            Direct::Closed => return Err(SendError::Closed),
+            Direct::Declined(frame) => frame,
+        };
+        // Counted before it is queued, so no frame sent after this one goes direct until
+        // the writer has written it.
+        self.shared.backlog.fetch_add(1, Ordering::AcqRel);
         let len = frame.len();
         let before = self.shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
         if before > 0 && before.saturating_add(len) > self.shared.max_bytes {
-            self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            self.shared.unqueue(len);
             self.close(CloseCmd::error(1008, OVERFLOW_MESSAGE));
             return Err(SendError::Overflow);
         }
         match self.tx.try_send(frame) {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                self.shared.unqueue(len);
                 match e {
                     mpsc::error::TrySendError::Full(_) => {
                         self.close(CloseCmd::error(1008, OVERFLOW_MESSAGE));
@@ -202,6 +259,61 @@ impl Outbound {
 }
 
 impl Shared {
+    /// Puts `frame` straight into actix-ws's channel if nothing is backlogged and the
+    /// channel has room; never waits (a contended lock declines too).
+    fn try_direct(&self, frame: OutFrame) -> Direct {
+        if self.backlog.load(Ordering::Acquire) != 0 {
+            return Direct::Declined(frame);
+        }
+        let Ok(mut slot) = self.direct.try_lock() else { return Direct::Declined(frame) };
+        let Some(session) = slot.as_mut() else { return Direct::Declined(frame) };
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(&mut *session).poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            // Full, or the socket is gone: the queue and the writer take it from here.
+            // The clone goes (a pending reservation would hold a place in the channel's
+            // wait list); the writer puts one back when it has caught up.
+            Poll::Ready(Err(_)) | Poll::Pending => {
+                *slot = None;
+                return Direct::Declined(frame);
+            }
+        }
+        if Pin::new(&mut *session).start_send(frame.into_message()).is_err() {
+            // Only if the writer closed the session between the two calls.
+            *slot = None;
+            return Direct::Closed;
+        }
+        // A no-op for actix-ws's channel sender; called because the `Sink` contract asks.
+        let _ = Pin::new(&mut *session).poll_flush(&mut cx);
+        Direct::Sent
+    }
+
+    /// Gives a queued frame's count and bytes back.
+    fn unqueue(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        self.backlog.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The writer handed a queued frame to actix-ws: once the backlog is gone, the direct
+    /// path opens again (with a fresh clone if a full channel took the last one away).
+    fn written(&self, session: &Session) {
+        if self.backlog.fetch_sub(1, Ordering::AcqRel) == 1 && !self.close_requested.load(Ordering::Acquire) {
+            if let Ok(mut slot) = self.direct.lock() {
+                if slot.is_none() {
+                    *slot = Some(session.clone());
+                }
+            }
+        }
+    }
+
+    /// Shuts the direct path for good (the writer is closing or gone). The clone must go
+    /// before the writer drops its session: it keeps actix-ws's channel, and so the
+    /// socket, open.
+    fn shut_direct(&self) {
+        let taken = self.direct.lock().ok().and_then(|mut slot| slot.take());
+        drop(taken);
+    }
+
     fn take_close(&self) -> Option<CloseCmd> {
         if !self.close_requested.load(Ordering::Acquire) {
             return None;
@@ -252,7 +364,8 @@ async fn write_frame(session: &mut Session, frame: OutFrame) -> Result<(), actix
     }
 }
 
-async fn finish(mut session: Session, cmd: CloseCmd, timeout: Duration) {
+async fn finish(shared: &Shared, mut session: Session, cmd: CloseCmd, timeout: Duration) {
+    shared.shut_direct();
     let work = async move {
         if let Some(msg) = &cmd.error_message {
             if session.text(error_frame(msg)).await.is_err() {
@@ -269,15 +382,30 @@ async fn finish(mut session: Session, cmd: CloseCmd, timeout: Duration) {
     let _ = tokio::time::timeout(timeout, work).await;
 }
 
+/// Shuts the direct path however the writer ends (even when its task is dropped).
+struct DirectGuard(Arc<Shared>);
+
+impl Drop for DirectGuard {
+    fn drop(&mut self) {
+        self.0.shut_direct();
+    }
+}
+
 /// The writer task: writes queued frames to `session` until a close is requested (which
 /// it carries out) or the socket fails, then calls `on_done` (the connection actor stops
-/// itself from there).
+/// itself from there). While it runs, senders may bypass it (the direct path, see the
+/// module docs).
 pub async fn run_writer(
     mut rx: OutboundRx,
     mut session: Session,
     close_timeout: Duration,
     on_done: impl FnOnce(),
 ) {
+    let shared = rx.shared.clone();
+    if let Ok(mut slot) = shared.direct.lock() {
+        *slot = Some(session.clone());
+    }
+    let _guard = DirectGuard(shared.clone());
     loop {
         match rx.next().await {
             Some(WriterEvent::Frame(frame)) => {
@@ -289,20 +417,20 @@ pub async fn run_writer(
                     r = write_frame(&mut session, frame) => r.map_err(|_| None),
                 };
                 match outcome {
-                    Ok(()) => {}
+                    Ok(()) => shared.written(&session),
                     Err(Some(cmd)) => {
-                        finish(session, cmd, close_timeout).await;
+                        finish(&shared, session, cmd, close_timeout).await;
                         break;
                     }
                     Err(None) => break,
                 }
             }
             Some(WriterEvent::Close(cmd)) => {
-                finish(session, cmd, close_timeout).await;
+                finish(&shared, session, cmd, close_timeout).await;
                 break;
             }
             None => {
-                finish(session, CloseCmd::close(1000, ""), close_timeout).await;
+                finish(&shared, session, CloseCmd::close(1000, ""), close_timeout).await;
                 break;
             }
         }
@@ -312,6 +440,13 @@ pub async fn run_writer(
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+
+    use actix_codec::Decoder;
+    use actix_web::body::{BoxBody, MessageBody};
+    use awc::ws::{Codec, Frame};
+    use bytes::BytesMut;
+
     use super::*;
 
     #[actix_rt::test]
@@ -352,6 +487,175 @@ mod tests {
         drop(tx);
         assert_eq!(rx.next().await, Some(WriterEvent::Frame(OutFrame::Text("x".into()))));
         assert_eq!(rx.next().await, None);
+    }
+
+    /// A websocket `Session` as the `/ws` endpoint gets it, and the response body that
+    /// carries what it sends (what the client would read).
+    async fn ws_session() -> (Session, BoxBody) {
+        use actix_web::http::header;
+        use actix_web::FromRequest;
+        let (req, mut payload) = actix_web::test::TestRequest::default()
+            .insert_header((header::UPGRADE, "websocket"))
+            .insert_header((header::CONNECTION, "upgrade"))
+            .insert_header((header::SEC_WEBSOCKET_VERSION, "13"))
+            .insert_header((header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ=="))
+            .to_http_parts();
+        let body = actix_web::web::Payload::from_request(&req, &mut payload).await.unwrap();
+        let (response, session, _stream) = actix_ws::handle(&req, body).unwrap();
+        (session, response.into_body())
+    }
+
+    /// Reads the body like a client: frames until `until` says stop; `None` at its end.
+    struct Reader {
+        body: BoxBody,
+        buf: BytesMut,
+        codec: Codec,
+    }
+
+    impl Reader {
+        fn new(body: BoxBody) -> Self {
+            Reader { body, buf: BytesMut::new(), codec: Codec::new().client_mode().max_size(1 << 20) }
+        }
+
+        /// The next frame, `None` when the body ended; panics after 5 s of silence.
+        async fn next(&mut self) -> Option<Frame> {
+            loop {
+                if let Some(frame) = self.codec.decode(&mut self.buf).unwrap() {
+                    return Some(frame);
+                }
+                let chunk = poll_fn(|cx| Pin::new(&mut self.body).poll_next(cx));
+                match tokio::time::timeout(Duration::from_secs(5), chunk).await.expect("a frame in time") {
+                    Some(chunk) => self.buf.extend_from_slice(&chunk.unwrap()),
+                    None => return None,
+                }
+            }
+        }
+
+        async fn binary(&mut self) -> u32 {
+            match self.next().await {
+                Some(Frame::Binary(b)) => u32::from_be_bytes(b[..].try_into().unwrap()),
+                other => panic!("expected a binary frame, got {other:?}"),
+            }
+        }
+    }
+
+    fn numbered(i: u32) -> OutFrame {
+        OutFrame::Binary(Bytes::copy_from_slice(&i.to_be_bytes()))
+    }
+
+    fn direct_open(tx: &Outbound) -> bool {
+        tx.shared.direct.lock().unwrap().is_some()
+    }
+
+    async fn writer(session: Session, rx: OutboundRx) {
+        actix_rt::spawn(run_writer(rx, session, Duration::from_secs(5), || {}));
+        // Let it start (and open the direct path).
+        tokio::task::yield_now().await;
+    }
+
+    #[actix_rt::test]
+    async fn frames_keep_their_order_when_the_direct_path_and_the_queue_alternate() {
+        let (session, body) = ws_session().await;
+        let mut client = Reader::new(body);
+        let (tx, rx) = channel(1000, 1 << 20);
+        writer(session, rx).await;
+        assert!(direct_open(&tx));
+        // A frame that could not go direct (here: the direct path's lock was busy) is
+        // queued, and the next one queues behind it although the channel has room.
+        let busy = tx.shared.direct.lock().unwrap();
+        tx.send(numbered(0)).unwrap();
+        drop(busy);
+        tx.send(numbered(1)).unwrap();
+        assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 2);
+        assert_eq!(client.binary().await, 0);
+        assert_eq!(client.binary().await, 1);
+        tokio::task::yield_now().await;
+        assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 0);
+        // Nothing backlogged: straight into actix-ws's channel, no queue.
+        tx.send(numbered(2)).unwrap();
+        assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 0);
+        // More than actix-ws's channel holds (32): the rest goes through the queue.
+        for i in 3..100 {
+            tx.send(numbered(i)).unwrap();
+        }
+        assert!(tx.shared.backlog.load(Ordering::Acquire) > 0);
+        assert!(!direct_open(&tx), "a full channel takes the direct path away");
+        for i in 2..50 {
+            assert_eq!(client.binary().await, i);
+        }
+        // Sent while the writer still has a backlog: queued behind it.
+        for i in 100..110 {
+            tx.send(numbered(i)).unwrap();
+        }
+        for i in 50..110 {
+            assert_eq!(client.binary().await, i);
+        }
+        // The writer caught up: the direct path is open again.
+        tokio::task::yield_now().await;
+        assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 0);
+        assert!(direct_open(&tx));
+        for i in 110..115 {
+            tx.send(numbered(i)).unwrap();
+            assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 0, "frame {i} was queued");
+        }
+        tx.send_text("last").unwrap();
+        for i in 110..115 {
+            assert_eq!(client.binary().await, i);
+        }
+        assert!(matches!(client.next().await, Some(Frame::Text(t)) if t == "last"));
+    }
+
+    #[actix_rt::test]
+    async fn a_client_that_stops_reading_still_overflows_with_1008_past_the_direct_path() {
+        let (session, body) = ws_session().await;
+        let (tx, rx) = channel(4, 1 << 20);
+        writer(session, rx).await;
+        let mut sent = 0;
+        let overflowed = loop {
+            match tx.send(numbered(sent)) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            assert!(sent < 100, "never overflowed");
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(overflowed, SendError::Overflow);
+        // actix-ws's channel (32), the frame in the writer's hands, the queue (4).
+        assert_eq!(sent, 32 + 1 + 4);
+        assert_eq!(tx.send(numbered(sent)), Err(SendError::Closed));
+        // The client reads again: what actix-ws holds, then the close overtakes the queue.
+        let mut client = Reader::new(body);
+        let mut got = Vec::new();
+        let error = loop {
+            match client.next().await {
+                Some(Frame::Binary(b)) => got.push(u32::from_be_bytes(b[..].try_into().unwrap())),
+                Some(Frame::Text(t)) => break t,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(got, (0..got.len() as u32).collect::<Vec<_>>());
+        assert!((32..=33).contains(&got.len()), "{} frames", got.len());
+        assert_eq!(&error[..], error_frame(OVERFLOW_MESSAGE).as_bytes());
+        match client.next().await {
+            Some(Frame::Close(Some(r))) => assert_eq!(u16::from(r.code), 1008),
+            other => panic!("expected the close, got {other:?}"),
+        }
+    }
+
+    #[actix_rt::test]
+    async fn dropping_the_socket_ends_the_body_although_the_direct_path_held_a_session() {
+        let (session, body) = ws_session().await;
+        let mut client = Reader::new(body);
+        let (tx, rx) = channel(8, 1 << 20);
+        writer(session, rx).await;
+        tx.send(numbered(7)).unwrap();
+        assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 0);
+        tx.close(CloseCmd::drop_socket());
+        assert_eq!(client.binary().await, 7);
+        // No close frame, and the body (so the TCP connection) ends although `tx` lives.
+        assert_eq!(client.next().await, None);
+        assert!(!direct_open(&tx));
+        assert_eq!(tx.send(numbered(8)), Err(SendError::Closed));
     }
 
     #[test]
