@@ -328,9 +328,11 @@ pub fn normalize_target(to: &str, sender_ws: &str) -> String {
     }
 }
 
-/// True for a workspace broadcast target (`"*"` or `"<ws>/*"`).
+/// True for a workspace broadcast target (`"*"` or `"<ws>/*"`): the client part, after
+/// the last `/`, is `*`. Asked for every routed frame, hence the suffix test rather than
+/// a split.
 pub fn is_broadcast(to: &str) -> bool {
-    to == WILDCARD || to.rsplit_once('/').is_some_and(|(_, c)| c == WILDCARD)
+    to == WILDCARD || to.ends_with("/*")
 }
 
 /// The callee's absolute addresses of an incoming call (spec §4.5 step 1).
@@ -849,6 +851,8 @@ mod tests {
         assert_eq!(normalize_target("other/prov", "ws"), "other/prov");
         assert!(is_broadcast("*") && is_broadcast("ws/*"));
         assert!(!is_broadcast("*/manager-x") && !is_broadcast("ws/prov"));
+        assert!(is_broadcast("a/b/*") && is_broadcast("/*"));
+        assert!(!is_broadcast("ws/x*") && !is_broadcast("ws*") && !is_broadcast("ws/*/x"));
     }
 
     #[test]
