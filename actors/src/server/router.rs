@@ -256,9 +256,15 @@ impl LocalInbox {
 
     /// Queues a frame without waiting.
     pub fn send(&self, frame: Bytes) -> Result<(), SendError> {
+        self.try_send(frame).map_err(|(e, _)| e)
+    }
+
+    /// [`LocalInbox::send`], giving a refused frame back with the reason: the router holds
+    /// a frame a full inbox refused and retries it (see [`HeldFrame`]).
+    fn try_send(&self, frame: Bytes) -> Result<(), (SendError, Bytes)> {
         self.tx.try_send(frame).map_err(|e| match e {
-            tokio::sync::mpsc::error::TrySendError::Full(_) => SendError::Overflow,
-            tokio::sync::mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            tokio::sync::mpsc::error::TrySendError::Full(f) => (SendError::Overflow, f),
+            tokio::sync::mpsc::error::TrySendError::Closed(f) => (SendError::Closed, f),
         })
     }
 }
@@ -630,16 +636,10 @@ impl Router {
         };
         // The stamped frame is moved, not cloned, into the target's queue: it is the only
         // handle, so it is freed as soon as the socket has encoded it.
-        let unavailable =
-            |e| RouteOutcome::Dropped(DropReason::TargetUnavailable(target.as_str().to_owned(), e));
-        let outcome = match &peer.sink {
-            Sink::Socket(o) => match o.send(OutFrame::Binary(stamped)) {
-                Ok(()) => RouteOutcome::Delivered(1),
-                Err(e) => unavailable(e),
-            },
-            Sink::Local(inbox) => match inbox.tx.try_send(stamped) {
-                Ok(()) => RouteOutcome::Delivered(1),
-                Err(tokio::sync::mpsc::error::TrySendError::Full(stamped)) => {
+        let refused = match &peer.sink {
+            Sink::Socket(o) => o.send(OutFrame::Binary(stamped)).err(),
+            Sink::Local(inbox) => match inbox.try_send(stamped) {
+                Err((SendError::Overflow, stamped)) => {
                     let inbox = inbox.clone();
                     drop(clients);
                     return Routed::InboxFull(Box::new(HeldFrame {
@@ -650,10 +650,13 @@ impl Router {
                         target: target.as_str().to_owned(),
                     }));
                 }
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => unavailable(SendError::Closed),
+                other => other.err().map(|(e, _)| e),
             },
         };
-        Routed::Done(outcome)
+        Routed::Done(match refused {
+            None => RouteOutcome::Delivered(1),
+            Some(e) => RouteOutcome::Dropped(DropReason::TargetUnavailable(target.as_str().to_owned(), e)),
+        })
     }
 }
 
