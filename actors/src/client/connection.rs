@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_rt::net::TcpStream;
+use actix_rt::task::JoinHandle;
 use actix_service::Service;
 use actix_tls::connect::{
     ConnectError as TcpConnectError, ConnectInfo, Connection as TcpConnection, ConnectorService,
@@ -414,6 +415,25 @@ pub struct GetConnectionStats;
 #[rtype(result = "()")]
 struct Control(String);
 
+/// Send this control text (from a ticker).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SendControl(&'static str);
+
+/// A task that asks the actor to send `text` every `period` (the first after one period).
+fn ticker(ctx: &Context<ConnectionActor>, period: Duration, text: &'static str) -> JoinHandle<()> {
+    let me = ctx.address().downgrade();
+    actix_rt::spawn(async move {
+        let mut ticks = actix_rt::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(me) = me.upgrade() else { break };
+            me.do_send(SendControl(text));
+        }
+    })
+}
+
 /// The socket's reader ended.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -466,6 +486,12 @@ pub struct ConnectionActor {
     attempt: Option<SpawnHandle>,
     /// Live reader and writer tasks.
     io_tasks: Arc<AtomicUsize>,
+    /// The reader and writer tasks of every generation, and the ping and token-refresh
+    /// tickers: tasks of their own rather than futures in this actor's context, because
+    /// actix polls every context future each time the actor wakes, and a frame in or out
+    /// would then poll the other direction and both tickers too. Aborted when the actor
+    /// stops (which drops a socket that is still open).
+    tasks: Vec<JoinHandle<()>>,
     /// `disconnect()` was asked for: the end of the socket is not a loss.
     closing: bool,
     /// Told when the actor stops.
@@ -493,6 +519,7 @@ impl ConnectionActor {
             reconnecting: false,
             attempt: None,
             io_tasks: Arc::new(AtomicUsize::new(0)),
+            tasks: Vec::new(),
             closing: false,
             on_stopped: Vec::new(),
         }
@@ -506,26 +533,20 @@ impl ConnectionActor {
         let (sink, stream) = socket.split();
         let (out_tx, out_rx) = mpsc::channel(self.options.outbound_capacity.max(1));
         let (in_tx, in_rx) = mpsc::channel(self.options.inbound_capacity.max(1));
+        self.tasks.retain(|t| !t.is_finished());
         let guard = TaskGuard::new(&self.io_tasks);
-        ctx.spawn(
-            async move {
-                writer(sink, out_rx).await;
-                drop(guard);
-            }
-            .into_actor(self),
-        );
+        self.tasks.push(actix_rt::spawn(async move {
+            writer(sink, out_rx).await;
+            drop(guard);
+        }));
         let me = ctx.address();
         let pong = out_tx.clone();
         let guard = TaskGuard::new(&self.io_tasks);
-        ctx.spawn(
-            async move {
-                let reason = reader(stream, in_tx, pong, me).await;
-                drop(guard);
-                reason
-            }
-            .into_actor(self)
-            .map(move |reason, _, ctx| ctx.notify(ReaderEnded { generation, reason })),
-        );
+        self.tasks.push(actix_rt::spawn(async move {
+            let reason = reader(stream, in_tx, pong, me.clone()).await;
+            drop(guard);
+            me.do_send(ReaderEnded { generation, reason });
+        }));
         if let Some(token) = &info.reconnection_token {
             self.reconnection_token = Some(token.clone());
         }
@@ -633,15 +654,18 @@ impl Actor for ConnectionActor {
             }
             self.attach(ctx, socket, info);
             if let Some(every) = self.options.ping_interval.filter(|d| !d.is_zero()) {
-                ctx.run_interval(every, |act, _| act.send_control(r#"{"type":"ping"}"#));
+                self.tasks.push(ticker(ctx, every, r#"{"type":"ping"}"#));
             }
             if !refresh.is_zero() {
-                ctx.run_interval(refresh, |act, _| act.send_control(r#"{"type":"refresh_token"}"#));
+                self.tasks.push(ticker(ctx, refresh, r#"{"type":"refresh_token"}"#));
             }
         }
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
         for tx in self.on_stopped.drain(..) {
             let _ = tx.send(());
         }
@@ -709,6 +733,14 @@ impl Handler<Control> for ConnectionActor {
             }
             other => tracing::debug!(kind = ?other, "ignoring an unknown text message"),
         }
+    }
+}
+
+impl Handler<SendControl> for ConnectionActor {
+    type Result = ();
+
+    fn handle(&mut self, SendControl(text): SendControl, _: &mut Context<Self>) {
+        self.send_control(text);
     }
 }
 
@@ -891,5 +923,100 @@ async fn reader(
                 return "the session registry stopped".to_owned();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+
+    use super::super::session_registry::RegistryOptions;
+    use super::*;
+
+    /// The control texts a fake server received, by `type`, and whether the socket closed.
+    #[derive(Default)]
+    struct Seen {
+        types: Vec<String>,
+        closed: bool,
+    }
+
+    /// A websocket peer that only does the handshake (its `connection_info` asks for a
+    /// token refresh every 200 ms: lifetime 0.3 s / 1.5) and records the text frames.
+    async fn fake_server(seen: Arc<Mutex<Seen>>) -> (u16, actix_web::dev::ServerHandle) {
+        let handler = move |req: HttpRequest, body: web::Payload| {
+            let seen = seen.clone();
+            async move {
+                let (response, mut session, mut frames) = actix_ws::handle(&req, body)?;
+                actix_rt::spawn(async move {
+                    let info = json!({
+                        "type": "connection_info", "workspace": "ws-test", "client_id": "c1",
+                        "manager_id": "mgr", "reconnection_token": "rt",
+                        "reconnection_token_life_time": 0.3,
+                    });
+                    let mut handshaken = false;
+                    while let Some(Ok(frame)) = frames.next().await {
+                        match frame {
+                            actix_ws::Message::Text(t) if !handshaken => {
+                                assert!(t.contains("client_id"), "auth first: {t}");
+                                handshaken = true;
+                                let _ = session.text(info.to_string()).await;
+                            }
+                            actix_ws::Message::Text(t) => {
+                                let kind = serde_json::from_str::<Json>(&t)
+                                    .ok()
+                                    .and_then(|j| j.get("type").and_then(Json::as_str).map(str::to_owned));
+                                seen.lock().unwrap().types.push(kind.unwrap_or_default());
+                            }
+                            actix_ws::Message::Close(_) => break,
+                            _ => {}
+                        }
+                    }
+                    seen.lock().unwrap().closed = true;
+                });
+                Ok::<HttpResponse, actix_web::Error>(response)
+            }
+        };
+        let server = HttpServer::new(move || App::new().route("/ws", web::get().to(handler.clone())))
+            .workers(1)
+            .disable_signals()
+            .bind(("127.0.0.1", 0))
+            .expect("bind");
+        let port = server.addrs()[0].port();
+        let server = server.run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        (port, handle)
+    }
+
+    fn count(seen: &Mutex<Seen>, kind: &str) -> usize {
+        seen.lock().unwrap().types.iter().filter(|t| *t == kind).count()
+    }
+
+    #[actix_rt::test]
+    async fn pings_and_token_refreshes_go_out_on_their_periods_and_stop_with_the_actor() {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (port, server) = fake_server(seen.clone()).await;
+        let mut options = ConnectOptions::new(format!("http://127.0.0.1:{port}"), "c1");
+        options.ping_interval = Some(Duration::from_millis(100));
+        options.reconnect = BackoffConfig::disabled();
+        let (socket, info) = open(&options, None).await.expect("handshake");
+        let registry = SessionRegistry::new(RegistryOptions::default(), &info).start();
+        let connection = ConnectionActor::new(options, registry, socket, info).start();
+
+        actix_rt::time::sleep(Duration::from_millis(1050)).await;
+        let (pings, refreshes) = (count(&seen, "ping"), count(&seen, "refresh_token"));
+        // 10 and 5 on time; a loaded machine may delay ticks, never add any.
+        assert!((6..=10).contains(&pings), "pings in 1.05 s at 100 ms: {pings}");
+        assert!((3..=5).contains(&refreshes), "refreshes in 1.05 s at 200 ms: {refreshes}");
+
+        let Closing(stopped) = connection.send(Close).await.expect("close");
+        stopped.await.expect("the actor stops");
+        let after = seen.lock().unwrap().types.len();
+        actix_rt::time::sleep(Duration::from_millis(400)).await;
+        assert!(seen.lock().unwrap().closed, "the socket was closed");
+        assert_eq!(seen.lock().unwrap().types.len(), after, "no control frame after the actor stopped");
+        server.stop(false).await;
     }
 }

@@ -11,7 +11,8 @@
 //! bug never takes the client down. Stopping the actor (unregistering the service) drops
 //! the running futures and tells the registry to abandon their calls.
 
-use std::collections::HashMap;
+// Keyed by the registry's call ids, touched twice per call: foldhash, not SipHash.
+use foldhash::{HashMap, HashMapExt};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 

@@ -113,12 +113,29 @@ struct Link {
 /// A binary frame of one generation.
 struct InboundFrame(Generation, Bytes);
 
+/// The timer at the endpoint's next deadline: a task of its own that sends [`Tick`] when
+/// the deadline comes. Not a future spawned into the registry's context, because actix
+/// polls every such future each time the actor wakes, and the registry wakes several
+/// times per call.
+struct Timer {
+    at: Instant,
+    epoch: u64,
+    task: actix_rt::task::JoinHandle<()>,
+}
+
+/// The timer of `epoch` is due.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Tick(u64);
+
 /// Owns the endpoint. See the module documentation.
 pub struct SessionRegistry {
     options: RegistryOptions,
     endpoint: Endpoint,
-    /// The armed timer: its deadline and handle.
-    timer: Option<(Instant, SpawnHandle)>,
+    /// The armed timer (see [`Timer`]).
+    timer: Option<Timer>,
+    /// Numbers the timers armed, so that a tick of a replaced one is ignored.
+    timer_epoch: u64,
     /// Our calls waiting for their outcome, by session.
     pending: HashMap<String, oneshot::Sender<CallResult>>,
     /// Incoming calls handed to a handler, by call id.
@@ -175,6 +192,7 @@ impl SessionRegistry {
             options,
             endpoint,
             timer: None,
+            timer_epoch: 0,
             pending: HashMap::new(),
             running: HashMap::new(),
             next_call_id: 0,
@@ -426,19 +444,22 @@ impl SessionRegistry {
     /// Keeps one timer at the endpoint's earliest deadline.
     fn arm(&mut self, ctx: &mut Context<Self>) {
         let Some(deadline) = self.endpoint.poll_timeout() else { return };
-        if let Some((at, handle)) = self.timer {
-            if at <= deadline {
+        if let Some(timer) = &self.timer {
+            if timer.at <= deadline {
                 return;
             }
-            ctx.cancel_future(handle);
+            timer.task.abort();
         }
-        let after = deadline.saturating_duration_since(Instant::now());
-        let handle = ctx.run_later(after, |act, ctx| {
-            act.timer = None;
-            act.endpoint.handle_timeout(Instant::now());
-            act.drive(ctx);
+        self.timer_epoch += 1;
+        let epoch = self.timer_epoch;
+        let me = ctx.address().downgrade();
+        let task = actix_rt::spawn(async move {
+            actix_rt::time::sleep_until(deadline.into()).await;
+            if let Some(me) = me.upgrade() {
+                me.do_send(Tick(epoch));
+            }
         });
-        self.timer = Some((deadline, handle));
+        self.timer = Some(Timer { at: deadline, epoch, task });
     }
 
     fn on_event(&mut self, ctx: &mut Context<Self>, event: Event) {
@@ -546,6 +567,9 @@ impl Actor for SessionRegistry {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.options.events.close();
+        if let Some(timer) = self.timer.take() {
+            timer.task.abort();
+        }
         for (_, actor) in self.services.drain() {
             actor.do_send(Stop);
         }
@@ -653,6 +677,19 @@ impl Handler<GetState> for SessionRegistry {
 
     fn handle(&mut self, _: GetState, _: &mut Context<Self>) -> Self::Result {
         actix::prelude::MessageResult(self.state.subscribe())
+    }
+}
+
+impl Handler<Tick> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, Tick(epoch): Tick, ctx: &mut Context<Self>) {
+        if self.closed || self.timer.as_ref().is_none_or(|t| t.epoch != epoch) {
+            return;
+        }
+        self.timer = None;
+        self.endpoint.handle_timeout(Instant::now());
+        self.drive(ctx);
     }
 }
 
@@ -787,8 +824,8 @@ impl Handler<Disconnect> for SessionRegistry {
         for (_, actor) in self.services.drain() {
             actor.do_send(Stop);
         }
-        if let Some((_, handle)) = self.timer.take() {
-            ctx.cancel_future(handle);
+        if let Some(timer) = self.timer.take() {
+            timer.task.abort();
         }
         self.link = None;
         self.backlog.clear();
