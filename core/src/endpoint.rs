@@ -41,10 +41,14 @@
 //!
 //! # Deliberate behaviours
 //!
-//! * The callee's first heartbeat is due at once, as the Python client sends it (spec
-//!   §4.4), but it goes out on the next [`Endpoint::handle_timeout`]: a driver that
-//!   replies before servicing its timers (an instant function) sends no heartbeat at all,
-//!   which is what a JS callee does. Either is wire-compatible.
+//! * The callee's first heartbeat is due [`FIRST_HEARTBEAT_AFTER`] (1 s, or the interval
+//!   if shorter) after the call arrived, then one every interval (spec §4.4). Python
+//!   sends the first one at once, even for an instant function; JS after one interval.
+//!   Both are wire-compatible (a heartbeat only pushes the caller's deadline back, which
+//!   is two intervals away). Sending it at once would cost a frame through the server
+//!   for every call in flight whenever the timer runs, and re-arm the driver's timer for
+//!   nearly every call; a call that runs longer than a second still signals life within
+//!   one.
 //! * Callbacks decoded from the arguments of a call that arrived with `parent = P` nest
 //!   the sessions of calls made through them under `P` (spec §4.7) while that call runs:
 //!   [`RemoteMethod`] has no field for a local parent, so the endpoint remembers it by the
@@ -73,6 +77,10 @@ use crate::value::{ErrorValue, Handler, Map, PromiseMode, RemoteGenerator, Remot
 
 /// `services.built-in.get_service`: the first step of a chunked send (spec §3 step 1).
 const GET_BUILTIN_METHOD: &str = "services.built-in.get_service";
+
+/// How long after a call arrives its first heartbeat is due (or after one interval, if
+/// that is shorter). See the module documentation.
+pub const FIRST_HEARTBEAT_AFTER: Duration = Duration::from_secs(1);
 
 // ---------------------------------------------------------------------------------------
 // Configuration and errors
@@ -1357,8 +1365,9 @@ impl Endpoint {
 
     // ----- running calls: replies, heartbeats, parent links -----
 
-    /// Records a call handed to the driver: heartbeat schedule (the first one due at once,
-    /// spec §4.4) and the parent link of its callbacks (spec §4.7).
+    /// Records a call handed to the driver: heartbeat schedule (the first one due after
+    /// [`FIRST_HEARTBEAT_AFTER`], spec §4.4) and the parent link of its callbacks (spec
+    /// §4.7).
     fn open_reply(&mut self, now: Instant, mut reply: ReplyTo, remote_session: Option<&str>) -> ReplyTo {
         let Some(cb) = &reply.callbacks else { return reply };
         let id = self.fresh_id();
@@ -1367,7 +1376,7 @@ impl Endpoint {
             (Some(h), Some(i)) if !i.is_zero() => Some((h.clone(), i)),
             _ => None,
         };
-        let next_heartbeat = heartbeat.as_ref().map(|_| now);
+        let next_heartbeat = heartbeat.as_ref().map(|(_, every)| now + FIRST_HEARTBEAT_AFTER.min(*every));
         if let Some(t) = next_heartbeat {
             self.heartbeats.insert((t, id));
         }
@@ -1697,10 +1706,14 @@ mod tests {
         assert_eq!(callbacks.resolve.target, PEER, "decoded against the caller's workspace");
         assert_eq!(callbacks.resolve.remote_parent.as_deref(), Some("S"));
         assert_eq!(callbacks.interval, Some(Duration::from_secs(15)));
-        assert_eq!(ep.poll_timeout(), Some(now), "the first heartbeat is due at once");
+        assert_eq!(
+            ep.poll_timeout(),
+            Some(now + FIRST_HEARTBEAT_AFTER),
+            "the first heartbeat is due after 1 s"
+        );
         ep.reply(now, reply, Ok(Value::from(3)));
         let out = sent(&mut ep);
-        assert_eq!(out.len(), 1, "replied before the timer ran: no heartbeat");
+        assert_eq!(out.len(), 1, "replied within the first second: no heartbeat");
         assert_eq!(method_of(&out[0]), "S.resolve");
         assert_eq!(out[0].main["to"], Value::from(PEER));
         assert_eq!(out[0].main["parent"], Value::from("S"));
@@ -1731,22 +1744,26 @@ mod tests {
     }
 
     #[test]
-    fn callee_heartbeats_at_once_then_every_interval_until_the_reply() {
+    fn callee_heartbeats_after_a_second_then_every_interval_until_the_reply() {
         let now = Instant::now();
         let mut ep = endpoint(now);
         service(&mut ep, "slow", Map::new());
         ep.handle_frame(now, compact_call("services.demo.slow", "S", Vec::new(), 15.0));
         let (_, _, _, _, reply) = invoked(&mut ep);
+        let first = now + FIRST_HEARTBEAT_AFTER;
+        assert_eq!(ep.poll_timeout(), Some(first));
         ep.handle_timeout(now);
+        assert!(sent(&mut ep).is_empty(), "an instant reply would send no heartbeat");
+        ep.handle_timeout(first);
         let beats = sent(&mut ep);
         assert_eq!(beats.len(), 1);
         assert_eq!(method_of(&beats[0]), "S.heartbeat");
         assert_eq!(beats[0].main["parent"], Value::from("S"));
         assert_eq!(beats[0].extra, None, "a heartbeat is a single segment");
-        assert_eq!(ep.poll_timeout(), Some(secs(now, 15)));
-        ep.handle_timeout(secs(now, 14));
+        assert_eq!(ep.poll_timeout(), Some(secs(first, 15)));
+        ep.handle_timeout(secs(first, 14));
         assert!(sent(&mut ep).is_empty());
-        ep.handle_timeout(secs(now, 15));
+        ep.handle_timeout(secs(first, 15));
         assert_eq!(sent(&mut ep).len(), 1);
         ep.reply(secs(now, 20), reply, Err(ErrorValue::new("boom")));
         let out = sent(&mut ep);
@@ -1760,6 +1777,13 @@ mod tests {
         ep.handle_frame(now, compact_call("services.demo.slow", "S2", Vec::new(), 0.0));
         let (_, _, _, _, reply) = invoked(&mut ep);
         assert_eq!(ep.poll_timeout(), None);
+        ep.abandon(reply);
+        assert_idle(&ep);
+
+        // An interval under a second: the first heartbeat comes after one interval.
+        ep.handle_frame(now, compact_call("services.demo.slow", "S3", Vec::new(), 0.4));
+        let (_, _, _, _, reply) = invoked(&mut ep);
+        assert_eq!(ep.poll_timeout(), Some(now + Duration::from_millis(400)));
         ep.abandon(reply);
         assert_idle(&ep);
     }
