@@ -533,6 +533,9 @@ pub struct Endpoint {
     next_sweep: Option<Instant>,
     /// Source of upload and reply ids.
     next_id: u64,
+    /// The `user` stamp of the last frame received: the server repeats it in every frame
+    /// it routes here, and it need not be checked again ([`msgpack::RepeatCache`]).
+    user_cache: msgpack::RepeatCache,
 }
 
 impl Endpoint {
@@ -559,6 +562,7 @@ impl Endpoint {
             reassembled: VecDeque::new(),
             next_sweep: None,
             next_id: 0,
+            user_cache: MainSegment::user_cache(),
         };
         ep.set_workspace(workspace);
         ep
@@ -783,7 +787,7 @@ impl Endpoint {
     /// One binary frame from the transport (spec §2.5).
     pub fn handle_frame(&mut self, now: Instant, frame: Bytes) {
         let limits = &self.config.decode_limits;
-        let decoded = MainSegment::decode(&frame, limits)
+        let decoded = MainSegment::decode_cached(&frame, limits, &mut self.user_cache)
             .map_err(EndpointError::from)
             .and_then(|(main, at)| Ok((main, package::decode_extra(&frame, at, limits)?)));
         match decoded {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::ids::WILDCARD;
-use crate::msgpack::{self, DecodeLimits, Rope};
+use crate::msgpack::{self, DecodeLimits, RepeatCache, Rope};
 use crate::package::{PackageError, RawMain};
 use crate::value::{Map, PromiseMode, Value};
 
@@ -166,7 +166,25 @@ impl MainSegment {
     /// copied out of it, and the server's `user` stamp stays encoded
     /// ([`UserStamp::Encoded`]).
     pub fn decode(frame: &Bytes, limits: &DecodeLimits) -> Result<(Self, usize), MainDecodeError> {
-        let raw = RawMain::scan(frame, limits)?;
+        Self::from_raw(&RawMain::scan(frame, limits)?)
+    }
+
+    /// [`MainSegment::decode`] for the frames of one connection: `cache` holds the last
+    /// `user` stamp checked (see [`RepeatCache`]), which every routed frame repeats.
+    pub fn decode_cached(
+        frame: &Bytes,
+        limits: &DecodeLimits,
+        cache: &mut RepeatCache,
+    ) -> Result<(Self, usize), MainDecodeError> {
+        Self::from_raw(&RawMain::scan_cached(frame, limits, cache)?)
+    }
+
+    /// A cache for [`MainSegment::decode_cached`].
+    pub fn user_cache() -> RepeatCache {
+        RepeatCache::new("user")
+    }
+
+    fn from_raw(raw: &RawMain<'_>) -> Result<(Self, usize), MainDecodeError> {
         // In `from_map`'s order, so that a segment with several faults reports the same one.
         let text = |key: &'static str| match raw.str(key) {
             Some(s) => Ok(Some(s.to_owned())),
@@ -722,6 +740,11 @@ mod tests {
         assert!(frame.as_ptr_range().contains(&raw.as_ptr()), "a slice of the frame");
         assert_eq!(seg.user.as_ref().map(UserStamp::to_value), map(SERVER_STAMPED).get("user").cloned());
         decode_agrees_with_from_map(&frame);
+        // With a connection's `user` cache, cold and warm: the same segment.
+        let mut cache = MainSegment::user_cache();
+        for _ in 0..2 {
+            assert_eq!(MainSegment::decode_cached(&frame, &DecodeLimits::default(), &mut cache).unwrap().0, seg);
+        }
         // Written back, the encoded stamp is copied as it is: the same bytes.
         let mut rope = Rope::new();
         seg.encode_to(&mut rope).unwrap();
