@@ -358,6 +358,28 @@ impl<'a> Reader<'a> {
     /// then reads it or reports its error exactly as [`decode`] does.
     #[inline]
     fn short_str(&mut self) -> Option<&'a str> {
+        let (bytes, end) = self.short_str_bytes()?;
+        let s = match known_key(bytes) {
+            Some(key) => key,
+            None => utf8(bytes).ok()?,
+        };
+        self.pos = end;
+        Some(s)
+    }
+
+    /// [`Reader::short_str`] for a value: values are ids and paths, not the
+    /// [`known_key`]s, so matching them against those would only cost time.
+    #[inline]
+    fn short_value_str(&mut self) -> Option<&'a str> {
+        let (bytes, end) = self.short_str_bytes()?;
+        let s = utf8(bytes).ok()?;
+        self.pos = end;
+        Some(s)
+    }
+
+    /// The bytes of a complete `fixstr` or `str 8` at the cursor, and where it ends.
+    #[inline]
+    fn short_str_bytes(&self) -> Option<(&'a [u8], usize)> {
         let data = self.data;
         let (start, len) = match *data.get(self.pos)? {
             m @ 0xa0..=0xbf => (self.pos + 1, usize::from(m & 0x1f)),
@@ -365,13 +387,7 @@ impl<'a> Reader<'a> {
             _ => return None,
         };
         let end = start + len;
-        let bytes = data.get(start..end)?;
-        let s = match known_key(bytes) {
-            Some(key) => key,
-            None => utf8(bytes).ok()?,
-        };
-        self.pos = end;
-        Some(s)
+        Some((data.get(start..end)?, end))
     }
 
     /// [`Reader::head`] without building the scalar: the same reads and the same checks
@@ -808,7 +824,7 @@ fn walk<'a>(
         };
         let value_at = r.pos;
         budget.item(value_at)?;
-        if let Some(s) = r.short_str() {
+        if let Some(s) = r.short_value_str() {
             visit(RawEntry { key, key_bytes: key_at..value_at, value: value_at..r.pos, str: Some(s) });
             continue;
         }
