@@ -185,29 +185,45 @@ impl MainSegment {
     }
 
     fn from_raw(raw: &RawMain<'_>) -> Result<(Self, usize), MainDecodeError> {
+        // One pass sorts the entries into the typed fields ([`WIRE_KEYS`] order); a
+        // search per field cost a string comparison per field and entry.
+        let mut slots = [None; WIRE_KEYS.len()];
+        let mut has_rest = false;
+        for e in raw.entries() {
+            match WIRE_KEYS.iter().position(|k| *k == e.key) {
+                Some(i) => slots[i] = Some(e),
+                None => has_rest = true,
+            }
+        }
         // In `from_map`'s order, so that a segment with several faults reports the same one.
-        let text = |key: &'static str| match raw.str(key) {
-            Some(s) => Ok(Some(s.to_owned())),
-            None => match raw.kind(key) {
-                None | Some("nil") => Ok(None),
-                Some(got) => Err(MessageError::WrongType { key, expected: "str", got }),
+        let text = |i: usize| match slots[i] {
+            None => Ok(None),
+            Some(e) => match e.str {
+                Some(s) => Ok(Some(s.to_owned())),
+                None => match raw.entry_kind(e) {
+                    "nil" => Ok(None),
+                    got => Err(MessageError::WrongType { key: WIRE_KEYS[i], expected: "str", got }),
+                },
             },
         };
         let seg = Self {
-            kind: text("type")?.ok_or(MessageError::MissingType)?,
-            from: text("from")?,
-            to: text("to")?,
-            method: text("method")?,
-            session: text("session")?,
-            parent: text("parent")?,
-            ws: text("ws")?,
+            kind: text(0)?.ok_or(MessageError::MissingType)?,
+            from: text(1)?,
+            to: text(2)?,
+            method: text(3)?,
+            session: text(4)?,
+            parent: text(5)?,
+            ws: text(6)?,
             // nil reads as absent, as in `from_map`.
-            user: raw.encoded("user").filter(|u| u[..] != [0xc0]).map(UserStamp::Encoded),
-            rest: raw
-                .keys()
-                .filter(|k| !WIRE_KEYS.contains(k))
-                .filter_map(|k| Some((k.to_owned(), raw.value(k)?)))
-                .collect(),
+            user: slots[7].map(|e| raw.entry_encoded(e)).filter(|u| u[..] != [0xc0]).map(UserStamp::Encoded),
+            rest: match has_rest {
+                false => Map::new(),
+                true => raw
+                    .keys()
+                    .filter(|k| !WIRE_KEYS.contains(k))
+                    .filter_map(|k| Some((k.to_owned(), raw.value(k)?)))
+                    .collect(),
+            },
         };
         Ok((seg, raw.extra_at()))
     }

@@ -367,6 +367,21 @@ impl<'a> RawMain<'a> {
         self.entry(key).map(|e| self.frame.slice(e.value.clone()))
     }
 
+    /// The entries, each key once, in the order they first occur.
+    pub(crate) fn entries(&self) -> &[RawEntry<'a>] {
+        &self.entries
+    }
+
+    /// The [`Value::kind`] of an entry's value, without decoding it.
+    pub(crate) fn entry_kind(&self, e: &RawEntry<'a>) -> &'static str {
+        self.frame.get(e.value.start).copied().map_or("nil", value_kind)
+    }
+
+    /// The encoded value of an entry, a slice of the frame (no copy).
+    pub(crate) fn entry_encoded(&self, e: &RawEntry<'a>) -> Bytes {
+        self.frame.slice(e.value.clone())
+    }
+
     /// The keys, each once, in the order they first occur.
     pub fn keys(&self) -> impl Iterator<Item = &'a str> + '_ {
         self.entries.iter().map(|e| e.key)
