@@ -1119,7 +1119,8 @@ impl Endpoint {
 
     /// The callee side of spec §4.5.
     fn handle_method(&mut self, now: Instant, main: MainSegment, mut extra: Map) {
-        let (Some(from), Some(to), Some(method)) = (main.from.as_deref(), main.to.as_deref(), main.method.as_deref())
+        let (Some(from), Some(to), Some(method)) =
+            (main.from.as_deref(), main.to.as_deref(), main.method.as_deref())
         else {
             let missing = if main.from.is_none() {
                 "from"
@@ -1169,12 +1170,8 @@ impl Endpoint {
             return self.finish_reply(now, reply, Err(e.to_error_value()));
         }
         // 4-6. Lookup and permission.
-        let incoming = IncomingCall {
-            from,
-            method,
-            local_parent: main.parent.as_deref(),
-            ..Default::default()
-        };
+        let incoming =
+            IncomingCall { from, method, local_parent: main.parent.as_deref(), ..Default::default() };
         let target = match self.table.lookup(now, &incoming) {
             Ok(t) => t,
             Err(e) => {

@@ -424,7 +424,10 @@ pub fn absolute_call_target<'a>(
     let target_ws = to.split_once('/').map_or(&*to, |(w, _)| w);
     if let Some(local) = local_ws {
         if !local.is_empty() && local != WILDCARD && target_ws != local {
-            return Err(MessageError::WorkspaceMismatch { target: target_ws.to_owned(), local: local.to_owned() });
+            return Err(MessageError::WorkspaceMismatch {
+                target: target_ws.to_owned(),
+                local: local.to_owned(),
+            });
         }
     }
     Ok(to)
@@ -525,7 +528,13 @@ pub fn write_call(
     promise: Option<Promise>,
 ) -> Result<(), msgpack::EncodeError> {
     let CallMain { from, to, method, session, parent } = main;
-    let fields = [("from", Some(from)), ("to", Some(to)), ("method", Some(method)), ("session", session), ("parent", parent)];
+    let fields = [
+        ("from", Some(from)),
+        ("to", Some(to)),
+        ("method", Some(method)),
+        ("session", session),
+        ("parent", parent),
+    ];
     rope.put_map_header(1 + fields.iter().filter(|(_, v)| v.is_some()).count())?;
     rope.put_str("type")?;
     rope.put_str(METHOD)?;
@@ -543,7 +552,8 @@ pub fn write_call(
             return msgpack::encode_map_to_rope(&extra, rope);
         }
     };
-    let entries = usize::from(!args.is_empty()) + usize::from(with_kwargs) + 2 * usize::from(interval.is_some());
+    let entries =
+        usize::from(!args.is_empty()) + usize::from(with_kwargs) + 2 * usize::from(interval.is_some());
     if entries == 0 {
         return Ok(());
     }
@@ -853,7 +863,10 @@ mod tests {
         // With a connection's `user` cache, cold and warm: the same segment.
         let mut cache = MainSegment::user_cache();
         for _ in 0..2 {
-            assert_eq!(MainSegment::decode_cached(&frame, &DecodeLimits::default(), &mut cache).unwrap().0, seg);
+            assert_eq!(
+                MainSegment::decode_cached(&frame, &DecodeLimits::default(), &mut cache).unwrap().0,
+                seg
+            );
         }
         // Written back, the encoded stamp is copied as it is: the same bytes.
         let mut rope = Rope::new();
@@ -1043,7 +1056,9 @@ mod tests {
         let big = Value::Bytes(Bytes::from(vec![7u8; 100_000]));
         let i = Some(Duration::from_millis(15_500));
         for mode in [PromiseMode::None, PromiseMode::Compact, PromiseMode::Explicit] {
-            for args in [vec![], vec![Value::from("x"), Value::Int(1)], vec![big.clone(), Value::Map(Map::new())]] {
+            for args in
+                [vec![], vec![Value::from("x"), Value::Int(1)], vec![big.clone(), Value::Map(Map::new())]]
+            {
                 for with_kwargs in [false, true] {
                     for (session, parent) in [(None, None), (Some("S1"), None), (Some("S1"), Some("P.q"))] {
                         let promise = Promise::outgoing(mode, "ws/me", "S1", i);
@@ -1056,8 +1071,13 @@ mod tests {
                         if !extra.is_empty() {
                             msgpack::encode_map_to_rope(&extra, &mut expected).unwrap();
                         }
-                        let main =
-                            CallMain { from: "ws/me", to: "ws/peer", method: "services.x.f", session, parent };
+                        let main = CallMain {
+                            from: "ws/me",
+                            to: "ws/peer",
+                            method: "services.x.f",
+                            session,
+                            parent,
+                        };
                         let mut direct = Rope::new();
                         write_call(&mut direct, main, args.clone(), with_kwargs, promise).unwrap();
                         assert_eq!(direct.len(), expected.len());

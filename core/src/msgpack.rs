@@ -775,7 +775,15 @@ impl RepeatCache {
     }
 
     /// Remembers the value `data[at..end]`, just walked without error.
-    fn store(&mut self, data: &[u8], at: usize, end: usize, limits: &DecodeLimits, items: usize, need: usize) {
+    fn store(
+        &mut self,
+        data: &[u8],
+        at: usize,
+        end: usize,
+        limits: &DecodeLimits,
+        items: usize,
+        need: usize,
+    ) {
         self.bytes.clear();
         self.bytes.extend_from_slice(&data[at..end]);
         self.max_depth = limits.max_depth;
