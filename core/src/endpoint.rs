@@ -65,7 +65,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use crate::chunk::{self, CacheCall, ChunkError, ChunkLimits, ChunkPlan, Reassembler, CHUNK_SIZE};
 use crate::codec::{self, CodecError, CodecRegistry, DecodeContext, EncodeContext};
-use crate::message::{self, CallAddresses, MainSegment, MessageError, Promise};
+use crate::message::{self, MainSegment, MessageError, Promise};
 use crate::msgpack::{self, DecodeLimits, Rope};
 use crate::package::{self, Package, PackageError};
 use crate::session::{
@@ -541,6 +541,9 @@ pub struct Endpoint {
     next_sweep: Option<Instant>,
     /// Source of upload and reply ids.
     next_id: u64,
+    /// The `user` stamp of the last frame received: the server repeats it in every frame
+    /// it routes here, and it need not be checked again ([`msgpack::RepeatCache`]).
+    user_cache: msgpack::RepeatCache,
 }
 
 impl Endpoint {
@@ -567,6 +570,7 @@ impl Endpoint {
             reassembled: VecDeque::new(),
             next_sweep: None,
             next_id: 0,
+            user_cache: MainSegment::user_cache(),
         };
         ep.set_workspace(workspace);
         ep
@@ -791,7 +795,7 @@ impl Endpoint {
     /// One binary frame from the transport (spec §2.5).
     pub fn handle_frame(&mut self, now: Instant, frame: Bytes) {
         let limits = &self.config.decode_limits;
-        let decoded = MainSegment::decode(&frame, limits)
+        let decoded = MainSegment::decode_cached(&frame, limits, &mut self.user_cache)
             .map_err(EndpointError::from)
             .and_then(|(main, at)| Ok((main, package::decode_extra(&frame, at, limits)?)));
         match decoded {
@@ -861,14 +865,18 @@ impl Endpoint {
                 other => vec![other],
             };
             let promise = Promise::outgoing(method.promise, &self.id, &session, opened.heartbeat_interval);
-            let mut main =
-                MainSegment::call(self.id.as_str(), method.target.as_str(), method.method.as_str());
-            if method.promise != PromiseMode::None {
-                main.session = Some(session.clone());
-            }
-            main.parent = method.remote_parent.clone();
-            let extra = message::call_extra_encoded(args, with_kwargs, promise);
-            Ok(encode_call(&main, &extra)?)
+            let main = message::CallMain {
+                from: &self.id,
+                to: &method.target,
+                method: &method.method,
+                session: Some(session.as_str()).filter(|_| method.promise != PromiseMode::None),
+                parent: method.remote_parent.as_deref(),
+            };
+            // The first buffer starts large enough for a small call, so that it rarely
+            // grows; large payloads are referenced, not copied ([`Rope`]).
+            let mut rope = Rope::with_capacity(512);
+            message::write_call(&mut rope, main, args, with_kwargs, promise).map_err(PackageError::from)?;
+            Ok(rope)
         });
         match built {
             Ok(rope) => Ok((session, rope)),
@@ -1119,7 +1127,8 @@ impl Endpoint {
 
     /// The callee side of spec §4.5.
     fn handle_method(&mut self, now: Instant, main: MainSegment, mut extra: Map) {
-        let (Some(from), Some(to), Some(method)) = (main.from.clone(), main.to.clone(), main.method.clone())
+        let (Some(from), Some(to), Some(method)) =
+            (main.from.as_deref(), main.to.as_deref(), main.method.as_deref())
         else {
             let missing = if main.from.is_none() {
                 "from"
@@ -1131,7 +1140,7 @@ impl Endpoint {
             return self.events.push_back(Event::Error(MessageError::Missing(missing).into()));
         };
         let Some((remote_ws, _)) = from.split_once('/') else {
-            return self.events.push_back(Event::Error(MessageError::BadFrom(from.clone()).into()));
+            return self.events.push_back(Event::Error(MessageError::BadFrom(from.to_owned()).into()));
         };
         // 3. The promise first: every later error goes to its reject.
         let callbacks = {
@@ -1154,31 +1163,27 @@ impl Endpoint {
             id: None,
             callbacks,
             local_parent: main.parent.clone(),
-            caller: from.clone(),
-            method: method.clone(),
+            caller: from.to_owned(),
+            method: method.to_owned(),
             generator: None,
         };
         // 1. Absolute ids.
-        let addrs = match CallAddresses::resolve(&from, &to, self.table.local_workspace()) {
-            Ok(a) => a,
+        let to = match message::absolute_call_target(from, to, self.table.local_workspace()) {
+            Ok(to) => to,
             Err(e) => return self.finish_reply(now, reply, Err(EndpointError::from(e).to_error_value())),
         };
         // 2. Encryption is not modelled here.
         if message::is_encrypted(&extra) {
-            let e = EndpointError::EncryptionUnsupported(method.clone());
+            let e = EndpointError::EncryptionUnsupported(method.to_owned());
             return self.finish_reply(now, reply, Err(e.to_error_value()));
         }
         // 4-6. Lookup and permission.
-        let incoming = IncomingCall {
-            from: &from,
-            method: &method,
-            local_parent: main.parent.as_deref(),
-            ..Default::default()
-        };
+        let incoming =
+            IncomingCall { from, method, local_parent: main.parent.as_deref(), ..Default::default() };
         let target = match self.table.lookup(now, &incoming) {
             Ok(t) => t,
             Err(e) => {
-                if !reply.expects_result() && is_late_callback(&e, &method) {
+                if !reply.expects_result() && is_late_callback(&e, method) {
                     return; // a late heartbeat/resolve/reject: normal, dropped silently
                 }
                 return self.finish_reply(now, reply, Err(EndpointError::from(e).to_error_value()));
@@ -1220,14 +1225,14 @@ impl Endpoint {
             }
             Target::Service(call) => {
                 if let Some(builtin) = call.function.handler.downcast_ref::<Builtin>() {
-                    let ctx = message::build_ctx(&main, &self.config.connection_type, &addrs.to);
+                    let ctx = message::build_ctx(&main, &self.config.connection_type, &to);
                     let result = self.run_builtin(now, *builtin, args, &ctx);
                     return self.finish_reply(now, reply, result.map_err(|e| e.to_error_value()));
                 }
                 let context = call
                     .annotation
                     .require_context
-                    .then(|| message::build_ctx(&main, &self.config.connection_type, &addrs.to));
+                    .then(|| message::build_ctx(&main, &self.config.connection_type, &to));
                 let reply = self.open_reply(now, reply, session);
                 let handler = call.function.handler;
                 self.events.push_back(Event::Invoke { handler, args, kwargs, context, reply });
@@ -1504,18 +1509,6 @@ impl Builtin {
             Builtin::CacheRemove => "message_cache.remove",
         }
     }
-}
-
-/// A call's package as a rope: the typed main segment written directly (no map built for
-/// it), then the extra segment. The first buffer starts large enough for a small call, so
-/// that it rarely grows; large payloads are referenced, not copied ([`Rope`]).
-fn encode_call(main: &MainSegment, extra: &Map) -> Result<Rope, PackageError> {
-    let mut rope = Rope::with_capacity(512);
-    main.encode_to(&mut rope)?;
-    if !extra.is_empty() {
-        msgpack::encode_map_to_rope(extra, &mut rope)?;
-    }
-    Ok(rope)
 }
 
 /// The main segment of a package reassembled from `message_cache` chunks, with its

@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::ids::WILDCARD;
-use crate::msgpack::{self, DecodeLimits, Rope};
+use crate::msgpack::{self, DecodeLimits, RepeatCache, Rope};
 use crate::package::{PackageError, RawMain};
 use crate::value::{Map, PromiseMode, Value};
 
@@ -166,30 +166,64 @@ impl MainSegment {
     /// copied out of it, and the server's `user` stamp stays encoded
     /// ([`UserStamp::Encoded`]).
     pub fn decode(frame: &Bytes, limits: &DecodeLimits) -> Result<(Self, usize), MainDecodeError> {
-        let raw = RawMain::scan(frame, limits)?;
+        Self::from_raw(&RawMain::scan(frame, limits)?)
+    }
+
+    /// [`MainSegment::decode`] for the frames of one connection: `cache` holds the last
+    /// `user` stamp checked (see [`RepeatCache`]), which every routed frame repeats.
+    pub fn decode_cached(
+        frame: &Bytes,
+        limits: &DecodeLimits,
+        cache: &mut RepeatCache,
+    ) -> Result<(Self, usize), MainDecodeError> {
+        Self::from_raw(&RawMain::scan_cached(frame, limits, cache)?)
+    }
+
+    /// A cache for [`MainSegment::decode_cached`].
+    pub fn user_cache() -> RepeatCache {
+        RepeatCache::new("user")
+    }
+
+    fn from_raw(raw: &RawMain<'_>) -> Result<(Self, usize), MainDecodeError> {
+        // One pass sorts the entries into the typed fields ([`WIRE_KEYS`] order); a
+        // search per field cost a string comparison per field and entry.
+        let mut slots = [None; WIRE_KEYS.len()];
+        let mut has_rest = false;
+        for e in raw.entries() {
+            match WIRE_KEYS.iter().position(|k| *k == e.key) {
+                Some(i) => slots[i] = Some(e),
+                None => has_rest = true,
+            }
+        }
         // In `from_map`'s order, so that a segment with several faults reports the same one.
-        let text = |key: &'static str| match raw.str(key) {
-            Some(s) => Ok(Some(s.to_owned())),
-            None => match raw.kind(key) {
-                None | Some("nil") => Ok(None),
-                Some(got) => Err(MessageError::WrongType { key, expected: "str", got }),
+        let text = |i: usize| match slots[i] {
+            None => Ok(None),
+            Some(e) => match e.str {
+                Some(s) => Ok(Some(s.to_owned())),
+                None => match raw.entry_kind(e) {
+                    "nil" => Ok(None),
+                    got => Err(MessageError::WrongType { key: WIRE_KEYS[i], expected: "str", got }),
+                },
             },
         };
         let seg = Self {
-            kind: text("type")?.ok_or(MessageError::MissingType)?,
-            from: text("from")?,
-            to: text("to")?,
-            method: text("method")?,
-            session: text("session")?,
-            parent: text("parent")?,
-            ws: text("ws")?,
+            kind: text(0)?.ok_or(MessageError::MissingType)?,
+            from: text(1)?,
+            to: text(2)?,
+            method: text(3)?,
+            session: text(4)?,
+            parent: text(5)?,
+            ws: text(6)?,
             // nil reads as absent, as in `from_map`.
-            user: raw.encoded("user").filter(|u| u[..] != [0xc0]).map(UserStamp::Encoded),
-            rest: raw
-                .keys()
-                .filter(|k| !WIRE_KEYS.contains(k))
-                .filter_map(|k| Some((k.to_owned(), raw.value(k)?)))
-                .collect(),
+            user: slots[7].map(|e| raw.entry_encoded(e)).filter(|u| u[..] != [0xc0]).map(UserStamp::Encoded),
+            rest: match has_rest {
+                false => Map::new(),
+                true => raw
+                    .keys()
+                    .filter(|k| !WIRE_KEYS.contains(k))
+                    .filter_map(|k| Some((k.to_owned(), raw.value(k)?)))
+                    .collect(),
+            },
         };
         Ok((seg, raw.extra_at()))
     }
@@ -373,6 +407,32 @@ impl CallAddresses {
     }
 }
 
+/// [`CallAddresses::resolve`]'s checks without its copies: the absolute `to` (borrowed
+/// when `to` already is absolute, as the server makes every `to` it routes), or its error.
+/// The callee needs nothing else on its hot path; the context that names the other
+/// addresses is built on demand.
+pub fn absolute_call_target<'a>(
+    from: &str,
+    to: &'a str,
+    local_ws: Option<&str>,
+) -> Result<std::borrow::Cow<'a, str>, MessageError> {
+    let (remote_ws, _) = from.split_once('/').ok_or_else(|| MessageError::BadFrom(from.into()))?;
+    let to = match to.split_once('/') {
+        Some(_) => std::borrow::Cow::Borrowed(to),
+        None => std::borrow::Cow::Owned(format!("{remote_ws}/{to}")),
+    };
+    let target_ws = to.split_once('/').map_or(&*to, |(w, _)| w);
+    if let Some(local) = local_ws {
+        if !local.is_empty() && local != WILDCARD && target_ws != local {
+            return Err(MessageError::WorkspaceMismatch {
+                target: target_ws.to_owned(),
+                local: local.to_owned(),
+            });
+        }
+    }
+    Ok(to)
+}
+
 /// The receive context (spec §2.5): the routing fields and the other keys of the main
 /// segment, as received **before** the extra segment is merged, plus `connection_type`
 /// (one of the `CONNECTION_TYPE_*` constants) and `to` set to the absolute target. After a
@@ -450,6 +510,84 @@ pub fn call_extra_encoded(args: Vec<Value>, with_kwargs: bool, promise: Option<P
         p.write_into(&mut extra);
     }
     extra
+}
+
+/// Writes the package of an outgoing call into `rope`: the bytes of
+/// `MainSegment::call(from, to, method)` with `session` and `parent` set, then of the
+/// [`call_extra_encoded`] map (nothing when it is empty), written directly.
+///
+/// Why: building the typed segment and the extra map only to encode them cost a dozen
+/// allocations and as many keyed inserts per call on a client's hot path.
+/// `direct_call_package_equals_the_built_one` checks that both ways write the same bytes.
+/// On error the rope is left partly written: throw it away.
+pub fn write_call(
+    rope: &mut Rope,
+    main: CallMain<'_>,
+    args: Vec<Value>,
+    with_kwargs: bool,
+    promise: Option<Promise>,
+) -> Result<(), msgpack::EncodeError> {
+    let CallMain { from, to, method, session, parent } = main;
+    let fields = [
+        ("from", Some(from)),
+        ("to", Some(to)),
+        ("method", Some(method)),
+        ("session", session),
+        ("parent", parent),
+    ];
+    rope.put_map_header(1 + fields.iter().filter(|(_, v)| v.is_some()).count())?;
+    rope.put_str("type")?;
+    rope.put_str(METHOD)?;
+    for (k, v) in fields {
+        if let Some(v) = v {
+            rope.put_str(k)?;
+            rope.put_str(v)?;
+        }
+    }
+    let interval = match promise {
+        None => None,
+        Some(Promise::Compact { interval }) => Some(interval),
+        explicit => {
+            let extra = call_extra_encoded(args, with_kwargs, explicit);
+            return msgpack::encode_map_to_rope(&extra, rope);
+        }
+    };
+    let entries =
+        usize::from(!args.is_empty()) + usize::from(with_kwargs) + 2 * usize::from(interval.is_some());
+    if entries == 0 {
+        return Ok(());
+    }
+    rope.put_map_header(entries)?;
+    if !args.is_empty() {
+        rope.put_str("args")?;
+        rope.put_value(&Value::List(args))?;
+    }
+    if with_kwargs {
+        rope.put_str("with_kwargs")?;
+        rope.put_value(&Value::Bool(true))?;
+    }
+    if let Some(interval) = interval {
+        rope.put_str("promise")?;
+        rope.put_str("*")?;
+        rope.put_str("t")?;
+        rope.put_value(&Value::F64(interval.as_secs_f64()))?;
+    }
+    Ok(())
+}
+
+/// The routing fields of an outgoing call, for [`write_call`].
+#[derive(Clone, Copy, Debug)]
+pub struct CallMain<'a> {
+    /// Our id.
+    pub from: &'a str,
+    /// The target.
+    pub to: &'a str,
+    /// The method path.
+    pub method: &'a str,
+    /// The call's session, for calls with a promise.
+    pub session: Option<&'a str>,
+    /// The callee-side session the descriptor came in (§4.7).
+    pub parent: Option<&'a str>,
 }
 
 /// Moves the encoded positional arguments out of a received extra segment (empty when
@@ -722,6 +860,14 @@ mod tests {
         assert!(frame.as_ptr_range().contains(&raw.as_ptr()), "a slice of the frame");
         assert_eq!(seg.user.as_ref().map(UserStamp::to_value), map(SERVER_STAMPED).get("user").cloned());
         decode_agrees_with_from_map(&frame);
+        // With a connection's `user` cache, cold and warm: the same segment.
+        let mut cache = MainSegment::user_cache();
+        for _ in 0..2 {
+            assert_eq!(
+                MainSegment::decode_cached(&frame, &DecodeLimits::default(), &mut cache).unwrap().0,
+                seg
+            );
+        }
         // Written back, the encoded stamp is copied as it is: the same bytes.
         let mut rope = Rope::new();
         seg.encode_to(&mut rope).unwrap();
@@ -873,6 +1019,21 @@ mod tests {
         let err = CallAddresses::resolve("ws/c", "other/p", Some("ws")).unwrap_err();
         assert_eq!(err.to_string(), "Workspace mismatch: other != ws");
         assert_eq!(CallAddresses::resolve("nows", "p", None), Err(MessageError::BadFrom("nows".into())));
+        // The borrowing check agrees with `resolve`, and borrows an absolute `to`.
+        let froms = ["ws/c", "*/manager-x", "nows", "", "/x", "ws/"];
+        let tos = ["p", "ws/p", "other/p", "*", "ws/*", "", "/"];
+        for from in froms {
+            for to in tos {
+                for local in [None, Some("ws"), Some("*"), Some(""), Some("other")] {
+                    let full = CallAddresses::resolve(from, to, local).map(|a| a.to);
+                    let direct = absolute_call_target(from, to, local);
+                    assert_eq!(direct.clone().map(|t| t.into_owned()), full, "{from} {to} {local:?}");
+                    if to.contains('/') {
+                        assert!(direct.is_err() || matches!(direct, Ok(std::borrow::Cow::Borrowed(_))));
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -888,6 +1049,43 @@ mod tests {
         merge_extra(&mut merged, map(r#"{"args": [1], "to": "override"}"#));
         assert_eq!(merged["to"], Value::from("override"));
         assert_eq!(merged["args"], Value::List(vec![Value::Int(1)]));
+    }
+
+    #[test]
+    fn direct_call_package_equals_the_built_one() {
+        let big = Value::Bytes(Bytes::from(vec![7u8; 100_000]));
+        let i = Some(Duration::from_millis(15_500));
+        for mode in [PromiseMode::None, PromiseMode::Compact, PromiseMode::Explicit] {
+            for args in
+                [vec![], vec![Value::from("x"), Value::Int(1)], vec![big.clone(), Value::Map(Map::new())]]
+            {
+                for with_kwargs in [false, true] {
+                    for (session, parent) in [(None, None), (Some("S1"), None), (Some("S1"), Some("P.q"))] {
+                        let promise = Promise::outgoing(mode, "ws/me", "S1", i);
+                        let mut built = MainSegment::call("ws/me", "ws/peer", "services.x.f");
+                        built.session = session.map(str::to_owned);
+                        built.parent = parent.map(str::to_owned);
+                        let mut expected = Rope::new();
+                        built.encode_to(&mut expected).unwrap();
+                        let extra = call_extra_encoded(args.clone(), with_kwargs, promise.clone());
+                        if !extra.is_empty() {
+                            msgpack::encode_map_to_rope(&extra, &mut expected).unwrap();
+                        }
+                        let main = CallMain {
+                            from: "ws/me",
+                            to: "ws/peer",
+                            method: "services.x.f",
+                            session,
+                            parent,
+                        };
+                        let mut direct = Rope::new();
+                        write_call(&mut direct, main, args.clone(), with_kwargs, promise).unwrap();
+                        assert_eq!(direct.len(), expected.len());
+                        assert_eq!(direct.into_bytes(), expected.into_bytes(), "{mode:?} {with_kwargs}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

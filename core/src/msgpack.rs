@@ -358,6 +358,28 @@ impl<'a> Reader<'a> {
     /// then reads it or reports its error exactly as [`decode`] does.
     #[inline]
     fn short_str(&mut self) -> Option<&'a str> {
+        let (bytes, end) = self.short_str_bytes()?;
+        let s = match known_key(bytes) {
+            Some(key) => key,
+            None => utf8(bytes).ok()?,
+        };
+        self.pos = end;
+        Some(s)
+    }
+
+    /// [`Reader::short_str`] for a value: values are ids and paths, not the
+    /// [`known_key`]s, so matching them against those would only cost time.
+    #[inline]
+    fn short_value_str(&mut self) -> Option<&'a str> {
+        let (bytes, end) = self.short_str_bytes()?;
+        let s = utf8(bytes).ok()?;
+        self.pos = end;
+        Some(s)
+    }
+
+    /// The bytes of a complete `fixstr` or `str 8` at the cursor, and where it ends.
+    #[inline]
+    fn short_str_bytes(&self) -> Option<(&'a [u8], usize)> {
         let data = self.data;
         let (start, len) = match *data.get(self.pos)? {
             m @ 0xa0..=0xbf => (self.pos + 1, usize::from(m & 0x1f)),
@@ -365,13 +387,7 @@ impl<'a> Reader<'a> {
             _ => return None,
         };
         let end = start + len;
-        let bytes = data.get(start..end)?;
-        let s = match known_key(bytes) {
-            Some(key) => key,
-            None => utf8(bytes).ok()?,
-        };
-        self.pos = end;
-        Some(s)
+        Some((data.get(start..end)?, end))
     }
 
     /// [`Reader::head`] without building the scalar: the same reads and the same checks
@@ -614,6 +630,9 @@ struct Budget {
     items: usize,
     pending: usize,
     max_items: usize,
+    /// The highest `pending + position` any container opening reached (the quantity its
+    /// `Truncated` check compares with the input length), for [`RepeatCache`].
+    high: usize,
 }
 
 impl Budget {
@@ -633,6 +652,7 @@ impl Budget {
     #[inline]
     fn open(&mut self, len: usize, map: bool, at: usize, r: &Reader<'_>) -> Result<(), DecodeError> {
         self.pending = self.pending.saturating_add(if map { len.saturating_mul(2) } else { len });
+        self.high = self.high.max(self.pending.saturating_add(r.pos));
         let available = r.data.len() - r.pos;
         if self.pending > available {
             let header = r.pos - at;
@@ -664,7 +684,112 @@ pub fn scan_map<'a>(
     limits: &DecodeLimits,
     visit: impl FnMut(RawEntry<'a>),
 ) -> Result<usize, DecodeError> {
-    walk(buf, offset, limits, visit)
+    walk(buf, offset, limits, None, visit)
+}
+
+/// [`scan_map`] with a [`RepeatCache`]: the value of the cache's key, when it starts with
+/// the bytes the cache last checked, is not walked again. The result (entries, end,
+/// error) is exactly [`scan_map`]'s; the cache only saves the work.
+pub fn scan_map_cached<'a>(
+    buf: &'a Bytes,
+    offset: usize,
+    limits: &DecodeLimits,
+    cache: &mut RepeatCache,
+    visit: impl FnMut(RawEntry<'a>),
+) -> Result<usize, DecodeError> {
+    walk(buf, offset, limits, Some(cache), visit)
+}
+
+/// The last value of one key of a top-level map that [`scan_map_cached`] checked, so that
+/// the same bytes in the next map are not checked again.
+///
+/// Why: the server stamps every frame it routes to a connection with the sender's `user`
+/// (a nested map of a few hundred bytes, byte for byte the same for every frame from one
+/// caller), and walking it was a tenth of an endpoint's work per received call. One cache
+/// per connection (the endpoint's) turns that walk into a comparison.
+///
+/// Why it is exact: msgpack values delimit themselves, so bytes that start with a
+/// complete, valid value *are* that value; its UTF-8, marker and depth checks (depth is
+/// only checked against the same `max_depth`) come out as they did. What depends on the
+/// rest of the frame is the budget: the item count, and the `Truncated` check, which
+/// compares the slots the whole map still owes with the bytes left. The cache keeps the
+/// value's own item count and the highest demand of its container openings relative to
+/// its start; when either could exceed the limits in the new frame, the value is walked
+/// as usual, so that the same error comes out at the same offset.
+#[derive(Clone, Debug)]
+pub struct RepeatCache {
+    key: &'static str,
+    /// The encoded value; empty when nothing is cached.
+    bytes: Vec<u8>,
+    /// The `max_depth` it was checked under (its depth checks hold for that one only).
+    max_depth: usize,
+    /// Values inside it (the value itself not counted).
+    items: usize,
+    /// The highest `pending + offset` of its container openings, both relative to the
+    /// value (slots opened inside it, bytes from its start).
+    need: usize,
+    /// Values taken from the cache, for the tests that a hit happens.
+    #[cfg(test)]
+    hits: usize,
+}
+
+impl RepeatCache {
+    /// A cache for the values of `key` (nested maps and arrays; a scalar is cheap to check).
+    pub fn new(key: &'static str) -> Self {
+        Self {
+            key,
+            bytes: Vec::new(),
+            max_depth: 0,
+            items: 0,
+            need: 0,
+            #[cfg(test)]
+            hits: 0,
+        }
+    }
+
+    /// The end of the value at `at` when it is the cached one and walking it could not
+    /// fail in this buffer; `budget` is charged as the walk would have charged it.
+    #[inline]
+    fn hit(&mut self, data: &[u8], at: usize, limits: &DecodeLimits, budget: &mut Budget) -> Option<usize> {
+        if self.bytes.is_empty() || limits.max_depth != self.max_depth {
+            return None;
+        }
+        let rest = data.get(at..)?;
+        if !rest.starts_with(&self.bytes) {
+            return None;
+        }
+        // The walk's `TooManyItems` check: items before it, plus its own, within the limit.
+        let items = budget.items.checked_add(self.items).filter(|&n| n <= budget.max_items)?;
+        // The walk's `Truncated` check at each opening: pending + position <= length.
+        let high = budget.pending.checked_add(at)?.checked_add(self.need)?;
+        if high > data.len() {
+            return None;
+        }
+        budget.items = items;
+        budget.high = budget.high.max(high);
+        #[cfg(test)]
+        {
+            self.hits += 1;
+        }
+        Some(at + self.bytes.len())
+    }
+
+    /// Remembers the value `data[at..end]`, just walked without error.
+    fn store(
+        &mut self,
+        data: &[u8],
+        at: usize,
+        end: usize,
+        limits: &DecodeLimits,
+        items: usize,
+        need: usize,
+    ) {
+        self.bytes.clear();
+        self.bytes.extend_from_slice(&data[at..end]);
+        self.max_depth = limits.max_depth;
+        self.items = items;
+        self.need = need;
+    }
 }
 
 /// The loop of [`decode`] with the building taken out; keep the two in step. The entries
@@ -675,6 +800,7 @@ fn walk<'a>(
     buf: &'a Bytes,
     offset: usize,
     limits: &DecodeLimits,
+    mut cache: Option<&mut RepeatCache>,
     mut visit: impl FnMut(RawEntry<'a>),
 ) -> Result<usize, DecodeError> {
     let data: &'a [u8] = buf;
@@ -682,7 +808,7 @@ fn walk<'a>(
     if offset > data.len() {
         return Err(DecodeError::Truncated { offset, needed: 1, available: 0 });
     }
-    let mut budget = Budget { items: 0, pending: 1, max_items: limits.max_items };
+    let mut budget = Budget { items: 0, pending: 1, max_items: limits.max_items, high: 0 };
     budget.item(offset)?;
     let (len, map) = match r.skip_head()? {
         Skipped::Scalar(_) => return Ok(r.pos),
@@ -706,8 +832,14 @@ fn walk<'a>(
         };
         let value_at = r.pos;
         budget.item(value_at)?;
-        if let Some(s) = r.short_str() {
+        if let Some(s) = r.short_value_str() {
             visit(RawEntry { key, key_bytes: key_at..value_at, value: value_at..r.pos, str: Some(s) });
+            continue;
+        }
+        let mut cache = cache.as_deref_mut().filter(|c| c.key == key);
+        if let Some(end) = cache.as_deref_mut().and_then(|c| c.hit(data, value_at, limits, &mut budget)) {
+            r.pos = end;
+            visit(RawEntry { key, key_bytes: key_at..value_at, value: value_at..end, str: None });
             continue;
         }
         let str = match r.skip_head()? {
@@ -717,8 +849,15 @@ fn walk<'a>(
             }
             Skipped::Container { len: 0, .. } => None,
             Skipped::Container { len, map } => {
+                let (items, pending, high) = (budget.items, budget.pending, std::mem::take(&mut budget.high));
                 budget.open(len, map, value_at, &r)?;
                 skip_nested(&mut r, &mut budget, limits, 1, len, map)?;
+                if let Some(cache) = cache {
+                    // Relative to the value: the same `high` in any frame, shifted.
+                    let need = budget.high - pending - value_at;
+                    cache.store(data, value_at, r.pos, limits, budget.items - items, need);
+                }
+                budget.high = budget.high.max(high);
                 None
             }
         };
@@ -1681,6 +1820,44 @@ pub(crate) mod tests {
             }
         }
 
+        /// A scan with a warm [`RepeatCache`] is the scan without it, for frames that
+        /// repeat the cached value and then differ: cut anywhere (the `Truncated` budget),
+        /// one byte changed anywhere (in the value itself, too), under tight limits (the
+        /// item budget), with more or fewer keys after it.
+        #[test]
+        fn cached_scan_agrees_with_scan_map(
+            user in arb_wire(),
+            before in proptest::collection::vec((".{0,4}", arb_wire()), 0..3),
+            after in proptest::collection::vec((".{0,4}", arb_wire()), 0..3),
+            flip in any::<(usize, u8)>(),
+            max_depth in 0usize..6,
+            max_items in 0usize..60,
+        ) {
+            let bytes = repeat_frame(&user, &before, &after);
+            let mut cache = RepeatCache::new("user");
+            let whole = Bytes::from(bytes.clone());
+            scan_map_cached(&whole, 0, &DecodeLimits::default(), &mut cache, |_| {}).unwrap();
+            let nested = matches!(&user, Value::List(l) if !l.is_empty())
+                || matches!(&user, Value::Map(m) if !m.is_empty());
+            let hits = assert_cached_agrees(&whole, &DecodeLimits::default(), &mut cache);
+            prop_assert_eq!(hits, usize::from(nested), "a warm cache is used for a nested stamp");
+            let tight = DecodeLimits { max_depth, max_items };
+            for l in [DecodeLimits::default(), tight] {
+                assert_cached_agrees(&whole, &l, &mut cache);
+                for cut in 0..whole.len() {
+                    assert_cached_agrees(&whole.slice(..cut), &l, &mut cache);
+                }
+            }
+            let mut mutated = bytes;
+            let at = flip.0 % mutated.len();
+            mutated[at] ^= flip.1.max(1);
+            let mutated = Bytes::from(mutated);
+            for l in [DecodeLimits::default(), tight] {
+                assert_cached_agrees(&mutated, &l, &mut cache);
+                assert_cached_agrees(&whole, &l, &mut cache);
+            }
+        }
+
         /// `scan_map` reports the top-level entries of a map in wire order, and their byte
         /// ranges decode to the entries.
         #[test]
@@ -1821,5 +1998,102 @@ pub(crate) mod tests {
         let mut seen = Vec::new();
         scan_map(&bytes, 0, &DecodeLimits::default(), |e| seen.push((e.key, e.str))).unwrap();
         assert_eq!(seen, [("deep", None), ("s", Some("x"))]);
+    }
+
+    /// A map with `before` entries, then `user`, then `after` entries.
+    fn repeat_frame(user: &Value, before: &[(String, Value)], after: &[(String, Value)]) -> Vec<u8> {
+        let mut out = map_header(before.len() + 1 + after.len()).unwrap().as_bytes().to_vec();
+        let entries = before.iter().map(|(k, v)| (k.as_str(), v)).chain([("user", user)]);
+        for (k, v) in entries.chain(after.iter().map(|(k, v)| (k.as_str(), v))) {
+            encode(&Value::from(k), &mut out).unwrap();
+            encode(v, &mut out).unwrap();
+        }
+        out
+    }
+
+    /// Scans `buf` with and without `cache`: the same entries and the same end or error.
+    fn assert_cached_agrees(buf: &Bytes, limits: &DecodeLimits, cache: &mut RepeatCache) -> usize {
+        let hits = cache.hits;
+        let (mut plain, mut cached) = (Vec::new(), Vec::new());
+        let expected = scan_map(buf, 0, limits, |e| plain.push(e));
+        let got = scan_map_cached(buf, 0, limits, cache, |e| cached.push(e));
+        assert_eq!(got, expected, "{limits:?} {buf:02x?}");
+        assert_eq!(cached, plain, "{limits:?}");
+        cache.hits - hits
+    }
+
+    fn stamp(name: &str) -> Value {
+        Value::Map(crate::map! {
+            "id" => name,
+            "roles" => Value::List(vec!["admin".into(), "user".into()]),
+            "scope" => Value::Map(crate::map! {"workspaces" => Value::Map(crate::map! {"ws" => "rw"})}),
+        })
+    }
+
+    #[test]
+    fn repeat_cache_hits_the_same_value_and_follows_changes() {
+        let args = vec![("args".to_owned(), Value::List(vec![1.into()]))];
+        let to = vec![("to".to_owned(), Value::from("ws/x"))];
+        let a = Bytes::from(repeat_frame(&stamp("alice"), &to, &args));
+        let b = Bytes::from(repeat_frame(&stamp("bob"), &to, &[]));
+        let l = DecodeLimits::default();
+        let mut cache = RepeatCache::new("user");
+        assert_eq!(assert_cached_agrees(&a, &l, &mut cache), 0, "cold: walked");
+        assert_eq!(assert_cached_agrees(&a, &l, &mut cache), 1, "warm: taken from the cache");
+        // The same stamp in a different frame (other keys around it) is a hit too.
+        let a2 = Bytes::from(repeat_frame(&stamp("alice"), &[], &[("x".to_owned(), Value::Nil)]));
+        assert_eq!(assert_cached_agrees(&a2, &l, &mut cache), 1);
+        // Another stamp: walked, and cached in its turn.
+        assert_eq!(assert_cached_agrees(&b, &l, &mut cache), 0);
+        assert_eq!(assert_cached_agrees(&b, &l, &mut cache), 1);
+        assert_eq!(assert_cached_agrees(&a, &l, &mut cache), 0);
+        // Other keys are never taken from the cache, even with the same bytes.
+        let other = Bytes::from(repeat_frame(&Value::Nil, &[("u".to_owned(), stamp("alice"))], &[]));
+        assert_eq!(assert_cached_agrees(&other, &l, &mut cache), 0);
+        // Another `max_depth`: walked (the depth checks held for the cached one only).
+        let shallow = DecodeLimits { max_depth: 2, ..l };
+        assert_eq!(assert_cached_agrees(&a, &shallow, &mut cache), 0);
+        assert!(scan_map(&a, 0, &shallow, |_| {}).is_err());
+    }
+
+    #[test]
+    fn repeat_cache_never_hides_a_malformed_value_or_a_spent_budget() {
+        let l = DecodeLimits::default();
+        let good = repeat_frame(&stamp("alice"), &[], &[("k".to_owned(), Value::from("v"))]);
+        let mut cache = RepeatCache::new("user");
+        let whole = Bytes::from(good.clone());
+        assert_cached_agrees(&whole, &l, &mut cache);
+        // A malformed stamp after a cached one: every single-byte change inside it.
+        let start = good.windows(5).position(|w| w == b"\xa4user").unwrap() + 5;
+        let end = start + encode_to_vec(&stamp("alice")).unwrap().len();
+        for at in start..end {
+            let mut bad = good.clone();
+            bad[at] = 0xc1;
+            assert_eq!(assert_cached_agrees(&Bytes::from(bad), &l, &mut cache), 0, "byte {at}");
+            assert_cached_agrees(&whole, &l, &mut cache);
+        }
+        // The map promises more entries than the frame holds: the walk of the stamp
+        // itself reports `Truncated`, so the cache must not skip it.
+        let mut short = good.clone();
+        short[0] = 0x8f; // 15 entries, 2 present
+        let short = Bytes::from(short);
+        assert!(matches!(scan_map(&short, 0, &l, |_| {}), Err(DecodeError::Truncated { .. })));
+        assert_eq!(assert_cached_agrees(&short, &l, &mut cache), 0);
+        // Item budgets around the frame's size: the cached count is charged exactly.
+        let total = {
+            let mut n = 0;
+            while scan_map(&whole, 0, &DecodeLimits { max_items: n, ..l }, |_| {}).is_err() {
+                n += 1;
+            }
+            n
+        };
+        // `k` and `v` follow the stamp: with two items less the stamp still fits (a hit,
+        // and the error comes at `k`), with three less it does not (walked, the error
+        // comes inside the stamp).
+        for max_items in total.saturating_sub(6)..=total + 1 {
+            let tight = DecodeLimits { max_items, ..l };
+            let hits = assert_cached_agrees(&whole, &tight, &mut cache);
+            assert_eq!(hits == 1, max_items + 2 >= total, "max_items {max_items}");
+        }
     }
 }

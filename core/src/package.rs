@@ -19,7 +19,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use crate::msgpack::{self, DecodeError, DecodeLimits, EncodeError, RawEntry};
+use crate::msgpack::{self, DecodeError, DecodeLimits, EncodeError, RawEntry, RepeatCache};
 use crate::value::{Map, Value};
 
 /// A decoded package, segments kept apart.
@@ -291,9 +291,27 @@ const LINEAR_KEYS: usize = 16;
 impl<'a> RawMain<'a> {
     /// Scans the `main` segment at the start of `frame`; the errors are [`split_main`]'s.
     pub fn scan(frame: &'a Bytes, limits: &DecodeLimits) -> Result<Self, PackageError> {
+        Self::scan_with(frame, limits, None)
+    }
+
+    /// [`RawMain::scan`] with a [`RepeatCache`] ([`msgpack::scan_map_cached`]): the same
+    /// result, without walking a value the cache already checked.
+    pub fn scan_cached(
+        frame: &'a Bytes,
+        limits: &DecodeLimits,
+        cache: &mut RepeatCache,
+    ) -> Result<Self, PackageError> {
+        Self::scan_with(frame, limits, Some(cache))
+    }
+
+    fn scan_with(
+        frame: &'a Bytes,
+        limits: &DecodeLimits,
+        cache: Option<&mut RepeatCache>,
+    ) -> Result<Self, PackageError> {
         let mut entries: Vec<RawEntry<'a>> = Vec::with_capacity(8);
         let mut index: Option<std::collections::HashMap<&'a str, usize>> = None;
-        let scanned = msgpack::scan_map(frame, 0, limits, |entry| {
+        let visit = |entry: RawEntry<'a>| {
             if entries.len() == LINEAR_KEYS && index.is_none() {
                 index = Some(entries.iter().enumerate().map(|(i, e)| (e.key, i)).collect());
             }
@@ -312,7 +330,11 @@ impl<'a> RawMain<'a> {
                 Some(first) => *first = RawEntry { key_bytes: first.key_bytes.clone(), ..entry },
                 None => entries.push(entry),
             }
-        });
+        };
+        let scanned = match cache {
+            Some(cache) => msgpack::scan_map_cached(frame, 0, limits, cache, visit),
+            None => msgpack::scan_map(frame, 0, limits, visit),
+        };
         let extra_at = scanned.map_err(|source| PackageError::Msgpack { segment: Segment::Main, source })?;
         match frame.first().copied().map(value_kind) {
             Some("map") => Ok(RawMain { frame, limits: *limits, entries, extra_at }),
@@ -343,6 +365,21 @@ impl<'a> RawMain<'a> {
     /// The encoded value of `key`, a slice of the frame (no copy).
     pub fn encoded(&self, key: &str) -> Option<Bytes> {
         self.entry(key).map(|e| self.frame.slice(e.value.clone()))
+    }
+
+    /// The entries, each key once, in the order they first occur.
+    pub(crate) fn entries(&self) -> &[RawEntry<'a>] {
+        &self.entries
+    }
+
+    /// The [`Value::kind`] of an entry's value, without decoding it.
+    pub(crate) fn entry_kind(&self, e: &RawEntry<'a>) -> &'static str {
+        self.frame.get(e.value.start).copied().map_or("nil", value_kind)
+    }
+
+    /// The encoded value of an entry, a slice of the frame (no copy).
+    pub(crate) fn entry_encoded(&self, e: &RawEntry<'a>) -> Bytes {
+        self.frame.slice(e.value.clone())
     }
 
     /// The keys, each once, in the order they first occur.

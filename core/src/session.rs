@@ -1247,7 +1247,23 @@ impl SessionTable {
     /// for deleted sessions are dropped.
     pub fn lookup(&mut self, now: Instant, call: &IncomingCall<'_>) -> Result<Target, DispatchError> {
         self.tick(now);
-        let segs: Vec<&str> = call.method.split('.').collect();
+        // Paths are short (`services.<id>.<fn>`, `<session>.resolve`): their segments go
+        // on the stack, so a lookup allocates nothing for them.
+        let mut inline = [""; 8];
+        let mut n = 0;
+        let mut spilled = Vec::new();
+        for seg in call.method.split('.') {
+            match inline.get_mut(n) {
+                Some(slot) => *slot = seg,
+                None if spilled.is_empty() => {
+                    spilled.extend_from_slice(&inline);
+                    spilled.push(seg);
+                }
+                None => spilled.push(seg),
+            }
+            n += 1;
+        }
+        let segs: &[&str] = if spilled.is_empty() { &inline[..n] } else { &spilled };
         let (top, rest) = segs.split_first().map(|(t, r)| (*t, r)).unwrap_or(("", &[]));
         if top == SERVICES_KEY {
             return self.lookup_service(call, rest);
@@ -1368,13 +1384,16 @@ impl SessionTable {
             return Err(DispatchError::InvalidMethod(method_name()));
         }
         let mut cur = top_sess;
-        let mut full = top.to_owned();
+        // The session path so far is the method's prefix of this length (the segments are
+        // the method split at its dots): copied only for the target found.
+        let mut full_len = top.len();
+        let full = |len: usize| call.method.get(..len).unwrap_or_default().to_owned();
         let mut found: Option<Target> = None;
         let mut invalid = false;
         for (i, seg) in rest.iter().enumerate() {
             let last = i + 1 == rest.len();
             if last && cur.call.is_some() {
-                let session = full.clone();
+                let session = full(full_len);
                 let t = match *seg {
                     "resolve" => Some(Target::Resolve { session }),
                     "reject" => Some(Target::Reject { session }),
@@ -1392,12 +1411,11 @@ impl SessionTable {
                         invalid = true;
                         break;
                     }
-                    full.push('.');
-                    full.push_str(seg);
+                    full_len += 1 + seg.len();
                     cur = s;
                 }
                 Some(leaf) if last => {
-                    let session = full.clone();
+                    let session = full(full_len);
                     found = Some(match leaf {
                         Node::Function(f) => Target::SessionFunction { session, function: f.clone() },
                         Node::Forwarder(m) => Target::Forwarder { session, method: m.clone() },
@@ -1430,16 +1448,25 @@ impl SessionTable {
         };
         // Session target check (step 5): only the peer the session was made for.
         let (remote_ws, _) = split_client(call.from);
-        let mut expected = top_sess.target_id.clone();
-        if let Some(t) = &expected {
-            if !t.contains('/') && self.local_workspace.as_deref() == Some(remote_ws) {
-                expected = Some([remote_ws, "/", t].concat());
+        // A bare target id stands for `<remote_ws>/<id>` when the caller is in our workspace.
+        let qualify = |t: &str| !t.contains('/') && self.local_workspace.as_deref() == Some(remote_ws);
+        let allowed = match top_sess.target_id.as_deref() {
+            None => false,
+            Some(t) if qualify(t) => {
+                call.from.strip_prefix(remote_ws).and_then(|r| r.strip_prefix('/')) == Some(t)
             }
-        }
+            Some(t) => t == call.from,
+        };
+        let denied = (!allowed).then(|| {
+            top_sess.target_id.as_deref().map(|t| match qualify(t) {
+                true => [remote_ws, "/", t].concat(),
+                false => t.to_owned(),
+            })
+        });
         if let Some(s) = self.sessions.get_mut(top) {
             s.last_activity_at = now;
         }
-        if expected.as_deref() != Some(call.from) {
+        if let Some(expected) = denied {
             return Err(DispatchError::AccessDenied {
                 method_name: method_name(),
                 from: call.from.to_owned(),
