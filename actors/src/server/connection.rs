@@ -10,9 +10,8 @@
 //! ```
 //!
 //! and the per-connection limits (token bucket, idle timer, inbound frame size). Outgoing
-//! frames go through the connection's [`Outbound`]: straight into actix-ws's channel when
-//! nothing is backlogged, otherwise into a bounded queue drained by a writer task that owns
-//! the actix-ws `Session` (see `outbound`); inbound frames arrive as an actor stream, one
+//! frames go through the connection's [`Outbound`], a bounded queue that the websocket
+//! response body drains (see `outbound`); inbound frames arrive as an actor stream, one
 //! at a time, so a client that sends faster than we route is slowed down by TCP, not
 //! buffered.
 //!
@@ -33,10 +32,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, StreamHandler};
+use actix_web::body::BoxBody;
 use actix_web::dev::Payload as RawPayload;
 use actix_web::error::PayloadError;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
-use actix_ws::{CloseCode, CloseReason, Item, ProtocolError, Session};
+use actix_ws::{CloseCode, CloseReason, Item, ProtocolError};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use hypha_core::auth::{self, Admitted, AuthContext, AuthPayload, HandshakeError, Permission, UserInfo};
@@ -44,7 +44,7 @@ use serde_json::{json, Map as JsonMap, Value as Json};
 use tracing::field;
 
 use super::limits::{AdmissionSlot, FrameSizeGuard, TokenBucket, SERVER_BUSY_REASON};
-use super::outbound::{self, CloseCmd, OutFrame, Outbound, OutboundRx};
+use super::outbound::{self, CloseCmd, OutFrame, Outbound};
 use super::router::{Generation, Registration, RouteOutcome, RouteSender, Routed};
 use super::workspace::WorkspaceRecord;
 use super::{ServerState, SHUTDOWN_REASON};
@@ -88,18 +88,24 @@ pub async fn ws_endpoint(
         return Ok(response);
     }
 
+    // The response body is the connection's outbound queue; actix-ws's own body is kept
+    // inside it (see `OutboundRx::into_body`), and its `Session` is not used.
+    drop(session);
+    let (outbound, rx) =
+        outbound::channel(state.config.outbound_queue_frames, state.config.outbound_queue_bytes);
+    let response = response.map_body(|_, keep| BoxBody::new(rx.into_body(keep)));
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     WsConnection::create(move |ctx| {
         ctx.add_stream(stream);
-        WsConnection::new(state, session, tripped, &peer)
+        WsConnection::new(state, outbound, tripped, &peer)
     });
     Ok(response)
 }
 
-/// The writer task ended (close sent, or the socket failed): the actor stops.
+/// The socket is done (close written, or the socket failed): the actor stops.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct WriterDone;
+struct SocketDone;
 
 /// A handshake that passed its checks and has not changed anything yet.
 #[derive(Debug)]
@@ -159,10 +165,8 @@ pub struct WsConnection {
     state: Arc<ServerState>,
     /// Index in the server's connection list (for shutdown).
     id: u64,
-    /// The bounded queue to this client's writer task.
+    /// The bounded queue to this client's socket.
     outbound: Outbound,
-    /// Taken by `started` to spawn the writer.
-    writer: Option<(OutboundRx, Session)>,
     phase: Phase,
     /// Set by the frame-size guard when a frame header declared an oversized payload.
     oversize: Arc<AtomicBool>,
@@ -177,9 +181,7 @@ pub struct WsConnection {
 }
 
 impl WsConnection {
-    fn new(state: Arc<ServerState>, session: Session, oversize: Arc<AtomicBool>, peer: &str) -> Self {
-        let (outbound, rx) =
-            outbound::channel(state.config.outbound_queue_frames, state.config.outbound_queue_bytes);
+    fn new(state: Arc<ServerState>, outbound: Outbound, oversize: Arc<AtomicBool>, peer: &str) -> Self {
         let id = state.add_connection(outbound.clone());
         let span = tracing::info_span!(
             "ws",
@@ -193,7 +195,6 @@ impl WsConnection {
             state,
             id,
             outbound,
-            writer: Some((rx, session)),
             phase: Phase::AwaitingAuth,
             oversize,
             fragments: None,
@@ -572,15 +573,13 @@ impl Actor for WsConnection {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let _enter = self.span.clone().entered();
         tracing::debug!("websocket opened");
-        if let Some((rx, session)) = self.writer.take() {
-            let addr = ctx.address().downgrade();
-            let timeout = self.state.config.close_timeout;
-            actix_rt::spawn(outbound::run_writer(rx, session, timeout, move || {
-                if let Some(addr) = addr.upgrade() {
-                    addr.do_send(WriterDone);
-                }
-            }));
-        }
+        let addr = ctx.address().downgrade();
+        let timeout = self.state.config.close_timeout;
+        actix_rt::spawn(self.outbound.watch(timeout, move || {
+            if let Some(addr) = addr.upgrade() {
+                addr.do_send(SocketDone);
+            }
+        }));
         ctx.run_later(self.state.config.auth_timeout, |act, ctx| {
             if matches!(act.phase, Phase::AwaitingAuth) {
                 let _enter = act.span.clone().entered();
@@ -616,10 +615,10 @@ impl Actor for WsConnection {
     }
 }
 
-impl Handler<WriterDone> for WsConnection {
+impl Handler<SocketDone> for WsConnection {
     type Result = ();
 
-    fn handle(&mut self, _: WriterDone, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: SocketDone, ctx: &mut Context<Self>) {
         ctx.stop();
     }
 }
