@@ -31,7 +31,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, StreamHandler};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, SpawnHandle, StreamHandler,
+};
 use actix_web::body::BoxBody;
 use actix_web::dev::Payload as RawPayload;
 use actix_web::error::PayloadError;
@@ -176,6 +178,9 @@ pub struct WsConnection {
     closing: bool,
     /// The admission slot held from the auth frame to the end of the handshake.
     slot: Option<AdmissionSlot>,
+    /// The handshake deadline, cancelled once the connection is open (a live timer in the
+    /// actor's context is polled on every frame).
+    auth_timer: Option<SpawnHandle>,
     /// `workspace`, `client` and `generation` are recorded when the handshake succeeds.
     span: tracing::Span,
 }
@@ -200,6 +205,7 @@ impl WsConnection {
             fragments: None,
             closing: false,
             slot: None,
+            auth_timer: None,
             span,
         }
     }
@@ -304,13 +310,16 @@ impl WsConnection {
     }
 
     fn opened(&mut self, ctx: &mut Context<Self>, open: Box<Open>) {
+        if let Some(timer) = self.auth_timer.take() {
+            ctx.cancel_future(timer);
+        }
         self.slot = None;
         self.span.record("workspace", open.workspace.as_str());
         self.span.record("client", open.client_id.as_str());
         self.span.record("generation", open.generation);
         tracing::info!(user = %open.user.id, "client connected");
         self.phase = Phase::Open(open);
-        self.schedule_idle_check(ctx, self.state.config.idle_timeout);
+        self.start_idle_timer(ctx);
     }
 
     /// The handshake's checks (spec §2.1 steps 3-6, §2.2): authenticate, find the
@@ -495,17 +504,20 @@ impl WsConnection {
         format!("Idle timeout ({}s)", timeout.as_secs_f64())
     }
 
-    fn schedule_idle_check(&mut self, ctx: &mut Context<Self>, after: Duration) {
-        ctx.run_later(after, |act, ctx| {
-            let Phase::Open(open) = &act.phase else { return };
-            let timeout = act.state.config.idle_timeout;
-            let idle = open.last_activity.elapsed();
-            if idle >= timeout {
-                let _enter = act.span.clone().entered();
-                tracing::info!(idle_secs = idle.as_secs_f64(), "idle timeout");
-                act.close(ctx, CloseCmd::error(1001, Self::idle_message(timeout)));
-            } else {
-                act.schedule_idle_check(ctx, timeout - idle);
+    /// The idle timer runs as a task of its own that asks the actor ([`IdleCheck`]) when it
+    /// fires, not as a timer in the actor's context: actix polls every timer of a context
+    /// each time the actor wakes, which is every frame.
+    fn start_idle_timer(&mut self, ctx: &mut Context<Self>) {
+        let addr = ctx.address().downgrade();
+        let mut wait = self.state.config.idle_timeout;
+        actix_rt::spawn(async move {
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(addr) = addr.upgrade() else { return };
+                match addr.send(IdleCheck).await {
+                    Ok(Some(left)) => wait = left,
+                    Ok(None) | Err(_) => return,
+                }
             }
         });
     }
@@ -580,12 +592,12 @@ impl Actor for WsConnection {
                 addr.do_send(SocketDone);
             }
         }));
-        ctx.run_later(self.state.config.auth_timeout, |act, ctx| {
+        self.auth_timer = Some(ctx.run_later(self.state.config.auth_timeout, |act, ctx| {
             if matches!(act.phase, Phase::AwaitingAuth) {
                 let _enter = act.span.clone().entered();
                 act.fail_handshake(ctx, &HandshakeError::PayloadTimeout);
             }
-        });
+        }));
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
@@ -612,6 +624,32 @@ impl Actor for WsConnection {
         } else {
             tracing::debug!("websocket closed before the handshake completed");
         }
+    }
+}
+
+/// The idle timer fired: close the connection if it has been idle for `idle_timeout`;
+/// otherwise answer how long until it would be (`None`: stop the timer).
+#[derive(Message)]
+#[rtype(result = "Option<Duration>")]
+struct IdleCheck;
+
+impl Handler<IdleCheck> for WsConnection {
+    type Result = Option<Duration>;
+
+    fn handle(&mut self, _: IdleCheck, ctx: &mut Context<Self>) -> Option<Duration> {
+        let Phase::Open(open) = &self.phase else { return None };
+        if self.closing {
+            return None;
+        }
+        let timeout = self.state.config.idle_timeout;
+        let idle = open.last_activity.elapsed();
+        if idle < timeout {
+            return Some(timeout - idle);
+        }
+        let _enter = self.span.clone().entered();
+        tracing::info!(idle_secs = idle.as_secs_f64(), "idle timeout");
+        self.close(ctx, CloseCmd::error(1001, Self::idle_message(timeout)));
+        None
     }
 }
 
