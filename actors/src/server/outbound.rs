@@ -372,7 +372,10 @@ pub struct OutboundBody {
 
 impl std::fmt::Debug for OutboundBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutboundBody").field("chunks", &self.chunks.len()).field("state", &self.state).finish()
+        f.debug_struct("OutboundBody")
+            .field("chunks", &self.chunks.len())
+            .field("state", &self.state)
+            .finish()
     }
 }
 
