@@ -10,9 +10,8 @@
 //! ```
 //!
 //! and the per-connection limits (token bucket, idle timer, inbound frame size). Outgoing
-//! frames go through the connection's [`Outbound`]: straight into actix-ws's channel when
-//! nothing is backlogged, otherwise into a bounded queue drained by a writer task that owns
-//! the actix-ws `Session` (see `outbound`); inbound frames arrive as an actor stream, one
+//! frames go through the connection's [`Outbound`], a bounded queue that the websocket
+//! response body drains (see `outbound`); inbound frames arrive as an actor stream, one
 //! at a time, so a client that sends faster than we route is slowed down by TCP, not
 //! buffered.
 //!
@@ -32,11 +31,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use actix::{Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, StreamHandler};
+use actix::{
+    Actor, ActorContext, ActorFutureExt, AsyncContext, Context, Handler, Message, SpawnHandle, StreamHandler,
+};
+use actix_web::body::BoxBody;
 use actix_web::dev::Payload as RawPayload;
 use actix_web::error::PayloadError;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
-use actix_ws::{CloseCode, CloseReason, Item, ProtocolError, Session};
+use actix_ws::{CloseCode, CloseReason, Item, ProtocolError};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use hypha_core::auth::{self, Admitted, AuthContext, AuthPayload, HandshakeError, Permission, UserInfo};
@@ -44,7 +46,7 @@ use serde_json::{json, Map as JsonMap, Value as Json};
 use tracing::field;
 
 use super::limits::{AdmissionSlot, FrameSizeGuard, TokenBucket, SERVER_BUSY_REASON};
-use super::outbound::{self, CloseCmd, OutFrame, Outbound, OutboundRx};
+use super::outbound::{self, CloseCmd, OutFrame, Outbound};
 use super::router::{Generation, Registration, RouteOutcome, RouteSender, Routed};
 use super::workspace::WorkspaceRecord;
 use super::{ServerState, SHUTDOWN_REASON};
@@ -88,18 +90,24 @@ pub async fn ws_endpoint(
         return Ok(response);
     }
 
+    // The response body is the connection's outbound queue; actix-ws's own body is kept
+    // inside it (see `OutboundRx::into_body`), and its `Session` is not used.
+    drop(session);
+    let (outbound, rx) =
+        outbound::channel(state.config.outbound_queue_frames, state.config.outbound_queue_bytes);
+    let response = response.map_body(|_, keep| BoxBody::new(rx.into_body(keep)));
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     WsConnection::create(move |ctx| {
         ctx.add_stream(stream);
-        WsConnection::new(state, session, tripped, &peer)
+        WsConnection::new(state, outbound, tripped, &peer)
     });
     Ok(response)
 }
 
-/// The writer task ended (close sent, or the socket failed): the actor stops.
+/// The socket is done (close written, or the socket failed): the actor stops.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct WriterDone;
+struct SocketDone;
 
 /// A handshake that passed its checks and has not changed anything yet.
 #[derive(Debug)]
@@ -159,10 +167,8 @@ pub struct WsConnection {
     state: Arc<ServerState>,
     /// Index in the server's connection list (for shutdown).
     id: u64,
-    /// The bounded queue to this client's writer task.
+    /// The bounded queue to this client's socket.
     outbound: Outbound,
-    /// Taken by `started` to spawn the writer.
-    writer: Option<(OutboundRx, Session)>,
     phase: Phase,
     /// Set by the frame-size guard when a frame header declared an oversized payload.
     oversize: Arc<AtomicBool>,
@@ -172,14 +178,15 @@ pub struct WsConnection {
     closing: bool,
     /// The admission slot held from the auth frame to the end of the handshake.
     slot: Option<AdmissionSlot>,
+    /// The handshake deadline, cancelled once the connection is open (a live timer in the
+    /// actor's context is polled on every frame).
+    auth_timer: Option<SpawnHandle>,
     /// `workspace`, `client` and `generation` are recorded when the handshake succeeds.
     span: tracing::Span,
 }
 
 impl WsConnection {
-    fn new(state: Arc<ServerState>, session: Session, oversize: Arc<AtomicBool>, peer: &str) -> Self {
-        let (outbound, rx) =
-            outbound::channel(state.config.outbound_queue_frames, state.config.outbound_queue_bytes);
+    fn new(state: Arc<ServerState>, outbound: Outbound, oversize: Arc<AtomicBool>, peer: &str) -> Self {
         let id = state.add_connection(outbound.clone());
         let span = tracing::info_span!(
             "ws",
@@ -193,12 +200,12 @@ impl WsConnection {
             state,
             id,
             outbound,
-            writer: Some((rx, session)),
             phase: Phase::AwaitingAuth,
             oversize,
             fragments: None,
             closing: false,
             slot: None,
+            auth_timer: None,
             span,
         }
     }
@@ -303,13 +310,16 @@ impl WsConnection {
     }
 
     fn opened(&mut self, ctx: &mut Context<Self>, open: Box<Open>) {
+        if let Some(timer) = self.auth_timer.take() {
+            ctx.cancel_future(timer);
+        }
         self.slot = None;
         self.span.record("workspace", open.workspace.as_str());
         self.span.record("client", open.client_id.as_str());
         self.span.record("generation", open.generation);
         tracing::info!(user = %open.user.id, "client connected");
         self.phase = Phase::Open(open);
-        self.schedule_idle_check(ctx, self.state.config.idle_timeout);
+        self.start_idle_timer(ctx);
     }
 
     /// The handshake's checks (spec §2.1 steps 3-6, §2.2): authenticate, find the
@@ -494,17 +504,20 @@ impl WsConnection {
         format!("Idle timeout ({}s)", timeout.as_secs_f64())
     }
 
-    fn schedule_idle_check(&mut self, ctx: &mut Context<Self>, after: Duration) {
-        ctx.run_later(after, |act, ctx| {
-            let Phase::Open(open) = &act.phase else { return };
-            let timeout = act.state.config.idle_timeout;
-            let idle = open.last_activity.elapsed();
-            if idle >= timeout {
-                let _enter = act.span.clone().entered();
-                tracing::info!(idle_secs = idle.as_secs_f64(), "idle timeout");
-                act.close(ctx, CloseCmd::error(1001, Self::idle_message(timeout)));
-            } else {
-                act.schedule_idle_check(ctx, timeout - idle);
+    /// The idle timer runs as a task of its own that asks the actor ([`IdleCheck`]) when it
+    /// fires, not as a timer in the actor's context: actix polls every timer of a context
+    /// each time the actor wakes, which is every frame.
+    fn start_idle_timer(&mut self, ctx: &mut Context<Self>) {
+        let addr = ctx.address().downgrade();
+        let mut wait = self.state.config.idle_timeout;
+        actix_rt::spawn(async move {
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(addr) = addr.upgrade() else { return };
+                match addr.send(IdleCheck).await {
+                    Ok(Some(left)) => wait = left,
+                    Ok(None) | Err(_) => return,
+                }
             }
         });
     }
@@ -572,21 +585,19 @@ impl Actor for WsConnection {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let _enter = self.span.clone().entered();
         tracing::debug!("websocket opened");
-        if let Some((rx, session)) = self.writer.take() {
-            let addr = ctx.address().downgrade();
-            let timeout = self.state.config.close_timeout;
-            actix_rt::spawn(outbound::run_writer(rx, session, timeout, move || {
-                if let Some(addr) = addr.upgrade() {
-                    addr.do_send(WriterDone);
-                }
-            }));
-        }
-        ctx.run_later(self.state.config.auth_timeout, |act, ctx| {
+        let addr = ctx.address().downgrade();
+        let timeout = self.state.config.close_timeout;
+        actix_rt::spawn(self.outbound.watch(timeout, move || {
+            if let Some(addr) = addr.upgrade() {
+                addr.do_send(SocketDone);
+            }
+        }));
+        self.auth_timer = Some(ctx.run_later(self.state.config.auth_timeout, |act, ctx| {
             if matches!(act.phase, Phase::AwaitingAuth) {
                 let _enter = act.span.clone().entered();
                 act.fail_handshake(ctx, &HandshakeError::PayloadTimeout);
             }
-        });
+        }));
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
@@ -616,10 +627,36 @@ impl Actor for WsConnection {
     }
 }
 
-impl Handler<WriterDone> for WsConnection {
+/// The idle timer fired: close the connection if it has been idle for `idle_timeout`;
+/// otherwise answer how long until it would be (`None`: stop the timer).
+#[derive(Message)]
+#[rtype(result = "Option<Duration>")]
+struct IdleCheck;
+
+impl Handler<IdleCheck> for WsConnection {
+    type Result = Option<Duration>;
+
+    fn handle(&mut self, _: IdleCheck, ctx: &mut Context<Self>) -> Option<Duration> {
+        let Phase::Open(open) = &self.phase else { return None };
+        if self.closing {
+            return None;
+        }
+        let timeout = self.state.config.idle_timeout;
+        let idle = open.last_activity.elapsed();
+        if idle < timeout {
+            return Some(timeout - idle);
+        }
+        let _enter = self.span.clone().entered();
+        tracing::info!(idle_secs = idle.as_secs_f64(), "idle timeout");
+        self.close(ctx, CloseCmd::error(1001, Self::idle_message(timeout)));
+        None
+    }
+}
+
+impl Handler<SocketDone> for WsConnection {
     type Result = ();
 
-    fn handle(&mut self, _: WriterDone, ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: SocketDone, ctx: &mut Context<Self>) {
         ctx.stop();
     }
 }

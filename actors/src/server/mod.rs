@@ -6,7 +6,7 @@
 //! | --- | --- |
 //! | [`config`] | [`ServerConfig`]: typed timeouts and limits, upstream's defaults, `HYPHA_*` overrides |
 //! | [`connection`] | the `/ws` endpoint and [`WsConnection`], one actix actor per websocket: handshake state machine, rate limiter, idle timer |
-//! | [`outbound`] | the bounded queue to one client and the writer task that owns the actix-ws session |
+//! | [`outbound`] | the bounded queue to one client and the websocket response body that drains it |
 //! | [`router`] | the routing table (`{ws}/{cid}` -> connection, generation, subscriptions) and routing rules 1-8 |
 //! | [`workspace`] | the workspaces table (WorkspaceInfo records) |
 //! | [`manager`] | the workspace manager: the RPC peer `*/manager-{sid}` serving the `default` service |
@@ -23,8 +23,8 @@
 //!
 //! A frame's path: the client's socket -> [`limits::FrameSizeGuard`] -> actix-ws decoder ->
 //! the sender's [`WsConnection`] (rate limit, [`router::Router::route`]: stamp and look
-//! up) -> the target's [`outbound::Outbound`] queue -> the target's writer task -> its
-//! socket. No actor hop and no wait between the two sockets (see [`router`]).
+//! up) -> the target's [`outbound::Outbound`] queue -> the target's response body (polled
+//! by its HTTP dispatcher) -> its socket. No actor hop and no wait between the two sockets (see [`router`]).
 //!
 //! Everything shared lives in one [`ServerState`] behind an `Arc`; [`ServerState::configure`]
 //! mounts the routes into any actix-web `App`.

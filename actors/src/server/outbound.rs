@@ -1,50 +1,61 @@
-//! The way out to one client: a bounded queue of frames and the writer task that owns the
-//! actix-ws [`Session`].
+//! The way out to one client: a bounded queue of frames, and the response body that
+//! writes them to the socket.
 //!
 //! Anyone may push a frame for a client: its own connection actor (`connection_info`,
 //! pongs, rejects) and the connection actors of other clients routing to it. None of them
 //! may block on a slow client, and memory must not grow without bound, so the queue is
 //! bounded in frames *and* bytes, and pushing never waits.
 //!
+//! **The socket side.** The queue is drained by the websocket response body itself
+//! ([`OutboundBody`], which replaces actix-ws's): actix-http's dispatcher polls it whenever
+//! it can write, and it hands over everything queued, each frame as a websocket header and
+//! the payload as it was pushed (no copy, no re-encoding). A push wakes the dispatcher
+//! directly: a routed frame costs one lock, one queue push and one task wake-up between
+//! the two sockets, with no writer task and no channel in between. The dispatcher stops
+//! polling while its write buffer is full (the client does not read), so frames then
+//! stay in the queue, which is what bounds them.
+//!
 //! **Overflow policy.** A push that finds the queue full does not wait and does not drop
 //! silently: the client is too slow to keep up with its traffic, so it is disconnected with
 //! an error frame and close code 1008 ([`OVERFLOW_MESSAGE`]). The frame that did not fit is
 //! dropped; the caller learns it from [`SendError::Overflow`].
 //!
-//! **Closing.** A close request ([`Outbound::close`]) overtakes queued frames: the writer
-//! stops writing data, sends the optional error frame and the close frame (or nothing, to
-//! drop the socket), waiting at most `close_timeout` for a client that does not read, and
-//! ends. The first close request wins; later ones are ignored.
-//!
-//! **The direct path.** Most of the time the queue is empty and the writer idle, and a hop
-//! through it (queue push, writer wake-up, then the same push into actix-ws's own channel)
-//! is pure overhead on every frame. So [`Outbound::send`] first tries to put the frame
-//! straight into actix-ws's channel through a clone of the writer's `Session`, polled once
-//! and never waited on. It takes that path only while nothing is *backlogged* (no frame in
-//! the queue or in the writer's hands) and the channel has room; otherwise the frame is
-//! queued as before. A frame queued with a backlog is counted before `send` returns and
-//! uncounted only after the writer has handed it to actix-ws, so a frame sent after it
-//! can never overtake it. When a direct attempt finds the channel full, the clone is
-//! dropped (it would hold a place in the channel's wait list) and the writer puts a fresh
-//! one back once it has written its backlog. Nothing else changes: the direct path only
-//! fills the channel the writer would have filled (actix-ws's 32 frames), so memory per
-//! client stays the queue's bound plus that channel; a client that stops reading fills the
-//! channel, then the queue, then overflows; a close still overtakes every queued frame;
-//! and the writer takes the clone away before it closes or drops the socket.
+//! **Closing.** A close request ([`Outbound::close`]) overtakes queued frames: the body
+//! drops what the socket has not taken yet, writes the optional error frame and the close
+//! frame (or nothing, to drop the socket) and ends, which ends the TCP connection. The
+//! first close request wins; later ones are ignored. A watcher task ([`Outbound::watch`],
+//! idle until then) tells the connection when the socket is done, or after
+//! `close_timeout` if a client that does not read keeps the close from being written.
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use actix_ws::{CloseCode, CloseReason, Message, Session};
-use bytes::Bytes;
-use futures_util::Sink;
-use tokio::sync::{mpsc, Notify};
+use actix_web::body::{BodySize, BoxBody, MessageBody};
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::Notify;
 
 /// The error message sent to a client whose outbound queue overflowed.
 pub const OVERFLOW_MESSAGE: &str = "Send queue overflow: the client does not read its messages fast enough";
+
+/// Control frame payloads are at most this long (RFC 6455 §5.5).
+const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// The longest websocket frame header the server writes (no mask key).
+const MAX_HEADER: usize = 10;
+
+/// Payloads up to this size are copied next to their header, so a batch of small frames
+/// is one chunk for the dispatcher (which copies every chunk into its write buffer
+/// anyway); larger ones follow their header as a chunk of their own, uncopied.
+const COPY_LIMIT: usize = 4096;
+
+/// Room reserved at a time in the buffer that headers and small payloads are written to.
+const ARENA: usize = 16 * 1024;
 
 /// One frame to write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,16 +76,20 @@ impl OutFrame {
         }
     }
 
-    /// What the writer's `session.text/binary/pong` would send (actix-ws's body truncates
-    /// control payloads to 125 bytes itself).
-    fn into_message(self) -> Message {
+    /// The websocket opcode and the payload (a pong's cut to a control frame's limit).
+    fn into_parts(self) -> (u8, Bytes) {
         match self {
-            OutFrame::Text(t) => Message::Text(t.into()),
-            OutFrame::Binary(b) => Message::Binary(b),
-            OutFrame::Pong(b) => Message::Pong(b),
+            OutFrame::Text(t) => (OP_TEXT, Bytes::from(t)),
+            OutFrame::Binary(b) => (OP_BINARY, b),
+            OutFrame::Pong(b) => (OP_PONG, b.slice(..b.len().min(MAX_CONTROL_PAYLOAD))),
         }
     }
 }
+
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PONG: u8 = 0xA;
 
 /// How to end a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,55 +136,72 @@ pub enum SendError {
     Closed,
 }
 
-struct Shared {
-    close: Mutex<Option<CloseCmd>>,
-    close_requested: AtomicBool,
-    notify: Notify,
-    queued_bytes: AtomicUsize,
-    max_bytes: usize,
-    /// Frames queued and not yet handed to actix-ws by the writer (in the queue or being
-    /// written). The direct path is shut while this is not zero (see the module docs).
-    backlog: AtomicUsize,
-    /// The writer's session for the direct path: `None` until the writer starts, after a
-    /// direct attempt found actix-ws's channel full (until the writer has caught up), and
-    /// once the writer is closing.
-    direct: Mutex<Option<Session>>,
+/// What the senders and the socket share, under one lock.
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<OutFrame>,
+    /// Payload bytes in `frames`.
+    bytes: usize,
+    /// The socket's body, waiting for frames.
+    waker: Option<Waker>,
+    /// A close requested and not carried out yet.
+    close: Option<CloseCmd>,
+    /// The socket is gone (its body ended or was dropped): frames are refused.
+    ended: bool,
 }
 
-/// What became of a direct attempt.
-enum Direct {
-    /// In actix-ws's channel.
-    Sent,
-    /// The session was closed under us; the frame is gone, as it would be after a close.
-    Closed,
-    /// Not taken: queue it.
-    Declined(OutFrame),
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Set by the first close request (read without the lock on every push).
+    close_requested: AtomicBool,
+    /// Wakes the watcher: a close was requested, or the socket is gone.
+    notify: Notify,
+    max_frames: usize,
+    max_bytes: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics under this lock; a poisoned one still holds a consistent queue.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The socket is gone: refuse frames from now on and tell the watcher.
+    fn end(&self) {
+        let mut q = self.lock();
+        q.ended = true;
+        q.frames.clear();
+        q.bytes = 0;
+        drop(q);
+        self.notify.notify_one();
+    }
 }
 
 /// The sending half: cheap to clone, shared by everyone who writes to this client.
 #[derive(Clone)]
 pub struct Outbound {
-    tx: mpsc::Sender<OutFrame>,
     shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Outbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let q = self.shared.lock();
         f.debug_struct("Outbound")
-            .field("queued_frames", &(self.tx.max_capacity() - self.tx.capacity()))
-            .field("queued_bytes", &self.shared.queued_bytes.load(Ordering::Relaxed))
+            .field("queued_frames", &q.frames.len())
+            .field("queued_bytes", &q.bytes)
             .field("closing", &self.is_closing())
             .finish()
     }
 }
 
-/// The receiving half, owned by the writer task.
+/// The receiving half, before it becomes the socket's body ([`OutboundRx::into_body`]).
+#[derive(Debug)]
 pub struct OutboundRx {
-    rx: mpsc::Receiver<OutFrame>,
     shared: Arc<Shared>,
 }
 
-/// What the writer does next.
+/// What the socket does next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WriterEvent {
     /// Write this frame.
@@ -180,55 +212,44 @@ pub enum WriterEvent {
 
 /// A new queue holding at most `max_frames` frames and (unless empty) `max_bytes` bytes.
 pub fn channel(max_frames: usize, max_bytes: usize) -> (Outbound, OutboundRx) {
-    let (tx, rx) = mpsc::channel(max_frames.max(1));
     let shared = Arc::new(Shared {
-        close: Mutex::new(None),
+        queue: Mutex::new(Queue::default()),
         close_requested: AtomicBool::new(false),
         notify: Notify::new(),
-        queued_bytes: AtomicUsize::new(0),
+        max_frames: max_frames.max(1),
         max_bytes,
-        backlog: AtomicUsize::new(0),
-        direct: Mutex::new(None),
     });
-    (Outbound { tx, shared: shared.clone() }, OutboundRx { rx, shared })
+    (Outbound { shared: shared.clone() }, OutboundRx { shared })
 }
 
 impl Outbound {
-    /// Sends a frame without waiting: straight into the socket's channel when nothing is
-    /// backlogged (see the module docs), through the queue otherwise. On a full queue the
-    /// client is disconnected (1008 + error frame) and [`SendError::Overflow`] returned.
+    /// Queues a frame without waiting and wakes the socket. On a full queue the client is
+    /// disconnected (1008 + error frame) and [`SendError::Overflow`] returned.
     pub fn send(&self, frame: OutFrame) -> Result<(), SendError> {
         if self.is_closing() {
             return Err(SendError::Closed);
         }
-        let frame = match self.shared.try_direct(frame) {
-            Direct::Sent => return Ok(()),
-            Direct::Closed => return Err(SendError::Closed),
-            Direct::Declined(frame) => frame,
-        };
-        // Counted before it is queued, so no frame sent after this one goes direct until
-        // the writer has written it.
-        self.shared.backlog.fetch_add(1, Ordering::AcqRel);
+        let shared = &*self.shared;
+        let mut q = shared.lock();
+        if q.ended {
+            return Err(SendError::Closed);
+        }
         let len = frame.len();
-        let before = self.shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        if before > 0 && before.saturating_add(len) > self.shared.max_bytes {
-            self.shared.unqueue(len);
+        if q.frames.len() >= shared.max_frames
+            || (q.bytes > 0 && q.bytes.saturating_add(len) > shared.max_bytes)
+        {
+            drop(q);
             self.close(CloseCmd::error(1008, OVERFLOW_MESSAGE));
             return Err(SendError::Overflow);
         }
-        match self.tx.try_send(frame) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.shared.unqueue(len);
-                match e {
-                    mpsc::error::TrySendError::Full(_) => {
-                        self.close(CloseCmd::error(1008, OVERFLOW_MESSAGE));
-                        Err(SendError::Overflow)
-                    }
-                    mpsc::error::TrySendError::Closed(_) => Err(SendError::Closed),
-                }
-            }
+        q.bytes += len;
+        q.frames.push_back(frame);
+        let waker = q.waker.take();
+        drop(q);
+        if let Some(waker) = waker {
+            waker.wake();
         }
+        Ok(())
     }
 
     /// Queues a text frame (see [`Outbound::send`]).
@@ -236,13 +257,17 @@ impl Outbound {
         self.send(OutFrame::Text(text.into()))
     }
 
-    /// Asks the writer to end the connection. The first request wins.
+    /// Asks the socket to end the connection. The first request wins.
     pub fn close(&self, cmd: CloseCmd) {
         if self.shared.close_requested.swap(true, Ordering::AcqRel) {
             return;
         }
-        if let Ok(mut slot) = self.shared.close.lock() {
-            *slot = Some(cmd);
+        let mut q = self.shared.lock();
+        q.close = Some(cmd);
+        let waker = q.waker.take();
+        drop(q);
+        if let Some(waker) = waker {
+            waker.wake();
         }
         self.shared.notify.notify_one();
     }
@@ -256,196 +281,237 @@ impl Outbound {
     pub fn same_queue(&self, other: &Outbound) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
-}
 
-impl Shared {
-    /// Puts `frame` straight into actix-ws's channel if nothing is backlogged and the
-    /// channel has room; never waits (a contended lock declines too).
-    fn try_direct(&self, frame: OutFrame) -> Direct {
-        if self.backlog.load(Ordering::Acquire) != 0 {
-            return Direct::Declined(frame);
-        }
-        let Ok(mut slot) = self.direct.try_lock() else { return Direct::Declined(frame) };
-        let Some(session) = slot.as_mut() else { return Direct::Declined(frame) };
-        let mut cx = Context::from_waker(Waker::noop());
-        match Pin::new(&mut *session).poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => {}
-            // Full, or the socket is gone: the queue and the writer take it from here.
-            // The clone goes (a pending reservation would hold a place in the channel's
-            // wait list); the writer puts one back when it has caught up.
-            Poll::Ready(Err(_)) | Poll::Pending => {
-                *slot = None;
-                return Direct::Declined(frame);
+    /// The watcher: idle until a close is requested or the socket is gone; then it waits
+    /// (at most `close_timeout`) for the socket to finish, shuts the queue and calls
+    /// `on_done` (the connection actor stops itself from there).
+    pub fn watch(&self, close_timeout: Duration, on_done: impl FnOnce()) -> impl Future<Output = ()> {
+        let shared = self.shared.clone();
+        async move {
+            let ended = || shared.lock().ended;
+            while !ended() && !shared.close_requested.load(Ordering::Acquire) {
+                shared.notify.notified().await;
             }
-        }
-        if Pin::new(&mut *session).start_send(frame.into_message()).is_err() {
-            // Only if the writer closed the session between the two calls.
-            *slot = None;
-            return Direct::Closed;
-        }
-        // A no-op for actix-ws's channel sender; called because the `Sink` contract asks.
-        let _ = Pin::new(&mut *session).poll_flush(&mut cx);
-        Direct::Sent
-    }
-
-    /// Gives a queued frame's count and bytes back.
-    fn unqueue(&self, len: usize) {
-        self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-        self.backlog.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// The writer handed a queued frame to actix-ws: once the backlog is gone, the direct
-    /// path opens again (with a fresh clone if a full channel took the last one away).
-    fn written(&self, session: &Session) {
-        if self.backlog.fetch_sub(1, Ordering::AcqRel) == 1 && !self.close_requested.load(Ordering::Acquire) {
-            if let Ok(mut slot) = self.direct.lock() {
-                if slot.is_none() {
-                    *slot = Some(session.clone());
+            let finished = async {
+                while !ended() {
+                    shared.notify.notified().await;
                 }
-            }
-        }
-    }
-
-    /// Shuts the direct path for good (the writer is closing or gone). The clone must go
-    /// before the writer drops its session: it keeps actix-ws's channel, and so the
-    /// socket, open.
-    fn shut_direct(&self) {
-        let taken = self.direct.lock().ok().and_then(|mut slot| slot.take());
-        drop(taken);
-    }
-
-    fn take_close(&self) -> Option<CloseCmd> {
-        if !self.close_requested.load(Ordering::Acquire) {
-            return None;
-        }
-        self.close.lock().ok().and_then(|mut slot| slot.take())
-    }
-
-    /// Waits until a close is requested and returns it.
-    async fn closed(&self) -> CloseCmd {
-        loop {
-            if let Some(cmd) = self.take_close() {
-                return cmd;
-            }
-            self.notify.notified().await;
+            };
+            let _ = tokio::time::timeout(close_timeout, finished).await;
+            shared.end();
+            on_done();
         }
     }
 }
 
 impl OutboundRx {
-    /// Waits until a close is requested and returns it.
-    async fn closed(&self) -> CloseCmd {
-        self.shared.closed().await
+    /// The next thing to write: a close request before any queued frame; `None` once the
+    /// socket is gone.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<WriterEvent>> {
+        let mut q = self.shared.lock();
+        if let Some(cmd) = q.close.take() {
+            q.frames.clear();
+            q.bytes = 0;
+            return Poll::Ready(Some(WriterEvent::Close(cmd)));
+        }
+        if let Some(frame) = q.frames.pop_front() {
+            q.bytes -= frame.len();
+            return Poll::Ready(Some(WriterEvent::Frame(frame)));
+        }
+        if q.ended {
+            return Poll::Ready(None);
+        }
+        q.waker = Some(cx.waker().clone());
+        Poll::Pending
     }
 
-    /// The next thing to do: a close request before any queued frame; `None` when every
-    /// sender is gone without asking for a close.
+    /// Waits for the next thing to write (see `poll_event`); for tests that stand in for
+    /// the socket.
     pub async fn next(&mut self) -> Option<WriterEvent> {
-        let shared = &*self.shared;
-        if let Some(cmd) = shared.take_close() {
-            return Some(WriterEvent::Close(cmd));
-        }
-        tokio::select! {
-            biased;
-            cmd = shared.closed() => Some(WriterEvent::Close(cmd)),
-            frame = self.rx.recv() => frame.map(|f| {
-                shared.queued_bytes.fetch_sub(f.len(), Ordering::AcqRel);
-                WriterEvent::Frame(f)
-            }),
+        poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// The websocket response body that writes this queue to the socket. `keep` is the
+    /// body actix-ws made for the same response: it is held, never polled, because
+    /// dropping it is what tells actix-ws's message stream (the inbound side) that the
+    /// socket is gone.
+    pub fn into_body(self, keep: BoxBody) -> OutboundBody {
+        OutboundBody {
+            shared: self.shared,
+            batch: VecDeque::new(),
+            chunks: VecDeque::new(),
+            arena: BytesMut::new(),
+            state: BodyState::Open,
+            _keep: keep,
         }
     }
 }
 
-async fn write_frame(session: &mut Session, frame: OutFrame) -> Result<(), actix_ws::Closed> {
-    match frame {
-        OutFrame::Text(t) => session.text(t).await,
-        OutFrame::Binary(b) => session.binary(b).await,
-        OutFrame::Pong(b) => session.pong(&b).await,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyState {
+    Open,
+    /// The close is in `chunks`; the body ends after them.
+    Closing,
+    Ended,
+}
+
+/// A websocket response body fed by an [`Outbound`] queue (see the module docs).
+pub struct OutboundBody {
+    shared: Arc<Shared>,
+    /// Frames taken from the queue in one go (swapped with the queue's, so neither side
+    /// allocates once both have grown).
+    batch: VecDeque<OutFrame>,
+    /// Encoded pieces ready for the dispatcher, in order.
+    chunks: VecDeque<Bytes>,
+    /// Where headers and small payloads are written; each chunk is a slice of it, and the
+    /// space is reused once the dispatcher has dropped them.
+    arena: BytesMut,
+    state: BodyState,
+    _keep: BoxBody,
+}
+
+impl std::fmt::Debug for OutboundBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboundBody")
+            .field("chunks", &self.chunks.len())
+            .field("state", &self.state)
+            .finish()
     }
 }
 
-async fn finish(shared: &Shared, mut session: Session, cmd: CloseCmd, timeout: Duration) {
-    shared.shut_direct();
-    let work = async move {
-        if let Some(msg) = &cmd.error_message {
-            if session.text(error_frame(msg)).await.is_err() {
-                return;
+impl OutboundBody {
+    /// Writes a frame: a final, unmasked header, then the payload (see [`COPY_LIMIT`]).
+    fn push_frame(&mut self, opcode: u8, payload: Bytes) {
+        let len = payload.len();
+        let mut header = [0u8; MAX_HEADER];
+        header[0] = 0x80 | opcode;
+        let header = match len {
+            0..=125 => {
+                header[1] = len as u8;
+                &header[..2]
             }
+            126..=0xffff => {
+                header[1] = 126;
+                header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+                &header[..4]
+            }
+            _ => {
+                header[1] = 127;
+                header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+                &header[..10]
+            }
+        };
+        let copied = if len <= COPY_LIMIT { len } else { 0 };
+        let need = header.len() + copied;
+        if self.arena.capacity() - self.arena.len() < need {
+            self.arena.reserve(need.max(ARENA));
+        }
+        self.arena.extend_from_slice(header);
+        if copied == len {
+            self.arena.extend_from_slice(&payload);
+        } else {
+            self.flush();
+            self.chunks.push_back(payload);
+        }
+    }
+
+    /// Hands what the arena holds to the dispatcher as one chunk.
+    fn flush(&mut self) {
+        if !self.arena.is_empty() {
+            self.chunks.push_back(self.arena.split().freeze());
+        }
+    }
+
+    /// The error frame and the close frame of `cmd` (a close reason is cut, at a char
+    /// boundary, to what a control frame holds).
+    fn push_close(&mut self, cmd: CloseCmd) {
+        if let Some(message) = &cmd.error_message {
+            self.push_frame(OP_TEXT, Bytes::from(error_frame(message)));
         }
         if let Some((code, reason)) = cmd.close {
-            let reason = CloseReason { code: CloseCode::from(code), description: Some(reason) };
-            let _ = session.close(Some(reason)).await;
+            let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            let mut payload = BytesMut::with_capacity(2 + end);
+            payload.put_u16(code);
+            payload.extend_from_slice(&reason.as_bytes()[..end]);
+            self.push_frame(OP_CLOSE, payload.freeze());
         }
-        // Without a close frame the session is dropped here, which ends the response body
-        // and so the TCP connection.
-    };
-    let _ = tokio::time::timeout(timeout, work).await;
-}
+        self.flush();
+    }
 
-/// Shuts the direct path however the writer ends (even when its task is dropped).
-struct DirectGuard(Arc<Shared>);
-
-impl Drop for DirectGuard {
-    fn drop(&mut self) {
-        self.0.shut_direct();
+    fn end(&mut self) {
+        if self.state != BodyState::Ended {
+            self.state = BodyState::Ended;
+            self.chunks.clear();
+            self.shared.end();
+        }
     }
 }
 
-/// The writer task: writes queued frames to `session` until a close is requested (which
-/// it carries out) or the socket fails, then calls `on_done` (the connection actor stops
-/// itself from there). While it runs, senders may bypass it (the direct path, see the
-/// module docs).
-pub async fn run_writer(
-    mut rx: OutboundRx,
-    mut session: Session,
-    close_timeout: Duration,
-    on_done: impl FnOnce(),
-) {
-    let shared = rx.shared.clone();
-    if let Ok(mut slot) = shared.direct.lock() {
-        *slot = Some(session.clone());
+impl MessageBody for OutboundBody {
+    type Error = Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
     }
-    let _guard = DirectGuard(shared.clone());
-    loop {
-        match rx.next().await {
-            Some(WriterEvent::Frame(frame)) => {
-                // A client that stops reading blocks this write; a close must still get
-                // through (and then gives up after `close_timeout`).
-                let outcome = tokio::select! {
-                    biased;
-                    cmd = rx.closed() => Err(Some(cmd)),
-                    r = write_frame(&mut session, frame) => r.map_err(|_| None),
-                };
-                match outcome {
-                    Ok(()) => shared.written(&session),
-                    Err(Some(cmd)) => {
-                        finish(&shared, session, cmd, close_timeout).await;
-                        break;
-                    }
-                    Err(None) => break,
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Infallible>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(chunk) = this.chunks.pop_front() {
+                return Poll::Ready(Some(Ok(chunk)));
+            }
+            if this.state != BodyState::Open {
+                this.end();
+                return Poll::Ready(None);
+            }
+            let mut q = this.shared.lock();
+            if let Some(cmd) = q.close.take() {
+                q.frames.clear();
+                q.bytes = 0;
+                drop(q);
+                this.state = BodyState::Closing;
+                this.push_close(cmd);
+                continue;
+            }
+            if q.frames.is_empty() {
+                if q.ended {
+                    drop(q);
+                    this.end();
+                    return Poll::Ready(None);
                 }
+                q.waker = Some(cx.waker().clone());
+                return Poll::Pending;
             }
-            Some(WriterEvent::Close(cmd)) => {
-                finish(&shared, session, cmd, close_timeout).await;
-                break;
+            std::mem::swap(&mut q.frames, &mut this.batch);
+            q.bytes = 0;
+            drop(q);
+            let mut batch = std::mem::take(&mut this.batch);
+            for frame in batch.drain(..) {
+                let (opcode, payload) = frame.into_parts();
+                this.push_frame(opcode, payload);
             }
-            None => {
-                finish(&shared, session, CloseCmd::close(1000, ""), close_timeout).await;
-                break;
-            }
+            this.flush();
+            this.batch = batch;
         }
     }
-    on_done();
+}
+
+impl Drop for OutboundBody {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::future::poll_fn;
+    use std::cell::Cell;
+    use std::rc::Rc;
 
     use actix_codec::Decoder;
-    use actix_web::body::{BoxBody, MessageBody};
     use awc::ws::{Codec, Frame};
-    use bytes::BytesMut;
 
     use super::*;
 
@@ -480,62 +546,42 @@ mod tests {
         assert_eq!(tx.send(OutFrame::Binary(Bytes::from(vec![0; 6]))), Err(SendError::Overflow));
     }
 
-    #[actix_rt::test]
-    async fn dropping_every_sender_ends_the_stream() {
-        let (tx, mut rx) = channel(2, 100);
-        tx.send_text("x").unwrap();
-        drop(tx);
-        assert_eq!(rx.next().await, Some(WriterEvent::Frame(OutFrame::Text("x".into()))));
-        assert_eq!(rx.next().await, None);
-    }
-
-    /// A websocket `Session` as the `/ws` endpoint gets it, and the response body that
-    /// carries what it sends (what the client would read).
-    async fn ws_session() -> (Session, BoxBody) {
-        use actix_web::http::header;
-        use actix_web::FromRequest;
-        let (req, mut payload) = actix_web::test::TestRequest::default()
-            .insert_header((header::UPGRADE, "websocket"))
-            .insert_header((header::CONNECTION, "upgrade"))
-            .insert_header((header::SEC_WEBSOCKET_VERSION, "13"))
-            .insert_header((header::SEC_WEBSOCKET_KEY, "dGhlIHNhbXBsZSBub25jZQ=="))
-            .to_http_parts();
-        let body = actix_web::web::Payload::from_request(&req, &mut payload).await.unwrap();
-        let (response, session, _stream) = actix_ws::handle(&req, body).unwrap();
-        (session, response.into_body())
-    }
-
-    /// Reads the body like a client: frames until `until` says stop; `None` at its end.
+    /// Reads a body like a client: polls it (as actix-http's dispatcher does when it can
+    /// write) and decodes what it yields.
     struct Reader {
-        body: BoxBody,
+        body: Pin<Box<OutboundBody>>,
         buf: BytesMut,
         codec: Codec,
+        ended: bool,
     }
 
     impl Reader {
-        fn new(body: BoxBody) -> Self {
-            Reader { body, buf: BytesMut::new(), codec: Codec::new().client_mode().max_size(1 << 20) }
-        }
-
-        /// The next frame, `None` when the body ended; panics after 5 s of silence.
-        async fn next(&mut self) -> Option<Frame> {
-            loop {
-                if let Some(frame) = self.codec.decode(&mut self.buf).unwrap() {
-                    return Some(frame);
-                }
-                let chunk = poll_fn(|cx| Pin::new(&mut self.body).poll_next(cx));
-                match tokio::time::timeout(Duration::from_secs(5), chunk).await.expect("a frame in time") {
-                    Some(chunk) => self.buf.extend_from_slice(&chunk.unwrap()),
-                    None => return None,
-                }
+        fn new(rx: OutboundRx) -> Self {
+            Reader {
+                body: Box::pin(rx.into_body(BoxBody::new(()))),
+                buf: BytesMut::new(),
+                codec: Codec::new().client_mode().max_size(1 << 20),
+                ended: false,
             }
         }
 
-        async fn binary(&mut self) -> u32 {
-            match self.next().await {
-                Some(Frame::Binary(b)) => u32::from_be_bytes(b[..].try_into().unwrap()),
-                other => panic!("expected a binary frame, got {other:?}"),
+        /// Takes whatever the body has ready now; true if it ended.
+        fn pump(&mut self) -> bool {
+            let mut cx = Context::from_waker(Waker::noop());
+            while !self.ended {
+                match self.body.as_mut().poll_next(&mut cx) {
+                    Poll::Ready(Some(Ok(chunk))) => self.buf.extend_from_slice(&chunk),
+                    Poll::Ready(None) => self.ended = true,
+                    Poll::Pending => break,
+                }
             }
+            self.ended
+        }
+
+        /// The frames decoded so far.
+        fn frames(&mut self) -> Vec<Frame> {
+            self.pump();
+            std::iter::from_fn(|| self.codec.decode(&mut self.buf).unwrap()).collect()
         }
     }
 
@@ -543,119 +589,135 @@ mod tests {
         OutFrame::Binary(Bytes::copy_from_slice(&i.to_be_bytes()))
     }
 
-    fn direct_open(tx: &Outbound) -> bool {
-        tx.shared.direct.lock().unwrap().is_some()
+    fn number(frame: &Frame) -> u32 {
+        match frame {
+            Frame::Binary(b) => u32::from_be_bytes(b[..].try_into().unwrap()),
+            other => panic!("expected a binary frame, got {other:?}"),
+        }
     }
 
-    async fn writer(session: Session, rx: OutboundRx) {
-        actix_rt::spawn(run_writer(rx, session, Duration::from_secs(5), || {}));
-        // Let it start (and open the direct path).
-        tokio::task::yield_now().await;
+    #[test]
+    fn the_body_writes_every_frame_kind_in_order_with_the_right_header() {
+        let (tx, rx) = channel(1000, 1 << 30);
+        let mut client = Reader::new(rx);
+        assert!(client.frames().is_empty());
+        tx.send_text("hello").unwrap();
+        // The three payload length forms: 7 bits, 16 bits, 64 bits.
+        for len in [0, 125, 126, 65535, 65536, 70000] {
+            tx.send(OutFrame::Binary(Bytes::from(vec![7; len]))).unwrap();
+        }
+        tx.send(OutFrame::Pong(Bytes::from(vec![1; 200]))).unwrap();
+        let frames = client.frames();
+        assert_eq!(frames.len(), 8);
+        assert!(matches!(&frames[0], Frame::Text(t) if &t[..] == b"hello"));
+        for (frame, len) in frames[1..7].iter().zip([0, 125, 126, 65535, 65536, 70000]) {
+            assert!(matches!(frame, Frame::Binary(b) if b.len() == len && b.iter().all(|x| *x == 7)));
+        }
+        assert!(matches!(&frames[7], Frame::Pong(p) if p.len() == 125), "pong cut to 125 bytes");
+        // Batches keep their order across polls.
+        for i in 0..50 {
+            tx.send(numbered(i)).unwrap();
+            if i % 7 == 0 {
+                client.pump();
+            }
+        }
+        let got: Vec<u32> = client.frames().iter().map(number).collect();
+        assert_eq!(got, (0..50).collect::<Vec<_>>());
     }
 
-    #[actix_rt::test]
-    async fn frames_keep_their_order_when_the_direct_path_and_the_queue_alternate() {
-        let (session, body) = ws_session().await;
-        let mut client = Reader::new(body);
-        let (tx, rx) = channel(1000, 1 << 20);
-        writer(session, rx).await;
-        assert!(direct_open(&tx));
-        // A frame that could not go direct (here: the direct path's lock was busy) is
-        // queued, and the next one queues behind it although the channel has room.
-        let busy = tx.shared.direct.lock().unwrap();
-        tx.send(numbered(0)).unwrap();
-        drop(busy);
-        tx.send(numbered(1)).unwrap();
-        assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 2);
-        assert_eq!(client.binary().await, 0);
-        assert_eq!(client.binary().await, 1);
-        tokio::task::yield_now().await;
-        assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 0);
-        // Nothing backlogged: straight into actix-ws's channel, no queue.
-        tx.send(numbered(2)).unwrap();
-        assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 0);
-        // More than actix-ws's channel holds (32): the rest goes through the queue.
-        for i in 3..100 {
-            tx.send(numbered(i)).unwrap();
-        }
-        assert!(tx.shared.backlog.load(Ordering::Acquire) > 0);
-        assert!(!direct_open(&tx), "a full channel takes the direct path away");
-        for i in 2..50 {
-            assert_eq!(client.binary().await, i);
-        }
-        // Sent while the writer still has a backlog: queued behind it.
-        for i in 100..110 {
-            tx.send(numbered(i)).unwrap();
-        }
-        for i in 50..110 {
-            assert_eq!(client.binary().await, i);
-        }
-        // The writer caught up: the direct path is open again.
-        tokio::task::yield_now().await;
-        assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 0);
-        assert!(direct_open(&tx));
-        for i in 110..115 {
-            tx.send(numbered(i)).unwrap();
-            assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 0, "frame {i} was queued");
-        }
-        tx.send_text("last").unwrap();
-        for i in 110..115 {
-            assert_eq!(client.binary().await, i);
-        }
-        assert!(matches!(client.next().await, Some(Frame::Text(t)) if t == "last"));
-    }
-
-    #[actix_rt::test]
-    async fn a_client_that_stops_reading_still_overflows_with_1008_past_the_direct_path() {
-        let (session, body) = ws_session().await;
+    #[test]
+    fn a_client_that_stops_reading_overflows_with_1008_and_the_close_overtakes_the_queue() {
         let (tx, rx) = channel(4, 1 << 20);
-        writer(session, rx).await;
-        let mut sent = 0;
-        let overflowed = loop {
-            match tx.send(numbered(sent)) {
-                Ok(()) => sent += 1,
-                Err(e) => break e,
+        let mut client = Reader::new(rx);
+        tx.send(numbered(0)).unwrap();
+        assert_eq!(client.frames().iter().map(number).collect::<Vec<_>>(), [0]);
+        // The socket takes nothing more (its write buffer is full): the queue fills.
+        for i in 1..5 {
+            tx.send(numbered(i)).unwrap();
+        }
+        assert_eq!(tx.send(numbered(5)), Err(SendError::Overflow));
+        assert_eq!(tx.send(numbered(6)), Err(SendError::Closed));
+        let frames = client.frames();
+        assert!(client.ended, "the body ends after the close frame");
+        assert_eq!(frames.len(), 2, "the queued frames were dropped: {frames:?}");
+        assert!(matches!(&frames[0], Frame::Text(t) if &t[..] == error_frame(OVERFLOW_MESSAGE).as_bytes()));
+        match &frames[1] {
+            Frame::Close(Some(r)) => {
+                assert_eq!(u16::from(r.code), 1008);
+                assert_eq!(r.description.as_deref(), Some(OVERFLOW_MESSAGE));
             }
-            assert!(sent < 100, "never overflowed");
-            tokio::task::yield_now().await;
-        };
-        assert_eq!(overflowed, SendError::Overflow);
-        // actix-ws's channel (32), the frame in the writer's hands, the queue (4).
-        assert_eq!(sent, 32 + 1 + 4);
-        assert_eq!(tx.send(numbered(sent)), Err(SendError::Closed));
-        // The client reads again: what actix-ws holds, then the close overtakes the queue.
-        let mut client = Reader::new(body);
-        let mut got = Vec::new();
-        let error = loop {
-            match client.next().await {
-                Some(Frame::Binary(b)) => got.push(u32::from_be_bytes(b[..].try_into().unwrap())),
-                Some(Frame::Text(t)) => break t,
-                other => panic!("unexpected {other:?}"),
-            }
-        };
-        assert_eq!(got, (0..got.len() as u32).collect::<Vec<_>>());
-        assert!((32..=33).contains(&got.len()), "{} frames", got.len());
-        assert_eq!(&error[..], error_frame(OVERFLOW_MESSAGE).as_bytes());
-        match client.next().await {
-            Some(Frame::Close(Some(r))) => assert_eq!(u16::from(r.code), 1008),
             other => panic!("expected the close, got {other:?}"),
         }
     }
 
-    #[actix_rt::test]
-    async fn dropping_the_socket_ends_the_body_although_the_direct_path_held_a_session() {
-        let (session, body) = ws_session().await;
-        let mut client = Reader::new(body);
+    #[test]
+    fn a_long_close_reason_is_cut_at_a_char_boundary() {
+        let (tx, rx) = channel(4, 1 << 20);
+        let mut client = Reader::new(rx);
+        tx.close(CloseCmd::close(4000, "é".repeat(100)));
+        match &client.frames()[..] {
+            [Frame::Close(Some(r))] => {
+                assert_eq!(u16::from(r.code), 4000);
+                assert_eq!(r.description.as_deref(), Some("é".repeat(61).as_str()));
+            }
+            other => panic!("expected one close frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dropping_the_socket_ends_the_body_without_a_close_frame() {
         let (tx, rx) = channel(8, 1 << 20);
-        writer(session, rx).await;
+        let mut client = Reader::new(rx);
         tx.send(numbered(7)).unwrap();
-        assert_eq!(tx.shared.backlog.load(Ordering::Acquire), 0);
+        assert_eq!(client.frames().iter().map(number).collect::<Vec<_>>(), [7]);
+        tx.send(numbered(8)).unwrap();
         tx.close(CloseCmd::drop_socket());
-        assert_eq!(client.binary().await, 7);
-        // No close frame, and the body (so the TCP connection) ends although `tx` lives.
-        assert_eq!(client.next().await, None);
-        assert!(!direct_open(&tx));
-        assert_eq!(tx.send(numbered(8)), Err(SendError::Closed));
+        assert!(client.frames().is_empty());
+        assert!(client.ended);
+        assert_eq!(tx.send(numbered(9)), Err(SendError::Closed));
+    }
+
+    #[actix_rt::test]
+    async fn the_watcher_reports_a_socket_that_went_away() {
+        let (tx, rx) = channel(8, 1 << 20);
+        let client = Reader::new(rx);
+        let done = Rc::new(Cell::new(false));
+        let flag = done.clone();
+        let watcher = tokio::task::spawn_local(tx.watch(Duration::from_secs(60), move || flag.set(true)));
+        tokio::task::yield_now().await;
+        assert!(!done.get(), "nothing happened yet");
+        drop(client);
+        watcher.await.unwrap();
+        assert!(done.get());
+        assert_eq!(tx.send(numbered(1)), Err(SendError::Closed));
+    }
+
+    #[actix_rt::test]
+    async fn the_watcher_gives_up_on_a_close_the_client_does_not_read() {
+        let (tx, rx) = channel(8, 1 << 20);
+        let _client = Reader::new(rx);
+        let done = Rc::new(Cell::new(false));
+        let flag = done.clone();
+        let watcher = tokio::task::spawn_local(tx.watch(Duration::from_millis(50), move || flag.set(true)));
+        tx.close(CloseCmd::close(1001, "bye"));
+        // The body is never polled (the client's socket is full): the timeout ends it.
+        tokio::time::timeout(Duration::from_secs(5), watcher).await.expect("in time").unwrap();
+        assert!(done.get());
+    }
+
+    #[actix_rt::test]
+    async fn the_watcher_reports_a_close_once_the_body_wrote_it() {
+        let (tx, rx) = channel(8, 1 << 20);
+        let mut client = Reader::new(rx);
+        let done = Rc::new(Cell::new(false));
+        let flag = done.clone();
+        let watcher = tokio::task::spawn_local(tx.watch(Duration::from_secs(60), move || flag.set(true)));
+        tx.close(CloseCmd::close(1000, ""));
+        tokio::task::yield_now().await;
+        assert!(!done.get(), "the close is not written yet");
+        assert!(matches!(&client.frames()[..], [Frame::Close(Some(r))] if u16::from(r.code) == 1000));
+        tokio::time::timeout(Duration::from_secs(5), watcher).await.expect("in time").unwrap();
+        assert!(done.get());
     }
 
     #[test]
