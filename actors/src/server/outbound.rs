@@ -20,10 +20,12 @@
 //! an error frame and close code 1008 ([`OVERFLOW_MESSAGE`]). The frame that did not fit is
 //! dropped; the caller learns it from [`SendError::Overflow`].
 //!
-//! **Closing.** A close request ([`Outbound::close`]) overtakes queued frames: the body
-//! drops what the socket has not taken yet, writes the optional error frame and the close
-//! frame (or nothing, to drop the socket) and ends, which ends the TCP connection. The
-//! first close request wins; later ones are ignored. A watcher task ([`Outbound::watch`],
+//! **Closing.** A close request ([`Outbound::close`]) goes out after the frames queued
+//! before it (a reply sent just before a close arrives, as upstream's ordered sends
+//! deliver it) and refuses later ones; the body then writes the optional error frame and
+//! the close frame (or nothing, to drop the socket) and ends, which ends the TCP
+//! connection. The close of an overflow overtakes the queue instead (the client is not
+//! reading it), and so does dropping the socket. The first close request wins; later ones are ignored. A watcher task ([`Outbound::watch`],
 //! idle until then) tells the connection when the socket is done, or after
 //! `close_timeout` if a client that does not read keeps the close from being written.
 
@@ -146,6 +148,8 @@ struct Queue {
     waker: Option<Waker>,
     /// A close requested and not carried out yet.
     close: Option<CloseCmd>,
+    /// The close drops the queued frames instead of following them (overflow).
+    close_overtakes: bool,
     /// The socket is gone (its body ended or was dropped): frames are refused.
     ended: bool,
 }
@@ -239,7 +243,7 @@ impl Outbound {
             || (q.bytes > 0 && q.bytes.saturating_add(len) > shared.max_bytes)
         {
             drop(q);
-            self.close(CloseCmd::error(1008, OVERFLOW_MESSAGE));
+            self.request_close(CloseCmd::error(1008, OVERFLOW_MESSAGE), true);
             return Err(SendError::Overflow);
         }
         q.bytes += len;
@@ -257,13 +261,21 @@ impl Outbound {
         self.send(OutFrame::Text(text.into()))
     }
 
-    /// Asks the socket to end the connection. The first request wins.
+    /// Asks the socket to end the connection once the frames queued so far are written.
+    /// The first request wins.
+    /// Dropping the socket ([`CloseCmd::drop_socket`]) does not wait for them.
     pub fn close(&self, cmd: CloseCmd) {
+        let overtake = cmd.close.is_none();
+        self.request_close(cmd, overtake);
+    }
+
+    fn request_close(&self, cmd: CloseCmd, overtake: bool) {
         if self.shared.close_requested.swap(true, Ordering::AcqRel) {
             return;
         }
         let mut q = self.shared.lock();
         q.close = Some(cmd);
+        q.close_overtakes = overtake;
         let waker = q.waker.take();
         drop(q);
         if let Some(waker) = waker {
@@ -305,14 +317,14 @@ impl Outbound {
 }
 
 impl OutboundRx {
-    /// The next thing to write: a close request before any queued frame; `None` once the
-    /// socket is gone.
+    /// The next thing to write: a queued frame, then a close request (before the queued
+    /// frames if it overtakes them); `None` once the socket is gone.
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<WriterEvent>> {
         let mut q = self.shared.lock();
-        if let Some(cmd) = q.close.take() {
+        if q.close.is_some() && (q.close_overtakes || q.frames.is_empty()) {
             q.frames.clear();
             q.bytes = 0;
-            return Poll::Ready(Some(WriterEvent::Close(cmd)));
+            return Poll::Ready(q.close.take().map(WriterEvent::Close));
         }
         if let Some(frame) = q.frames.pop_front() {
             q.bytes -= frame.len();
@@ -468,12 +480,15 @@ impl MessageBody for OutboundBody {
                 return Poll::Ready(None);
             }
             let mut q = this.shared.lock();
-            if let Some(cmd) = q.close.take() {
+            if q.close.is_some() && (q.close_overtakes || q.frames.is_empty()) {
+                let cmd = q.close.take();
                 q.frames.clear();
                 q.bytes = 0;
                 drop(q);
                 this.state = BodyState::Closing;
-                this.push_close(cmd);
+                if let Some(cmd) = cmd {
+                    this.push_close(cmd);
+                }
                 continue;
             }
             if q.frames.is_empty() {
@@ -516,15 +531,16 @@ mod tests {
     use super::*;
 
     #[actix_rt::test]
-    async fn frames_flow_in_order_and_close_overtakes_them() {
+    async fn frames_flow_in_order_and_a_close_follows_the_frames_queued_before_it() {
         let (tx, mut rx) = channel(8, 1 << 20);
         tx.send_text("a").unwrap();
         tx.send(OutFrame::Binary(Bytes::from_static(b"bb"))).unwrap();
         assert_eq!(rx.next().await, Some(WriterEvent::Frame(OutFrame::Text("a".into()))));
         tx.close(CloseCmd::close(1001, "bye"));
         tx.close(CloseCmd::close(1008, "ignored: the first close wins"));
-        assert_eq!(rx.next().await, Some(WriterEvent::Close(CloseCmd::close(1001, "bye"))));
         assert_eq!(tx.send_text("late"), Err(SendError::Closed));
+        assert_eq!(rx.next().await, Some(WriterEvent::Frame(OutFrame::Binary(Bytes::from_static(b"bb")))));
+        assert_eq!(rx.next().await, Some(WriterEvent::Close(CloseCmd::close(1001, "bye"))));
     }
 
     #[actix_rt::test]
@@ -648,6 +664,20 @@ mod tests {
             }
             other => panic!("expected the close, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_close_is_written_after_the_frames_queued_before_it() {
+        let (tx, rx) = channel(8, 1 << 20);
+        let mut client = Reader::new(rx);
+        tx.send(numbered(1)).unwrap();
+        tx.send(numbered(2)).unwrap();
+        tx.close(CloseCmd::close(1001, "bye"));
+        assert_eq!(tx.send(numbered(3)), Err(SendError::Closed));
+        let frames = client.frames();
+        assert!(client.ended, "the body ends after the close frame");
+        assert_eq!(frames[..2].iter().map(number).collect::<Vec<_>>(), [1, 2]);
+        assert!(matches!(&frames[2..], [Frame::Close(Some(r))] if u16::from(r.code) == 1001), "{frames:?}");
     }
 
     #[test]
