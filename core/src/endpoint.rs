@@ -66,7 +66,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use crate::chunk::{self, CacheCall, ChunkError, ChunkLimits, ChunkPlan, Reassembler, CHUNK_SIZE};
 use crate::codec::{self, CodecError, CodecRegistry, DecodeContext, EncodeContext};
-use crate::message::{self, MainSegment, MessageError, Promise};
+use crate::message::{self, CallExtra, MainSegment, MessageError, Promise};
 use crate::msgpack::{self, DecodeLimits, Rope};
 use crate::package::{self, Package, PackageError};
 use crate::session::{
@@ -341,6 +341,14 @@ enum Promised {
     Compact(Arc<CompactPromise>),
     /// Explicit descriptors, decoded.
     Explicit(Box<PromiseCallbacks>),
+}
+
+/// A received frame's extra segment, as its reader needs it.
+enum Payload {
+    /// A call's: only the keys the callee reads.
+    Call(CallExtra),
+    /// Any other message's: the map (merged into the main segment for the driver).
+    Other(Option<Map>),
 }
 
 /// Where a running call's heartbeats go.
@@ -884,11 +892,19 @@ impl Endpoint {
     /// One binary frame from the transport (spec §2.5).
     pub fn handle_frame(&mut self, now: Instant, frame: Bytes) {
         let limits = &self.config.decode_limits;
+        // A call's payload is read key by key, anything else as a map.
         let decoded = MainSegment::decode_cached(&frame, limits, &mut self.user_cache)
             .map_err(EndpointError::from)
-            .and_then(|(main, at)| Ok((main, package::decode_extra(&frame, at, limits)?)));
+            .and_then(|(main, at)| {
+                Ok(if main.kind == message::METHOD {
+                    (main, Payload::Call(package::decode_call_extra(&frame, at, limits)?))
+                } else {
+                    (main, Payload::Other(package::decode_extra(&frame, at, limits)?))
+                })
+            });
         match decoded {
-            Ok((main, extra)) => self.receive(now, main, extra),
+            Ok((main, Payload::Call(extra))) => self.handle_method(now, main, extra),
+            Ok((main, Payload::Other(extra))) => self.receive(now, main, extra),
             Err(e) => self.events.push_back(Event::Error(e)),
         }
         // Packages reassembled on the way, each after the `process` reply it came with.
@@ -1224,7 +1240,7 @@ impl Endpoint {
     /// `message_cache.process` call that completed it (spec §3 receiver step 3).
     fn receive(&mut self, now: Instant, seg: MainSegment, extra: Option<Map>) {
         if seg.kind == message::METHOD {
-            return self.handle_method(now, seg, extra.unwrap_or_default());
+            return self.handle_method(now, seg, extra.map(CallExtra::from_map).unwrap_or_default());
         }
         match seg.kind.as_str() {
             message::CLIENT_DISCONNECTED => self.handle_client_disconnected(now, &seg),
@@ -1242,7 +1258,7 @@ impl Endpoint {
     }
 
     /// The callee side of spec §4.5.
-    fn handle_method(&mut self, now: Instant, main: MainSegment, mut extra: Map) {
+    fn handle_method(&mut self, now: Instant, main: MainSegment, mut extra: CallExtra) {
         let (Some(from), Some(to), Some(method)) =
             (main.from.as_deref(), main.to.as_deref(), main.method.as_deref())
         else {
@@ -1265,7 +1281,7 @@ impl Endpoint {
                 remote_parent: main.session.as_deref(),
                 ..DecodeContext::new(&self.codecs)
             };
-            match Promise::from_extra(&extra) {
+            match extra.promise() {
                 Ok(None) => Ok(None),
                 // `cx.remote_parent` is the call's session, as the compact parts assume.
                 Ok(Some(Promise::Compact { interval })) => {
@@ -1296,7 +1312,7 @@ impl Endpoint {
             Err(e) => return self.finish_reply(now, reply, Err(EndpointError::from(e).to_error_value())),
         };
         // 2. Encryption is not modelled here.
-        if message::is_encrypted(&extra) {
+        if extra.encrypted {
             let e = EndpointError::EncryptionUnsupported(method.to_owned());
             return self.finish_reply(now, reply, Err(e.to_error_value()));
         }
@@ -1705,13 +1721,16 @@ fn cache_method(target: &str, call: &CacheCall) -> RemoteMethod {
 
 /// Decodes the arguments of a received call (spec §4.5 step 7) and splits off the kwargs.
 /// The list is moved out of `extra`, so nothing is deep-copied.
-fn decode_args(extra: &mut Map, cx: &DecodeContext<'_>) -> Result<(Vec<Value>, Option<Map>), EndpointError> {
-    let wire = message::take_args(extra)?;
+fn decode_args(
+    extra: &mut CallExtra,
+    cx: &DecodeContext<'_>,
+) -> Result<(Vec<Value>, Option<Map>), EndpointError> {
+    let wire = extra.take_args()?;
     let args = match codec::decode(Value::List(wire), cx)? {
         Value::List(l) => l,
         other => vec![other],
     };
-    Ok(codec::split_kwargs(args, message::with_kwargs(extra))?)
+    Ok(codec::split_kwargs(args, extra.with_kwargs())?)
 }
 
 /// Whether a failed lookup is a fire-and-forget promise callback for a session that is

@@ -19,6 +19,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
+use crate::message::CallExtra;
 use crate::msgpack::{self, DecodeError, DecodeLimits, EncodeError, RawEntry, RepeatCache};
 use crate::value::{Map, Value};
 
@@ -155,6 +156,30 @@ pub fn decode_extra(
         return Err(PackageError::TrailingBytes { offset: end, count: frame.len() - end });
     }
     Ok(Some(extra))
+}
+
+/// [`decode_extra`] for a call (`type: "method"`): the keys the callee reads, straight
+/// from the frame ([`msgpack::decode_entries`]), no [`Map`] built. Same checks and
+/// errors as `decode_extra`; no extra segment reads as the empty one.
+pub fn decode_call_extra(
+    frame: &Bytes,
+    offset: usize,
+    limits: &DecodeLimits,
+) -> Result<CallExtra, PackageError> {
+    let mut extra = CallExtra::default();
+    if offset == frame.len() {
+        return Ok(extra);
+    }
+    let decoded = msgpack::decode_entries(frame, offset, limits, |k, v| extra.put(k, v));
+    let end = match decoded {
+        Ok((None | Some(Value::Map(_)), end)) => end,
+        Ok((Some(other), _)) => return Err(PackageError::ExtraNotMap(other.kind())),
+        Err(source) => return Err(PackageError::Msgpack { segment: Segment::Extra, source }),
+    };
+    if end != frame.len() {
+        return Err(PackageError::TrailingBytes { offset: end, count: frame.len() - end });
+    }
+    Ok(extra)
 }
 
 /// Decodes only `main` and returns it with the offset where the extra bytes start
@@ -992,6 +1017,55 @@ mod tests {
             let mut expected = main.clone();
             expected.insert("from".into(), Value::Str(from));
             prop_assert_eq!(new_main, expected);
+        }
+
+        /// A call's payload read key by key is the map reader's view of it, with the same
+        /// errors: any entries (the read keys, repeated or not, of any type, and others),
+        /// the frame cut anywhere after the main segment, or with a byte changed there.
+        #[test]
+        fn call_extra_equals_the_map_readers(
+            entries in proptest::collection::vec(
+                (prop_oneof![
+                    Just("args".to_owned()), Just("promise".to_owned()), Just("t".to_owned()),
+                    Just("with_kwargs".to_owned()), Just("_enc".to_owned()), ".{0,6}",
+                ], arb_wire()),
+                0..6,
+            ),
+            flip in any::<(usize, u8)>(),
+            not_map in proptest::option::of(arb_wire()),
+        ) {
+            let main = Map::from_iter([("type".to_owned(), Value::from("method"))]);
+            let mut bytes = Vec::new();
+            msgpack::encode_map(&main, &mut bytes).unwrap();
+            let at = bytes.len();
+            // Written entry by entry, so that repeated keys reach the reader.
+            bytes.push(0xdf);
+            bytes.extend_from_slice(&u32::try_from(entries.len()).unwrap().to_be_bytes());
+            for (k, v) in &entries {
+                msgpack::encode(&Value::from(k.as_str()), &mut bytes).unwrap();
+                msgpack::encode(v, &mut bytes).unwrap();
+            }
+            let check = |frame: &Bytes| {
+                let via_map = decode_extra(frame, at, &limits())
+                    .map(|m| CallExtra::from_map(m.unwrap_or_default()));
+                // As text: a changed byte may make a NaN, which equals nothing.
+                assert_eq!(format!("{:?}", decode_call_extra(frame, at, &limits())), format!("{via_map:?}"));
+            };
+            let whole = Bytes::from(bytes.clone());
+            check(&whole);
+            for cut in at..whole.len() {
+                check(&whole.slice(..cut));
+            }
+            let mut mutated = bytes.clone();
+            let i = at + flip.0 % (mutated.len() - at);
+            mutated[i] ^= flip.1.max(1);
+            check(&Bytes::from(mutated));
+            bytes.truncate(at);
+            if let Some(v) = not_map {
+                msgpack::encode(&v, &mut bytes).unwrap();
+            }
+            bytes.push(0x90);
+            check(&Bytes::from(bytes));
         }
 
         /// The raw restamp writes byte for byte what the Map-based one wrote, for any
