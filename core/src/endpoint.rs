@@ -471,7 +471,8 @@ pub struct EndpointStats {
     pub sessions: usize,
     /// Our promise calls waiting for a reply.
     pub pending_calls: usize,
-    /// Calls whose settlement the endpoint still routes somewhere.
+    /// Calls whose settlement the endpoint still routes somewhere other than the driver
+    /// (replies, uploads, forwards; and chunked calls of the driver until they settle).
     pub continuations: usize,
     /// Chunked sends in progress.
     pub uploads: usize,
@@ -788,7 +789,7 @@ impl Endpoint {
             self.parents.get(rp).filter(|l| l.caller == method.target).map(|l| l.local_parent.clone())
         });
         let (session, package) = self.start_call(now, method, args, kwargs, local_parent.as_deref())?;
-        self.dispatch(now, session.clone(), method, package, Then::Report);
+        self.dispatch(now, &session, method, package, Then::Report);
         self.rearm(now);
         Ok(session)
     }
@@ -998,19 +999,22 @@ impl Endpoint {
 
     /// Sends a packed call, as one frame or through `message_cache`; the call's timer
     /// starts once it is out (spec §4.2 step 5.3).
-    fn dispatch(&mut self, now: Instant, session: String, method: &RemoteMethod, package: Rope, then: Then) {
+    fn dispatch(&mut self, now: Instant, session: &str, method: &RemoteMethod, package: Rope, then: Then) {
         if chunk::needs_chunking(package.len(), &method.method) {
-            self.then.insert(session.clone(), then);
-            self.start_upload(now, session, method, package);
+            self.then.insert(session.to_owned(), then);
+            self.start_upload(now, session.to_owned(), method, package);
             return;
         }
         self.transmits.push_back(package.into_bytes());
-        match self.table.call_sent(now, &session) {
+        match self.table.call_sent(now, session) {
             // Settled at once (fire-and-forget): `then` goes straight to its continuation,
             // not through the map. The session is brand new, so no upload of it exists.
             Some(settled) => self.settle_one(now, settled, then),
+            // `Report` is what a settled call without an entry gets: the driver's calls,
+            // nearly all of them, need none.
+            None if matches!(then, Then::Report) => {}
             None => {
-                self.then.insert(session, then);
+                self.then.insert(session.to_owned(), then);
             }
         }
     }
@@ -1020,7 +1024,7 @@ impl Endpoint {
     /// without an error nothing is left to report.
     fn dispatch_reply(&mut self, now: Instant, session: String, to: &RemoteMethod, package: Rope) {
         if chunk::needs_chunking(package.len(), &to.method) {
-            return self.dispatch(now, session, to, package, discard(to));
+            return self.dispatch(now, &session, to, package, discard(to));
         }
         self.transmits.push_back(package.into_bytes());
         match self.table.call_sent(now, &session) {
@@ -1043,7 +1047,7 @@ impl Endpoint {
         then: Then,
     ) {
         match self.start_call(now, method, args, kwargs, local_parent) {
-            Ok((session, package)) => self.dispatch(now, session, method, package, then),
+            Ok((session, package)) => self.dispatch(now, &session, method, package, then),
             Err(e) => match then {
                 Then::Upload { id, step } => self.fail_upload(now, id, step, e.to_string()),
                 Then::Forward(reply) => self.finish_reply(now, *reply, Err(e.to_error_value())),
