@@ -1301,6 +1301,14 @@ enum Open<'a> {
 }
 
 fn write_tree<S: Sink>(root: Root<'_>, out: &mut S) -> Result<(), EncodeError> {
+    // A list of scalars (a call's `args`, a reply's `[result]`), written without the
+    // stack: the same bytes and errors, one allocation fewer.
+    if let Root::Value(Value::List(items)) = root {
+        if !items.iter().any(|v| matches!(v, Value::List(_) | Value::Map(_))) {
+            write_len(items.len(), "array", [Some(0x90), None, Some(0xdc), Some(0xdd)], 15, out)?;
+            return items.iter().try_for_each(|v| write_scalar(v, out));
+        }
+    }
     let mut stack: Vec<Open<'_>> = Vec::new();
     let mut next = match root {
         Root::Value(v) => Some(v),
