@@ -179,6 +179,55 @@ enum Frame<'a> {
     },
 }
 
+/// [`decode`]'s stack of open containers: the first two inline, deeper ones in a `Vec`.
+/// Two because a call's payload is a map holding a list (`args`): decoding it allocates
+/// for neither.
+struct Frames<'a> {
+    inline: [Option<Frame<'a>>; 2],
+    deeper: Vec<Frame<'a>>,
+    len: usize,
+}
+
+impl Default for Frames<'_> {
+    fn default() -> Self {
+        Self { inline: [None, None], deeper: Vec::new(), len: 0 }
+    }
+}
+
+impl<'a> Frames<'a> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, frame: Frame<'a>) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = Some(frame),
+            None => self.deeper.push(frame),
+        }
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<Frame<'a>> {
+        self.len = self.len.checked_sub(1)?;
+        match self.inline.get_mut(self.len) {
+            Some(slot) => slot.take(),
+            None => self.deeper.pop(),
+        }
+    }
+
+    fn last_mut(&mut self) -> Option<&mut Frame<'a>> {
+        let top = self.len.checked_sub(1)?;
+        match self.inline.get_mut(top) {
+            Some(slot) => slot.as_mut(),
+            None => self.deeper.last_mut(),
+        }
+    }
+}
+
 /// A cursor over the buffer; `data` is `buf`'s contents, kept to avoid re-derefs.
 struct Reader<'a> {
     buf: &'a Bytes,
@@ -587,7 +636,7 @@ fn decode_with<'a>(
     if offset > data.len() {
         return Err(DecodeError::Truncated { offset, needed: 1, available: 0 });
     }
-    let mut stack: Vec<Frame<'a>> = Vec::new();
+    let mut stack = Frames::default();
     // Slots (values or keys) announced but not yet started; each needs >= 1 unread byte.
     let mut pending: usize = 1;
     let mut items: usize = 0;
