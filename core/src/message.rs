@@ -190,7 +190,7 @@ impl MainSegment {
         let mut slots = [None; WIRE_KEYS.len()];
         let mut has_rest = false;
         for e in raw.entries() {
-            match WIRE_KEYS.iter().position(|k| *k == e.key) {
+            match wire_key_index(e.key) {
                 Some(i) => slots[i] = Some(e),
                 None => has_rest = true,
             }
@@ -304,6 +304,21 @@ impl MainSegment {
 
 /// The keys of the typed fields of [`MainSegment`], in upstream's order.
 const WIRE_KEYS: [&str; 8] = ["type", "from", "to", "method", "session", "parent", "ws", "user"];
+
+/// The index of `key` in [`WIRE_KEYS`] (a `match` tells them apart by length first).
+fn wire_key_index(key: &str) -> Option<usize> {
+    Some(match key {
+        "type" => 0,
+        "from" => 1,
+        "to" => 2,
+        "method" => 3,
+        "session" => 4,
+        "parent" => 5,
+        "ws" => 6,
+        "user" => 7,
+        _ => return None,
+    })
+}
 
 /// The server's `user` stamp of a main segment.
 #[derive(Debug, Clone, PartialEq)]
@@ -1030,6 +1045,15 @@ mod tests {
         assert_eq!(keys(&out), ["type", "from", "to", "method", "session", "parent", "x"]);
         let call = MainSegment::call("ws/a", "ws/b", "services.x.f").into_map();
         assert_eq!(keys(&call), ["type", "from", "to", "method"]);
+    }
+
+    #[test]
+    fn wire_key_index_is_the_position_in_wire_keys() {
+        for (i, k) in WIRE_KEYS.iter().enumerate() {
+            assert_eq!(wire_key_index(k), Some(i));
+        }
+        assert_eq!(wire_key_index("args"), None);
+        assert_eq!(wire_key_index("Type"), None);
     }
 
     #[test]

@@ -336,6 +336,16 @@ impl<'a> RawMain<'a> {
     ) -> Result<Self, PackageError> {
         let mut entries: Vec<RawEntry<'a>> = Vec::with_capacity(8);
         let mut index: Option<std::collections::HashMap<&'a str, usize>> = None;
+        // The scan hands out every known key (`type`, `from`, ...: nearly all of them) as
+        // one static str per key, any other key as a slice of the frame. So two keys are
+        // the same key if they are the same str, and a static and a slice never are: only
+        // two slices need their bytes compared.
+        let span = frame.as_ptr_range();
+        let same_key = |a: &str, b: &str| {
+            a.len() == b.len()
+                && (std::ptr::eq(a.as_ptr(), b.as_ptr())
+                    || (span.contains(&a.as_ptr()) && span.contains(&b.as_ptr()) && a == b))
+        };
         let visit = |entry: RawEntry<'a>| {
             if entries.len() == LINEAR_KEYS && index.is_none() {
                 index = Some(entries.iter().enumerate().map(|(i, e)| (e.key, i)).collect());
@@ -348,7 +358,7 @@ impl<'a> RawMain<'a> {
                         None
                     }
                 },
-                None => entries.iter().position(|e| e.key == entry.key),
+                None => entries.iter().position(|e| same_key(e.key, entry.key)),
             };
             match seen.and_then(|i| entries.get_mut(i)) {
                 // The first occurrence's position (its key bytes), the last one's value.
