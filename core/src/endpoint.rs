@@ -1301,7 +1301,9 @@ impl Endpoint {
             Ok(c) => c,
             Err(e) => return self.events.push_back(Event::Error(e)),
         };
-        let mut reply = ReplyTo {
+        // Built when needed: a resolve, reject or heartbeat (half of all calls) has no use
+        // for it.
+        let reply = |promised: Option<Promised>| ReplyTo {
             id: None,
             promised,
             expanded: OnceLock::new(),
@@ -1313,12 +1315,14 @@ impl Endpoint {
         // 1. Absolute ids.
         let to = match message::absolute_call_target(from, to, self.table.local_workspace()) {
             Ok(to) => to,
-            Err(e) => return self.finish_reply(now, reply, Err(EndpointError::from(e).to_error_value())),
+            Err(e) => {
+                return self.finish_reply(now, reply(promised), Err(EndpointError::from(e).to_error_value()))
+            }
         };
         // 2. Encryption is not modelled here.
         if extra.encrypted {
             let e = EndpointError::EncryptionUnsupported(method.to_owned());
-            return self.finish_reply(now, reply, Err(e.to_error_value()));
+            return self.finish_reply(now, reply(promised), Err(e.to_error_value()));
         }
         // 4-6. Lookup and permission.
         let incoming =
@@ -1326,10 +1330,10 @@ impl Endpoint {
         let target = match self.table.lookup(now, &incoming) {
             Ok(t) => t,
             Err(e) => {
-                if !reply.expects_result() && is_late_callback(&e, method) {
+                if promised.is_none() && is_late_callback(&e, method) {
                     return; // a late heartbeat/resolve/reject: normal, dropped silently
                 }
-                return self.finish_reply(now, reply, Err(EndpointError::from(e).to_error_value()));
+                return self.finish_reply(now, reply(promised), Err(EndpointError::from(e).to_error_value()));
             }
         };
         // 7. Arguments, moved out of the frame (bin payloads stay slices of it).
@@ -1343,7 +1347,7 @@ impl Endpoint {
         };
         let (args, kwargs) = match decoded {
             Ok(a) => a,
-            Err(e) => return self.finish_reply(now, reply, Err(e.to_error_value())),
+            Err(e) => return self.finish_reply(now, reply(promised), Err(e.to_error_value())),
         };
         let session = main.session.as_deref();
         // 9. Execute.
@@ -1370,18 +1374,18 @@ impl Endpoint {
                 if let Some(builtin) = call.function.handler.downcast_ref::<Builtin>() {
                     let ctx = message::build_ctx(&main, &self.config.connection_type, &to);
                     let result = self.run_builtin(now, *builtin, args, &ctx);
-                    return self.finish_reply(now, reply, result.map_err(|e| e.to_error_value()));
+                    return self.finish_reply(now, reply(promised), result.map_err(|e| e.to_error_value()));
                 }
                 let context = call
                     .annotation
                     .require_context
                     .then(|| message::build_ctx(&main, &self.config.connection_type, &to));
-                let reply = self.open_reply(now, reply, session);
+                let reply = self.open_reply(now, reply(promised), session);
                 let handler = call.function.handler;
                 self.events.push_back(Event::Invoke { handler, args, kwargs, context, reply });
             }
             Target::SessionFunction { function, .. } => {
-                let reply = self.open_reply(now, reply, session);
+                let reply = self.open_reply(now, reply(promised), session);
                 let handler = function.handler;
                 self.events.push_back(Event::Invoke { handler, args, kwargs, context: None, reply });
             }
@@ -1394,9 +1398,10 @@ impl Endpoint {
                     }
                     Err(e) => Err(EndpointError::from(e).to_error_value()),
                 };
-                self.finish_reply(now, reply, result);
+                self.finish_reply(now, reply(promised), result);
             }
             Target::GeneratorNext { session: gen_session, object_id, generator } => {
+                let mut reply = reply(promised);
                 reply.generator = Some((gen_session, object_id));
                 let reply = self.open_reply(now, reply, session);
                 self.events.push_back(Event::GeneratorNext { handler: generator.handler, reply });
@@ -1404,10 +1409,10 @@ impl Endpoint {
             Target::GeneratorClose { session: gen_session, object_id, generator } => {
                 self.table.remove_generator(&gen_session, &object_id);
                 self.events.push_back(Event::GeneratorClose { handler: generator.handler });
-                self.finish_reply(now, reply, Ok(Value::Bool(true)));
+                self.finish_reply(now, reply(promised), Ok(Value::Bool(true)));
             }
             Target::Forwarder { method: relay, .. } => {
-                let reply = self.open_reply(now, reply, session);
+                let reply = self.open_reply(now, reply(promised), session);
                 self.send_internal(now, &relay, args, kwargs, None, Then::Forward(Box::new(reply)));
             }
         }
