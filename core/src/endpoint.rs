@@ -963,7 +963,7 @@ impl Endpoint {
         let mut cx = EncodeContext::new(&self.id, &self.codecs, &mut self.table);
         cx.session = Some(&session);
         cx.server = self.config.server_url.as_deref();
-        let encoded = codec::encode(&Value::List(args), &mut cx);
+        let encoded = codec::encode_args_list(args, &mut cx);
         let created = std::mem::take(&mut cx.created_interfaces);
         let built = encoded.map_err(EndpointError::from).and_then(|v| {
             let args = match v {
