@@ -343,7 +343,9 @@ enum Promised {
     Explicit(Box<PromiseCallbacks>),
 }
 
-/// A received frame's extra segment, as its reader needs it.
+/// A received frame's extra segment, as its reader needs it. Lives only while the frame
+/// is dispatched: boxing the larger variant would cost an allocation per call.
+#[allow(clippy::large_enum_variant)]
 enum Payload {
     /// A call's: only the keys the callee reads.
     Call(CallExtra),
@@ -356,8 +358,8 @@ enum Payload {
 enum HeartbeatTo {
     /// `<session>.heartbeat` of a compact promise, derived when one is due.
     Compact(Arc<CompactPromise>),
-    /// An explicit heartbeat descriptor.
-    Method(RemoteMethod),
+    /// An explicit heartbeat descriptor (boxed: explicit promises are rare).
+    Method(Box<RemoteMethod>),
 }
 
 /// The handle of an incoming call the driver was asked to run. Give it back to
@@ -1531,7 +1533,7 @@ impl Endpoint {
             }
             Promised::Compact(_) => None,
             Promised::Explicit(cb) => match (&cb.heartbeat, cb.interval) {
-                (Some(h), Some(i)) if !i.is_zero() => Some((HeartbeatTo::Method(h.clone()), i)),
+                (Some(h), Some(i)) if !i.is_zero() => Some((HeartbeatTo::Method(Box::new(h.clone())), i)),
                 _ => None,
             },
         };
@@ -1643,7 +1645,7 @@ impl Endpoint {
         let Some((to, interval)) = &running.heartbeat else { return };
         let heartbeat = match to {
             HeartbeatTo::Compact(c) => c.callback("heartbeat"),
-            HeartbeatTo::Method(m) => m.clone(),
+            HeartbeatTo::Method(m) => (**m).clone(),
         };
         let next = now + *interval;
         running.next_heartbeat = Some(next);

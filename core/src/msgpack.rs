@@ -182,16 +182,11 @@ enum Frame<'a> {
 /// [`decode`]'s stack of open containers: the first two inline, deeper ones in a `Vec`.
 /// Two because a call's payload is a map holding a list (`args`): decoding it allocates
 /// for neither.
+#[derive(Default)]
 struct Frames<'a> {
     inline: [Option<Frame<'a>>; 2],
     deeper: Vec<Frame<'a>>,
     len: usize,
-}
-
-impl Default for Frames<'_> {
-    fn default() -> Self {
-        Self { inline: [None, None], deeper: Vec::new(), len: 0 }
-    }
 }
 
 impl<'a> Frames<'a> {
