@@ -355,6 +355,29 @@ pub fn encode(value: &Value, cx: &mut EncodeContext<'_>) -> Result<Value, CodecE
     enc(value, cx, 0)
 }
 
+/// [`encode`] of a call's positional arguments, which the caller owns: a list of wire
+/// scalars (most calls' arguments) encodes to itself, so it is moved rather than copied.
+pub fn encode_args_list(args: Vec<Value>, cx: &mut EncodeContext<'_>) -> Result<Value, CodecError> {
+    let scalars = args.iter().all(|v| {
+        matches!(
+            v,
+            Value::Nil
+                | Value::Bool(_)
+                | Value::Int(_)
+                | Value::UInt(_)
+                | Value::F32(_)
+                | Value::F64(_)
+                | Value::Str(_)
+                | Value::Bytes(_)
+        )
+    });
+    if scalars {
+        enter(0, cx.max_depth)?;
+        return Ok(Value::List(args));
+    }
+    encode(&Value::List(args), cx)
+}
+
 fn enter(depth: usize, limit: usize) -> Result<usize, CodecError> {
     if depth >= limit {
         return Err(CodecError::TooDeep { limit });
@@ -847,13 +870,13 @@ fn dec(wire: Value, cx: &DecodeContext<'_>, depth: usize) -> Result<Value, Codec
     }
 }
 
-fn dec_list(items: Vec<Value>, cx: &DecodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
+fn dec_list(mut items: Vec<Value>, cx: &DecodeContext<'_>, depth: usize) -> Result<Value, CodecError> {
     let d = enter(depth, cx.max_depth)?;
-    let mut out = Vec::with_capacity(items.len());
-    for v in items {
-        out.push(dec(v, cx, d)?);
+    // In place: the wire list is ours, so it becomes the decoded one (no second Vec).
+    for v in &mut items {
+        *v = dec(std::mem::take(v), cx, d)?;
     }
-    Ok(Value::List(out))
+    Ok(Value::List(items))
 }
 
 fn dec_members(m: Map, cx: &DecodeContext<'_>, d: usize) -> Result<Map, CodecError> {
@@ -1270,6 +1293,33 @@ mod tests {
         cx.server = Some(SERVER);
         cx.session = session;
         encode(value, &mut cx)
+    }
+
+    /// Moving a list of scalars is encoding it: same value, same errors (depth 0).
+    #[test]
+    fn encode_args_list_is_encode() {
+        let lists = [
+            vec![],
+            vec![Value::from("hello"), Value::Int(1), Value::Nil, Value::Bytes(Bytes::from_static(b"x"))],
+            vec![Value::F64(0.5), Value::List(vec![Value::Int(1)])],
+            vec![Value::from(map! { "a" => 1 }), Value::Bool(true)],
+            vec![fval(local(Some("f")))],
+        ];
+        for max_depth in [0, 1, 8] {
+            for args in &lists {
+                let reg = CodecRegistry::new();
+                let (mut a, mut b) = (TestSink::default(), TestSink::default());
+                let mut cx = EncodeContext::new(PROV, &reg, &mut a);
+                cx.session = Some("S");
+                cx.max_depth = max_depth;
+                let moved = encode_args_list(args.clone(), &mut cx);
+                let mut cx = EncodeContext::new(PROV, &reg, &mut b);
+                cx.session = Some("S");
+                cx.max_depth = max_depth;
+                let copied = encode(&Value::List(args.clone()), &mut cx);
+                assert_eq!(format!("{moved:?}"), format!("{copied:?}"), "{args:?} at depth {max_depth}");
+            }
+        }
     }
 
     fn enc1(value: &Value) -> Value {

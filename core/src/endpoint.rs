@@ -57,6 +57,7 @@
 //!   without an [`Event::Error`]: they are normal (heartbeats race results).
 
 use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -65,7 +66,7 @@ use foldhash::{HashMap, HashMapExt};
 
 use crate::chunk::{self, CacheCall, ChunkError, ChunkLimits, ChunkPlan, Reassembler, CHUNK_SIZE};
 use crate::codec::{self, CodecError, CodecRegistry, DecodeContext, EncodeContext};
-use crate::message::{self, MainSegment, MessageError, Promise};
+use crate::message::{self, CallExtra, MainSegment, MessageError, Promise};
 use crate::msgpack::{self, DecodeLimits, Rope};
 use crate::package::{self, Package, PackageError};
 use crate::session::{
@@ -247,27 +248,118 @@ impl PromiseCallbacks {
         cx: &DecodeContext<'_>,
         caller_key: Option<&Bytes>,
     ) -> Result<Self, EndpointError> {
+        let promise = CompactPromise::new(call, interval, cx.remote_workspace, caller_key)?;
+        Ok(promise.expand(call.method.as_deref().unwrap_or_default(), cx.remote_parent))
+    }
+}
+
+/// The compact promise `"*"` of an incoming call, kept as its parts: nearly every call
+/// carries one, and nearly every call needs only its `resolve` (once, when the reply is
+/// sent) and never its `heartbeat` (due only after [`FIRST_HEARTBEAT_AFTER`]). Building
+/// the three [`RemoteMethod`]s up front cost a dozen allocations per call; these parts are
+/// shared (one `Arc`) by the reply handle and the running-call record instead, and each
+/// callback is derived when it is sent.
+#[derive(Clone, Debug)]
+struct CompactPromise {
+    /// The caller, absolute: `_rtarget` of the callbacks.
+    target: String,
+    /// The caller's session: the callbacks are `<session>.resolve` (`.reject`,
+    /// `.heartbeat`) and calls through them carry `parent = <session>` (spec §4.7).
+    session: String,
+    /// The heartbeat period (`t`).
+    interval: Duration,
+    /// The caller's public key, when replies to it must be encrypted.
+    key: Option<Bytes>,
+}
+
+impl CompactPromise {
+    /// The parts of the compact promise of `call`; the same checks (and errors) as the
+    /// descriptors of [`message::expand_compact`] would need.
+    fn new(
+        call: &MainSegment,
+        interval: Duration,
+        remote_workspace: Option<&str>,
+        key: Option<&Bytes>,
+    ) -> Result<Self, EndpointError> {
         let from = call.from.as_deref().ok_or(MessageError::Missing("from"))?;
         let session = call.session.as_deref().ok_or(MessageError::Missing("session"))?;
-        let called = call.method.as_deref().unwrap_or_default();
         let (_, client) = from.split_once('/').ok_or_else(|| MessageError::BadFrom(from.into()))?;
-        let target = codec::resolve_target(client.to_owned(), cx.remote_workspace);
-        let make = |name: &str| RemoteMethod {
-            target: target.clone(),
-            // `concat`, not `format!`: six of these per incoming call.
-            method: [session, ".", name].concat(),
-            doc: Some([name, " callback for method: ", called].concat()),
-            encryption_key: caller_key.cloned(),
-            remote_parent: cx.remote_parent.map(str::to_owned),
-            ..Default::default()
+        // `codec::resolve_target` without copying `client` first.
+        let target = match remote_workspace {
+            Some(w) if !client.contains('/') && client != w => [w, "/", client].concat(),
+            _ => client.to_owned(),
         };
-        Ok(Self {
+        Ok(Self { target, session: session.to_owned(), interval, key: key.cloned() })
+    }
+
+    /// The three descriptors, as [`PromiseCallbacks`] (for [`ReplyTo::callbacks`]);
+    /// `called` is the called method (the callbacks' `_rdoc`), `remote_parent` the
+    /// decoding context's.
+    fn expand(&self, called: &str, remote_parent: Option<&str>) -> PromiseCallbacks {
+        let make = |name: &str| RemoteMethod {
+            doc: Some([name, " callback for method: ", called].concat()),
+            remote_parent: remote_parent.map(str::to_owned),
+            ..self.callback(name)
+        };
+        PromiseCallbacks {
             resolve: make("resolve"),
             reject: make("reject"),
             heartbeat: Some(make("heartbeat")),
-            interval: Some(interval),
-        })
+            interval: Some(self.interval),
+        }
     }
+
+    /// The callback `<session>.<name>` in the form a call through it needs: what
+    /// [`Self::expand`] builds, minus `_rdoc` (a fire-and-forget call never reads it: only
+    /// a pending promise call keeps its doc, for the timeout message).
+    fn callback(&self, name: &str) -> RemoteMethod {
+        RemoteMethod {
+            target: self.target.clone(),
+            method: [self.session.as_str(), ".", name].concat(),
+            encryption_key: self.key.clone(),
+            remote_parent: Some(self.session.clone()),
+            ..Default::default()
+        }
+    }
+
+    /// `resolve` from a promise nobody else holds any more, moving its strings.
+    fn into_resolve(self) -> RemoteMethod {
+        RemoteMethod {
+            method: [self.session.as_str(), ".resolve"].concat(),
+            target: self.target,
+            encryption_key: self.key,
+            remote_parent: Some(self.session),
+            ..Default::default()
+        }
+    }
+}
+
+/// The decoded promise of an incoming call.
+#[derive(Debug)]
+enum Promised {
+    /// `"*"`, kept as parts (see [`CompactPromise`]).
+    Compact(Arc<CompactPromise>),
+    /// Explicit descriptors, decoded.
+    Explicit(Box<PromiseCallbacks>),
+}
+
+/// A received frame's extra segment, as its reader needs it. Lives only while the frame
+/// is dispatched: boxing the larger variant would cost an allocation per call.
+#[allow(clippy::large_enum_variant)]
+enum Payload {
+    /// A call's: only the keys the callee reads.
+    Call(CallExtra),
+    /// Any other message's: the map (merged into the main segment for the driver).
+    Other(Option<Map>),
+}
+
+/// Where a running call's heartbeats go.
+#[derive(Debug)]
+enum HeartbeatTo {
+    /// `<session>.heartbeat` of a compact promise, derived when one is due.
+    Compact(Arc<CompactPromise>),
+    /// An explicit heartbeat descriptor (boxed: explicit promises are rare).
+    Method(Box<RemoteMethod>),
 }
 
 /// The handle of an incoming call the driver was asked to run. Give it back to
@@ -278,7 +370,9 @@ pub struct ReplyTo {
     /// Key of the running-call record (heartbeats, parent link); `None` without a promise.
     id: Option<u64>,
     /// The decoded promise; `None` for fire-and-forget calls.
-    callbacks: Option<PromiseCallbacks>,
+    promised: Option<Promised>,
+    /// A compact promise expanded into descriptors, on the first [`ReplyTo::callbacks`].
+    expanded: OnceLock<PromiseCallbacks>,
     /// `parent` of the incoming call: our reply sessions nest under it (spec §4.7).
     local_parent: Option<String>,
     /// `from` of the call.
@@ -292,7 +386,7 @@ pub struct ReplyTo {
 impl ReplyTo {
     /// Whether the caller waits for a result (the call had a promise).
     pub fn expects_result(&self) -> bool {
-        self.callbacks.is_some()
+        self.promised.is_some()
     }
 
     /// The absolute id of the caller.
@@ -307,7 +401,12 @@ impl ReplyTo {
 
     /// The decoded promise, if any.
     pub fn callbacks(&self) -> Option<&PromiseCallbacks> {
-        self.callbacks.as_ref()
+        match self.promised.as_ref()? {
+            Promised::Explicit(cb) => Some(cb),
+            Promised::Compact(c) => {
+                Some(self.expanded.get_or_init(|| c.expand(&self.method, Some(c.session.as_str()))))
+            }
+        }
     }
 }
 
@@ -374,7 +473,8 @@ pub struct EndpointStats {
     pub sessions: usize,
     /// Our promise calls waiting for a reply.
     pub pending_calls: usize,
-    /// Calls whose settlement the endpoint still routes somewhere.
+    /// Calls whose settlement the endpoint still routes somewhere other than the driver
+    /// (replies, uploads, forwards; and chunked calls of the driver until they settle).
     pub continuations: usize,
     /// Chunked sends in progress.
     pub uploads: usize,
@@ -480,7 +580,7 @@ struct Upload {
 #[derive(Debug)]
 struct Running {
     /// The heartbeat proxy and period, when the caller asked for heartbeats.
-    heartbeat: Option<(RemoteMethod, Duration)>,
+    heartbeat: Option<(HeartbeatTo, Duration)>,
     /// When the next heartbeat is due (also in `Endpoint::heartbeats`).
     next_heartbeat: Option<Instant>,
     /// Our sessions for heartbeats nest under the call's parent (spec §4.7).
@@ -691,7 +791,7 @@ impl Endpoint {
             self.parents.get(rp).filter(|l| l.caller == method.target).map(|l| l.local_parent.clone())
         });
         let (session, package) = self.start_call(now, method, args, kwargs, local_parent.as_deref())?;
-        self.dispatch(now, session.clone(), method, package, Then::Report);
+        self.dispatch(now, &session, method, package, Then::Report);
         self.rearm(now);
         Ok(session)
     }
@@ -795,11 +895,19 @@ impl Endpoint {
     /// One binary frame from the transport (spec §2.5).
     pub fn handle_frame(&mut self, now: Instant, frame: Bytes) {
         let limits = &self.config.decode_limits;
+        // A call's payload is read key by key, anything else as a map.
         let decoded = MainSegment::decode_cached(&frame, limits, &mut self.user_cache)
             .map_err(EndpointError::from)
-            .and_then(|(main, at)| Ok((main, package::decode_extra(&frame, at, limits)?)));
+            .and_then(|(main, at)| {
+                Ok(if main.kind == message::METHOD {
+                    (main, Payload::Call(package::decode_call_extra(&frame, at, limits)?))
+                } else {
+                    (main, Payload::Other(package::decode_extra(&frame, at, limits)?))
+                })
+            });
         match decoded {
-            Ok((main, extra)) => self.receive(now, main, extra),
+            Ok((main, Payload::Call(extra))) => self.handle_method(now, main, extra),
+            Ok((main, Payload::Other(extra))) => self.receive(now, main, extra),
             Err(e) => self.events.push_back(Event::Error(e)),
         }
         // Packages reassembled on the way, each after the `process` reply it came with.
@@ -857,7 +965,7 @@ impl Endpoint {
         let mut cx = EncodeContext::new(&self.id, &self.codecs, &mut self.table);
         cx.session = Some(&session);
         cx.server = self.config.server_url.as_deref();
-        let encoded = codec::encode(&Value::List(args), &mut cx);
+        let encoded = codec::encode_args_list(args, &mut cx);
         let created = std::mem::take(&mut cx.created_interfaces);
         let built = encoded.map_err(EndpointError::from).and_then(|v| {
             let args = match v {
@@ -893,15 +1001,40 @@ impl Endpoint {
 
     /// Sends a packed call, as one frame or through `message_cache`; the call's timer
     /// starts once it is out (spec §4.2 step 5.3).
-    fn dispatch(&mut self, now: Instant, session: String, method: &RemoteMethod, package: Rope, then: Then) {
-        self.then.insert(session.clone(), then);
+    fn dispatch(&mut self, now: Instant, session: &str, method: &RemoteMethod, package: Rope, then: Then) {
         if chunk::needs_chunking(package.len(), &method.method) {
-            self.start_upload(now, session, method, package);
+            self.then.insert(session.to_owned(), then);
+            self.start_upload(now, session.to_owned(), method, package);
             return;
         }
         self.transmits.push_back(package.into_bytes());
-        if let Some(settled) = self.table.call_sent(now, &session) {
-            self.settle(now, vec![settled]);
+        match self.table.call_sent(now, session) {
+            // Settled at once (fire-and-forget): `then` goes straight to its continuation,
+            // not through the map. The session is brand new, so no upload of it exists.
+            Some(settled) => self.settle_one(now, settled, then),
+            // `Report` is what a settled call without an entry gets: the driver's calls,
+            // nearly all of them, need none.
+            None if matches!(then, Then::Report) => {}
+            None => {
+                self.then.insert(session.to_owned(), then);
+            }
+        }
+    }
+
+    /// [`Self::dispatch`] of a reply or heartbeat (`Then::Discard`), whose continuation
+    /// is only built when it is needed: a fire-and-forget call settles at once, and
+    /// without an error nothing is left to report.
+    fn dispatch_reply(&mut self, now: Instant, session: String, to: &RemoteMethod, package: Rope) {
+        if chunk::needs_chunking(package.len(), &to.method) {
+            return self.dispatch(now, &session, to, package, discard(to));
+        }
+        self.transmits.push_back(package.into_bytes());
+        match self.table.call_sent(now, &session) {
+            Some(settled) if settled.outcome.error_message().is_none() => {}
+            Some(settled) => self.settle_one(now, settled, discard(to)),
+            None => {
+                self.then.insert(session, discard(to));
+            }
         }
     }
 
@@ -916,7 +1049,7 @@ impl Endpoint {
         then: Then,
     ) {
         match self.start_call(now, method, args, kwargs, local_parent) {
-            Ok((session, package)) => self.dispatch(now, session, method, package, then),
+            Ok((session, package)) => self.dispatch(now, &session, method, package, then),
             Err(e) => match then {
                 Then::Upload { id, step } => self.fail_upload(now, id, step, e.to_string()),
                 Then::Forward(reply) => self.finish_reply(now, *reply, Err(e.to_error_value())),
@@ -939,29 +1072,34 @@ impl Endpoint {
             if !matches!(then, Then::Upload { .. }) {
                 self.cancel_upload_of(now, &s.session);
             }
-            match then {
-                Then::Report => self.events.push_back(Event::Settled(s)),
-                Then::Ignore => {}
-                Then::Discard { target, method } => {
-                    if let Some(message) = s.outcome.error_message() {
-                        self.events.push_back(Event::Error(EndpointError::ReplyFailed {
-                            target,
-                            method,
-                            message,
-                        }));
+            self.settle_one(now, s, then);
+        }
+    }
+
+    /// Continues one settled call with its `then` (taken out of the map, or never in it).
+    fn settle_one(&mut self, now: Instant, s: SettledCall, then: Then) {
+        match then {
+            Then::Report => self.events.push_back(Event::Settled(s)),
+            Then::Ignore => {}
+            Then::Discard { target, method } => {
+                if let Some(message) = s.outcome.error_message() {
+                    self.events.push_back(Event::Error(EndpointError::ReplyFailed {
+                        target,
+                        method,
+                        message,
+                    }));
+                }
+            }
+            Then::Upload { id, step } => self.upload_step(now, id, step, s.outcome),
+            Then::Forward(reply) => {
+                let result = match s.outcome {
+                    CallOutcome::Resolved(v) => Ok(v),
+                    CallOutcome::Rejected(e) => Err(e),
+                    CallOutcome::Failed(e) => {
+                        Err(ErrorValue { message: e.to_string(), trace: Some(String::new()) })
                     }
-                }
-                Then::Upload { id, step } => self.upload_step(now, id, step, s.outcome),
-                Then::Forward(reply) => {
-                    let result = match s.outcome {
-                        CallOutcome::Resolved(v) => Ok(v),
-                        CallOutcome::Rejected(e) => Err(e),
-                        CallOutcome::Failed(e) => {
-                            Err(ErrorValue { message: e.to_string(), trace: Some(String::new()) })
-                        }
-                    };
-                    self.finish_reply(now, *reply, result);
-                }
+                };
+                self.finish_reply(now, *reply, result);
             }
         }
     }
@@ -1108,7 +1246,7 @@ impl Endpoint {
     /// `message_cache.process` call that completed it (spec §3 receiver step 3).
     fn receive(&mut self, now: Instant, seg: MainSegment, extra: Option<Map>) {
         if seg.kind == message::METHOD {
-            return self.handle_method(now, seg, extra.unwrap_or_default());
+            return self.handle_method(now, seg, extra.map(CallExtra::from_map).unwrap_or_default());
         }
         match seg.kind.as_str() {
             message::CLIENT_DISCONNECTED => self.handle_client_disconnected(now, &seg),
@@ -1126,7 +1264,7 @@ impl Endpoint {
     }
 
     /// The callee side of spec §4.5.
-    fn handle_method(&mut self, now: Instant, main: MainSegment, mut extra: Map) {
+    fn handle_method(&mut self, now: Instant, main: MainSegment, mut extra: CallExtra) {
         let (Some(from), Some(to), Some(method)) =
             (main.from.as_deref(), main.to.as_deref(), main.method.as_deref())
         else {
@@ -1149,19 +1287,28 @@ impl Endpoint {
                 remote_parent: main.session.as_deref(),
                 ..DecodeContext::new(&self.codecs)
             };
-            match Promise::from_extra(&extra) {
+            match extra.promise() {
                 Ok(None) => Ok(None),
-                Ok(Some(p)) => PromiseCallbacks::decode(p, &main, &cx, None).map(Some),
+                // `cx.remote_parent` is the call's session, as the compact parts assume.
+                Ok(Some(Promise::Compact { interval })) => {
+                    CompactPromise::new(&main, interval, Some(remote_ws), None)
+                        .map(|c| Some(Promised::Compact(Arc::new(c))))
+                }
+                Ok(Some(p)) => PromiseCallbacks::decode(p, &main, &cx, None)
+                    .map(|c| Some(Promised::Explicit(Box::new(c)))),
                 Err(e) => Err(e.into()),
             }
         };
-        let callbacks = match callbacks {
+        let promised = match callbacks {
             Ok(c) => c,
             Err(e) => return self.events.push_back(Event::Error(e)),
         };
-        let mut reply = ReplyTo {
+        // Built when needed: a resolve, reject or heartbeat (half of all calls) has no use
+        // for it.
+        let reply = |promised: Option<Promised>| ReplyTo {
             id: None,
-            callbacks,
+            promised,
+            expanded: OnceLock::new(),
             local_parent: main.parent.clone(),
             caller: from.to_owned(),
             method: method.to_owned(),
@@ -1170,12 +1317,14 @@ impl Endpoint {
         // 1. Absolute ids.
         let to = match message::absolute_call_target(from, to, self.table.local_workspace()) {
             Ok(to) => to,
-            Err(e) => return self.finish_reply(now, reply, Err(EndpointError::from(e).to_error_value())),
+            Err(e) => {
+                return self.finish_reply(now, reply(promised), Err(EndpointError::from(e).to_error_value()))
+            }
         };
         // 2. Encryption is not modelled here.
-        if message::is_encrypted(&extra) {
+        if extra.encrypted {
             let e = EndpointError::EncryptionUnsupported(method.to_owned());
-            return self.finish_reply(now, reply, Err(e.to_error_value()));
+            return self.finish_reply(now, reply(promised), Err(e.to_error_value()));
         }
         // 4-6. Lookup and permission.
         let incoming =
@@ -1183,10 +1332,10 @@ impl Endpoint {
         let target = match self.table.lookup(now, &incoming) {
             Ok(t) => t,
             Err(e) => {
-                if !reply.expects_result() && is_late_callback(&e, method) {
+                if promised.is_none() && is_late_callback(&e, method) {
                     return; // a late heartbeat/resolve/reject: normal, dropped silently
                 }
-                return self.finish_reply(now, reply, Err(EndpointError::from(e).to_error_value()));
+                return self.finish_reply(now, reply(promised), Err(EndpointError::from(e).to_error_value()));
             }
         };
         // 7. Arguments, moved out of the frame (bin payloads stay slices of it).
@@ -1200,7 +1349,7 @@ impl Endpoint {
         };
         let (args, kwargs) = match decoded {
             Ok(a) => a,
-            Err(e) => return self.finish_reply(now, reply, Err(e.to_error_value())),
+            Err(e) => return self.finish_reply(now, reply(promised), Err(e.to_error_value())),
         };
         let session = main.session.as_deref();
         // 9. Execute.
@@ -1227,18 +1376,18 @@ impl Endpoint {
                 if let Some(builtin) = call.function.handler.downcast_ref::<Builtin>() {
                     let ctx = message::build_ctx(&main, &self.config.connection_type, &to);
                     let result = self.run_builtin(now, *builtin, args, &ctx);
-                    return self.finish_reply(now, reply, result.map_err(|e| e.to_error_value()));
+                    return self.finish_reply(now, reply(promised), result.map_err(|e| e.to_error_value()));
                 }
                 let context = call
                     .annotation
                     .require_context
                     .then(|| message::build_ctx(&main, &self.config.connection_type, &to));
-                let reply = self.open_reply(now, reply, session);
+                let reply = self.open_reply(now, reply(promised), session);
                 let handler = call.function.handler;
                 self.events.push_back(Event::Invoke { handler, args, kwargs, context, reply });
             }
             Target::SessionFunction { function, .. } => {
-                let reply = self.open_reply(now, reply, session);
+                let reply = self.open_reply(now, reply(promised), session);
                 let handler = function.handler;
                 self.events.push_back(Event::Invoke { handler, args, kwargs, context: None, reply });
             }
@@ -1251,9 +1400,10 @@ impl Endpoint {
                     }
                     Err(e) => Err(EndpointError::from(e).to_error_value()),
                 };
-                self.finish_reply(now, reply, result);
+                self.finish_reply(now, reply(promised), result);
             }
             Target::GeneratorNext { session: gen_session, object_id, generator } => {
+                let mut reply = reply(promised);
                 reply.generator = Some((gen_session, object_id));
                 let reply = self.open_reply(now, reply, session);
                 self.events.push_back(Event::GeneratorNext { handler: generator.handler, reply });
@@ -1261,10 +1411,10 @@ impl Endpoint {
             Target::GeneratorClose { session: gen_session, object_id, generator } => {
                 self.table.remove_generator(&gen_session, &object_id);
                 self.events.push_back(Event::GeneratorClose { handler: generator.handler });
-                self.finish_reply(now, reply, Ok(Value::Bool(true)));
+                self.finish_reply(now, reply(promised), Ok(Value::Bool(true)));
             }
             Target::Forwarder { method: relay, .. } => {
-                let reply = self.open_reply(now, reply, session);
+                let reply = self.open_reply(now, reply(promised), session);
                 self.send_internal(now, &relay, args, kwargs, None, Then::Forward(Box::new(reply)));
             }
         }
@@ -1374,12 +1524,18 @@ impl Endpoint {
     /// [`FIRST_HEARTBEAT_AFTER`], spec §4.4) and the parent link of its callbacks (spec
     /// §4.7).
     fn open_reply(&mut self, now: Instant, mut reply: ReplyTo, remote_session: Option<&str>) -> ReplyTo {
-        let Some(cb) = &reply.callbacks else { return reply };
+        let Some(promised) = &reply.promised else { return reply };
         let id = self.fresh_id();
         reply.id = Some(id);
-        let heartbeat = match (&cb.heartbeat, cb.interval) {
-            (Some(h), Some(i)) if !i.is_zero() => Some((h.clone(), i)),
-            _ => None,
+        let heartbeat = match promised {
+            Promised::Compact(c) if !c.interval.is_zero() => {
+                Some((HeartbeatTo::Compact(c.clone()), c.interval))
+            }
+            Promised::Compact(_) => None,
+            Promised::Explicit(cb) => match (&cb.heartbeat, cb.interval) {
+                (Some(h), Some(i)) if !i.is_zero() => Some((HeartbeatTo::Method(Box::new(h.clone())), i)),
+                _ => None,
+            },
         };
         let next_heartbeat = heartbeat.as_ref().map(|(_, every)| now + FIRST_HEARTBEAT_AFTER.min(*every));
         if let Some(t) = next_heartbeat {
@@ -1432,7 +1588,7 @@ impl Endpoint {
                 self.table.remove_generator(session, object_id);
             }
         }
-        let Some(cb) = reply.callbacks else {
+        let Some(promised) = reply.promised else {
             if let Err(e) = result {
                 self.events.push_back(Event::Error(EndpointError::Unanswered {
                     caller: reply.caller,
@@ -1443,26 +1599,42 @@ impl Endpoint {
             return;
         };
         let parent = reply.local_parent.as_deref();
-        let (to, value) = match result {
-            Ok(v) => (&cb.resolve, v),
-            Err(mut e) => {
-                e.trace.get_or_insert_with(String::new);
-                (&cb.reject, Value::from(e))
+        // The callback to send to, and for a result the `reject` to fall back on when it
+        // cannot be encoded (`None`: derived from a compact `resolve`).
+        let (to, value, fallback, is_result) = match (promised, result) {
+            (Promised::Compact(c), Ok(v)) => {
+                // The running record is gone: its share of the parts usually was the last.
+                let resolve =
+                    Arc::try_unwrap(c).map_or_else(|c| c.callback("resolve"), CompactPromise::into_resolve);
+                (resolve, v, None, true)
+            }
+            (Promised::Compact(c), Err(e)) => (c.callback("reject"), error_arg(e), None, false),
+            (Promised::Explicit(cb), Ok(v)) => {
+                let PromiseCallbacks { resolve, reject, .. } = *cb;
+                (resolve, v, Some(reject), true)
+            }
+            (Promised::Explicit(cb), Err(e)) => {
+                // A reject equal to the resolve is sent to as if it were the resolve.
+                let same = cb.reject == cb.resolve;
+                let PromiseCallbacks { reject, .. } = *cb;
+                let fallback = same.then(|| reject.clone());
+                (reject, error_arg(e), fallback, same)
             }
         };
-        match self.start_call(now, to, vec![value], None, parent) {
-            Ok((session, package)) => {
-                let then = discard(to);
-                self.dispatch(now, session, to, package, then);
-            }
-            Err(e) if to == &cb.resolve => {
+        match self.start_call(now, &to, vec![value], None, parent) {
+            Ok((session, package)) => self.dispatch_reply(now, session, &to, package),
+            Err(e) if is_result => {
                 // The result could not be encoded: the caller gets that as the error.
+                let reject = fallback.unwrap_or_else(|| RemoteMethod {
+                    method: [to.method.strip_suffix("resolve").unwrap_or_default(), "reject"].concat(),
+                    ..to.clone()
+                });
                 let error = vec![Value::from(e.to_error_value())];
-                self.send_internal(now, &cb.reject, error, None, parent, discard(&cb.reject));
+                self.send_internal(now, &reject, error, None, parent, discard(&reject));
             }
             Err(e) => self.events.push_back(Event::Error(EndpointError::ReplyFailed {
-                target: to.target.clone(),
-                method: to.method.clone(),
+                target: to.target,
+                method: to.method,
                 message: e.to_string(),
             })),
         }
@@ -1470,8 +1642,12 @@ impl Endpoint {
 
     fn send_heartbeat(&mut self, now: Instant, id: u64) {
         let Some(running) = self.running.get_mut(&id) else { return };
-        let Some((heartbeat, interval)) = running.heartbeat.clone() else { return };
-        let next = now + interval;
+        let Some((to, interval)) = &running.heartbeat else { return };
+        let heartbeat = match to {
+            HeartbeatTo::Compact(c) => c.callback("heartbeat"),
+            HeartbeatTo::Method(m) => (**m).clone(),
+        };
+        let next = now + *interval;
         running.next_heartbeat = Some(next);
         self.heartbeats.insert((next, id));
         let parent = running.local_parent.clone();
@@ -1534,6 +1710,12 @@ impl From<message::MainDecodeError> for EndpointError {
 }
 
 /// The continuation of a reply or heartbeat sent to `to`.
+/// A reply's error as the value of its `reject` call (with a `trace`, as upstream sends).
+fn error_arg(mut e: ErrorValue) -> Value {
+    e.trace.get_or_insert_with(String::new);
+    Value::from(e)
+}
+
 fn discard(to: &RemoteMethod) -> Then {
     Then::Discard { target: to.target.clone(), method: to.method.clone() }
 }
@@ -1550,13 +1732,16 @@ fn cache_method(target: &str, call: &CacheCall) -> RemoteMethod {
 
 /// Decodes the arguments of a received call (spec §4.5 step 7) and splits off the kwargs.
 /// The list is moved out of `extra`, so nothing is deep-copied.
-fn decode_args(extra: &mut Map, cx: &DecodeContext<'_>) -> Result<(Vec<Value>, Option<Map>), EndpointError> {
-    let wire = message::take_args(extra)?;
+fn decode_args(
+    extra: &mut CallExtra,
+    cx: &DecodeContext<'_>,
+) -> Result<(Vec<Value>, Option<Map>), EndpointError> {
+    let wire = extra.take_args()?;
     let args = match codec::decode(Value::List(wire), cx)? {
         Value::List(l) => l,
         other => vec![other],
     };
-    Ok(codec::split_kwargs(args, message::with_kwargs(extra))?)
+    Ok(codec::split_kwargs(args, extra.with_kwargs())?)
 }
 
 /// Whether a failed lookup is a fire-and-forget promise callback for a session that is
@@ -1712,6 +1897,55 @@ mod tests {
         assert_eq!(out[0].main["parent"], Value::from("S"));
         assert!(!out[0].main.contains_key("session"), "resolve is fire-and-forget");
         assert_eq!(args_of(&out[0]), [Value::from(3)]);
+        assert_idle(&ep);
+    }
+
+    #[test]
+    fn compact_promise_replies_are_derived_from_its_parts() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        service(&mut ep, "add", Map::new());
+        let id = ep.id().to_owned();
+        let expected = |method: &str, args: Vec<Value>| {
+            let main = map! { "type" => "method", "from" => id.clone(), "to" => PEER,
+            "method" => method, "parent" => "S" };
+            frame(main, Some(map! { "args" => args }))
+        };
+        let resolve = expected("S.resolve", vec![Value::from(3)]);
+        // The public view of a compact promise is its three descriptors.
+        ep.handle_frame(now, compact_call("services.demo.add", "S", Vec::new(), 15.0));
+        let (_, _, _, _, reply) = invoked(&mut ep);
+        let mut seg = MainSegment::from_map(call_main("services.demo.add", Some("S"))).unwrap();
+        seg.from = Some(PEER.into());
+        let codecs = CodecRegistry::default();
+        let cx = DecodeContext {
+            remote_workspace: Some("ws"),
+            remote_parent: Some("S"),
+            ..DecodeContext::new(&codecs)
+        };
+        let interval = Duration::from_secs(15);
+        let decoded = PromiseCallbacks::decode(Promise::Compact { interval }, &seg, &cx, None).unwrap();
+        assert_eq!(reply.callbacks(), Some(&decoded));
+        ep.reply(now, reply, Ok(Value::from(3)));
+        assert_eq!(ep.poll_transmit().unwrap(), resolve, "byte for byte");
+        assert_idle(&ep);
+        // An error goes to `<session>.reject`.
+        ep.handle_frame(now, compact_call("services.demo.add", "S", Vec::new(), 15.0));
+        let (_, _, _, _, reply) = invoked(&mut ep);
+        ep.reply(now, reply, Err(ErrorValue::new("boom")));
+        let out = sent(&mut ep);
+        let main = map! { "type" => "method", "from" => id.clone(), "to" => PEER, "method" => "S.reject",
+        "parent" => "S" };
+        assert_eq!((out.len(), &out[0].main, rejected(&out[0]).as_str()), (1, &main, "boom"));
+        assert_idle(&ep);
+        // A result that cannot be encoded is rejected with the encoding error.
+        ep.handle_frame(now, compact_call("services.demo.add", "S", Vec::new(), 15.0));
+        let (_, _, _, _, reply) = invoked(&mut ep);
+        ep.reply(now, reply, Ok(Value::Custom(CustomValue::new("unknown", 5u8))));
+        let out = sent(&mut ep);
+        assert_eq!(out.len(), 1);
+        assert_eq!(method_of(&out[0]), "S.reject");
+        assert!(rejected(&out[0]).contains("Unsupported data type: unknown"), "{}", rejected(&out[0]));
         assert_idle(&ep);
     }
 

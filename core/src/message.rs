@@ -190,7 +190,7 @@ impl MainSegment {
         let mut slots = [None; WIRE_KEYS.len()];
         let mut has_rest = false;
         for e in raw.entries() {
-            match WIRE_KEYS.iter().position(|k| *k == e.key) {
+            match wire_key_index(e.key) {
                 Some(i) => slots[i] = Some(e),
                 None => has_rest = true,
             }
@@ -304,6 +304,21 @@ impl MainSegment {
 
 /// The keys of the typed fields of [`MainSegment`], in upstream's order.
 const WIRE_KEYS: [&str; 8] = ["type", "from", "to", "method", "session", "parent", "ws", "user"];
+
+/// The index of `key` in [`WIRE_KEYS`] (a `match` tells them apart by length first).
+fn wire_key_index(key: &str) -> Option<usize> {
+    Some(match key {
+        "type" => 0,
+        "from" => 1,
+        "to" => 2,
+        "method" => 3,
+        "session" => 4,
+        "parent" => 5,
+        "ws" => 6,
+        "user" => 7,
+        _ => return None,
+    })
+}
 
 /// The server's `user` stamp of a main segment.
 #[derive(Debug, Clone, PartialEq)]
@@ -470,10 +485,79 @@ pub fn args(extra: &Map) -> Result<&[Value], MessageError> {
 /// Whether the last argument is the keyword-argument map (Python truthiness of
 /// `with_kwargs`).
 pub fn with_kwargs(extra: &Map) -> bool {
-    match extra.get("with_kwargs") {
+    kwargs_flag(extra.get("with_kwargs"))
+}
+
+fn kwargs_flag(v: Option<&Value>) -> bool {
+    match v {
         Some(Value::Bool(b)) => *b,
         Some(Value::Int(i)) => *i != 0,
         _ => false,
+    }
+}
+
+/// The keys of a call's extra segment the callee reads (spec §4.5), each the value a
+/// map of the segment would hold for it (the last of duplicate keys). Read straight from
+/// the frame ([`crate::package::decode_call_extra`]): a call's payload needs no [`Map`]
+/// (nor copies of its keys) to be read. The readers below are the map readers' twins
+/// ([`Promise::from_extra`], [`is_encrypted`], [`take_args`], [`with_kwargs`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CallExtra {
+    /// `args`.
+    pub args: Option<Value>,
+    /// `promise`.
+    pub promise: Option<Value>,
+    /// `t`: the compact promise's interval.
+    pub t: Option<Value>,
+    /// `with_kwargs`.
+    pub with_kwargs: Option<Value>,
+    /// Whether `_enc` is present (the encryption envelope).
+    pub encrypted: bool,
+}
+
+impl CallExtra {
+    /// Takes note of one entry of the segment (the keys nobody reads are dropped).
+    pub fn put(&mut self, key: &str, value: Value) {
+        match key {
+            "args" => self.args = Some(value),
+            "promise" => self.promise = Some(value),
+            "t" => self.t = Some(value),
+            "with_kwargs" => self.with_kwargs = Some(value),
+            "_enc" => self.encrypted = true,
+            _ => {}
+        }
+    }
+
+    /// The same keys, taken from a decoded segment (a reassembled package's).
+    pub fn from_map(extra: Map) -> Self {
+        let mut out = Self::default();
+        for (k, v) in extra {
+            out.put(&k, v);
+        }
+        out
+    }
+
+    /// [`Promise::from_extra`].
+    pub fn promise(&self) -> Result<Option<Promise>, MessageError> {
+        Promise::from_parts(self.promise.as_ref(), self.t.as_ref())
+    }
+
+    /// [`take_args`]: the encoded arguments, moved out.
+    pub fn take_args(&mut self) -> Result<Vec<Value>, MessageError> {
+        match self.args.take() {
+            None | Some(Value::Nil) => Ok(Vec::new()),
+            Some(Value::List(l)) => Ok(l),
+            Some(other) => {
+                let got = other.kind();
+                self.args = Some(other);
+                Err(MessageError::WrongType { key: "args", expected: "list", got })
+            }
+        }
+    }
+
+    /// [`with_kwargs`].
+    pub fn with_kwargs(&self) -> bool {
+        kwargs_flag(self.with_kwargs.as_ref())
     }
 }
 
@@ -643,10 +727,15 @@ impl Promise {
     /// Accepts `t` and `interval` as int (JS) or float (Python). A compact promise without
     /// `t` is an error, as the Python callee raises `KeyError` then.
     pub fn from_extra(extra: &Map) -> Result<Option<Self>, MessageError> {
-        let Some(p) = extra.get("promise") else { return Ok(None) };
+        Self::from_parts(extra.get("promise"), extra.get("t"))
+    }
+
+    /// [`Promise::from_extra`] from the values of `promise` and `t`.
+    fn from_parts(promise: Option<&Value>, t: Option<&Value>) -> Result<Option<Self>, MessageError> {
+        let Some(p) = promise else { return Ok(None) };
         match p {
             Value::Str(s) if s == "*" => {
-                let t = extra.get("t").ok_or(MessageError::Missing("t"))?;
+                let t = t.ok_or(MessageError::Missing("t"))?;
                 Ok(Some(Promise::Compact { interval: interval_from(t)? }))
             }
             Value::Map(m) => {
@@ -956,6 +1045,15 @@ mod tests {
         assert_eq!(keys(&out), ["type", "from", "to", "method", "session", "parent", "x"]);
         let call = MainSegment::call("ws/a", "ws/b", "services.x.f").into_map();
         assert_eq!(keys(&call), ["type", "from", "to", "method"]);
+    }
+
+    #[test]
+    fn wire_key_index_is_the_position_in_wire_keys() {
+        for (i, k) in WIRE_KEYS.iter().enumerate() {
+            assert_eq!(wire_key_index(k), Some(i));
+        }
+        assert_eq!(wire_key_index("args"), None);
+        assert_eq!(wire_key_index("Type"), None);
     }
 
     #[test]

@@ -161,9 +161,66 @@ enum Head {
 }
 
 /// A container being filled, on the explicit stack.
-enum Frame {
-    List { items: Vec<Value>, remaining: usize },
-    Map { map: Map, remaining: usize, key: Option<String> },
+enum Frame<'a> {
+    List {
+        items: Vec<Value>,
+        remaining: usize,
+    },
+    Map {
+        map: Map,
+        remaining: usize,
+        key: Option<String>,
+    },
+    /// The top-level map of [`decode_entries`]: its entries go to the visitor, keys
+    /// borrowed from the buffer.
+    Top {
+        remaining: usize,
+        key: Option<&'a str>,
+    },
+}
+
+/// [`decode`]'s stack of open containers: the first two inline, deeper ones in a `Vec`.
+/// Two because a call's payload is a map holding a list (`args`): decoding it allocates
+/// for neither.
+#[derive(Default)]
+struct Frames<'a> {
+    inline: [Option<Frame<'a>>; 2],
+    deeper: Vec<Frame<'a>>,
+    len: usize,
+}
+
+impl<'a> Frames<'a> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, frame: Frame<'a>) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => *slot = Some(frame),
+            None => self.deeper.push(frame),
+        }
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<Frame<'a>> {
+        self.len = self.len.checked_sub(1)?;
+        match self.inline.get_mut(self.len) {
+            Some(slot) => slot.take(),
+            None => self.deeper.pop(),
+        }
+    }
+
+    fn last_mut(&mut self) -> Option<&mut Frame<'a>> {
+        let top = self.len.checked_sub(1)?;
+        match self.inline.get_mut(top) {
+            Some(slot) => slot.as_mut(),
+            None => self.deeper.last_mut(),
+        }
+    }
 }
 
 /// A cursor over the buffer; `data` is `buf`'s contents, kept to avoid re-derefs.
@@ -528,12 +585,53 @@ fn marker_family(m: Marker) -> &'static str {
 /// So declared lengths never cause an allocation larger than the input warrants, and an
 /// `array 32` claiming 4e9 elements in 3 bytes fails at once.
 pub fn decode(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<(Value, usize), DecodeError> {
-    let data: &[u8] = buf;
+    decode_with(buf, offset, limits, None::<fn(&str, Value)>)
+}
+
+/// [`decode`] of a map whose entries are wanted one by one rather than as a [`Map`]:
+/// each entry of the top-level map goes to `visit` (in wire order, a duplicate key each
+/// time it occurs; keys borrowed from `buf`) and `Ok((None, end))` comes back. Anything
+/// else than a non-empty map is returned as `decode` returns it (an empty map as
+/// `Some(Value::Map)`). The checks, limits and errors are `decode`'s: it is `decode`'s
+/// loop, with the top-level map's insertions handed out instead of hashed. The receive
+/// path reads the few keys of a call's payload this way (no map, no key copies).
+pub fn decode_entries<'a>(
+    buf: &'a Bytes,
+    offset: usize,
+    limits: &DecodeLimits,
+    visit: impl FnMut(&'a str, Value),
+) -> Result<(Option<Value>, usize), DecodeError> {
+    match decode_with(buf, offset, limits, Some(visit)) {
+        Ok((Value::Nil, end)) if is_visited_map(buf, offset) => Ok((None, end)),
+        Ok((v, end)) => Ok((Some(v), end)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `decode_with` handed the object at `offset` to its visitor: a non-empty map.
+fn is_visited_map(data: &[u8], offset: usize) -> bool {
+    match data.get(offset) {
+        Some(0x81..=0x8f) => true,
+        Some(0xde) => data.get(offset + 1..offset + 3).is_some_and(|l| l != [0, 0]),
+        Some(0xdf) => data.get(offset + 1..offset + 5).is_some_and(|l| l != [0, 0, 0, 0]),
+        _ => false,
+    }
+}
+
+/// The loop of [`decode`]; with `top`, the top-level map's entries go there (and the
+/// map comes back as `Nil`).
+fn decode_with<'a>(
+    buf: &'a Bytes,
+    offset: usize,
+    limits: &DecodeLimits,
+    mut top: Option<impl FnMut(&'a str, Value)>,
+) -> Result<(Value, usize), DecodeError> {
+    let data: &'a [u8] = buf;
     let mut r = Reader { buf, data, pos: offset };
     if offset > data.len() {
         return Err(DecodeError::Truncated { offset, needed: 1, available: 0 });
     }
-    let mut stack: Vec<Frame> = Vec::new();
+    let mut stack = Frames::default();
     // Slots (values or keys) announced but not yet started; each needs >= 1 unread byte.
     let mut pending: usize = 1;
     let mut items: usize = 0;
@@ -545,9 +643,16 @@ pub fn decode(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<(Valu
         items += 1;
         pending = pending.saturating_sub(1);
         // A map waiting for a key reads it first; the value follows in this iteration.
-        if let Some(Frame::Map { key: slot @ None, .. }) = stack.last_mut() {
-            *slot = Some(r.key()?);
-            continue;
+        match stack.last_mut() {
+            Some(Frame::Map { key: slot @ None, .. }) => {
+                *slot = Some(r.key()?);
+                continue;
+            }
+            Some(Frame::Top { key: slot @ None, .. }) => {
+                *slot = Some(r.key_ref()?);
+                continue;
+            }
+            _ => {}
         }
         let mut value = match r.head()? {
             Head::Scalar(v) => v,
@@ -568,7 +673,9 @@ pub fn decode(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<(Valu
                     });
                 }
                 // `len <= available` now: the reservation is bounded by the input.
-                stack.push(if map {
+                stack.push(if map && top.is_some() && stack.is_empty() {
+                    Frame::Top { remaining: len, key: None }
+                } else if map {
                     Frame::Map { map: Map::with_capacity(len), remaining: len, key: None }
                 } else {
                     Frame::List { items: Vec::with_capacity(len), remaining: len }
@@ -591,6 +698,13 @@ pub fn decode(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<(Valu
                     *remaining -= 1;
                     *remaining == 0
                 }
+                Some(Frame::Top { remaining, key }) => {
+                    if let Some(visit) = top.as_mut() {
+                        visit(key.take().unwrap_or_default(), value);
+                    }
+                    *remaining -= 1;
+                    *remaining == 0
+                }
             };
             if !done {
                 break;
@@ -598,7 +712,7 @@ pub fn decode(buf: &Bytes, offset: usize, limits: &DecodeLimits) -> Result<(Valu
             value = match stack.pop() {
                 Some(Frame::List { items, .. }) => Value::List(items),
                 Some(Frame::Map { map, .. }) => Value::Map(map),
-                None => Value::Nil, // unreachable: `last_mut` was `Some`
+                Some(Frame::Top { .. }) | None => Value::Nil, // `None`: unreachable
             };
         }
     }
@@ -1231,6 +1345,14 @@ enum Open<'a> {
 }
 
 fn write_tree<S: Sink>(root: Root<'_>, out: &mut S) -> Result<(), EncodeError> {
+    // A list of scalars (a call's `args`, a reply's `[result]`), written without the
+    // stack: the same bytes and errors, one allocation fewer.
+    if let Root::Value(Value::List(items)) = root {
+        if !items.iter().any(|v| matches!(v, Value::List(_) | Value::Map(_))) {
+            write_len(items.len(), "array", [Some(0x90), None, Some(0xdc), Some(0xdd)], 15, out)?;
+            return items.iter().try_for_each(|v| write_scalar(v, out));
+        }
+    }
     let mut stack: Vec<Open<'_>> = Vec::new();
     let mut next = match root {
         Root::Value(v) => Some(v),
@@ -1818,6 +1940,42 @@ pub(crate) mod tests {
                     check(&whole, &DecodeLimits { max_depth, max_items });
                 }
             }
+        }
+
+        /// `decode_entries` is `decode` with the top-level map handed out: collecting the
+        /// entries (last wins, first position) gives `decode`'s map, anything else comes
+        /// back as `decode` returns it, and the errors are the same, for real values (cut,
+        /// changed, under tight limits) and arbitrary bytes.
+        #[test]
+        fn decode_entries_agrees_with_decode(
+            v in arb_wire(),
+            flip in any::<(usize, u8)>(),
+            data in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            fn check(buf: &Bytes, limits: &DecodeLimits) {
+                let mut map = Map::new();
+                let entries = decode_entries(buf, 0, limits, |k, v| {
+                    map.insert(k.to_owned(), v);
+                });
+                let entries = entries.map(|(v, end)| (v.unwrap_or(Value::Map(map)), end));
+                assert_eq!(entries, decode(buf, 0, limits), "{limits:?}");
+            }
+            let bytes = encode_to_vec(&v).unwrap();
+            let whole = Bytes::from(bytes.clone());
+            check(&whole, &DecodeLimits::default());
+            for cut in 0..whole.len() {
+                check(&whole.slice(..cut), &DecodeLimits::default());
+            }
+            let mut mutated = bytes;
+            let at = flip.0 % mutated.len();
+            mutated[at] ^= flip.1.max(1);
+            check(&Bytes::from(mutated), &DecodeLimits::default());
+            for max_depth in 0..4 {
+                for max_items in [0, 1, 2, 5, 30] {
+                    check(&whole, &DecodeLimits { max_depth, max_items });
+                }
+            }
+            check(&Bytes::from(data), &DecodeLimits::default());
         }
 
         /// A scan with a warm [`RepeatCache`] is the scan without it, for frames that

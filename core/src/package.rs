@@ -19,6 +19,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
+use crate::message::CallExtra;
 use crate::msgpack::{self, DecodeError, DecodeLimits, EncodeError, RawEntry, RepeatCache};
 use crate::value::{Map, Value};
 
@@ -155,6 +156,30 @@ pub fn decode_extra(
         return Err(PackageError::TrailingBytes { offset: end, count: frame.len() - end });
     }
     Ok(Some(extra))
+}
+
+/// [`decode_extra`] for a call (`type: "method"`): the keys the callee reads, straight
+/// from the frame ([`msgpack::decode_entries`]), no [`Map`] built. Same checks and
+/// errors as `decode_extra`; no extra segment reads as the empty one.
+pub fn decode_call_extra(
+    frame: &Bytes,
+    offset: usize,
+    limits: &DecodeLimits,
+) -> Result<CallExtra, PackageError> {
+    let mut extra = CallExtra::default();
+    if offset == frame.len() {
+        return Ok(extra);
+    }
+    let decoded = msgpack::decode_entries(frame, offset, limits, |k, v| extra.put(k, v));
+    let end = match decoded {
+        Ok((None | Some(Value::Map(_)), end)) => end,
+        Ok((Some(other), _)) => return Err(PackageError::ExtraNotMap(other.kind())),
+        Err(source) => return Err(PackageError::Msgpack { segment: Segment::Extra, source }),
+    };
+    if end != frame.len() {
+        return Err(PackageError::TrailingBytes { offset: end, count: frame.len() - end });
+    }
+    Ok(extra)
 }
 
 /// Decodes only `main` and returns it with the offset where the extra bytes start
@@ -311,6 +336,16 @@ impl<'a> RawMain<'a> {
     ) -> Result<Self, PackageError> {
         let mut entries: Vec<RawEntry<'a>> = Vec::with_capacity(8);
         let mut index: Option<std::collections::HashMap<&'a str, usize>> = None;
+        // The scan hands out every known key (`type`, `from`, ...: nearly all of them) as
+        // one static str per key, any other key as a slice of the frame. So two keys are
+        // the same key if they are the same str, and a static and a slice never are: only
+        // two slices need their bytes compared.
+        let span = frame.as_ptr_range();
+        let same_key = |a: &str, b: &str| {
+            a.len() == b.len()
+                && (std::ptr::eq(a.as_ptr(), b.as_ptr())
+                    || (span.contains(&a.as_ptr()) && span.contains(&b.as_ptr()) && a == b))
+        };
         let visit = |entry: RawEntry<'a>| {
             if entries.len() == LINEAR_KEYS && index.is_none() {
                 index = Some(entries.iter().enumerate().map(|(i, e)| (e.key, i)).collect());
@@ -323,7 +358,7 @@ impl<'a> RawMain<'a> {
                         None
                     }
                 },
-                None => entries.iter().position(|e| e.key == entry.key),
+                None => entries.iter().position(|e| same_key(e.key, entry.key)),
             };
             match seen.and_then(|i| entries.get_mut(i)) {
                 // The first occurrence's position (its key bytes), the last one's value.
@@ -992,6 +1027,55 @@ mod tests {
             let mut expected = main.clone();
             expected.insert("from".into(), Value::Str(from));
             prop_assert_eq!(new_main, expected);
+        }
+
+        /// A call's payload read key by key is the map reader's view of it, with the same
+        /// errors: any entries (the read keys, repeated or not, of any type, and others),
+        /// the frame cut anywhere after the main segment, or with a byte changed there.
+        #[test]
+        fn call_extra_equals_the_map_readers(
+            entries in proptest::collection::vec(
+                (prop_oneof![
+                    Just("args".to_owned()), Just("promise".to_owned()), Just("t".to_owned()),
+                    Just("with_kwargs".to_owned()), Just("_enc".to_owned()), ".{0,6}",
+                ], arb_wire()),
+                0..6,
+            ),
+            flip in any::<(usize, u8)>(),
+            not_map in proptest::option::of(arb_wire()),
+        ) {
+            let main = Map::from_iter([("type".to_owned(), Value::from("method"))]);
+            let mut bytes = Vec::new();
+            msgpack::encode_map(&main, &mut bytes).unwrap();
+            let at = bytes.len();
+            // Written entry by entry, so that repeated keys reach the reader.
+            bytes.push(0xdf);
+            bytes.extend_from_slice(&u32::try_from(entries.len()).unwrap().to_be_bytes());
+            for (k, v) in &entries {
+                msgpack::encode(&Value::from(k.as_str()), &mut bytes).unwrap();
+                msgpack::encode(v, &mut bytes).unwrap();
+            }
+            let check = |frame: &Bytes| {
+                let via_map = decode_extra(frame, at, &limits())
+                    .map(|m| CallExtra::from_map(m.unwrap_or_default()));
+                // As text: a changed byte may make a NaN, which equals nothing.
+                assert_eq!(format!("{:?}", decode_call_extra(frame, at, &limits())), format!("{via_map:?}"));
+            };
+            let whole = Bytes::from(bytes.clone());
+            check(&whole);
+            for cut in at..whole.len() {
+                check(&whole.slice(..cut));
+            }
+            let mut mutated = bytes.clone();
+            let i = at + flip.0 % (mutated.len() - at);
+            mutated[i] ^= flip.1.max(1);
+            check(&Bytes::from(mutated));
+            bytes.truncate(at);
+            if let Some(v) = not_map {
+                msgpack::encode(&v, &mut bytes).unwrap();
+            }
+            bytes.push(0x90);
+            check(&Bytes::from(bytes));
         }
 
         /// The raw restamp writes byte for byte what the Map-based one wrote, for any

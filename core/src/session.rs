@@ -990,7 +990,7 @@ impl SessionTable {
 
     /// Removes a session subtree, prunes bare ancestors, and unindexes every pending
     /// call inside. Returns the removed calls (root first when it had one).
-    fn remove_session(&mut self, id: &str) -> Option<Vec<(String, PendingCall)>> {
+    fn remove_session(&mut self, id: &str) -> Option<RemovedCalls> {
         let removed = match id.rsplit_once('.') {
             None => self.sessions.remove(id)?,
             Some((parent, last)) => {
@@ -1003,15 +1003,30 @@ impl SessionTable {
                 *s
             }
         };
-        let mut calls = Vec::new();
-        collect_calls(id.to_owned(), removed, &mut calls);
-        for (cid, call) in &calls {
+        let Session { call, entries, .. } = removed;
+        let mut root = call.map(|c| (id.to_owned(), c));
+        let mut nested = Vec::new();
+        for (k, node) in entries {
+            if let Node::Session(child) = node {
+                collect_calls(format!("{id}.{k}"), *child, &mut nested);
+            }
+        }
+        if let Some((cid, call)) = &mut root {
+            self.pending.remove(cid.as_str());
+            if let Some(d) = call.deadline {
+                // The id goes into the key and back, rather than being copied for it.
+                let key = (d, std::mem::take(cid));
+                self.deadlines.remove(&key);
+                *cid = key.1;
+            }
+        }
+        for (cid, call) in &nested {
             self.pending.remove(cid);
             if let Some(d) = call.deadline {
                 self.deadlines.remove(&(d, cid.clone()));
             }
         }
-        Some(calls)
+        Some(RemovedCalls { root, nested })
     }
 
     fn prune_bare(&mut self, mut id: &str) {
@@ -1033,20 +1048,15 @@ impl SessionTable {
 
     /// Deletes a session; the call of `id` itself (if any) is returned separately, calls
     /// nested deeper are failed with "Parent session was closed".
-    fn delete_settling(&mut self, id: &str) -> (Option<PendingCall>, Vec<SettledCall>) {
-        let Some(calls) = self.remove_session(id) else { return (None, Vec::new()) };
-        let mut root = None;
-        let mut collateral = Vec::new();
-        for (cid, call) in calls {
-            if cid == id {
-                root = Some(call);
-            } else {
-                collateral.push(SettledCall {
-                    session: cid,
-                    outcome: CallOutcome::Failed(CallError::ParentClosed(id.to_owned())),
-                });
-            }
-        }
+    fn delete_settling(&mut self, id: &str) -> (Option<(String, PendingCall)>, Vec<SettledCall>) {
+        let Some(RemovedCalls { root, nested }) = self.remove_session(id) else { return (None, Vec::new()) };
+        let collateral = nested
+            .into_iter()
+            .map(|(cid, _)| SettledCall {
+                session: cid,
+                outcome: CallOutcome::Failed(CallError::ParentClosed(id.to_owned())),
+            })
+            .collect();
         (root, collateral)
     }
 
@@ -1112,7 +1122,18 @@ impl SessionTable {
         let Some(call) = &mut s.call else {
             s.unsent_method = None;
             if s.entries.is_empty() {
-                self.remove_session(session);
+                // No call in it or under it: `remove_session` without collecting calls.
+                match session.rsplit_once('.') {
+                    None => {
+                        self.sessions.remove(session);
+                    }
+                    Some((parent, last)) => {
+                        if let Some(p) = self.session_mut(parent) {
+                            p.entries.remove(last);
+                        }
+                        self.prune_bare(parent);
+                    }
+                }
             }
             return Some(SettledCall {
                 session: session.to_owned(),
@@ -1141,7 +1162,7 @@ impl SessionTable {
             .filter(|s| s.call.is_none())
             .and_then(|s| Some((s.target_id.clone()?, s.unsent_method.clone()?)));
         let (root, mut out) = self.delete_settling(session);
-        if let Some((target, method)) = root.map(|c| (c.target, c.method)).or(unsent) {
+        if let Some((target, method)) = root.map(|(_, c)| (c.target, c.method)).or(unsent) {
             out.insert(
                 0,
                 SettledCall {
@@ -1199,8 +1220,8 @@ impl SessionTable {
             return Vec::new();
         }
         let (root, mut out) = self.delete_settling(session);
-        if root.is_some() {
-            out.insert(0, SettledCall { session: session.to_owned(), outcome });
+        if let Some((session, _)) = root {
+            out.insert(0, SettledCall { session, outcome });
         }
         out
     }
@@ -1222,7 +1243,7 @@ impl SessionTable {
             let (root, collateral) = self.delete_settling(&id);
             // `remove_session` already unindexed it; guard against a stale index entry.
             self.deadlines.remove(&(d, id.clone()));
-            if let Some(c) = root {
+            if let Some((_, c)) = root {
                 out.push(SettledCall {
                     session: id,
                     outcome: CallOutcome::Failed(CallError::TimedOut {
@@ -1500,7 +1521,7 @@ impl SessionTable {
         for id in tops {
             if let Some(calls) = self.remove_session(&id) {
                 sessions_cleaned += 1;
-                settled.extend(calls.into_iter().map(|(session, _)| SettledCall {
+                settled.extend(calls.all().map(|(session, _)| SettledCall {
                     session,
                     outcome: CallOutcome::Failed(error.clone()),
                 }));
@@ -1574,7 +1595,7 @@ impl SessionTable {
         for id in ids {
             if let Some(calls) = self.remove_session(&id) {
                 removed += 1;
-                out.extend(calls.into_iter().map(|(session, _)| SettledCall {
+                out.extend(calls.all().map(|(session, _)| SettledCall {
                     session,
                     outcome: CallOutcome::Failed(error.clone()),
                 }));
@@ -1607,6 +1628,21 @@ impl SessionTable {
     /// How often to run [`SessionTable::sweep`] (`session_ttl / 2`).
     pub fn sweep_interval(&self) -> Duration {
         self.config.session_ttl / 2
+    }
+}
+
+/// The pending calls a removed session held, by session id.
+struct RemovedCalls {
+    /// The removed session's own call.
+    root: Option<(String, PendingCall)>,
+    /// The calls of the sessions nested in it.
+    nested: Vec<(String, PendingCall)>,
+}
+
+impl RemovedCalls {
+    /// All of them, the root's first.
+    fn all(self) -> impl Iterator<Item = (String, PendingCall)> {
+        self.root.into_iter().chain(self.nested)
     }
 }
 

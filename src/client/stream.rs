@@ -34,6 +34,7 @@
 use std::fmt::Display;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use actix::Addr;
@@ -142,7 +143,7 @@ impl RemoteGenerator {
         if matches!(std::mem::replace(&mut self.state, State::Done), State::Done) {
             return;
         }
-        let method = generator_close_method(&self.descriptor);
+        let method = Arc::new(generator_close_method(&self.descriptor));
         if let Err(e) = call_remote(&self.registry, method, Vec::new(), None).await {
             tracing::debug!(error = %e, "closing a remote generator failed (ignored)");
         }
@@ -151,7 +152,7 @@ impl RemoteGenerator {
     /// Fire-and-forget close (on error and on drop).
     fn send_close(&self) {
         let (reply, _) = oneshot::channel();
-        let method = generator_close_method(&self.descriptor);
+        let method = Arc::new(generator_close_method(&self.descriptor));
         self.registry.do_send(Call { method, args: Vec::new(), kwargs: None, reply });
     }
 }
@@ -165,7 +166,7 @@ impl Stream for RemoteGenerator {
                 State::Done => return Poll::Ready(None),
                 State::Idle => {
                     let registry = self.registry.clone();
-                    let method = generator_next_method(&self.descriptor);
+                    let method = Arc::new(generator_next_method(&self.descriptor));
                     let pull = async move { call_remote(&registry, method, Vec::new(), None).await };
                     self.state = State::Pulling(pull.boxed());
                 }

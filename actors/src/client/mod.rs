@@ -29,6 +29,7 @@
 //! referenced, so a large call's chunks are slices of the caller's array
 //! (`hypha_core::msgpack::Rope`). See `codec.rs`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hypha_core::session::CallError;
@@ -176,8 +177,8 @@ pub type CallResult = Result<Value, Error>;
 #[derive(actix::Message)]
 #[rtype(result = "()")]
 pub struct Call {
-    /// What to call.
-    pub method: RemoteMethod,
+    /// What to call; shared, as a service's descriptors are called again and again.
+    pub method: Arc<RemoteMethod>,
     /// Positional arguments, in decoded form (local functions become callbacks).
     pub args: Vec<Value>,
     /// Keyword arguments (`with_kwargs`).
