@@ -358,20 +358,7 @@ pub fn encode(value: &Value, cx: &mut EncodeContext<'_>) -> Result<Value, CodecE
 /// [`encode`] of a call's positional arguments, which the caller owns: a list of wire
 /// scalars (most calls' arguments) encodes to itself, so it is moved rather than copied.
 pub fn encode_args_list(args: Vec<Value>, cx: &mut EncodeContext<'_>) -> Result<Value, CodecError> {
-    let scalars = args.iter().all(|v| {
-        matches!(
-            v,
-            Value::Nil
-                | Value::Bool(_)
-                | Value::Int(_)
-                | Value::UInt(_)
-                | Value::F32(_)
-                | Value::F64(_)
-                | Value::Str(_)
-                | Value::Bytes(_)
-        )
-    });
-    if scalars {
+    if args.iter().all(Value::is_scalar) {
         enter(0, cx.max_depth)?;
         return Ok(Value::List(args));
     }

@@ -1850,6 +1850,25 @@ pub(crate) mod tests {
         })
     }
 
+    /// Runs `check` on an encoded value whole, cut at every length, with one byte changed
+    /// (`flip`: where, and the bits), and whole under tight limits.
+    fn exercise(bytes: Vec<u8>, flip: (usize, u8), check: impl Fn(&Bytes, &DecodeLimits)) {
+        let whole = Bytes::from(bytes.clone());
+        check(&whole, &DecodeLimits::default());
+        for cut in 0..whole.len() {
+            check(&whole.slice(..cut), &DecodeLimits::default());
+        }
+        let mut mutated = bytes;
+        let at = flip.0 % mutated.len();
+        mutated[at] ^= flip.1.max(1);
+        check(&Bytes::from(mutated), &DecodeLimits::default());
+        for max_depth in 0..4 {
+            for max_items in [0, 1, 2, 5, 30] {
+                check(&whole, &DecodeLimits { max_depth, max_items });
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn roundtrip(v in arb_wire()) {
@@ -1922,24 +1941,9 @@ pub(crate) mod tests {
         /// under limits the value just meets or just exceeds.
         #[test]
         fn skip_agrees_with_decode_on_values(v in arb_wire(), flip in any::<(usize, u8)>()) {
-            let bytes = encode_to_vec(&v).unwrap();
-            let whole = Bytes::from(bytes.clone());
-            let check = |buf: &Bytes, limits: &DecodeLimits| {
+            exercise(encode_to_vec(&v).unwrap(), flip, |buf, limits| {
                 assert_eq!(skip(buf, 0, limits), decode(buf, 0, limits).map(|(_, end)| end), "{limits:?}");
-            };
-            check(&whole, &DecodeLimits::default());
-            for cut in 0..whole.len() {
-                check(&whole.slice(..cut), &DecodeLimits::default());
-            }
-            let mut mutated = bytes;
-            let at = flip.0 % mutated.len();
-            mutated[at] ^= flip.1.max(1);
-            check(&Bytes::from(mutated), &DecodeLimits::default());
-            for max_depth in 0..4 {
-                for max_items in [0, 1, 2, 5, 30] {
-                    check(&whole, &DecodeLimits { max_depth, max_items });
-                }
-            }
+            });
         }
 
         /// `decode_entries` is `decode` with the top-level map handed out: collecting the
@@ -1960,21 +1964,7 @@ pub(crate) mod tests {
                 let entries = entries.map(|(v, end)| (v.unwrap_or(Value::Map(map)), end));
                 assert_eq!(entries, decode(buf, 0, limits), "{limits:?}");
             }
-            let bytes = encode_to_vec(&v).unwrap();
-            let whole = Bytes::from(bytes.clone());
-            check(&whole, &DecodeLimits::default());
-            for cut in 0..whole.len() {
-                check(&whole.slice(..cut), &DecodeLimits::default());
-            }
-            let mut mutated = bytes;
-            let at = flip.0 % mutated.len();
-            mutated[at] ^= flip.1.max(1);
-            check(&Bytes::from(mutated), &DecodeLimits::default());
-            for max_depth in 0..4 {
-                for max_items in [0, 1, 2, 5, 30] {
-                    check(&whole, &DecodeLimits { max_depth, max_items });
-                }
-            }
+            exercise(encode_to_vec(&v).unwrap(), flip, check);
             check(&Bytes::from(data), &DecodeLimits::default());
         }
 

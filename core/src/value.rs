@@ -378,6 +378,12 @@ impl Value {
 
     /// True for the msgpack-native variants that [`crate::msgpack`] can write directly.
     pub fn is_wire(&self) -> bool {
+        self.is_scalar() || matches!(self, Value::List(_) | Value::Map(_))
+    }
+
+    /// True for the msgpack-native variants that are not containers: they encode to
+    /// themselves.
+    pub fn is_scalar(&self) -> bool {
         matches!(
             self,
             Value::Nil
@@ -388,8 +394,6 @@ impl Value {
                 | Value::F64(_)
                 | Value::Str(_)
                 | Value::Bytes(_)
-                | Value::List(_)
-                | Value::Map(_)
         )
     }
 
