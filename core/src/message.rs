@@ -404,37 +404,28 @@ impl CallAddresses {
     pub fn resolve(from: &str, to: &str, local_ws: Option<&str>) -> Result<Self, MessageError> {
         let (remote_ws, remote_client) =
             from.split_once('/').ok_or_else(|| MessageError::BadFrom(from.into()))?;
-        let to = normalize_target(to, remote_ws);
-        let target_ws = to.split_once('/').map_or(to.as_str(), |(w, _)| w);
+        let to = absolute_call_target(from, to, local_ws)?.into_owned();
         let local_ws = match local_ws {
-            None => target_ws.to_owned(),
-            Some(local) => {
-                if !local.is_empty() && local != WILDCARD && target_ws != local {
-                    return Err(MessageError::WorkspaceMismatch {
-                        target: target_ws.to_owned(),
-                        local: local.to_owned(),
-                    });
-                }
-                local.to_owned()
-            }
+            None => to.split_once('/').map_or(to.as_str(), |(w, _)| w).to_owned(),
+            Some(local) => local.to_owned(),
         };
         Ok(Self { remote_ws: remote_ws.into(), remote_client: remote_client.into(), to, local_ws })
     }
 }
 
-/// [`CallAddresses::resolve`]'s checks without its copies: the absolute `to` (borrowed
-/// when `to` already is absolute, as the server makes every `to` it routes), or its error.
-/// The callee needs nothing else on its hot path; the context that names the other
-/// addresses is built on demand.
+/// The checks of [`CallAddresses::resolve`] (which calls it) without its copies: the
+/// absolute `to` (borrowed when `to` already is absolute, as the server makes every `to`
+/// it routes), or its error. The callee needs nothing else on its hot path; the context
+/// that names the other addresses is built on demand.
 pub fn absolute_call_target<'a>(
     from: &str,
     to: &'a str,
     local_ws: Option<&str>,
 ) -> Result<std::borrow::Cow<'a, str>, MessageError> {
     let (remote_ws, _) = from.split_once('/').ok_or_else(|| MessageError::BadFrom(from.into()))?;
-    let to = match to.split_once('/') {
-        Some(_) => std::borrow::Cow::Borrowed(to),
-        None => std::borrow::Cow::Owned(format!("{remote_ws}/{to}")),
+    let to = match to.contains('/') {
+        true => std::borrow::Cow::Borrowed(to),
+        false => std::borrow::Cow::Owned(normalize_target(to, remote_ws)),
     };
     let target_ws = to.split_once('/').map_or(&*to, |(w, _)| w);
     if let Some(local) = local_ws {
