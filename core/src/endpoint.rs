@@ -620,7 +620,7 @@ pub struct Endpoint {
     /// Our `message_cache`: the receiving side of chunking.
     cache: Reassembler,
     /// Frames for the transport.
-    transmits: VecDeque<Bytes>,
+    transmits: VecDeque<Rope>,
     /// Events for the driver.
     events: VecDeque<Event>,
     /// How each of our calls continues when it settles, by session.
@@ -709,8 +709,17 @@ impl Endpoint {
 
     // ----- outputs -----
 
-    /// The next frame to send, in order.
+    /// The next frame to send, in order, as one buffer (a copy when it has parts, see
+    /// [`Self::poll_transmit_rope`]).
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.transmits.pop_front().map(Rope::into_bytes)
+    }
+
+    /// The next frame to send, in order, as the parts it was written in: a `message_cache`
+    /// call keeps its 256 KiB chunk as a slice of the caller's payload, so a driver that
+    /// writes the parts straight into its socket buffer (the client's websocket codec)
+    /// copies a large payload once instead of twice.
+    pub fn poll_transmit_rope(&mut self) -> Option<Rope> {
         self.transmits.pop_front()
     }
 
@@ -853,7 +862,7 @@ impl Endpoint {
             return Ok(());
         }
         let frame = package::encode_package(&main, extra.as_ref())?;
-        self.transmits.push_back(Bytes::from(frame));
+        self.transmits.push_back(Rope::from(frame));
         Ok(())
     }
 
@@ -1007,7 +1016,7 @@ impl Endpoint {
             self.start_upload(now, session.to_owned(), method, package);
             return;
         }
-        self.transmits.push_back(package.into_bytes());
+        self.transmits.push_back(package);
         match self.table.call_sent(now, session) {
             // Settled at once (fire-and-forget): `then` goes straight to its continuation,
             // not through the map. The session is brand new, so no upload of it exists.
@@ -1028,7 +1037,7 @@ impl Endpoint {
         if chunk::needs_chunking(package.len(), &to.method) {
             return self.dispatch(now, &session, to, package, discard(to));
         }
-        self.transmits.push_back(package.into_bytes());
+        self.transmits.push_back(package);
         match self.table.call_sent(now, &session) {
             Some(settled) if settled.outcome.error_message().is_none() => {}
             Some(settled) => self.settle_one(now, settled, discard(to)),
@@ -2075,6 +2084,29 @@ mod tests {
         assert!(sent(&mut ep).is_empty());
         assert!(events(&mut ep).is_empty(), "a delivered reply raises nothing");
         assert_idle(&ep);
+    }
+
+    #[test]
+    fn chunk_frames_as_ropes_hold_the_callers_payload_uncopied() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        let payload = Bytes::from(vec![3u8; 3 * CHUNK_SIZE]);
+        ep.call_method(now, PEER, "services.x.f", vec![Value::Bytes(payload.clone())], None).unwrap();
+        let answer = builtin_answer(Some(3));
+        answer_all(&mut ep, now, &answer); // get_service
+        answer_all(&mut ep, now, &answer); // create
+        let sets: Vec<Rope> = std::iter::from_fn(|| ep.poll_transmit_rope()).collect();
+        assert_eq!(sets.len(), 4, "three whole chunks and the rest");
+        let inside = |p: &[u8]| payload.as_ptr_range().contains(&p.as_ptr());
+        let shared =
+            sets.iter().filter(|r| r.parts().any(|p| p.len() >= CHUNK_SIZE / 2 && inside(p))).count();
+        assert!(shared >= 2, "the chunks inside the payload are slices of it ({shared} of 4)");
+        for rope in sets {
+            let flat = rope.clone().into_bytes();
+            assert_eq!(rope.parts().collect::<Vec<_>>().concat(), flat, "parts are the frame's bytes");
+            let p = package::decode_package(&flat, &DecodeLimits::default()).unwrap();
+            assert_eq!(method_of(&p), "services.built-in.message_cache.set");
+        }
     }
 
     #[test]

@@ -1202,6 +1202,12 @@ impl Rope {
         Bytes::from(out)
     }
 
+    /// The message's bytes in order, as the buffers that hold them (empty ones skipped):
+    /// what a writer copies into its socket buffer without flattening the rope first.
+    pub fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        self.segments.iter().map(|s| &s[..]).chain(std::iter::once(&self.tail[..])).filter(|p| !p.is_empty())
+    }
+
     /// Consecutive pieces of `chunk_size` bytes (the last one shorter) covering the
     /// message in order, as [`crate::chunk::split`] cuts a contiguous package. A piece
     /// that lies inside one segment is a zero-copy slice of it; only pieces that straddle
@@ -1284,6 +1290,23 @@ impl Rope {
         } else {
             self.tail.truncate(tail);
         }
+    }
+}
+
+/// A message already written as one buffer, kept as it is.
+impl From<Vec<u8>> for Rope {
+    fn from(bytes: Vec<u8>) -> Self {
+        Rope { tail: bytes, ..Rope::default() }
+    }
+}
+
+/// A message already written as one shared buffer, kept without a copy.
+impl From<Bytes> for Rope {
+    fn from(bytes: Bytes) -> Self {
+        if bytes.is_empty() {
+            return Rope::default();
+        }
+        Rope { sealed: bytes.len(), segments: vec![bytes], tail: Vec::new() }
     }
 }
 
@@ -1827,6 +1850,22 @@ pub(crate) mod tests {
         let bad = crate::map! { "x" => Value::Bytes(payload), "bad" => Value::Set(vec![]) };
         assert_eq!(encode_map_to_rope(&bad, &mut rope), Err(EncodeError::NotWire("set")));
         assert_eq!(rope.into_bytes(), before);
+    }
+
+    #[test]
+    fn rope_parts_are_its_bytes_in_order_with_the_shared_payload_uncopied() {
+        let payload = Bytes::from(vec![7u8; 2 * Rope::SHARE_MIN]);
+        let m = crate::map! { "a" => 1, "data" => Value::Bytes(payload.clone()), "z" => "end" };
+        let mut rope = Rope::new();
+        encode_map_to_rope(&m, &mut rope).unwrap();
+        let parts: Vec<&[u8]> = rope.parts().collect();
+        assert_eq!(parts.len(), 3, "head, payload, tail");
+        assert_eq!(parts[1].as_ptr(), payload.as_ptr(), "the payload is the caller's buffer");
+        assert_eq!(parts.concat(), rope.clone().into_bytes());
+        // One-buffer ropes: nothing copied in, nothing empty out.
+        assert_eq!(Rope::from(payload.clone()).parts().next().map(<[u8]>::as_ptr), Some(payload.as_ptr()));
+        assert_eq!(Rope::from(vec![1, 2]).into_bytes(), Bytes::from_static(&[1, 2]));
+        assert_eq!(Rope::from(Bytes::new()).parts().count(), 0);
     }
 
     pub(crate) fn arb_wire() -> impl Strategy<Value = Value> {

@@ -46,21 +46,23 @@ use actix_tls::connect::{
 };
 use actix_ws::Item;
 use awc::http::Uri;
-use awc::ws::{CloseCode, CloseReason, Codec, Frame, Message};
+use awc::ws::{CloseCode, CloseReason, Frame, Message};
 use awc::BoxedSocket;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::LocalBoxFuture;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use hypha_core::msgpack::Rope;
 use serde_json::{json, Map as JsonMap, Value as Json};
 use tokio::sync::mpsc;
 
 use super::backoff::{Backoff, BackoffConfig, Next};
 use super::session_registry::SessionRegistry;
+use super::wscodec::ClientCodec;
 use super::Error;
 
 /// The websocket of one generation.
-pub type Socket = actix_codec::Framed<BoxedSocket, Codec>;
+pub type Socket = actix_codec::Framed<BoxedSocket, ClientCodec>;
 
 /// The number of a websocket's life within one client (starts at 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -234,7 +236,8 @@ pub async fn open(
     for (name, value) in &opts.additional_headers {
         request = request.header(name.as_str(), value.as_str());
     }
-    let (_, mut ws) = request.connect().await.map_err(|e| connect_error(e.to_string()))?;
+    let (_, ws) = request.connect().await.map_err(|e| connect_error(e.to_string()))?;
+    let mut ws = ws.into_map_codec(ClientCodec::new);
     // Python sends all four keys, null when unset.
     let auth = json!({
         "client_id": opts.client_id,
@@ -303,8 +306,8 @@ async fn first_text(ws: &mut Socket) -> Result<String, Error> {
 /// A frame for the writer task.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// An RPC package.
-    Binary(Bytes),
+    /// An RPC package, as the parts it was written in (see [`super::wscodec`]).
+    Binary(Rope),
     /// A control message (ping, refresh_token).
     Text(String),
     /// The answer to a protocol PING.
@@ -832,18 +835,12 @@ impl Handler<GetConnectionStats> for ConnectionActor {
 
 /// Writes frames until the channel closes or a `Close` was written. Frames that are
 /// already queued are written together and flushed once.
-async fn writer(mut sink: SplitSink<Socket, Message>, mut rx: mpsc::Receiver<Outgoing>) {
-    let to_message = |o: Outgoing| match o {
-        Outgoing::Binary(b) => (Message::Binary(b), false),
-        Outgoing::Text(t) => (Message::Text(t.into()), false),
-        Outgoing::Pong(p) => (Message::Pong(p), false),
-        Outgoing::Close(r) => (Message::Close(Some(r)), true),
-    };
+async fn writer(mut sink: SplitSink<Socket, Outgoing>, mut rx: mpsc::Receiver<Outgoing>) {
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(out) = next.take() {
-            let (message, last) = to_message(out);
-            if let Err(e) = sink.feed(message).await {
+            let last = matches!(out, Outgoing::Close(_));
+            if let Err(e) = sink.feed(out).await {
                 tracing::debug!(error = %e, "websocket write failed");
                 break 'outer;
             }
@@ -858,7 +855,7 @@ async fn writer(mut sink: SplitSink<Socket, Message>, mut rx: mpsc::Receiver<Out
             break;
         }
     }
-    let _ = sink.close().await;
+    let _ = SinkExt::<Outgoing>::close(&mut sink).await;
 }
 
 /// Reads frames until the socket ends; returns why it ended. Binary messages (also

@@ -12,6 +12,7 @@
 //! | [`events`] | (a shared hub) | per-subscriber bounded queues of event messages | `disconnect` |
 //! | [`codec`] | (functions) | serde <-> [`Value`] conversion and argument binding | |
 //! | [`backoff`] | (state machine) | reconnection delays, jitter, flap control, the attempt limit | |
+//! | [`wscodec`] | (codec) | websocket framing: packages written from their parts, masked in place | |
 //!
 //! Data path of a call: the user's task converts its arguments with [`codec`], sends
 //! [`Call`] to the registry (bounded mailbox: the send waits when it is full), the
@@ -45,6 +46,7 @@ pub mod generator;
 pub mod interface;
 pub mod service;
 pub mod session_registry;
+pub mod wscodec;
 
 pub use backoff::{Backoff, BackoffConfig};
 pub use connection::{ConnectOptions, ConnectionActor, ConnectionInfo, ConnectionStats, Generation};

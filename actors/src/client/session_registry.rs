@@ -35,6 +35,7 @@ use bytes::Bytes;
 // Probed on every call and reply, keyed by our own ids: foldhash, not SipHash.
 use foldhash::{HashMap, HashMapExt};
 use hypha_core::endpoint::{Endpoint, EndpointConfig, EndpointStats, Event};
+use hypha_core::msgpack::Rope;
 use hypha_core::schema::ServiceInfo;
 use hypha_core::session::{CallError, CallOutcome, RemovedService, SessionConfig};
 use hypha_core::{ErrorValue, Map, Value};
@@ -146,9 +147,9 @@ pub struct SessionRegistry {
     /// The socket of the current generation; `None` while there is none.
     link: Option<Link>,
     /// A frame the outbound channel had no room for (sent first when room frees).
-    held: Option<Bytes>,
+    held: Option<Rope>,
     /// Frames produced while there was no socket, with when they were queued.
-    backlog: VecDeque<(Instant, Bytes)>,
+    backlog: VecDeque<(Instant, Rope)>,
     /// A reconnection attached this generation and its services are being registered
     /// again: the backlog waits until they are (as upstream's sends wait for the
     /// reconnection to complete), so a call made while disconnected finds them back.
@@ -265,7 +266,7 @@ impl SessionRegistry {
             if self.link.is_none() && self.lost.is_none() && !self.closed {
                 // Not attached yet, or reconnecting: the frames wait in the bounded
                 // backlog, in order, while the calls' timers run.
-                while let Some(frame) = self.endpoint.poll_transmit() {
+                while let Some(frame) = self.endpoint.poll_transmit_rope() {
                     moved = true;
                     if self.backlog.len() >= self.options.backlog.max(1) {
                         self.backlog.pop_front();
@@ -311,7 +312,7 @@ impl SessionRegistry {
     /// The next frame to send: the one that did not fit, then the backlog once the
     /// services are back (skipping frames whose calls have timed out meanwhile), then the
     /// endpoint's queue.
-    fn next_frame(&mut self) -> Option<Bytes> {
+    fn next_frame(&mut self) -> Option<Rope> {
         if let Some(frame) = self.held.take() {
             return Some(frame);
         }
@@ -323,7 +324,7 @@ impl SessionRegistry {
             }
             tracing::debug!(len = frame.len(), "stale frame from before the reconnect dropped");
         }
-        self.endpoint.poll_transmit()
+        self.endpoint.poll_transmit_rope()
     }
 
     /// The connection is gone for good: pending calls fail with `Connection lost:
