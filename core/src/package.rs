@@ -447,6 +447,15 @@ impl<'a> RawMain<'a> {
     /// of `main`, the `ws` and `user` entries and the extra bytes. One allocation, at the
     /// exact size.
     pub fn restamp(&self, stamp: &Stamp<'_>) -> Result<Bytes, PackageError> {
+        self.restamp_parts(stamp, usize::MAX).map(|(frame, _)| frame)
+    }
+
+    /// [`RawMain::restamp`] as two pieces when the extra bytes are at least `split_min`
+    /// long: the stamped `main`, and the extra bytes as a zero-copy slice of the frame
+    /// they came in (empty when not split). A server relaying a 256 KiB chunk call
+    /// would otherwise copy the chunk into a fresh frame only to have its socket copy it
+    /// again; a websocket writer can send the two pieces as one frame's payload.
+    pub fn restamp_parts(&self, stamp: &Stamp<'_>, split_min: usize) -> Result<(Bytes, Bytes), PackageError> {
         let to_header = msgpack::str_header(stamp.to.len())?;
         let to_value_len = to_header.as_bytes().len() + stamp.to.len();
         let entries = [None, Some(stamp.ws), Some(stamp.from), Some(stamp.user)];
@@ -482,7 +491,8 @@ impl<'a> RawMain<'a> {
         len += missing.clone().map(stamped_len).sum::<usize>();
         let header = msgpack::map_header(self.entries.len() + missing.clone().count())?;
         let extra = self.frame.get(self.extra_at..).unwrap_or_default();
-        len += header.as_bytes().len() + extra.len();
+        let split = extra.len() >= split_min;
+        len += header.as_bytes().len() + if split { 0 } else { extra.len() };
 
         let mut out = Vec::with_capacity(len);
         out.extend_from_slice(header.as_bytes());
@@ -517,9 +527,13 @@ impl<'a> RawMain<'a> {
         }
         out.extend_from_slice(&frame[run]);
         missing.for_each(|i| put(&mut out, i));
+        if split {
+            debug_assert_eq!(out.len(), len, "restamp sizing");
+            return Ok((Bytes::from(out), self.frame.slice(self.extra_at..)));
+        }
         out.extend_from_slice(extra);
         debug_assert_eq!(out.len(), len, "restamp sizing");
-        Ok(Bytes::from(out))
+        Ok((Bytes::from(out), Bytes::new()))
     }
 }
 
@@ -1110,7 +1124,17 @@ mod tests {
             let stamp = parts.stamp();
             let want = map_restamp(&frame, &limits(), &parts).unwrap();
             let raw = RawMain::scan(&frame, &limits()).unwrap();
-            prop_assert_eq!(raw.restamp(&stamp).unwrap(), want);
+            prop_assert_eq!(raw.restamp(&stamp).unwrap(), want.clone());
+            // Split anywhere, the two pieces are the same bytes; the extra is not copied.
+            for split_min in [0, 1, frame.len() - raw.extra_at(), usize::MAX] {
+                let (head, tail) = raw.restamp_parts(&stamp, split_min).unwrap();
+                prop_assert_eq!([&head[..], &tail[..]].concat(), &want[..]);
+                let extra = frame.len() - raw.extra_at();
+                prop_assert_eq!(tail.len(), if extra >= split_min { extra } else { 0 });
+                if !tail.is_empty() {
+                    prop_assert_eq!(tail.as_ptr(), frame[raw.extra_at()..].as_ptr());
+                }
+            }
             // The accessors see the decoded map.
             let (main, at) = split_main(&frame, &limits()).unwrap();
             prop_assert_eq!(raw.extra_at(), at);

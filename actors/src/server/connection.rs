@@ -26,7 +26,6 @@
 //! without a close frame, as upstream does, and the old connection's cleanup leaves the
 //! new one alone (generations).
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -36,15 +35,14 @@ use actix::{
 };
 use actix_web::body::BoxBody;
 use actix_web::dev::Payload as RawPayload;
-use actix_web::error::PayloadError;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Item, ProtocolError};
 use bytes::{Bytes, BytesMut};
-use futures_util::Stream;
 use hypha_core::auth::{self, Admitted, AuthContext, AuthPayload, HandshakeError, Permission, UserInfo};
 use serde_json::{json, Map as JsonMap, Value as Json};
 use tracing::field;
 
+use super::inbound::InboundFrames;
 use super::limits::{AdmissionSlot, FrameSizeGuard, TokenBucket, SERVER_BUSY_REASON};
 use super::outbound::{self, CloseCmd, OutFrame, Outbound};
 use super::router::{Generation, Registration, RouteOutcome, RouteSender, Routed};
@@ -65,12 +63,13 @@ pub async fn ws_endpoint(
     state: Arc<ServerState>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let tripped = Arc::new(AtomicBool::new(false));
-    let guard = FrameSizeGuard::new(body.into_inner(), state.config.max_frame_size, tripped.clone());
-    let boxed: Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>> = Box::pin(guard);
-    let mut raw = RawPayload::from(boxed);
-    let body = web::Payload::from_request(&req, &mut raw).await?;
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
-    let stream = stream.max_frame_size(state.config.max_frame_size);
+    let max = state.config.max_frame_size;
+    let guard = FrameSizeGuard::new(body.into_inner(), max, tripped.clone());
+    let frames = InboundFrames::new(guard, max);
+    // actix-ws answers the handshake; the payload is read by `frames` (see `inbound`), so
+    // actix-ws's own reader gets none.
+    let empty = web::Payload::from_request(&req, &mut RawPayload::None).await?;
+    let (response, session, stream) = actix_ws::handle(&req, empty)?;
 
     let query_keys = req.query_string().split('&').filter_map(|kv| kv.split('=').next());
     let refusal = if auth::is_legacy_query(query_keys) {
@@ -85,20 +84,20 @@ pub async fn ws_endpoint(
     if let Some(reason) = refusal {
         actix_rt::spawn(async move {
             let _ = tokio::time::timeout(state.config.close_timeout, session.close(Some(reason))).await;
-            drop(stream);
+            drop((stream, frames));
         });
         return Ok(response);
     }
 
     // The response body is the connection's outbound queue; actix-ws's own body is kept
     // inside it (see `OutboundRx::into_body`), and its `Session` is not used.
-    drop(session);
+    drop((session, stream));
     let (outbound, rx) =
         outbound::channel(state.config.outbound_queue_frames, state.config.outbound_queue_bytes);
     let response = response.map_body(|_, keep| BoxBody::new(rx.into_body(keep)));
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     WsConnection::create(move |ctx| {
-        ctx.add_stream(stream);
+        ctx.add_stream(frames);
         WsConnection::new(state, outbound, tripped, &peer)
     });
     Ok(response)

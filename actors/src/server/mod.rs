@@ -35,6 +35,7 @@ pub mod connection;
 pub mod events;
 pub mod external;
 pub mod http;
+pub mod inbound;
 pub mod layer;
 pub mod limits;
 pub mod login;

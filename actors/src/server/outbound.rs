@@ -63,25 +63,57 @@ pub enum OutFrame {
     Text(String),
     /// An RPC frame.
     Binary(Bytes),
+    /// An RPC frame whose payload is `head` then `tail`: a re-stamped `main` and the
+    /// sender's extra bytes as they arrived, so that a large payload is relayed without
+    /// being copied into a fresh frame first (hypha-core `RawMain::restamp_parts`).
+    Split {
+        /// The first bytes of the payload.
+        head: Bytes,
+        /// The rest.
+        tail: Bytes,
+    },
     /// The answer to a protocol-level ping.
     Pong(Bytes),
 }
 
 impl OutFrame {
+    /// An RPC frame of `head` then `tail` (one piece when `tail` is empty).
+    pub fn binary(head: Bytes, tail: Bytes) -> Self {
+        if tail.is_empty() {
+            OutFrame::Binary(head)
+        } else {
+            OutFrame::Split { head, tail }
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             OutFrame::Text(s) => s.len(),
             OutFrame::Binary(b) | OutFrame::Pong(b) => b.len(),
+            OutFrame::Split { head, tail } => head.len() + tail.len(),
         }
     }
 
-    /// The websocket opcode and the payload (a pong's cut to a control frame's limit).
-    fn into_parts(self) -> (u8, Bytes) {
+    /// The websocket opcode and the payload's pieces (a pong's cut to a control frame's
+    /// limit; the second piece is empty but for [`OutFrame::Split`]).
+    fn into_parts(self) -> (u8, [Bytes; 2]) {
         match self {
-            OutFrame::Text(t) => (OP_TEXT, Bytes::from(t)),
-            OutFrame::Binary(b) => (OP_BINARY, b),
-            OutFrame::Pong(b) => (OP_PONG, b.slice(..b.len().min(MAX_CONTROL_PAYLOAD))),
+            OutFrame::Text(t) => (OP_TEXT, [Bytes::from(t), Bytes::new()]),
+            OutFrame::Binary(b) => (OP_BINARY, [b, Bytes::new()]),
+            OutFrame::Split { head, tail } => (OP_BINARY, [head, tail]),
+            OutFrame::Pong(b) => (OP_PONG, [b.slice(..b.len().min(MAX_CONTROL_PAYLOAD)), Bytes::new()]),
         }
+    }
+
+    /// What the frame takes in a body's arena: its header, and the pieces it copies.
+    fn arena_need(&self) -> usize {
+        let copied = |n: usize| if n <= COPY_LIMIT { n } else { 0 };
+        MAX_HEADER
+            + match self {
+                OutFrame::Text(s) => copied(s.len()),
+                OutFrame::Binary(b) | OutFrame::Pong(b) => copied(b.len()),
+                OutFrame::Split { head, tail } => copied(head.len()) + copied(tail.len()),
+            }
     }
 }
 
@@ -391,9 +423,10 @@ impl std::fmt::Debug for OutboundBody {
 }
 
 impl OutboundBody {
-    /// Writes a frame: a final, unmasked header, then the payload (see [`COPY_LIMIT`]).
-    fn push_frame(&mut self, opcode: u8, payload: Bytes) {
-        let len = payload.len();
+    /// Writes a frame: a final, unmasked header, then the payload's pieces in order, each
+    /// copied or passed on as its own chunk (see [`COPY_LIMIT`]).
+    fn push_frame(&mut self, opcode: u8, pieces: [Bytes; 2]) {
+        let len = pieces[0].len() + pieces[1].len();
         let mut header = [0u8; MAX_HEADER];
         header[0] = 0x80 | opcode;
         let header = match len {
@@ -412,17 +445,19 @@ impl OutboundBody {
                 &header[..10]
             }
         };
-        let copied = if len <= COPY_LIMIT { len } else { 0 };
-        let need = header.len() + copied;
+        let copied = |p: &Bytes| p.len() <= COPY_LIMIT;
+        let need = header.len() + pieces.iter().filter(|p| copied(p)).map(Bytes::len).sum::<usize>();
         if self.arena.capacity() - self.arena.len() < need {
             self.arena.reserve(need);
         }
         self.arena.extend_from_slice(header);
-        if copied == len {
-            self.arena.extend_from_slice(&payload);
-        } else {
-            self.flush();
-            self.chunks.push_back(payload);
+        for piece in pieces {
+            if copied(&piece) {
+                self.arena.extend_from_slice(&piece);
+            } else {
+                self.flush();
+                self.chunks.push_back(piece);
+            }
         }
     }
 
@@ -437,7 +472,7 @@ impl OutboundBody {
     /// boundary, to what a control frame holds).
     fn push_close(&mut self, cmd: CloseCmd) {
         if let Some(message) = &cmd.error_message {
-            self.push_frame(OP_TEXT, Bytes::from(error_frame(message)));
+            self.push_frame(OP_TEXT, [Bytes::from(error_frame(message)), Bytes::new()]);
         }
         if let Some((code, reason)) = cmd.close {
             let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
@@ -447,7 +482,7 @@ impl OutboundBody {
             let mut payload = BytesMut::with_capacity(2 + end);
             payload.put_u16(code);
             payload.extend_from_slice(&reason.as_bytes()[..end]);
-            self.push_frame(OP_CLOSE, payload.freeze());
+            self.push_frame(OP_CLOSE, [payload.freeze(), Bytes::new()]);
         }
         self.flush();
     }
@@ -505,21 +540,15 @@ impl MessageBody for OutboundBody {
             q.bytes = 0;
             drop(q);
             let mut batch = std::mem::take(&mut this.batch);
-            this.arena.reserve(batch.iter().map(arena_need).sum());
+            this.arena.reserve(batch.iter().map(OutFrame::arena_need).sum());
             for frame in batch.drain(..) {
-                let (opcode, payload) = frame.into_parts();
-                this.push_frame(opcode, payload);
+                let (opcode, pieces) = frame.into_parts();
+                this.push_frame(opcode, pieces);
             }
             this.flush();
             this.batch = batch;
         }
     }
-}
-
-/// What a frame takes in the arena: its header, and its payload if it is copied.
-fn arena_need(frame: &OutFrame) -> usize {
-    let len = frame.len();
-    MAX_HEADER + if len <= COPY_LIMIT { len } else { 0 }
 }
 
 impl Drop for OutboundBody {
@@ -647,6 +676,36 @@ mod tests {
         }
         let got: Vec<u32> = client.frames().iter().map(number).collect();
         assert_eq!(got, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_split_frame_is_one_frame_of_both_pieces_with_a_large_piece_passed_on_uncopied() {
+        let (tx, rx) = channel(100, 1 << 30);
+        let mut body = Box::pin(rx.into_body(BoxBody::new(())));
+        let big = Bytes::from(vec![9; 300_000]);
+        let cases = [
+            (b"main".to_vec(), big.clone()),
+            (vec![1; 20], Bytes::from(vec![2; 30])),
+            (vec![3; 70_000], big),
+        ];
+        for (head, tail) in &cases {
+            tx.send(OutFrame::binary(Bytes::from(head.clone()), tail.clone())).unwrap();
+        }
+        assert!(matches!(OutFrame::binary(Bytes::from_static(b"x"), Bytes::new()), OutFrame::Binary(_)));
+        let mut chunks = Vec::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        while let Poll::Ready(Some(Ok(chunk))) = body.as_mut().poll_next(&mut cx) {
+            chunks.push(chunk);
+        }
+        let uncopied = chunks.iter().filter(|c| c.as_ptr() == cases[0].1.as_ptr()).count();
+        assert_eq!(uncopied, 2, "the large tail went to the dispatcher as it was, both times");
+        let mut buf = BytesMut::from_iter(chunks.iter().flat_map(|c| c.iter().copied()));
+        let mut codec = Codec::new().client_mode().max_size(1 << 20);
+        for (head, tail) in cases {
+            let frame = codec.decode(&mut buf).unwrap().unwrap();
+            assert_eq!(frame, Frame::Binary(Bytes::from([&head[..], &tail[..]].concat())));
+        }
+        assert!(buf.is_empty());
     }
 
     #[test]

@@ -52,6 +52,12 @@ pub const MAX_SUBSCRIPTIONS: usize = 1024;
 /// After this many "recently disconnected" insertions the expired ones are swept.
 const PRUNE_EVERY: usize = 256;
 
+/// Extra bytes at least this long are relayed to a socket as a slice of the frame they
+/// came in, after the re-stamped `main`, instead of being copied into the stamped frame:
+/// every `message_cache` chunk call (256 KiB) is. Below it one copy costs less than the
+/// second piece the socket writer handles.
+const RELAY_SPLIT_MIN: usize = 16 * 1024;
+
 /// Who sends a frame: what the router stamps into it.
 ///
 /// Built once per connection (or local peer), so that the per-frame stamp is copies of
@@ -594,7 +600,8 @@ impl Router {
             return Routed::Done(refuse(&main, error));
         }
         let (target_ws, target_cid) = (target.ws(), target.cid());
-        let stamp = || -> Result<Bytes, PackageError> {
+        // `split_min`: see `RawMain::restamp_parts` (a whole frame for `usize::MAX`).
+        let stamp = |split_min: usize| -> Result<(Bytes, Bytes), PackageError> {
             let SenderStamp { from, ws, user } =
                 sender.stamp.as_ref().map_err(|e| PackageError::Encode(e.clone()))?;
             // The server's own peers live in workspace "*": their frames carry the
@@ -607,14 +614,14 @@ impl Router {
                     &target_ws_entry
                 }
             };
-            main.restamp(&Stamp { to: target.as_str(), ws, from, user })
+            main.restamp_parts(&Stamp { to: target.as_str(), ws, from, user }, split_min)
         };
         let undecodable = |e| Routed::Done(RouteOutcome::Dropped(DropReason::Undecodable(e)));
         if target_cid == WILDCARD {
             // Unsubscribed connections get nothing; a frame without a type reaches nobody.
             let Some(kind) = main.str("type") else { return Routed::Done(RouteOutcome::Delivered(0)) };
-            return match stamp() {
-                Ok(stamped) => {
+            return match stamp(usize::MAX) {
+                Ok((stamped, _)) => {
                     Routed::Done(RouteOutcome::Delivered(self.deliver_broadcast(target_ws, kind, &stamped)))
                 }
                 Err(e) => undecodable(e),
@@ -630,14 +637,17 @@ impl Router {
             }
             return Routed::Done(RouteOutcome::Dropped(DropReason::UnknownTarget(target.into_owned())));
         };
-        let stamped = match stamp() {
-            Ok(stamped) => stamped,
+        // A socket writes a large extra from the frame it came in; a local peer decodes
+        // the frame, so it gets one buffer.
+        let split_min = if matches!(peer.sink, Sink::Socket(_)) { RELAY_SPLIT_MIN } else { usize::MAX };
+        let (stamped, tail) = match stamp(split_min) {
+            Ok(pieces) => pieces,
             Err(e) => return undecodable(e),
         };
         // The stamped frame is moved, not cloned, into the target's queue: it is the only
         // handle, so it is freed as soon as the socket has encoded it.
         let refused = match &peer.sink {
-            Sink::Socket(o) => o.send(OutFrame::Binary(stamped)).err(),
+            Sink::Socket(o) => o.send(OutFrame::binary(stamped, tail)).err(),
             Sink::Local(inbox) => match inbox.try_send(stamped) {
                 Err((SendError::Overflow, stamped)) => {
                     let inbox = inbox.clone();
@@ -847,6 +857,29 @@ mod tests {
         r.route(&sender("W", "r1"), &f, now);
         let pkg = decode_package(&recv(&mut r2).await, &DecodeLimits::default()).unwrap();
         assert_eq!(keys(&pkg.main), ["type", "to", "data", "ws", "from", "user"]);
+    }
+
+    #[actix_rt::test]
+    async fn a_large_extra_is_relayed_to_a_socket_from_the_frame_it_came_in() {
+        let r = Router::new(Duration::from_secs(120));
+        let now = Instant::now();
+        let (_, _r1) = join(&r, "W", "r1");
+        let (_, mut r2) = join(&r, "W", "r2");
+        let main = map! {"type" => "method", "to" => "r2", "method" => "services.x.y"};
+        let chunk = Bytes::from(vec![5u8; RELAY_SPLIT_MIN]);
+        let f = frame(main, Some(map! {"args" => vec![Value::Bytes(chunk.clone())]}));
+        assert_eq!(r.route(&sender("W", "r1"), &f, now), RouteOutcome::Delivered(1));
+        let (head, tail) = match r2.next().await {
+            Some(WriterEvent::Frame(OutFrame::Split { head, tail })) => (head, tail),
+            other => panic!("expected a split frame, got {other:?}"),
+        };
+        let extra_at = f.len() - tail.len();
+        assert_eq!(tail.as_ptr(), f[extra_at..].as_ptr(), "the extra bytes were not copied");
+        let pkg =
+            decode_package(&Bytes::from([&head[..], &tail[..]].concat()), &DecodeLimits::default()).unwrap();
+        assert_eq!(pkg.main["from"], Value::from("W/r1"));
+        assert_eq!(pkg.main["to"], Value::from("W/r2"));
+        assert_eq!(pkg.extra.unwrap()["args"], Value::List(vec![Value::Bytes(chunk)]));
     }
 
     /// The router's in-place target is `message::normalize_target` + `is_broadcast` + a
