@@ -24,6 +24,8 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use futures_util::Stream;
 
+use super::limits::{frame_header_len, frame_payload_len};
+
 /// Decodes a websocket request payload into messages (see the module docs).
 pub struct InboundFrames<S> {
     payload: S,
@@ -61,21 +63,22 @@ impl<S> InboundFrames<S> {
 const MAX_HEADER: usize = 14;
 
 /// The full length (header and payload) of the frame starting at the front of `buf`
-/// followed by `next`, once enough of its header is there to tell.
+/// followed by `next`, once its whole header is there.
 fn frame_len(buf: &[u8], next: &[u8]) -> Option<usize> {
-    let byte = |i: usize| buf.get(i).or_else(|| next.get(i - buf.len())).copied();
-    let b1 = byte(1)?;
-    let (ext, short) = match b1 & 0x7f {
-        126 => (2, None),
-        127 => (8, None),
-        n => (0, Some(u64::from(n))),
-    };
-    let payload = match short {
-        Some(n) => n,
-        None => (0..ext).try_fold(0u64, |len, i| Some(len << 8 | u64::from(byte(2 + i)?)))?,
-    };
-    let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
-    usize::try_from(payload).ok()?.checked_add(2 + ext + mask)
+    let mut header = [0u8; MAX_HEADER];
+    let mut have = 0;
+    for (slot, byte) in header.iter_mut().zip(buf.iter().chain(next)) {
+        *slot = *byte;
+        have += 1;
+    }
+    if have < 2 {
+        return None;
+    }
+    let len = frame_header_len(header[1]);
+    if have < len {
+        return None;
+    }
+    usize::try_from(frame_payload_len(&header[..len])).ok()?.checked_add(len)
 }
 
 /// A decoded frame as the message actix-ws would have made of it.

@@ -144,6 +144,27 @@ impl LoadMeter {
     }
 }
 
+/// Length of a websocket frame header given its first two bytes: 2, plus 2 or 8 bytes of
+/// extended length, plus 4 bytes of masking key when the mask bit is set.
+pub(crate) fn frame_header_len(b1: u8) -> usize {
+    let ext = match b1 & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 }
+}
+
+/// The payload length a frame header declares (`header` holds at least the length bytes).
+pub(crate) fn frame_payload_len(header: &[u8]) -> u64 {
+    let b1 = header.get(1).copied().unwrap_or(0);
+    match b1 & 0x7f {
+        126 => header.get(2..4).map_or(0, |b| u64::from(u16::from_be_bytes([b[0], b[1]]))),
+        127 => header.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes),
+        n => u64::from(n),
+    }
+}
+
 /// Where the guard is in the client-to-server byte stream.
 #[derive(Debug, Clone, Copy)]
 enum GuardState {
@@ -182,26 +203,6 @@ impl<S> FrameSizeGuard<S> {
         }
     }
 
-    /// Length of a frame header given its first two bytes: 2, plus 2 or 8 bytes of
-    /// extended length, plus 4 bytes of mask key when the mask bit is set.
-    fn header_len(b1: u8) -> usize {
-        let ext = match b1 & 0x7f {
-            126 => 2,
-            127 => 8,
-            _ => 0,
-        };
-        2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 }
-    }
-
-    fn payload_len(header: &[u8]) -> u64 {
-        let b1 = header.get(1).copied().unwrap_or(0);
-        match b1 & 0x7f {
-            126 => header.get(2..4).map_or(0, |b| u64::from(u16::from_be_bytes([b[0], b[1]]))),
-            127 => header.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes),
-            n => u64::from(n),
-        }
-    }
-
     /// Walks `chunk`; returns the number of bytes that belong to acceptable frames (all of
     /// it unless an oversized header starts inside it).
     fn scan(&mut self, chunk: &[u8]) -> usize {
@@ -232,7 +233,7 @@ impl<S> FrameSizeGuard<S> {
                         if have < need {
                             break;
                         }
-                        let full = Self::header_len(self.header[1]);
+                        let full = frame_header_len(self.header[1]);
                         if need == full {
                             break;
                         }
@@ -242,7 +243,7 @@ impl<S> FrameSizeGuard<S> {
                         self.state = GuardState::Header { have };
                         continue;
                     }
-                    let len = Self::payload_len(&self.header[..have]);
+                    let len = frame_payload_len(&self.header[..have]);
                     if len > self.max {
                         self.state = GuardState::Tripped { reported: false };
                         self.tripped.store(true, Ordering::Release);
