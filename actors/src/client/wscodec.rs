@@ -143,6 +143,9 @@ mod tests {
 
     #[test]
     fn a_rope_frame_reads_back_as_its_bytes_at_every_length_form() {
+        // Encoded lengths (a bin of n bytes takes n + 2, n + 3 from 256, n + 5 from 64 KiB):
+        // 0, 3, 125 (the last 7-bit length), 126 (the first 16-bit one), 65,537 in two
+        // parts, 65,535 (the last 16-bit one), 65,536 (the first 64-bit one), five parts.
         for sizes in [
             &[][..],
             &[1],
