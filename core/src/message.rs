@@ -7,7 +7,7 @@
 //!   anything else);
 //! * [`Promise`]: the `promise` of the extra segment in its two forms, compact (`"*"` +
 //!   `t`) and explicit, and the callee's expansion of the compact form;
-//! * small readers for the other extra keys ([`args`], [`with_kwargs`], [`is_encrypted`]);
+//! * [`CallExtra`]: the keys of a call's extra segment a callee reads, and their rules;
 //! * the target rules shared by server and client ([`normalize_target`],
 //!   [`CallAddresses::resolve`]) and the receive context ([`build_ctx`]).
 //!
@@ -463,35 +463,11 @@ pub fn merge_extra(main: &mut Map, extra: Map) {
 // Extra segment
 // ----------------------------------------------------------------------------------------
 
-/// The encoded positional arguments: empty when absent or nil (Python sends no `args` for
-/// an empty list).
-pub fn args(extra: &Map) -> Result<&[Value], MessageError> {
-    match extra.get("args") {
-        None | Some(Value::Nil) => Ok(&[]),
-        Some(Value::List(l)) => Ok(l),
-        Some(other) => Err(MessageError::WrongType { key: "args", expected: "list", got: other.kind() }),
-    }
-}
-
-/// Whether the last argument is the keyword-argument map (Python truthiness of
-/// `with_kwargs`).
-pub fn with_kwargs(extra: &Map) -> bool {
-    kwargs_flag(extra.get("with_kwargs"))
-}
-
-fn kwargs_flag(v: Option<&Value>) -> bool {
-    match v {
-        Some(Value::Bool(b)) => *b,
-        Some(Value::Int(i)) => *i != 0,
-        _ => false,
-    }
-}
-
 /// The keys of a call's extra segment the callee reads (spec §4.5), each the value a
 /// map of the segment would hold for it (the last of duplicate keys). Read straight from
 /// the frame ([`crate::package::decode_call_extra`]): a call's payload needs no [`Map`]
-/// (nor copies of its keys) to be read. The readers below are the map readers' twins
-/// ([`Promise::from_extra`], [`is_encrypted`], [`take_args`], [`with_kwargs`]).
+/// (nor copies of its keys) to be read; a reassembled package's decoded segment is read
+/// through [`CallExtra::from_map`], so both paths share the readers below.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CallExtra {
     /// `args`.
@@ -502,7 +478,8 @@ pub struct CallExtra {
     pub t: Option<Value>,
     /// `with_kwargs`.
     pub with_kwargs: Option<Value>,
-    /// Whether `_enc` is present (the encryption envelope).
+    /// Whether `_enc` is present: the payload is the encryption envelope (`_enc` +
+    /// `data`, spec §8) instead of `args`/`promise`.
     pub encrypted: bool,
 }
 
@@ -528,12 +505,17 @@ impl CallExtra {
         out
     }
 
-    /// [`Promise::from_extra`].
+    /// The call's promise; `Ok(None)` for a fire-and-forget call.
+    ///
+    /// Accepts `t` and `interval` as int (JS) or float (Python). A compact promise without
+    /// `t` is an error, as the Python callee raises `KeyError` then.
     pub fn promise(&self) -> Result<Option<Promise>, MessageError> {
         Promise::from_parts(self.promise.as_ref(), self.t.as_ref())
     }
 
-    /// [`take_args`]: the encoded arguments, moved out.
+    /// The encoded positional arguments, moved out so that decoding can consume them
+    /// without a deep copy: empty when absent or nil (Python sends no `args` for an
+    /// empty list). A wrong type is an error and stays in place.
     pub fn take_args(&mut self) -> Result<Vec<Value>, MessageError> {
         match self.args.take() {
             None | Some(Value::Nil) => Ok(Vec::new()),
@@ -546,16 +528,15 @@ impl CallExtra {
         }
     }
 
-    /// [`with_kwargs`].
+    /// Whether the last argument is the keyword-argument map (Python truthiness of
+    /// `with_kwargs`).
     pub fn with_kwargs(&self) -> bool {
-        kwargs_flag(self.with_kwargs.as_ref())
+        match self.with_kwargs {
+            Some(Value::Bool(b)) => b,
+            Some(Value::Int(i)) => i != 0,
+            _ => false,
+        }
     }
-}
-
-/// Whether the payload is the encryption envelope (`_enc` + `data`, spec §8) instead of
-/// `args`/`promise`.
-pub fn is_encrypted(extra: &Map) -> bool {
-    extra.contains_key("_enc")
 }
 
 /// The extra segment of an outgoing call, as the Python client writes it: `args` (left
@@ -665,20 +646,6 @@ pub struct CallMain<'a> {
     pub parent: Option<&'a str>,
 }
 
-/// Moves the encoded positional arguments out of a received extra segment (empty when
-/// absent or nil), so that decoding can consume them without a deep copy. A wrong type
-/// leaves the map untouched.
-pub fn take_args(extra: &mut Map) -> Result<Vec<Value>, MessageError> {
-    match extra.get("args") {
-        None | Some(Value::Nil) => Ok(Vec::new()),
-        Some(Value::List(_)) => match extra.shift_remove("args") {
-            Some(Value::List(l)) => Ok(l),
-            _ => Ok(Vec::new()),
-        },
-        Some(other) => Err(MessageError::WrongType { key: "args", expected: "list", got: other.kind() }),
-    }
-}
-
 fn interval_from(v: &Value) -> Result<Duration, MessageError> {
     let secs = v.as_f64().ok_or(MessageError::WrongType { key: "t", expected: "number", got: v.kind() })?;
     Duration::try_from_secs_f64(secs).map_err(|_| MessageError::BadInterval(secs.to_string()))
@@ -713,15 +680,8 @@ pub enum Promise {
 }
 
 impl Promise {
-    /// Reads the promise of a (merged or extra) map; `Ok(None)` for a fire-and-forget call.
-    ///
-    /// Accepts `t` and `interval` as int (JS) or float (Python). A compact promise without
-    /// `t` is an error, as the Python callee raises `KeyError` then.
-    pub fn from_extra(extra: &Map) -> Result<Option<Self>, MessageError> {
-        Self::from_parts(extra.get("promise"), extra.get("t"))
-    }
-
-    /// [`Promise::from_extra`] from the values of `promise` and `t`.
+    /// The promise the values of an extra segment's `promise` and `t` make
+    /// ([`CallExtra::promise`]).
     fn from_parts(promise: Option<&Value>, t: Option<&Value>) -> Result<Option<Self>, MessageError> {
         let Some(p) = promise else { return Ok(None) };
         match p {
@@ -1177,16 +1137,21 @@ mod tests {
         }
     }
 
+    /// The extra segment `json` as a callee reads it.
+    fn extra(json: &str) -> CallExtra {
+        CallExtra::from_map(map(json))
+    }
+
     #[test]
     fn take_args_moves_the_list_out() {
-        let mut e = map(r#"{"args": [1, "x"], "promise": "*"}"#);
-        assert_eq!(take_args(&mut e).unwrap(), vec![Value::Int(1), Value::from("x")]);
-        assert!(!e.contains_key("args"));
-        assert_eq!(e["promise"], Value::from("*"));
-        assert_eq!(take_args(&mut e).unwrap(), Vec::<Value>::new());
-        let mut bad = map(r#"{"args": "nope"}"#);
-        assert!(matches!(take_args(&mut bad), Err(MessageError::WrongType { key: "args", .. })));
-        assert!(bad.contains_key("args"));
+        let mut e = extra(r#"{"args": [1, "x"], "promise": "*"}"#);
+        assert_eq!(e.take_args().unwrap(), vec![Value::Int(1), Value::from("x")]);
+        assert_eq!(e.args, None);
+        assert_eq!(e.promise, Some(Value::from("*")));
+        assert_eq!(e.take_args().unwrap(), Vec::<Value>::new());
+        let mut bad = extra(r#"{"args": "nope"}"#);
+        assert!(matches!(bad.take_args(), Err(MessageError::WrongType { key: "args", .. })));
+        assert_eq!(bad.args, Some(Value::from("nope")));
     }
 
     #[test]
@@ -1210,15 +1175,18 @@ mod tests {
 
     #[test]
     fn extra_readers() {
-        let e = map(r#"{"args": [1, {"b": 5}], "with_kwargs": true, "promise": "*", "t": 15.0}"#);
-        assert_eq!(args(&e).unwrap().len(), 2);
-        assert!(with_kwargs(&e));
-        assert!(!is_encrypted(&e));
-        assert!(args(&Map::new()).unwrap().is_empty());
-        assert!(!with_kwargs(&Map::new()));
-        assert!(args(&map(r#"{"args": null}"#)).unwrap().is_empty());
-        assert!(args(&map(r#"{"args": "x"}"#)).is_err());
-        assert!(is_encrypted(&map(r#"{"_enc": {"v": 2}, "data": "x"}"#)));
+        let mut e = extra(r#"{"args": [1, {"b": 5}], "with_kwargs": true, "promise": "*", "t": 15.0}"#);
+        assert_eq!(e.take_args().unwrap().len(), 2);
+        assert!(e.with_kwargs());
+        assert!(!e.encrypted);
+        assert!(CallExtra::default().take_args().unwrap().is_empty());
+        assert!(!CallExtra::default().with_kwargs());
+        assert!(
+            extra(r#"{"with_kwargs": 1}"#).with_kwargs() && !extra(r#"{"with_kwargs": 0}"#).with_kwargs()
+        );
+        assert!(extra(r#"{"args": null}"#).take_args().unwrap().is_empty());
+        assert!(extra(r#"{"args": "x"}"#).take_args().is_err());
+        assert!(extra(r#"{"_enc": {"v": 2}, "data": "x"}"#).encrypted);
     }
 
     #[test]
@@ -1234,37 +1202,38 @@ mod tests {
         assert!(call_extra(vec![], None, None).is_empty(), "PY omits empty args");
     }
 
+    fn promise_of(json: &str) -> Result<Option<Promise>, MessageError> {
+        extra(json).promise()
+    }
+
     #[test]
     fn compact_promise_py_and_js() {
-        let py = Promise::from_extra(&map(r#"{"promise": "*", "t": 15.0}"#)).unwrap();
-        let js = Promise::from_extra(&map(r#"{"args": ["raw-hello"], "promise": "*", "t": 15}"#)).unwrap();
+        let py = promise_of(r#"{"promise": "*", "t": 15.0}"#).unwrap();
+        let js = promise_of(r#"{"args": ["raw-hello"], "promise": "*", "t": 15}"#).unwrap();
         assert_eq!(py, Some(Promise::Compact { interval: Duration::from_secs(15) }));
         assert_eq!(js, py);
         assert_eq!(py.unwrap().heartbeat_interval(), Some(Duration::from_secs(15)));
-        let half = Promise::from_extra(&map(r#"{"promise": "*", "t": 2.5}"#)).unwrap().unwrap();
+        let half = promise_of(r#"{"promise": "*", "t": 2.5}"#).unwrap().unwrap();
         assert_eq!(half.heartbeat_interval(), Some(Duration::from_millis(2500)));
-        assert_eq!(Promise::from_extra(&map(r#"{"args": []}"#)), Ok(None));
+        assert_eq!(promise_of(r#"{"args": []}"#), Ok(None));
     }
 
     #[test]
     fn promise_errors() {
-        assert_eq!(Promise::from_extra(&map(r#"{"promise": "*"}"#)), Err(MessageError::Missing("t")));
-        assert_eq!(Promise::from_extra(&map(r#"{"promise": true}"#)), Err(MessageError::BadPromise("bool")));
-        assert_eq!(Promise::from_extra(&map(r#"{"promise": "x"}"#)), Err(MessageError::BadPromise("str")));
+        assert_eq!(promise_of(r#"{"promise": "*"}"#), Err(MessageError::Missing("t")));
+        assert_eq!(promise_of(r#"{"promise": true}"#), Err(MessageError::BadPromise("bool")));
+        assert_eq!(promise_of(r#"{"promise": "x"}"#), Err(MessageError::BadPromise("str")));
         assert!(matches!(
-            Promise::from_extra(&map(r#"{"promise": "*", "t": "15"}"#)),
+            promise_of(r#"{"promise": "*", "t": "15"}"#),
             Err(MessageError::WrongType { key: "t", .. })
         ));
-        assert!(matches!(
-            Promise::from_extra(&map(r#"{"promise": "*", "t": -1}"#)),
-            Err(MessageError::BadInterval(_))
-        ));
+        assert!(matches!(promise_of(r#"{"promise": "*", "t": -1}"#), Err(MessageError::BadInterval(_))));
         assert_eq!(
-            Promise::from_extra(&map(r#"{"promise": {"reject": 1}}"#)),
+            promise_of(r#"{"promise": {"reject": 1}}"#),
             Err(MessageError::MissingPromiseKey("resolve"))
         );
         assert_eq!(
-            Promise::from_extra(&map(r#"{"promise": {"resolve": 1}}"#)),
+            promise_of(r#"{"promise": {"resolve": 1}}"#),
             Err(MessageError::MissingPromiseKey("reject"))
         );
     }
@@ -1278,8 +1247,8 @@ mod tests {
 
     #[test]
     fn explicit_promise_round_trip() {
-        let extra = map(EXPLICIT);
-        let p = Promise::from_extra(&extra).unwrap().unwrap();
+        let sent = map(EXPLICIT);
+        let p = promise_of(EXPLICIT).unwrap().unwrap();
         assert_eq!(p.heartbeat_interval(), Some(Duration::from_secs(15)));
         let Promise::Explicit { resolve, .. } = &p else { panic!("explicit expected") };
         assert_eq!(
@@ -1289,11 +1258,10 @@ mod tests {
         let mut out = Map::new();
         out.insert("args".into(), Value::List(vec![Value::from("default")]));
         p.write_into(&mut out);
-        assert_eq!(out, extra);
+        assert_eq!(out, sent);
         assert_eq!(keys(out["promise"].as_map().unwrap()), ["heartbeat", "interval", "resolve", "reject"]);
         // Without heartbeat, no heartbeat loop even with an interval.
-        let p =
-            Promise::from_extra(&map(r#"{"promise": {"resolve": 1, "reject": 2, "interval": 3}}"#)).unwrap();
+        let p = promise_of(r#"{"promise": {"resolve": 1, "reject": 2, "interval": 3}}"#).unwrap();
         assert_eq!(p.unwrap().heartbeat_interval(), None);
     }
 
