@@ -12,8 +12,10 @@
 //! | --- | --- |
 //! | [`client`] | the client runtime: connection actor (awc websocket, handshake, generations), session registry (owns the sans-IO endpoint), service actors, serde conversion |
 //! | [`server`] | the server: connection actor, outbound queues, routing table, workspace manager, service registry, workspaces, health probes |
+//! | `wsframe` | the websocket frame header, written and read the same way by both sides |
 
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod server;
+mod wsframe;

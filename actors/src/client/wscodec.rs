@@ -15,17 +15,12 @@
 use actix_codec::{Decoder, Encoder};
 use actix_ws::ProtocolError;
 use awc::ws::{Codec, Frame, Message};
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use hypha_core::msgpack::Rope;
 
-use super::connection::Outgoing;
+use crate::wsframe::{Header, MAX_HEADER, OP_BINARY};
 
-/// FIN set, opcode 0x2 (binary).
-const FIN_BINARY: u8 = 0x82;
-/// The MASK bit of the second header byte.
-const MASK_BIT: u8 = 0x80;
-/// Longest header: 2 bytes, an 8-byte extended length, the 4-byte masking key.
-const MAX_HEADER: usize = 14;
+use super::connection::Outgoing;
 
 /// [`Codec`] in client mode, with packages written from their parts.
 pub struct ClientCodec {
@@ -77,19 +72,7 @@ impl Encoder<Outgoing> for ClientCodec {
 fn write_binary(rope: &Rope, key: [u8; 4], dst: &mut BytesMut) {
     let len = rope.len();
     dst.reserve(MAX_HEADER + len);
-    dst.put_u8(FIN_BINARY);
-    match len {
-        0..=125 => dst.put_u8(MASK_BIT | len as u8),
-        126..=0xffff => {
-            dst.put_u8(MASK_BIT | 126);
-            dst.put_u16(len as u16);
-        }
-        _ => {
-            dst.put_u8(MASK_BIT | 127);
-            dst.put_u64(len as u64);
-        }
-    }
-    dst.put_slice(&key);
+    dst.extend_from_slice(Header::new(OP_BINARY, len, Some(key)).as_bytes());
     let mut offset = 0;
     for part in rope.parts() {
         let at = dst.len();
@@ -174,7 +157,7 @@ mod tests {
         let mut codec = ClientCodec::new(Codec::new().client_mode());
         codec.encode(Outgoing::Binary(rope.clone()), &mut a).unwrap();
         codec.encode(Outgoing::Binary(rope), &mut b).unwrap();
-        assert_eq!(a[1], MASK_BIT | 66, "masked, short length (a 64-byte bin is 66 bytes)");
+        assert_eq!(a[1], 0x80 | 66, "masked, short length (a 64-byte bin is 66 bytes)");
         assert_ne!(a[2..6], b[2..6], "a fresh key per frame");
     }
 

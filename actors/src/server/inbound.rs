@@ -24,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
 use futures_util::Stream;
 
-use super::limits::{frame_header_len, frame_payload_len};
+use crate::wsframe::{header_len, payload_len, MAX_HEADER};
 
 /// Decodes a websocket request payload into messages (see the module docs).
 pub struct InboundFrames<S> {
@@ -59,9 +59,6 @@ impl<S> InboundFrames<S> {
     }
 }
 
-/// Longest frame header: 2 bytes, an 8-byte extended length, a 4-byte masking key.
-const MAX_HEADER: usize = 14;
-
 /// The full length (header and payload) of the frame starting at the front of `buf`
 /// followed by `next`, once its whole header is there.
 fn frame_len(buf: &[u8], next: &[u8]) -> Option<usize> {
@@ -74,11 +71,11 @@ fn frame_len(buf: &[u8], next: &[u8]) -> Option<usize> {
     if have < 2 {
         return None;
     }
-    let len = frame_header_len(header[1]);
+    let len = header_len(header[1]);
     if have < len {
         return None;
     }
-    usize::try_from(frame_payload_len(&header[..len])).ok()?.checked_add(len)
+    usize::try_from(payload_len(&header[..len])).ok()?.checked_add(len)
 }
 
 /// A decoded frame as the message actix-ws would have made of it.

@@ -15,6 +15,8 @@ use actix_web::error::PayloadError;
 use bytes::Bytes;
 use futures_util::Stream;
 
+use crate::wsframe::{header_len, payload_len, MAX_HEADER};
+
 /// A token bucket: `burst` tokens, refilled at `rate` per second; each binary frame takes
 /// one. Upstream limits binary frames at 200/s with a burst of 2000 per connection.
 #[derive(Debug, Clone)]
@@ -144,27 +146,6 @@ impl LoadMeter {
     }
 }
 
-/// Length of a websocket frame header given its first two bytes: 2, plus 2 or 8 bytes of
-/// extended length, plus 4 bytes of masking key when the mask bit is set.
-pub(crate) fn frame_header_len(b1: u8) -> usize {
-    let ext = match b1 & 0x7f {
-        126 => 2,
-        127 => 8,
-        _ => 0,
-    };
-    2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 }
-}
-
-/// The payload length a frame header declares (`header` holds at least the length bytes).
-pub(crate) fn frame_payload_len(header: &[u8]) -> u64 {
-    let b1 = header.get(1).copied().unwrap_or(0);
-    match b1 & 0x7f {
-        126 => header.get(2..4).map_or(0, |b| u64::from(u16::from_be_bytes([b[0], b[1]]))),
-        127 => header.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes),
-        n => u64::from(n),
-    }
-}
-
 /// Where the guard is in the client-to-server byte stream.
 #[derive(Debug, Clone, Copy)]
 enum GuardState {
@@ -187,7 +168,7 @@ pub struct FrameSizeGuard<S> {
     inner: S,
     max: u64,
     state: GuardState,
-    header: [u8; 14],
+    header: [u8; MAX_HEADER],
     tripped: Arc<AtomicBool>,
 }
 
@@ -198,7 +179,7 @@ impl<S> FrameSizeGuard<S> {
             inner,
             max: u64::try_from(max).unwrap_or(u64::MAX),
             state: GuardState::Header { have: 0 },
-            header: [0; 14],
+            header: [0; MAX_HEADER],
             tripped,
         }
     }
@@ -233,7 +214,7 @@ impl<S> FrameSizeGuard<S> {
                         if have < need {
                             break;
                         }
-                        let full = frame_header_len(self.header[1]);
+                        let full = header_len(self.header[1]);
                         if need == full {
                             break;
                         }
@@ -243,7 +224,7 @@ impl<S> FrameSizeGuard<S> {
                         self.state = GuardState::Header { have };
                         continue;
                     }
-                    let len = frame_payload_len(&self.header[..have]);
+                    let len = payload_len(&self.header[..have]);
                     if len > self.max {
                         self.state = GuardState::Tripped { reported: false };
                         self.tripped.store(true, Ordering::Release);

@@ -42,14 +42,13 @@ use actix_web::body::{BodySize, BoxBody, MessageBody};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::Notify;
 
+use crate::wsframe::{Header, MAX_HEADER, OP_BINARY, OP_CLOSE, OP_PONG, OP_TEXT};
+
 /// The error message sent to a client whose outbound queue overflowed.
 pub const OVERFLOW_MESSAGE: &str = "Send queue overflow: the client does not read its messages fast enough";
 
 /// Control frame payloads are at most this long (RFC 6455 §5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
-
-/// The longest websocket frame header the server writes (no mask key).
-const MAX_HEADER: usize = 10;
 
 /// Payloads up to this size are copied next to their header, so a batch of small frames
 /// is one chunk for the dispatcher (which copies every chunk into its write buffer
@@ -116,11 +115,6 @@ impl OutFrame {
             }
     }
 }
-
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PONG: u8 = 0xA;
 
 /// How to end a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -427,24 +421,8 @@ impl OutboundBody {
     /// copied or passed on as its own chunk (see [`COPY_LIMIT`]).
     fn push_frame(&mut self, opcode: u8, pieces: [Bytes; 2]) {
         let len = pieces[0].len() + pieces[1].len();
-        let mut header = [0u8; MAX_HEADER];
-        header[0] = 0x80 | opcode;
-        let header = match len {
-            0..=125 => {
-                header[1] = len as u8;
-                &header[..2]
-            }
-            126..=0xffff => {
-                header[1] = 126;
-                header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-                &header[..4]
-            }
-            _ => {
-                header[1] = 127;
-                header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-                &header[..10]
-            }
-        };
+        let header = Header::new(opcode, len, None);
+        let header = header.as_bytes();
         let copied = |p: &Bytes| p.len() <= COPY_LIMIT;
         let need = header.len() + pieces.iter().filter(|p| copied(p)).map(Bytes::len).sum::<usize>();
         if self.arena.capacity() - self.arena.len() < need {
