@@ -13,8 +13,6 @@
 //! a `Value` may hold live objects (functions, generators, custom values) that serde
 //! cannot represent, and a handler that asks for a `Value` wants exactly what came.
 
-use std::any::Any;
-
 use hypha_core::serde_value;
 use hypha_core::{Map, Value};
 use serde::de::DeserializeOwned;
@@ -28,7 +26,7 @@ use super::Error;
 /// else goes through serde.
 pub fn to_value<T: Serialize + 'static>(v: T) -> Result<Value, Error> {
     let mut slot = Some(v);
-    if let Some(fast) = super::data::fast_to_value(&mut slot as &mut dyn Any) {
+    if let Some(fast) = super::data::fast_to_value(&mut slot) {
         return fast;
     }
     match slot {
@@ -42,7 +40,7 @@ pub fn to_value<T: Serialize + 'static>(v: T) -> Result<Value, Error> {
 /// through serde.
 pub fn from_value<T: DeserializeOwned + 'static>(v: Value) -> Result<T, Error> {
     let mut out: Option<T> = None;
-    match super::data::fast_from_value(v, &mut out as &mut dyn Any) {
+    match super::data::fast_from_value(v, &mut out) {
         Ok(done) => {
             done?;
             out.ok_or_else(|| Error::Convert("internal: fast path produced nothing".into()))

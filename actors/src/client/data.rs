@@ -120,9 +120,16 @@ impl<'de, T: Element, D: Dimension> Deserialize<'de> for NdArrayOf<T, D> {
 // Top-level fast paths, used by `codec::to_value` / `codec::from_value`
 // ---------------------------------------------------------------------------------------
 
-/// `T` is one of the types with a copy-free conversion: the value, if so. `slot` is an
-/// `Option<T>` that is taken when it matches.
-pub(crate) fn fast_to_value(slot: &mut dyn Any) -> Option<Result<Value, Error>> {
+/// `T` is one of the types with a copy-free conversion: the value, if so. `slot` is
+/// taken when it matches.
+///
+/// Generic (not `&mut dyn Any`) so that each caller's copy knows `T`: every `downcast_mut`
+/// below is then a comparison of two constant type ids, folded away at compile time,
+/// instead of a virtual call per candidate type (over a hundred of them, paid by every
+/// result of a plain type such as an integer).
+#[inline]
+pub(crate) fn fast_to_value<T: 'static>(slot: &mut Option<T>) -> Option<Result<Value, Error>> {
+    let slot: &mut dyn Any = slot;
     if let Some(v) = slot.downcast_mut::<Option<Value>>() {
         return v.take().map(Ok);
     }
@@ -158,9 +165,12 @@ pub(crate) fn fast_to_value(slot: &mut dyn Any) -> Option<Result<Value, Error>> 
     None
 }
 
-/// The other direction: fills `out` (an `Option<T>`) when `T` has a copy-free (or
-/// single-copy) conversion; gives the value back when it does not.
-pub(crate) fn fast_from_value(v: Value, out: &mut dyn Any) -> Result<Result<(), Error>, Value> {
+/// The other direction: fills `out` when `T` has a copy-free (or single-copy)
+/// conversion; gives the value back when it does not. Generic for the same reason as
+/// [`fast_to_value`].
+#[inline]
+pub(crate) fn fast_from_value<T: 'static>(v: Value, out: &mut Option<T>) -> Result<Result<(), Error>, Value> {
+    let out: &mut dyn Any = out;
     if let Some(slot) = out.downcast_mut::<Option<Value>>() {
         *slot = Some(v);
         return Ok(Ok(()));
