@@ -70,9 +70,9 @@ use crate::message::{self, CallExtra, MainSegment, MessageError, Promise};
 use crate::msgpack::{self, DecodeLimits, Rope};
 use crate::package::{self, Package, PackageError};
 use crate::session::{
-    BuiltinHandlers, CallError, CallOutcome, DispatchError, IncomingCall, OpenCall, RemovedService,
-    ServiceError, SessionConfig, SessionError, SessionHeartbeat, SessionTable, SettledCall, Target,
-    BUILTIN_SERVICE_ID,
+    BuiltinHandlers, CallError, CallOutcome, DispatchError, IncomingCall, LazySession, OpenCall,
+    RemovedService, ServiceError, SessionConfig, SessionError, SessionHeartbeat, SessionTable, SettledCall,
+    Target, BUILTIN_SERVICE_ID,
 };
 use crate::value::{ErrorValue, Handler, Map, PromiseMode, RemoteGenerator, RemoteMethod, Value};
 
@@ -1008,6 +1008,71 @@ impl Endpoint {
         }
     }
 
+    /// [`Self::start_call`] for a reply or another fire-and-forget call (a `to` without a
+    /// promise): its session is opened only when the arguments leave something in it or
+    /// the package goes out in chunks ([`LazySession`]), so that a plain result costs no
+    /// session. `None` for the session: nothing to settle after sending.
+    fn start_fire_and_forget(
+        &mut self,
+        now: Instant,
+        to: &RemoteMethod,
+        args: Vec<Value>,
+        local_parent: Option<&str>,
+    ) -> Result<(Option<String>, Rope), EndpointError> {
+        if to.promise != PromiseMode::None {
+            return self.start_call(now, to, args, None, local_parent).map(|(s, p)| (Some(s), p));
+        }
+        let open = OpenCall {
+            target: &to.target,
+            method: &to.method,
+            promise: to.promise,
+            local_parent,
+            doc: to.doc.as_deref(),
+        };
+        let mut lazy = LazySession::new(&mut self.table, now, open)?;
+        let (args, with_kwargs) = codec::encode_args(args, None);
+        let mut cx = EncodeContext::new(&self.id, &self.codecs, &mut lazy);
+        cx.server = self.config.server_url.as_deref();
+        let encoded = codec::encode_args_list(args, &mut cx);
+        let created = std::mem::take(&mut cx.created_interfaces);
+        let built = encoded.map_err(EndpointError::from).and_then(|v| {
+            let args = match v {
+                Value::List(l) => l,
+                other => vec![other],
+            };
+            let main = message::CallMain {
+                from: &self.id,
+                to: &to.target,
+                method: &to.method,
+                session: None,
+                parent: to.remote_parent.as_deref(),
+            };
+            let mut rope = Rope::with_capacity(512);
+            message::write_call(&mut rope, main, args, with_kwargs, None).map_err(PackageError::from)?;
+            Ok(rope)
+        });
+        // A chunked package is tracked by its session (`message_cache` upload).
+        let built = built.and_then(|rope| {
+            if chunk::needs_chunking(rope.len(), &to.method) {
+                lazy.open()?;
+            }
+            Ok(rope)
+        });
+        let session = lazy.opened();
+        match built {
+            Ok(rope) => Ok((session, rope)),
+            Err(e) => {
+                if let Some(session) = &session {
+                    self.table.handle_send_failed(session, &e.to_string());
+                }
+                for id in created {
+                    let _ = self.table.remove_service(&id);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Sends a packed call, as one frame or through `message_cache`; the call's timer
     /// starts once it is out (spec §4.2 step 5.3).
     fn dispatch(&mut self, now: Instant, session: &str, method: &RemoteMethod, package: Rope, then: Then) {
@@ -1033,7 +1098,13 @@ impl Endpoint {
     /// [`Self::dispatch`] of a reply or heartbeat (`Then::Discard`), whose continuation
     /// is only built when it is needed: a fire-and-forget call settles at once, and
     /// without an error nothing is left to report.
-    fn dispatch_reply(&mut self, now: Instant, session: String, to: &RemoteMethod, package: Rope) {
+    /// `session` is `None` when the call has none ([`Self::start_fire_and_forget`]).
+    fn dispatch_reply(&mut self, now: Instant, session: Option<String>, to: &RemoteMethod, package: Rope) {
+        let Some(session) = session else {
+            // Nothing was stored and the package is one frame: nothing to settle.
+            self.transmits.push_back(package);
+            return;
+        };
         if chunk::needs_chunking(package.len(), &to.method) {
             return self.dispatch(now, &session, to, package, discard(to));
         }
@@ -1630,7 +1701,7 @@ impl Endpoint {
                 (reject, error_arg(e), fallback, same)
             }
         };
-        match self.start_call(now, &to, vec![value], None, parent) {
+        match self.start_fire_and_forget(now, &to, vec![value], parent) {
             Ok((session, package)) => self.dispatch_reply(now, session, &to, package),
             Err(e) if is_result => {
                 // The result could not be encoded: the caller gets that as the error.
@@ -2303,6 +2374,30 @@ mod tests {
         // After the reply the link is gone.
         let later = ep.call(now, cb, Vec::new(), None).unwrap();
         assert!(!later.contains('.'));
+    }
+
+    #[test]
+    fn a_plain_reply_goes_out_without_a_session() {
+        let now = Instant::now();
+        let mut ep = endpoint(now);
+        service(&mut ep, "f", Map::new());
+        let mut main = call_main("services.demo.f", Some("S2"));
+        main.insert("parent".into(), Value::from("P9"));
+        let extra = map! { "args" => Vec::<Value>::new(), "promise" => "*", "t" => 15.0 };
+        ep.handle_frame(now, frame(main, Some(extra)));
+        let (_, _, _, _, reply) = invoked(&mut ep);
+        ep.reply(now, reply, Ok(Value::from(map! { "n" => 1 })));
+        let out = sent(&mut ep);
+        assert_eq!(out.len(), 1);
+        let m = &out[0].main;
+        assert_eq!(method_of(&out[0]), "S2.resolve");
+        assert_eq!(m["to"], Value::from(PEER));
+        assert_eq!(m["parent"], Value::from("S2"), "the caller's session, as the remote parent");
+        assert!(!m.contains_key("session"), "a reply asks for no answer");
+        assert_eq!(args_of(&out[0]), [Value::from(map! { "n" => 1 })]);
+        assert_eq!(ep.stats().sessions, 0);
+        assert!(events(&mut ep).is_empty());
+        assert_idle(&ep);
     }
 
     #[test]

@@ -1737,6 +1737,90 @@ impl ObjectSink for SessionTable {
     }
 }
 
+/// The session of a fire-and-forget call (a `resolve`/`reject` reply, a heartbeat),
+/// opened only when encoding its arguments leaves something behind in it.
+///
+/// A promise call needs its session whatever it carries (the answer comes back to it).
+/// A fire-and-forget call needs one only to hold the functions, generators or `_rintf`
+/// interfaces among its arguments; without any, [`SessionTable::open_call`] would draw a
+/// session id and [`SessionTable::call_sent`] would delete the session again at once, for
+/// nothing (most replies are plain data). Encode through this sink (with
+/// `EncodeContext::session` unset: the sink knows its session) and then read
+/// [`LazySession::opened`]: `None` means no session exists and no `call_sent` is due.
+pub struct LazySession<'t, 'a> {
+    table: &'t mut SessionTable,
+    now: Instant,
+    call: OpenCall<'a>,
+    opened: Option<String>,
+}
+
+impl<'t, 'a> LazySession<'t, 'a> {
+    /// A sink for `call`, which must be fire-and-forget ([`PromiseMode::None`]). Fails,
+    /// as `open_call` does, once the table is closed.
+    pub fn new(table: &'t mut SessionTable, now: Instant, call: OpenCall<'a>) -> Result<Self, SessionError> {
+        debug_assert_eq!(call.promise, PromiseMode::None, "a promise call needs its session");
+        if table.closed {
+            return Err(SessionError::Closed);
+        }
+        Ok(Self { table, now, call, opened: None })
+    }
+
+    /// The session, opened now if it was not yet.
+    pub fn open(&mut self) -> Result<&str, SessionError> {
+        if self.opened.is_none() {
+            self.opened = Some(self.table.open_call(self.now, &self.call)?.session);
+        }
+        Ok(self.opened.as_deref().unwrap_or_default())
+    }
+
+    /// The session, if anything opened it.
+    pub fn opened(self) -> Option<String> {
+        self.opened
+    }
+
+    /// The table, for what the encoder also needs from it.
+    pub fn table(&mut self) -> &mut SessionTable {
+        self.table
+    }
+}
+
+impl ObjectSink for LazySession<'_, '_> {
+    fn store_function(
+        &mut self,
+        _: Option<&str>,
+        function: &LocalFunction,
+    ) -> Result<StoredFunction, CodecError> {
+        if self.table.annotations.contains_key(&function.handler) {
+            return self.table.store_function(None, function);
+        }
+        self.open()?;
+        self.table.store_function(self.opened.as_deref(), function)
+    }
+
+    fn store_generator(
+        &mut self,
+        _: Option<&str>,
+        generator: &LocalGenerator,
+    ) -> Result<(String, String), CodecError> {
+        self.open()?;
+        self.table.store_generator(self.opened.as_deref(), generator)
+    }
+
+    fn register_interface(
+        &mut self,
+        _: Option<&str>,
+        members: Vec<(String, LocalFunction)>,
+    ) -> Result<String, CodecError> {
+        self.open()?;
+        self.table.register_interface(self.opened.as_deref(), members)
+    }
+
+    fn store_forwarder(&mut self, _: Option<&str>, method: &RemoteMethod) -> Result<String, CodecError> {
+        self.open()?;
+        self.table.store_forwarder(self.opened.as_deref(), method)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1782,6 +1866,50 @@ mod tests {
             Ok(target) => panic!("expected an error for {method}, got {target:?}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn a_fire_and_forget_session_opens_only_for_what_it_must_hold() {
+        use crate::codec::{self, CodecRegistry, EncodeContext};
+        let now = t0();
+        let mut t = table(now);
+        let codecs = CodecRegistry::new();
+        let resolve = call("ws1/peer", "S.resolve", PromiseMode::None);
+        let encode = |t: &mut SessionTable, v: Value| {
+            let mut lazy = LazySession::new(t, now, resolve.clone()).unwrap();
+            let mut cx = EncodeContext::new(ME, &codecs, &mut lazy);
+            let out = codec::encode(&v, &mut cx).unwrap();
+            (out, lazy.opened())
+        };
+
+        // Plain data, however nested, needs no session.
+        let plain = Value::from(map! { "a" => vec![Value::Int(1), Value::from("x")], "b" => Value::Nil });
+        let (out, opened) = encode(&mut t, plain.clone());
+        assert_eq!((out, opened), (plain, None));
+        assert_eq!(t.total_session_count(), 0);
+
+        // A service function is referenced by its service path: still no session.
+        let (add, _) = demo_service(&mut t, Map::new());
+        let (out, opened) = encode(&mut t, fval(&add));
+        assert_eq!(opened, None);
+        assert_eq!(out.as_map().unwrap()["_rmethod"], Value::from("services.demo.add"));
+
+        // A new function opens the session once, and lives in it.
+        let f = func("cb");
+        let g = func("cb2");
+        let (out, opened) = encode(&mut t, Value::from(vec![fval(&f), fval(&g)]));
+        let session = opened.expect("a session for the functions");
+        assert_eq!(t.total_session_count(), 1);
+        for d in out.as_list().unwrap() {
+            let method = d.as_map().unwrap()["_rmethod"].as_str().unwrap().to_owned();
+            assert!(method.starts_with(&format!("{session}.")), "{method} in {session}");
+        }
+        assert!(t.call_sent(now, &session).is_some(), "settled at once");
+        assert_eq!(t.total_session_count(), 1, "kept for the functions it holds");
+
+        // A closed table refuses, as `open_call` does.
+        t.close();
+        assert!(matches!(LazySession::new(&mut t, now, resolve.clone()), Err(SessionError::Closed)));
     }
 
     fn demo_service(t: &mut SessionTable, config: Map) -> (LocalFunction, LocalFunction) {
