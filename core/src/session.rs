@@ -1737,8 +1737,8 @@ impl ObjectSink for SessionTable {
     }
 }
 
-/// The session of a fire-and-forget call (a `resolve`/`reject` reply, a heartbeat),
-/// opened only when encoding its arguments leaves something behind in it.
+/// The session of a fire-and-forget call (a `resolve` or `reject` reply), opened only
+/// when encoding its arguments leaves something behind in it.
 ///
 /// A promise call needs its session whatever it carries (the answer comes back to it).
 /// A fire-and-forget call needs one only to hold the functions, generators or `_rintf`
@@ -1765,22 +1765,18 @@ impl<'t, 'a> LazySession<'t, 'a> {
         Ok(Self { table, now, call, opened: None })
     }
 
-    /// The session, opened now if it was not yet.
-    pub fn open(&mut self) -> Result<&str, SessionError> {
+    /// Opens the session unless it is open already (a chunked package needs one even
+    /// when nothing is stored in it).
+    pub fn open(&mut self) -> Result<(), SessionError> {
         if self.opened.is_none() {
             self.opened = Some(self.table.open_call(self.now, &self.call)?.session);
         }
-        Ok(self.opened.as_deref().unwrap_or_default())
+        Ok(())
     }
 
     /// The session, if anything opened it.
     pub fn opened(self) -> Option<String> {
         self.opened
-    }
-
-    /// The table, for what the encoder also needs from it.
-    pub fn table(&mut self) -> &mut SessionTable {
-        self.table
     }
 }
 
