@@ -970,31 +970,18 @@ impl Endpoint {
         };
         let opened = self.table.open_call(now, &open)?;
         let session = opened.session;
-        let (args, with_kwargs) = codec::encode_args(args, kwargs);
         let mut cx = EncodeContext::new(&self.id, &self.codecs, &mut self.table);
         cx.session = Some(&session);
         cx.server = self.config.server_url.as_deref();
-        let encoded = codec::encode_args_list(args, &mut cx);
-        let created = std::mem::take(&mut cx.created_interfaces);
-        let built = encoded.map_err(EndpointError::from).and_then(|v| {
-            let args = match v {
-                Value::List(l) => l,
-                other => vec![other],
-            };
-            let promise = Promise::outgoing(method.promise, &self.id, &session, opened.heartbeat_interval);
-            let main = message::CallMain {
-                from: &self.id,
-                to: &method.target,
-                method: &method.method,
-                session: Some(session.as_str()).filter(|_| method.promise != PromiseMode::None),
-                parent: method.remote_parent.as_deref(),
-            };
-            // The first buffer starts large enough for a small call, so that it rarely
-            // grows; large payloads are referenced, not copied ([`Rope`]).
-            let mut rope = Rope::with_capacity(512);
-            message::write_call(&mut rope, main, args, with_kwargs, promise).map_err(PackageError::from)?;
-            Ok(rope)
-        });
+        let main = message::CallMain {
+            from: &self.id,
+            to: &method.target,
+            method: &method.method,
+            session: Some(session.as_str()).filter(|_| method.promise != PromiseMode::None),
+            parent: method.remote_parent.as_deref(),
+        };
+        let promise = Promise::outgoing(method.promise, &self.id, &session, opened.heartbeat_interval);
+        let (built, created) = pack_call(cx, main, args, kwargs, promise);
         match built {
             Ok(rope) => Ok((session, rope)),
             Err(e) => {
@@ -1030,27 +1017,16 @@ impl Endpoint {
             doc: to.doc.as_deref(),
         };
         let mut lazy = LazySession::new(&mut self.table, now, open)?;
-        let (args, with_kwargs) = codec::encode_args(args, None);
         let mut cx = EncodeContext::new(&self.id, &self.codecs, &mut lazy);
         cx.server = self.config.server_url.as_deref();
-        let encoded = codec::encode_args_list(args, &mut cx);
-        let created = std::mem::take(&mut cx.created_interfaces);
-        let built = encoded.map_err(EndpointError::from).and_then(|v| {
-            let args = match v {
-                Value::List(l) => l,
-                other => vec![other],
-            };
-            let main = message::CallMain {
-                from: &self.id,
-                to: &to.target,
-                method: &to.method,
-                session: None,
-                parent: to.remote_parent.as_deref(),
-            };
-            let mut rope = Rope::with_capacity(512);
-            message::write_call(&mut rope, main, args, with_kwargs, None).map_err(PackageError::from)?;
-            Ok(rope)
-        });
+        let main = message::CallMain {
+            from: &self.id,
+            to: &to.target,
+            method: &to.method,
+            session: None,
+            parent: to.remote_parent.as_deref(),
+        };
+        let (built, created) = pack_call(cx, main, args, None, None);
         // A chunked package is tracked by its session (`message_cache` upload).
         let built = built.and_then(|rope| {
             if chunk::needs_chunking(rope.len(), &to.method) {
@@ -1794,6 +1770,34 @@ impl From<message::MainDecodeError> for EndpointError {
 fn error_arg(mut e: ErrorValue) -> Value {
     e.trace.get_or_insert_with(String::new);
     Value::from(e)
+}
+
+/// Encodes a call's arguments through `cx` and writes its package: what
+/// [`Endpoint::start_call`] and [`Endpoint::start_fire_and_forget`] share, whether the
+/// session was opened first or is opened by the encoding. Also returns the `_rintf`
+/// services the encoding created, which the caller removes again if the call fails.
+fn pack_call(
+    mut cx: EncodeContext<'_>,
+    main: message::CallMain<'_>,
+    args: Vec<Value>,
+    kwargs: Option<Map>,
+    promise: Option<Promise>,
+) -> (Result<Rope, EndpointError>, Vec<String>) {
+    let (args, with_kwargs) = codec::encode_args(args, kwargs);
+    let encoded = codec::encode_args_list(args, &mut cx);
+    let created = std::mem::take(&mut cx.created_interfaces);
+    let built = encoded.map_err(EndpointError::from).and_then(|v| {
+        let args = match v {
+            Value::List(l) => l,
+            other => vec![other],
+        };
+        // The first buffer starts large enough for a small call, so that it rarely
+        // grows; large payloads are referenced, not copied ([`Rope`]).
+        let mut rope = Rope::with_capacity(512);
+        message::write_call(&mut rope, main, args, with_kwargs, promise).map_err(PackageError::from)?;
+        Ok(rope)
+    });
+    (built, created)
 }
 
 fn discard(to: &RemoteMethod) -> Then {
