@@ -256,7 +256,14 @@ async fn rust_generator_consumed_by_rust(url: &str) {
     assert_eq!((p.pending, p.running, p.endpoint.running_calls), (0, 0, 0), "{p:?}");
     let c = consumer.stats().await.expect("stats");
     assert_eq!((c.pending, c.running, c.endpoint.pending_calls), (0, 0, 0), "{c:?}");
+
+    // A pull after the consumer disconnected fails at once, then the stream ends.
+    let mut g = svc.call_generator("endless", vec![]).await.expect("endless");
+    assert_eq!(g.next().await.expect("item").expect("ok"), Value::from(0));
     consumer.disconnect().await.expect("disconnect");
+    let pulled = tokio::time::timeout(Duration::from_secs(5), g.next()).await.expect("no hang");
+    assert!(matches!(pulled, Some(Err(Error::Closed))), "{pulled:?}");
+    assert!(g.next().await.is_none(), "the stream ends after its error");
     provider.disconnect().await.expect("disconnect");
 }
 

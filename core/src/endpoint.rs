@@ -372,7 +372,9 @@ pub struct ReplyTo {
     /// The decoded promise; `None` for fire-and-forget calls.
     promised: Option<Promised>,
     /// A compact promise expanded into descriptors, on the first [`ReplyTo::callbacks`].
-    expanded: OnceLock<PromiseCallbacks>,
+    /// Boxed: the descriptors are 800 bytes that most replies never build, and a
+    /// `ReplyTo` is moved through every event and handler of a call.
+    expanded: OnceLock<Box<PromiseCallbacks>>,
     /// `parent` of the incoming call: our reply sessions nest under it (spec §4.7).
     local_parent: Option<String>,
     /// `from` of the call.
@@ -404,7 +406,7 @@ impl ReplyTo {
         match self.promised.as_ref()? {
             Promised::Explicit(cb) => Some(cb),
             Promised::Compact(c) => {
-                Some(self.expanded.get_or_init(|| c.expand(&self.method, Some(c.session.as_str()))))
+                Some(self.expanded.get_or_init(|| Box::new(c.expand(&self.method, Some(c.session.as_str())))))
             }
         }
     }

@@ -37,12 +37,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
+use actix::prelude::SendError;
 use actix::Addr;
 use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, Stream, StreamExt};
 use hypha_actors::client::{codec, generator as actor, Call, Error, SessionRegistry};
 use hypha_core::endpoint::{generator_close_method, generator_next_method};
-use hypha_core::{Generator, Value};
+use hypha_core::{Generator, RemoteMethod, Value};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -76,8 +77,11 @@ where
 enum State {
     /// No pull in flight.
     Idle,
-    /// Waiting for the producer's answer to one pull.
-    Pulling(BoxFuture<'static, Result<Value, Error>>),
+    /// A pull was posted; waiting for the producer's answer on the call's channel.
+    Pulling(oneshot::Receiver<Result<Value, Error>>),
+    /// The registry's mailbox was full: waiting for room, then for the answer (boxed, as
+    /// this is the rare path; the common one allocates no future per item).
+    Queued(BoxFuture<'static, Result<Value, Error>>),
     /// Exhausted, failed or closed: the producer was told (or needs no telling).
     Done,
 }
@@ -92,6 +96,8 @@ enum State {
 /// once: on error, on [`RemoteGenerator::close`], and on drop.
 pub struct RemoteGenerator {
     descriptor: hypha_core::RemoteGenerator,
+    /// The pull call, built once: every item is a call to the same method.
+    next: Arc<RemoteMethod>,
     registry: Addr<SessionRegistry>,
     state: State,
 }
@@ -111,7 +117,10 @@ impl RemoteGenerator {
     pub(crate) fn from_value(value: Value, registry: Addr<SessionRegistry>) -> Result<Self, Error> {
         match value {
             Value::Generator(g) => match *g {
-                Generator::Remote(descriptor) => Ok(Self { descriptor, registry, state: State::Idle }),
+                Generator::Remote(descriptor) => {
+                    let next = Arc::new(generator_next_method(&descriptor));
+                    Ok(Self { descriptor, next, registry, state: State::Idle })
+                }
                 Generator::Local(_) => {
                     Err(Error::Convert("the value is a local generator, not a remote one".into()))
                 }
@@ -149,6 +158,27 @@ impl RemoteGenerator {
         }
     }
 
+    /// Posts the next pull: straight into the registry's mailbox, as `call_remote` does,
+    /// or, when the mailbox is full, as a future that waits for room.
+    fn post_pull(&self) -> State {
+        let (reply, rx) = oneshot::channel();
+        let call = Call { method: self.next.clone(), args: Vec::new(), kwargs: None, reply };
+        match self.registry.try_send(call) {
+            Ok(()) => State::Pulling(rx),
+            Err(SendError::Full(call)) => {
+                let registry = self.registry.clone();
+                State::Queued(
+                    async move {
+                        registry.send(call).await?;
+                        rx.await.map_err(|_| Error::Closed)?
+                    }
+                    .boxed(),
+                )
+            }
+            Err(SendError::Closed(_)) => State::Queued(async { Err(Error::Closed) }.boxed()),
+        }
+    }
+
     /// Fire-and-forget close (on error and on drop).
     fn send_close(&self) {
         let (reply, _) = oneshot::channel();
@@ -161,38 +191,30 @@ impl Stream for RemoteGenerator {
     type Item = Result<Value, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        loop {
+        let polled = loop {
             match &mut self.state {
                 State::Done => return Poll::Ready(None),
-                State::Idle => {
-                    let registry = self.registry.clone();
-                    let method = Arc::new(generator_next_method(&self.descriptor));
-                    let pull = async move { call_remote(&registry, method, Vec::new(), None).await };
-                    self.state = State::Pulling(pull.boxed());
-                }
-                State::Pulling(pull) => {
-                    let result = match pull.poll_unpin(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(r) => r,
-                    };
-                    return Poll::Ready(match result {
-                        Ok(v) if v.is_stop_iteration() => {
-                            self.state = State::Done;
-                            None
-                        }
-                        Ok(v) => {
-                            self.state = State::Idle;
-                            Some(Ok(v))
-                        }
-                        Err(e) => {
-                            self.state = State::Done;
-                            self.send_close();
-                            Some(Err(e))
-                        }
-                    });
-                }
+                State::Idle => self.state = self.post_pull(),
+                State::Pulling(rx) => break rx.poll_unpin(cx).map(|r| r.unwrap_or(Err(Error::Closed))),
+                State::Queued(pull) => break pull.poll_unpin(cx),
             }
-        }
+        };
+        let Poll::Ready(result) = polled else { return Poll::Pending };
+        Poll::Ready(match result {
+            Ok(v) if v.is_stop_iteration() => {
+                self.state = State::Done;
+                None
+            }
+            Ok(v) => {
+                self.state = State::Idle;
+                Some(Ok(v))
+            }
+            Err(e) => {
+                self.state = State::Done;
+                self.send_close();
+                Some(Err(e))
+            }
+        })
     }
 }
 
