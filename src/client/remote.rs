@@ -3,34 +3,78 @@
 
 use actix::prelude::SendError;
 use actix::Addr;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use hypha_actors::client::codec;
 use hypha_actors::client::{Call, Error, SessionRegistry};
 use hypha_core::{Function, Map, RemoteMethod, Value};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use tokio::sync::oneshot;
 
 use super::stream::RemoteGenerator;
 
 /// Sends a call through the registry and waits for its outcome.
-///
-/// The outcome comes back on the call's own channel, so the mailbox's acknowledgement is
-/// not needed: `try_send` posts without one (a channel and a wake-up fewer per call), and
-/// only when the bounded mailbox is full does the caller wait for room with `send`.
 pub(crate) async fn call_remote(
     registry: &Addr<SessionRegistry>,
     method: Arc<RemoteMethod>,
     args: Vec<Value>,
     kwargs: Option<Map>,
 ) -> Result<Value, Error> {
+    post_call(registry, method, args, kwargs)?.await
+}
+
+/// Hands a call to the registry; the returned [`Posted`] resolves to its outcome. Fails
+/// with [`Error::Closed`] when the registry is gone.
+///
+/// The outcome comes back on the call's own channel, so the mailbox's acknowledgement is
+/// not needed: `try_send` posts without one (a channel and a wake-up fewer per call), and
+/// only when the bounded mailbox is full does the caller wait for room with `send`.
+pub(crate) fn post_call(
+    registry: &Addr<SessionRegistry>,
+    method: Arc<RemoteMethod>,
+    args: Vec<Value>,
+    kwargs: Option<Map>,
+) -> Result<Posted, Error> {
     let (reply, rx) = oneshot::channel();
     match registry.try_send(Call { method, args, kwargs, reply }) {
-        Ok(()) => {}
-        Err(SendError::Full(call)) => registry.send(call).await?,
-        Err(SendError::Closed(_)) => return Err(Error::Closed),
+        Ok(()) => Ok(Posted::Sent(rx)),
+        Err(SendError::Full(call)) => {
+            let registry = registry.clone();
+            Ok(Posted::Queued(
+                async move {
+                    registry.send(call).await?;
+                    rx.await.map_err(|_| Error::Closed)?
+                }
+                .boxed(),
+            ))
+        }
+        Err(SendError::Closed(_)) => Err(Error::Closed),
     }
-    rx.await.map_err(|_| Error::Closed)?
+}
+
+/// A call handed to the registry (see [`post_call`]), as a future of its outcome.
+pub(crate) enum Posted {
+    /// In the mailbox: the outcome comes on the call's channel (no future allocated, the
+    /// common case, and a generator's every pull).
+    Sent(oneshot::Receiver<Result<Value, Error>>),
+    /// The mailbox was full: waits for room, then for the outcome.
+    Queued(BoxFuture<'static, Result<Value, Error>>),
+}
+
+impl Future for Posted {
+    type Output = Result<Value, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Posted::Sent(rx) => rx.poll_unpin(cx).map(|r| r.unwrap_or(Err(Error::Closed))),
+            Posted::Queued(waiting) => waiting.poll_unpin(cx),
+        }
+    }
 }
 
 /// Positional arguments of a typed call: `()`, or a tuple of up to eight `Serialize`

@@ -37,9 +37,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
-use actix::prelude::SendError;
 use actix::Addr;
-use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, Stream, StreamExt};
 use hypha_actors::client::{codec, generator as actor, Call, Error, SessionRegistry};
 use hypha_core::endpoint::{generator_close_method, generator_next_method};
@@ -48,7 +46,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use super::remote::call_remote;
+use super::remote::{call_remote, post_call, Posted};
 use super::service::{ArgCursor, FromArg};
 
 /// Turns a Rust stream into a value a peer receives as a remote generator: return it from
@@ -77,11 +75,8 @@ where
 enum State {
     /// No pull in flight.
     Idle,
-    /// A pull was posted; waiting for the producer's answer on the call's channel.
-    Pulling(oneshot::Receiver<Result<Value, Error>>),
-    /// The registry's mailbox was full: waiting for room, then for the answer (boxed, as
-    /// this is the rare path; the common one allocates no future per item).
-    Queued(BoxFuture<'static, Result<Value, Error>>),
+    /// Waiting for the producer's answer to one pull.
+    Pulling(Posted),
     /// Exhausted, failed or closed: the producer was told (or needs no telling).
     Done,
 }
@@ -158,27 +153,6 @@ impl RemoteGenerator {
         }
     }
 
-    /// Posts the next pull: straight into the registry's mailbox, as `call_remote` does,
-    /// or, when the mailbox is full, as a future that waits for room.
-    fn post_pull(&self) -> State {
-        let (reply, rx) = oneshot::channel();
-        let call = Call { method: self.next.clone(), args: Vec::new(), kwargs: None, reply };
-        match self.registry.try_send(call) {
-            Ok(()) => State::Pulling(rx),
-            Err(SendError::Full(call)) => {
-                let registry = self.registry.clone();
-                State::Queued(
-                    async move {
-                        registry.send(call).await?;
-                        rx.await.map_err(|_| Error::Closed)?
-                    }
-                    .boxed(),
-                )
-            }
-            Err(SendError::Closed(_)) => State::Queued(async { Err(Error::Closed) }.boxed()),
-        }
-    }
-
     /// Fire-and-forget close (on error and on drop).
     fn send_close(&self) {
         let (reply, _) = oneshot::channel();
@@ -191,15 +165,19 @@ impl Stream for RemoteGenerator {
     type Item = Result<Value, Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        let polled = loop {
+        let result = loop {
             match &mut self.state {
                 State::Done => return Poll::Ready(None),
-                State::Idle => self.state = self.post_pull(),
-                State::Pulling(rx) => break rx.poll_unpin(cx).map(|r| r.unwrap_or(Err(Error::Closed))),
-                State::Queued(pull) => break pull.poll_unpin(cx),
+                State::Idle => match post_call(&self.registry, self.next.clone(), Vec::new(), None) {
+                    Ok(posted) => self.state = State::Pulling(posted),
+                    Err(e) => break Err(e),
+                },
+                State::Pulling(posted) => match posted.poll_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(r) => break r,
+                },
             }
         };
-        let Poll::Ready(result) = polled else { return Poll::Pending };
         Poll::Ready(match result {
             Ok(v) if v.is_stop_iteration() => {
                 self.state = State::Done;
