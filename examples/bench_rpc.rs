@@ -68,18 +68,34 @@ struct Args {
     /// Scenarios to run, e.g. `a,b`.
     #[arg(long, default_value = "a,b,c,d,e")]
     only: String,
+    /// The clients' `busy_poll` in microseconds (default: the library's, 50; 0 turns
+    /// polling off, to measure what it brings).
+    #[arg(long)]
+    busy_poll_us: Option<u64>,
+}
+
+/// The clients' settings: the library's defaults unless `--busy-poll-us` is given.
+fn client_config(url: impl Into<String>, name: impl Into<String>, busy_poll_us: Option<u64>) -> ClientConfig {
+    let config = ClientConfig::new(url).name(name);
+    match busy_poll_us {
+        Some(us) => config.busy_poll(Duration::from_micros(us)),
+        None => config,
+    }
 }
 
 // ----------------------------------------------------------------- provider
 
 /// Runs the provider on a thread of its own; returns the service id and a stop handle.
-fn start_provider(url: String) -> (String, std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+fn start_provider(
+    url: String,
+    busy_poll_us: Option<u64>,
+) -> (String, std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
     let (id_tx, id_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
         actix_rt::System::new().block_on(async move {
             let config =
-                ClientConfig::new(url).name("bench-provider").method_timeout(Duration::from_secs(600));
+                client_config(url, "bench-provider", busy_poll_us).method_timeout(Duration::from_secs(600));
             let client = connect_to_server(config).await.expect("provider connects");
             let service = Service::builder("bench")
                 .visibility(Visibility::Public)
@@ -241,15 +257,14 @@ async fn payloads(svc: &RemoteService) -> Json {
     Json::Object(out)
 }
 
-async fn many_clients(url: &str, n: usize, pid: Option<u32>) -> Json {
+async fn many_clients(url: &str, n: usize, pid: Option<u32>, busy_poll_us: Option<u64>) -> Json {
     let rss0 = rss_kb(pid, "VmRSS");
     let t0 = Instant::now();
     let one = |i: usize| {
         let url = url.to_owned();
         async move {
             let t = Instant::now();
-            let config = ClientConfig::new(url)
-                .name(format!("bench-client-{i}"))
+            let config = client_config(url, format!("bench-client-{i}"), busy_poll_us)
                 .method_timeout(Duration::from_secs(120));
             let c = connect_to_server(config).await?;
             let svc = Service::builder(format!("svc-{i}"))
@@ -318,10 +333,9 @@ async fn main() {
     results.insert("server_rss_start_MB".into(), mb(rss_kb(pid, "VmRSS")));
 
     eprintln!("starting the provider");
-    let (service_id, stop_provider, provider) = start_provider(args.server_url.clone());
+    let (service_id, stop_provider, provider) = start_provider(args.server_url.clone(), args.busy_poll_us);
     eprintln!("provider ready: {service_id}");
-    let config = ClientConfig::new(args.server_url.clone())
-        .name("bench-consumer")
+    let config = client_config(args.server_url.clone(), "bench-consumer", args.busy_poll_us)
         .method_timeout(Duration::from_secs(600));
     let client = connect_to_server(config).await.expect("consumer connects");
     let svc = client.get_service(&service_id).await.expect("get bench");
@@ -353,7 +367,13 @@ async fn main() {
     drop(stop_provider);
     let _ = actix_rt::task::spawn_blocking(move || provider.join()).await;
     if only.contains('e') {
-        timed("e_many_clients", pid, &mut results, many_clients(&args.server_url, args.clients, pid)).await;
+        timed(
+            "e_many_clients",
+            pid,
+            &mut results,
+            many_clients(&args.server_url, args.clients, pid, args.busy_poll_us),
+        )
+        .await;
     }
     results.insert("loadavg_end".into(), loadavg());
     results.insert("server_rss_end_MB".into(), mb(rss_kb(pid, "VmRSS")));

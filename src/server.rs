@@ -210,6 +210,15 @@ impl ServerBuilder {
         self
     }
 
+    /// How long a worker may poll its sockets after a websocket frame before it sleeps
+    /// (50 µs; zero: never). Polling spends CPU while replies come back within a round
+    /// trip, to spare the worker a scheduler wake-up per frame; the window adapts and
+    /// closes when frames are far apart.
+    pub fn busy_poll(mut self, max: Duration) -> Self {
+        self.config.busy_poll = max;
+        self
+    }
+
     /// CORS origins allowed to read responses (`--allow-origins`; default `*`, any origin,
     /// echoed because credentials are allowed).
     pub fn allow_origins<I, S>(mut self, origins: I) -> Self

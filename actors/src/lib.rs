@@ -12,10 +12,12 @@
 //! | --- | --- |
 //! | [`client`] | the client runtime: connection actor (awc websocket, handshake, generations), session registry (owns the sans-IO endpoint), service actors, serde conversion |
 //! | [`server`] | the server: connection actor, outbound queues, routing table, workspace manager, service registry, workspaces, health probes |
+//! | [`busy_poll`] | a thread polls its sockets for a few µs after a frame instead of sleeping at once (adaptive, yields its CPU), on both sides |
 //! | `wsframe` | the websocket frame header, written and read the same way by both sides |
 
 #![warn(missing_docs)]
 
+pub mod busy_poll;
 pub mod client;
 pub mod server;
 mod wsframe;

@@ -113,6 +113,11 @@ struct Args {
     /// Turns the HTTP request-rate limit off (e.g. behind a proxy that limits).
     #[arg(long, env = "HYPHA_DISABLE_HTTP_RATE_LIMIT")]
     disable_http_rate_limit: bool,
+    /// Microseconds a worker may keep polling its sockets after a websocket frame before
+    /// it sleeps (default 50; 0: never). The window adapts to the traffic: it saves a
+    /// wake-up per frame when replies come back quickly, and closes when frames are sparse.
+    #[arg(long, env = "HYPHA_BUSY_POLL_US")]
+    busy_poll_us: Option<u64>,
     /// HTTP worker threads (default: one per physical core).
     #[arg(long, env = "HYPHA_WORKERS")]
     workers: Option<usize>,
@@ -310,6 +315,9 @@ fn build(args: Args) -> Result<Server, Box<dyn std::error::Error>> {
     }
     if let Some(v) = args.shutdown_timeout {
         b = b.shutdown_timeout(v);
+    }
+    if let Some(v) = args.busy_poll_us {
+        b = b.busy_poll(Duration::from_micros(v));
     }
     if let Some(v) = args.workers {
         b = b.workers(v);

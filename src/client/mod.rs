@@ -99,6 +99,12 @@ pub struct ClientConfig {
     /// Extra HTTP headers of the websocket upgrade request (upstream's
     /// `additional_headers`), e.g. for an authenticating proxy in front of the server.
     pub additional_headers: Vec<(String, String)>,
+    /// How long the connection's thread may keep polling its sockets after a frame from
+    /// the server before it sleeps (50 µs; zero: never). Back-to-back calls then find
+    /// their replies without a scheduler wake-up; the window adapts to the traffic and
+    /// closes when frames are far apart, and a polling thread yields its CPU to any
+    /// other that is ready (see `hypha_actors::busy_poll`).
+    pub busy_poll: Duration,
 }
 
 impl Default for ClientConfig {
@@ -115,6 +121,7 @@ impl Default for ClientConfig {
             reconnect: ReconnectConfig::default(),
             session_ttl: Duration::from_secs(600),
             additional_headers: Vec::new(),
+            busy_poll: hypha_actors::busy_poll::DEFAULT_MAX,
         }
     }
 }
@@ -164,6 +171,12 @@ impl ClientConfig {
     /// Sets the idle lifetime of sessions.
     pub fn session_ttl(mut self, ttl: Duration) -> Self {
         self.session_ttl = ttl;
+        self
+    }
+
+    /// Sets how long the connection's thread may poll after a frame (zero: never).
+    pub fn busy_poll(mut self, max: Duration) -> Self {
+        self.busy_poll = max;
         self
     }
 
@@ -227,6 +240,7 @@ pub async fn connect_to_server(config: ClientConfig) -> Result<Client, Error> {
     options.max_frame_size = config.max_frame_size;
     options.reconnect = config.reconnect.clone();
     options.additional_headers = config.additional_headers.clone();
+    options.busy_poll = config.busy_poll;
     let (socket, info) = connection::open(&options, None).await?;
     let events = hypha_actors::client::EventHub::default();
     let registry_options = RegistryOptions {

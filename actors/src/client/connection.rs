@@ -107,6 +107,9 @@ pub struct ConnectOptions {
     /// `additional_headers`, e.g. for a proxy in front of the server); sent on every
     /// reconnection too.
     pub additional_headers: Vec<(String, String)>,
+    /// How long this thread may keep polling its sockets after a frame from the server
+    /// before it sleeps (zero: never); see [`busy_poll`](crate::busy_poll).
+    pub busy_poll: Duration,
 }
 
 impl ConnectOptions {
@@ -125,6 +128,7 @@ impl ConnectOptions {
             outbound_capacity: 1024,
             reconnect: BackoffConfig::default(),
             additional_headers: Vec::new(),
+            busy_poll: crate::busy_poll::DEFAULT_MAX,
         }
     }
 }
@@ -544,9 +548,10 @@ impl ConnectionActor {
         }));
         let me = ctx.address();
         let pong = out_tx.clone();
+        let busy_poll = self.options.busy_poll;
         let guard = TaskGuard::new(&self.io_tasks);
         self.tasks.push(actix_rt::spawn(async move {
-            let reason = reader(stream, in_tx, pong, me.clone()).await;
+            let reason = reader(stream, in_tx, pong, me.clone(), busy_poll).await;
             drop(guard);
             me.do_send(ReaderEnded { generation, reason });
         }));
@@ -865,6 +870,7 @@ async fn reader(
     inbound: mpsc::Sender<Bytes>,
     pong: mpsc::Sender<Outgoing>,
     me: Addr<ConnectionActor>,
+    busy_poll: Duration,
 ) -> String {
     let mut partial: Option<BytesMut> = None;
     loop {
@@ -873,6 +879,7 @@ async fn reader(
             Some(Err(e)) => return format!("protocol error: {e}"),
             None => return "Connection closed".to_owned(),
         };
+        crate::busy_poll::note_frame(Instant::now(), busy_poll);
         let complete = match frame {
             Frame::Binary(b) => Some(b),
             Frame::Text(t) => {

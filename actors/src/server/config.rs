@@ -205,6 +205,12 @@ pub struct ServerConfig {
     /// How long a login session (`start`'s key) waits for its report, and how long a
     /// reported one waits for `check` (upstream's `MAXIMUM_LOGIN_TIME`, 180 s).
     pub max_login_time: Duration,
+    /// How long a worker may keep polling its sockets after a websocket frame before it
+    /// sleeps (`HYPHA_BUSY_POLL_US`, 50 µs; zero turns polling off). The actual window
+    /// adapts to the traffic and is zero when frames are far apart (see
+    /// [`busy_poll`](crate::busy_poll)): it spends CPU to save the wake-up of a reply that
+    /// comes back within a round trip.
+    pub busy_poll: Duration,
 }
 
 impl Default for ServerConfig {
@@ -238,6 +244,7 @@ impl Default for ServerConfig {
             data_dir: None,
             allow_signup: true,
             login_token_life_time: Duration::from_secs(24 * 3600),
+            busy_poll: crate::busy_poll::DEFAULT_MAX,
             max_login_time: Duration::from_secs(180),
         }
     }
@@ -281,7 +288,7 @@ impl fmt::Debug for ServerConfig {
 }
 
 /// Environment variables [`ServerConfig::apply_env`] reads, with the field each sets.
-pub const ENV_VARS: [(&str, &str); 15] = [
+pub const ENV_VARS: [(&str, &str); 16] = [
     ("HYPHA_WS_IDLE_TIMEOUT", "idle_timeout (seconds)"),
     ("HYPHA_WS_MSG_RATE_LIMIT", "msg_rate_limit (frames per second)"),
     ("HYPHA_WS_MSG_BURST_LIMIT", "msg_burst_limit (frames)"),
@@ -297,6 +304,7 @@ pub const ENV_VARS: [(&str, &str); 15] = [
     ("HYPHA_HTTP_BURST_LIMIT", "http_rate_limits.anonymous_burst (requests)"),
     ("HYPHA_HTTP_AUTHENTICATED_RATE_LIMIT", "http_rate_limits.authenticated_rate (requests per second)"),
     ("HYPHA_HTTP_AUTHENTICATED_BURST_LIMIT", "http_rate_limits.authenticated_burst (requests)"),
+    ("HYPHA_BUSY_POLL_US", "busy_poll (microseconds, 0: off)"),
 ];
 
 /// Splits upstream's comma-separated `--allow-origins` value (entries trimmed, empty ones
@@ -354,6 +362,9 @@ impl ServerConfig {
         }
         if let Some(v) = lookup("RECONNECTION_TOKEN_LIFE_TIME") {
             self.reconnection_token_life_time = parse_secs("RECONNECTION_TOKEN_LIFE_TIME", &v)?;
+        }
+        if let Some(v) = lookup("HYPHA_BUSY_POLL_US") {
+            self.busy_poll = Duration::from_micros(parse_num("HYPHA_BUSY_POLL_US", &v, "microseconds")?);
         }
         if let Some(v) = lookup("HYPHA_SERVER_ID").filter(|v| !v.is_empty()) {
             self.server_id = v;
@@ -466,6 +477,7 @@ mod tests {
         assert_eq!(c.max_concurrent_handshakes, 10);
         assert_eq!(c.handshake_admission_timeout, Duration::from_secs(30));
         assert_eq!(c.max_services_per_client, 1000);
+        assert_eq!(c.busy_poll, Duration::from_micros(50));
         assert_eq!(c.manager_id(), format!("manager-{}", c.server_id));
         c.validate().unwrap();
         // Two defaults get different ids and secrets (tokens of one never verify on the other).
@@ -485,6 +497,7 @@ mod tests {
             ("HYPHA_SERVER_ID", "my-server"),
             ("HYPHA_MAX_CONCURRENT_CONNECTIONS", "3"),
             ("HYPHA_MAX_SERVICES_PER_CLIENT", "7"),
+            ("HYPHA_BUSY_POLL_US", "0"),
             ("JWT_SECRET", "low"),
             ("HYPHA_JWT_SECRET", "high"),
         ]))
@@ -496,6 +509,7 @@ mod tests {
         assert_eq!(c.reconnection_token_life_time, Duration::from_secs(60));
         assert_eq!(c.manager_id(), "manager-my-server");
         assert_eq!((c.max_concurrent_handshakes, c.max_services_per_client), (3, 7));
+        assert_eq!(c.busy_poll, Duration::ZERO);
         assert_eq!(c.jwt, JwtConfig::new("high"));
         let mut c = ServerConfig::default();
         c.apply_env(env(&[("JWT_SECRET", "low")])).unwrap();
@@ -509,6 +523,8 @@ mod tests {
         assert!(matches!(e, ConfigError::InvalidEnv { name: "HYPHA_WS_IDLE_TIMEOUT", .. }), "{e}");
         let e = c.apply_env(env(&[("HYPHA_WS_MSG_BURST_LIMIT", "x")])).unwrap_err();
         assert!(e.to_string().contains("HYPHA_WS_MSG_BURST_LIMIT"), "{e}");
+        let e = c.apply_env(env(&[("HYPHA_BUSY_POLL_US", "1.5")])).unwrap_err();
+        assert!(e.to_string().contains("HYPHA_BUSY_POLL_US"), "{e}");
         let mut c = ServerConfig::default();
         assert_eq!(
             c.apply_env(env(&[("HYPHA_WS_MAX_FRAME_SIZE", "1000")])),

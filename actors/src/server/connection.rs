@@ -464,6 +464,7 @@ impl WsConnection {
         let Phase::Open(open) = &mut self.phase else { return };
         let now = Instant::now();
         open.last_activity = now;
+        crate::busy_poll::note_frame(now, self.state.config.busy_poll);
         if !open.bucket.try_take(now) {
             tracing::info!("rate limit exceeded");
             self.close(ctx, CloseCmd::error(1008, RATE_LIMIT_MESSAGE));
