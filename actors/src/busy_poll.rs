@@ -132,29 +132,47 @@ pub fn note_frame(now: Instant, max: Duration) {
     if max.is_zero() {
         return;
     }
-    let poller = POLLER.with(|cell| {
-        cell.borrow_mut()
-            .get_or_insert_with(|| {
-                let poller = Rc::new(Poller {
-                    window: Cell::new(Window::new(max)),
-                    last_frame: Cell::new(now),
-                    asleep: RefCell::new(None),
-                    polls: Cell::new(0),
-                });
-                actix_rt::spawn(run(poller.clone()));
-                poller
-            })
-            .clone()
-    });
+    let existing = POLLER.with(|cell| cell.borrow().clone());
+    let Some(poller) = existing else {
+        let poller = Rc::new(Poller {
+            window: Cell::new(Window::new(max)),
+            last_frame: Cell::new(now),
+            asleep: RefCell::new(None),
+            polls: Cell::new(0),
+        });
+        POLLER.with(|cell| *cell.borrow_mut() = Some(poller.clone()));
+        actix_rt::spawn(run(PollerTask(poller)));
+        return;
+    };
     let mut window = poller.window.get();
     window.set_max(max);
     let asleep = poller.asleep.borrow_mut().take();
-    if let Some(waker) = asleep {
+    if asleep.is_some() {
         window.slept_through(now.saturating_duration_since(poller.last_frame.get()));
-        waker.wake();
     }
     poller.window.set(window);
     poller.last_frame.set(now);
+    if let Some(waker) = asleep {
+        waker.wake();
+    }
+}
+
+/// The poller task's hold on its poller. When the task goes (its actix system stopped),
+/// the thread forgets the poller, so that a system started later on the same thread
+/// spawns a new one instead of waking a task that no longer exists.
+struct PollerTask(Rc<Poller>);
+
+impl Drop for PollerTask {
+    fn drop(&mut self) {
+        // `try_with`: the thread may be exiting; `try_borrow_mut`: never panic in a drop.
+        let _ = POLLER.try_with(|cell| {
+            if let Ok(mut slot) = cell.try_borrow_mut() {
+                if slot.as_ref().is_some_and(|p| Rc::ptr_eq(p, &self.0)) {
+                    *slot = None;
+                }
+            }
+        });
+    }
 }
 
 /// How many times this thread's poller has polled (tests: it stops once frames stop).
@@ -171,7 +189,8 @@ pub fn total_polls() -> u64 {
 /// The poller task: sleeps until a frame, then yields to the event loop (which checks
 /// the sockets without blocking each time) and offers the CPU to other threads, until
 /// the window after the latest frame has passed; then sleeps again.
-async fn run(poller: Rc<Poller>) {
+async fn run(task: PollerTask) {
+    let poller = &task.0;
     loop {
         poll_fn(|cx| {
             if poller.polling(Instant::now()) {
@@ -280,5 +299,24 @@ mod tests {
         note_frame(Instant::now(), max);
         actix_rt::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(polls_on_this_thread(), closed, "sparse frames: the window is zero");
+    }
+
+    #[test]
+    fn a_system_started_later_on_the_same_thread_gets_a_poller_of_its_own() {
+        let max = Duration::from_millis(2);
+        let polls_after_a_frame = move || {
+            actix_rt::System::new().block_on(async move {
+                let before = polls_on_this_thread();
+                note_frame(Instant::now(), max);
+                actix_rt::time::sleep(Duration::from_millis(10)).await;
+                polls_on_this_thread() - before
+            })
+        };
+        std::thread::spawn(move || {
+            assert!(polls_after_a_frame() > 0, "the first system polls");
+            assert!(polls_after_a_frame() > 0, "the second system polls too");
+        })
+        .join()
+        .expect("both systems polled");
     }
 }
