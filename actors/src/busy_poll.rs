@@ -22,10 +22,11 @@
 //! * a frame that arrives later than that shows the traffic is too sparse for polling to
 //!   pay: the window halves, and below an eighth of the maximum it is zero until the
 //!   next near miss;
-//! * each poll also offers the CPU to any other thread that is ready to run on it
-//!   (`sched_yield`): with more busy threads than cores (a caller, a server and a callee
-//!   on a two-core machine), a poller that held its core would delay the very thread
-//!   whose answer it waits for (measured: sequential calls fell by a third without it).
+//! * each poll that found no new frame offers the CPU to any other thread that is ready
+//!   to run on it (`sched_yield`): with more busy threads than cores (a caller, a server
+//!   and a callee on a two-core machine), a poller that held its core would delay the
+//!   very thread whose answer it waits for (measured: sequential calls fell by a third
+//!   without it).
 //!
 //! So an idle program never polls, one whose frames come back to back polls for about a
 //! round trip, and one serving slow calls polls for little. A busy thread never gets to
@@ -69,11 +70,6 @@ impl Window {
     /// How long to poll now.
     pub fn current(&self) -> Duration {
         self.current
-    }
-
-    /// The longest window.
-    pub fn max(&self) -> Duration {
-        self.max
     }
 
     /// A frame arrived `gap` after the previous one while the thread slept (a frame that

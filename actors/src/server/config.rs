@@ -244,8 +244,8 @@ impl Default for ServerConfig {
             data_dir: None,
             allow_signup: true,
             login_token_life_time: Duration::from_secs(24 * 3600),
-            busy_poll: crate::busy_poll::DEFAULT_MAX,
             max_login_time: Duration::from_secs(180),
+            busy_poll: crate::busy_poll::DEFAULT_MAX,
         }
     }
 }
