@@ -963,38 +963,31 @@ impl Endpoint {
         kwargs: Option<Map>,
         local_parent: Option<&str>,
     ) -> Result<(String, Rope), EndpointError> {
-        let open = OpenCall {
-            target: &method.target,
-            method: &method.method,
-            promise: method.promise,
-            local_parent,
-            doc: method.doc.as_deref(),
-        };
-        let opened = self.table.open_call(now, &open)?;
+        let opened = self.table.open_call(now, &open_call(method, local_parent))?;
         let session = opened.session;
         let mut cx = EncodeContext::new(&self.id, &self.codecs, &mut self.table);
         cx.session = Some(&session);
         cx.server = self.config.server_url.as_deref();
-        let main = message::CallMain {
-            from: &self.id,
-            to: &method.target,
-            method: &method.method,
-            session: Some(session.as_str()).filter(|_| method.promise != PromiseMode::None),
-            parent: method.remote_parent.as_deref(),
-        };
+        let answer = Some(session.as_str()).filter(|_| method.promise != PromiseMode::None);
+        let main = call_main(&self.id, method, answer);
         let promise = Promise::outgoing(method.promise, &self.id, &session, opened.heartbeat_interval);
         let (built, created) = pack_call(cx, main, args, kwargs, promise);
         match built {
             Ok(rope) => Ok((session, rope)),
-            Err(e) => {
-                // Nothing was sent: drop the session and what encoding registered.
-                self.table.handle_send_failed(&session, &e.to_string());
-                for id in created {
-                    let _ = self.table.remove_service(&id);
-                }
-                Err(e)
-            }
+            Err(e) => Err(self.unsent(Some(&session), created, e)),
         }
+    }
+
+    /// A call whose package could not be built: drops its session (when it has one) and
+    /// the `_rintf` services its encoding registered, and hands the error back.
+    fn unsent(&mut self, session: Option<&str>, created: Vec<String>, error: EndpointError) -> EndpointError {
+        if let Some(session) = session {
+            self.table.handle_send_failed(session, &error.to_string());
+        }
+        for id in created {
+            let _ = self.table.remove_service(&id);
+        }
+        error
     }
 
     /// [`Self::start_call`] for a reply or another fire-and-forget call (a `to` without a
@@ -1011,24 +1004,10 @@ impl Endpoint {
         if to.promise != PromiseMode::None {
             return self.start_call(now, to, args, None, local_parent).map(|(s, p)| (Some(s), p));
         }
-        let open = OpenCall {
-            target: &to.target,
-            method: &to.method,
-            promise: to.promise,
-            local_parent,
-            doc: to.doc.as_deref(),
-        };
-        let mut lazy = LazySession::new(&mut self.table, now, open)?;
+        let mut lazy = LazySession::new(&mut self.table, now, open_call(to, local_parent))?;
         let mut cx = EncodeContext::new(&self.id, &self.codecs, &mut lazy);
         cx.server = self.config.server_url.as_deref();
-        let main = message::CallMain {
-            from: &self.id,
-            to: &to.target,
-            method: &to.method,
-            session: None,
-            parent: to.remote_parent.as_deref(),
-        };
-        let (built, created) = pack_call(cx, main, args, None, None);
+        let (built, created) = pack_call(cx, call_main(&self.id, to, None), args, None, None);
         // A chunked package is tracked by its session (`message_cache` upload).
         let built = built.and_then(|rope| {
             if chunk::needs_chunking(rope.len(), &to.method) {
@@ -1039,15 +1018,7 @@ impl Endpoint {
         let session = lazy.opened();
         match built {
             Ok(rope) => Ok((session, rope)),
-            Err(e) => {
-                if let Some(session) = &session {
-                    self.table.handle_send_failed(session, &e.to_string());
-                }
-                for id in created {
-                    let _ = self.table.remove_service(&id);
-                }
-                Err(e)
-            }
+            Err(e) => Err(self.unsent(session.as_deref(), created, e)),
         }
     }
 
@@ -1772,6 +1743,29 @@ impl From<message::MainDecodeError> for EndpointError {
 fn error_arg(mut e: ErrorValue) -> Value {
     e.trace.get_or_insert_with(String::new);
     Value::from(e)
+}
+
+/// What the session table needs to open the session of a call to `method`.
+fn open_call<'a>(method: &'a RemoteMethod, local_parent: Option<&'a str>) -> OpenCall<'a> {
+    OpenCall {
+        target: &method.target,
+        method: &method.method,
+        promise: method.promise,
+        local_parent,
+        doc: method.doc.as_deref(),
+    }
+}
+
+/// The routing fields of a call from `from` to `method`; `session` is where the answer
+/// goes, for calls that expect one.
+fn call_main<'a>(from: &'a str, method: &'a RemoteMethod, session: Option<&'a str>) -> message::CallMain<'a> {
+    message::CallMain {
+        from,
+        to: &method.target,
+        method: &method.method,
+        session,
+        parent: method.remote_parent.as_deref(),
+    }
 }
 
 /// Encodes a call's arguments through `cx` and writes its package: what

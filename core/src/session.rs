@@ -1657,15 +1657,20 @@ fn collect_calls(id: String, mut s: Session, out: &mut Vec<(String, PendingCall)
     }
 }
 
-impl ObjectSink for SessionTable {
-    fn store_function(
+impl SessionTable {
+    /// A function of a registered service is called through its service path and needs
+    /// no session: its stored form, if `function` is one.
+    fn service_function(&self, function: &LocalFunction) -> Option<StoredFunction> {
+        let a = self.annotations.get(&function.handler)?;
+        Some(StoredFunction { method: a.method_id.clone(), is_service_function: true })
+    }
+
+    /// Stores a function that is not a service's in `session`, under a fresh id.
+    fn store_session_function(
         &mut self,
         session: Option<&str>,
         function: &LocalFunction,
     ) -> Result<StoredFunction, CodecError> {
-        if let Some(a) = self.annotations.get(&function.handler) {
-            return Ok(StoredFunction { method: a.method_id.clone(), is_service_function: true });
-        }
         let session = session.ok_or(SessionError::NoSession("a function"))?;
         // `.` separates path segments: a name containing one could never be looked up.
         let object_id = match &function.name {
@@ -1676,6 +1681,19 @@ impl ObjectSink for SessionTable {
         let s = self.ensure_session(session, now)?;
         s.entries.insert(object_id.clone(), Node::Function(function.clone()));
         Ok(StoredFunction { method: format!("{session}.{object_id}"), is_service_function: false })
+    }
+}
+
+impl ObjectSink for SessionTable {
+    fn store_function(
+        &mut self,
+        session: Option<&str>,
+        function: &LocalFunction,
+    ) -> Result<StoredFunction, CodecError> {
+        match self.service_function(function) {
+            Some(stored) => Ok(stored),
+            None => self.store_session_function(session, function),
+        }
     }
 
     fn store_generator(
@@ -1786,11 +1804,11 @@ impl ObjectSink for LazySession<'_, '_> {
         _: Option<&str>,
         function: &LocalFunction,
     ) -> Result<StoredFunction, CodecError> {
-        if self.table.annotations.contains_key(&function.handler) {
-            return self.table.store_function(None, function);
+        if let Some(stored) = self.table.service_function(function) {
+            return Ok(stored);
         }
         self.open()?;
-        self.table.store_function(self.opened.as_deref(), function)
+        self.table.store_session_function(self.opened.as_deref(), function)
     }
 
     fn store_generator(
